@@ -1,0 +1,161 @@
+"""`attention_pool`: cross-attention that also returns pooled attention maps of a few key tokens.
+
+One public entry point, input checks with one-line errors, and dispatch to the backends:
+`naive` (materialises P; the reference), `torch` (stock fused attention, any device) and
+`triton` (fused GPU kernels; on CPU only under TRITON_INTERPRET=1, for tests).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from cvg.attention_pool_naive import attention_pool_naive
+from cvg.attention_pool_torch import attention_pool_torch
+from cvg.pooling import make_pool_spec
+
+BACKENDS = ("auto", "naive", "torch", "triton")
+
+
+def attention_pool(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    groups: torch.Tensor,
+    tokens: torch.Tensor | list[int],
+    *,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    num_groups: int | None = None,
+    keep_heads: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-attention from N queries to M keys, plus pooled maps of the selected key tokens.
+
+    Args:
+        q: `[B, H, N, D]` queries (video tokens).
+        k, v: `[B, H, M, D]` keys and values (text tokens).
+        groups: `[N]` integer tile of each query, in `[0, num_groups)`; see `grid_groups`.
+        tokens: `[T]` integer key indices whose attention is pooled (repeats allowed).
+        scale: softmax scale, default `1/sqrt(D)`.
+        key_padding_mask: `[B, M]` bool, True where a key is padding and must be ignored
+            (the `torch.nn.MultiheadAttention` convention; pass `~attention_mask.bool()` for a
+            Hugging Face tokenizer mask).
+        num_groups: tile count G, default `groups.max() + 1`.
+        keep_heads: return `[B, H, G, T]` per-head maps instead of their mean over heads.
+        backend: one of `BACKENDS`; `auto` is `triton` on CUDA when Triton imports, else `torch`.
+
+    Returns:
+        `out [B, H, N, D]`, equal to `softmax(q kᵀ·scale) v`, and `pooled [B, G, T]` (or
+        `[B, H, G, T]`): the mean over heads and over the queries of each tile of
+        `softmax(q kᵀ·scale)[..., tokens]`. Tiles with no query pool to 0. Both are differentiable
+        with respect to q, k and v.
+    """
+    groups, tokens, num_groups = _check_inputs(q, k, v, groups, tokens, key_padding_mask, num_groups)
+    dim = q.shape[-1]
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"attention_pool: scale must be finite, got {scale}")
+    spec = make_pool_spec(groups, tokens, num_groups, q.shape[1], keep_heads)
+    bias = None
+    if key_padding_mask is not None:
+        bias = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
+        bias = bias.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]
+    name = resolve_backend(backend, q.device)
+    if name == "naive":
+        return attention_pool_naive(q, k, v, spec, scale, bias)
+    if name == "torch":
+        return attention_pool_torch(q, k, v, spec, scale, bias)
+    from cvg.kernels.attention_pool import attention_pool_triton
+
+    return attention_pool_triton(q, k, v, spec, scale, key_padding_mask)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"attention_pool: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if backend == "triton":
+        if not _triton_available():
+            raise RuntimeError("attention_pool: backend 'triton' needs the triton package (pip install cvg[triton])")
+        if device.type != "cuda" and not interpreted:
+            raise RuntimeError(
+                f"attention_pool: backend 'triton' needs CUDA tensors (got {device.type}); on CPU set "
+                "TRITON_INTERPRET=1 before importing cvg.kernels"
+            )
+    return backend
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_inputs(q, k, v, groups, tokens, key_padding_mask, num_groups):
+    """Validate shapes, dtypes, devices and index ranges; return int64 groups/tokens and G."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"attention_pool: {name} must be a 4-D tensor [B, H, L, D], got {_shape(t)}")
+        if not t.is_floating_point():
+            raise TypeError(f"attention_pool: {name} must be floating point, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention_pool: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention_pool: q, k, v devices differ ({q.device}, {k.device}, {v.device})")
+    batch, heads, queries, dim = q.shape
+    if k.shape != v.shape or k.shape[:2] != (batch, heads) or k.shape[-1] != dim:
+        raise ValueError(
+            f"attention_pool: expected k and v of shape [{batch}, {heads}, M, {dim}] to match q "
+            f"{tuple(q.shape)}, got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
+    keys = k.shape[2]
+    if min(batch, heads, queries, keys, dim) == 0:
+        raise ValueError(f"attention_pool: empty input, q {tuple(q.shape)}, k {tuple(k.shape)}")
+    groups = _index_tensor("groups", groups, q.device)
+    tokens = _index_tensor("tokens", tokens, q.device)
+    if groups.numel() != queries:
+        raise ValueError(f"attention_pool: groups has {groups.numel()} entries, expected one per query ({queries})")
+    if tokens.numel() == 0:
+        raise ValueError("attention_pool: tokens is empty; select at least one key token to pool")
+    if groups.min() < 0:
+        raise ValueError(f"attention_pool: groups has a negative tile index ({int(groups.min())})")
+    needed = int(groups.max()) + 1
+    num_groups = needed if num_groups is None else int(num_groups)
+    if num_groups < needed:
+        raise ValueError(f"attention_pool: groups uses tile {needed - 1} but num_groups is {num_groups}")
+    if tokens.min() < 0 or tokens.max() >= keys:
+        raise ValueError(
+            f"attention_pool: tokens must index keys in [0, {keys}), got {tokens.min()}..{tokens.max()}"
+        )
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, keys):
+            raise ValueError(
+                f"attention_pool: key_padding_mask must be a bool tensor of shape [{batch}, {keys}], got "
+                f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"attention_pool: key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+        fully_masked = key_padding_mask.all(dim=1)
+        if fully_masked.any():
+            raise ValueError(
+                f"attention_pool: key_padding_mask masks every key of batch item {int(fully_masked.nonzero()[0])}"
+            )
+    return groups, tokens, num_groups
+
+
+def _index_tensor(name: str, value, device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(value, device=device)
+    if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"attention_pool: {name} must be a 1-D integer tensor, got {t.dtype} {tuple(t.shape)}")
+    return t.to(torch.int64)
+
+
+def _shape(t) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__

@@ -1,0 +1,1 @@
+"""Triton kernels of cvg, installed as `cvg.kernels`."""

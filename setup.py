@@ -1,0 +1,17 @@
+"""cvg: compositional video guidance for frozen text-to-video diffusion models.
+
+`kernels/` (the Triton kernels) installs as `cvg.kernels`, never as a top-level `kernels` module.
+"""
+
+from setuptools import setup
+
+setup(
+    name="cvg",
+    version="0.1.0",
+    description="Inference-time compositional guidance for frozen text-to-video diffusion models",
+    python_requires=">=3.10",
+    packages=["cvg", "cvg.kernels"],
+    package_dir={"cvg": "cvg", "cvg.kernels": "kernels"},
+    install_requires=["torch>=2.5", "numpy"],
+    extras_require={"triton": ["triton>=3.2"]},
+)
