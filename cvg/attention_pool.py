@@ -131,9 +131,7 @@ def _check_inputs(q, k, v, groups, tokens, key_padding_mask, num_groups):
     if num_groups < needed:
         raise ValueError(f"attention_pool: groups uses tile {needed - 1} but num_groups is {num_groups}")
     if tokens.min() < 0 or tokens.max() >= keys:
-        raise ValueError(
-            f"attention_pool: tokens must index keys in [0, {keys}), got {tokens.min()}..{tokens.max()}"
-        )
+        raise ValueError(f"attention_pool: tokens must index keys in [0, {keys}), got {tokens.min()}..{tokens.max()}")
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, keys):
             raise ValueError(

@@ -25,9 +25,7 @@ _FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def augment_keys_values(
-    k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def augment_keys_values(k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """k zero-padded by T columns; v with one-hot columns of `tokens` appended. Both `[B, H, M, D+T]`."""
     batch, heads, keys, _ = v.shape
     onehot = F.one_hot(tokens, keys).to(v.dtype).T  # [M, T]
