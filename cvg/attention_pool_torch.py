@@ -4,10 +4,13 @@ Pooled maps are attention whose values are one-hot columns of the selected token
 call over `v_aug = [v | onehot(tokens)]` returns `[out | P[..., tokens]]`. q and k are zero-padded to
 the same width because SDPA's fused CPU and flash kernels need equal head dims.
 
-On CPU, a custom autograd function calls the fused kernel's forward (which returns the log-sum-exp)
-and its backward directly, head chunk by head chunk, saving only q, k, v, out, the selected rows and
-the log-sum-exp. Elsewhere, autograd through `scaled_dot_product_attention` keeps the same O(N·(D+T))
-bound per head.
+On CPU, a custom autograd function calls the fused kernel's forward, which also returns the
+log-sum-exp, so the selected columns come from one small [N, T] product and forward needs no
+augmented width; backward calls the fused kernel's backward on the augmented tensors chunk by
+chunk of heads and queries. Saved for backward: q, k, v, out and the log-sum-exp.
+
+Elsewhere, autograd through one augmented `scaled_dot_product_attention` call keeps the
+O(B·H·N·(D+T)) bound.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from cvg.pooling import PoolSpec, pool_rows, unpool_rows
 
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-# Elements of one [heads, N, D+T] chunk: bounds the transient padded/augmented copies (~16 MB fp32).
-_CHUNK_ELEMENTS = 1 << 22
+# Elements of one [heads, N, D+T] chunk: bounds the transient padded/augmented copies (~2 MB fp32).
+_CHUNK_ELEMENTS = 1 << 19
 
 
 def augment_keys_values(k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,55 +36,65 @@ def augment_keys_values(k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor) 
     return F.pad(k, (0, tokens.numel())), v_aug
 
 
-def _chunks(batch: int, heads: int, head_elements: int) -> Iterator[tuple[slice, slice]]:
-    """(batch, head range) chunks of about `_CHUNK_ELEMENTS` elements, at least one head each."""
-    per_chunk = max(1, _CHUNK_ELEMENTS // head_elements)
+def _chunks(batch: int, heads: int, queries: int, width: int) -> Iterator[tuple[slice, slice, slice]]:
+    """(batch, heads, queries) slices of at most about `_CHUNK_ELEMENTS` elements of width `width`."""
+    per_head = queries * width
+    heads_per_chunk = max(1, _CHUNK_ELEMENTS // per_head)
+    query_chunks = -(-per_head // _CHUNK_ELEMENTS)
+    rows = -(-queries // query_chunks)  # equal-sized query chunks
     for b in range(batch):
-        for h in range(0, heads, per_chunk):
-            yield slice(b, b + 1), slice(h, min(h + per_chunk, heads))
+        for h in range(0, heads, heads_per_chunk):
+            for n in range(0, queries, rows):
+                yield slice(b, b + 1), slice(h, min(h + heads_per_chunk, heads)), slice(n, min(n + rows, queries))
+
+
+def selected_probs(
+    q: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor, bias: torch.Tensor | None, lse: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """`P[..., tokens]` from the log-sum-exp of each query row: `[B, H, N, T]`, no [N, M] tensor."""
+    scores = (q @ k[:, :, tokens].transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias[..., tokens]
+    return torch.exp(scores - lse[..., None])
 
 
 class _FusedCPUAttentionPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, spec: PoolSpec, scale: float):
-        batch, heads, queries, dim = q.shape
-        n_tok = spec.num_tokens
-        k_aug, v_aug = augment_keys_values(k, v, spec.tokens)
-        out = torch.empty_like(q)
-        rows = q.new_empty(batch, heads, queries, n_tok)
-        lse = q.new_empty(batch, heads, queries, dtype=torch.promote_types(q.dtype, torch.float32))
-        for b, h in _chunks(batch, heads, queries * (dim + n_tok)):
-            o, lse[b, h] = _FLASH_CPU(
-                F.pad(q[b, h], (0, n_tok)), k_aug[b, h], v_aug[b, h], attn_mask=_rows(bias, b), scale=scale
-            )
-            out[b, h], rows[b, h] = o[..., :dim], o[..., dim:]
-        ctx.save_for_backward(q, k, v, out, rows, lse, bias)
+        # Forward needs no augmented width: the fused kernel's log-sum-exp gives the selected columns.
+        out, lse = _FLASH_CPU(q, k, v, attn_mask=bias, scale=scale)
+        rows = selected_probs(q, k, spec.tokens, bias, lse, scale).to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, bias)
         ctx.spec, ctx.scale = spec, scale
         return out, pool_rows(rows, spec)
 
     @staticmethod
     def backward(ctx, dout, dpooled):
-        q, k, v, out, rows, lse, bias = ctx.saved_tensors
+        q, k, v, out, lse, bias = ctx.saved_tensors
         spec: PoolSpec = ctx.spec
         batch, heads, queries, dim = q.shape
         n_tok = spec.num_tokens
         k_aug, v_aug = augment_keys_values(k, v, spec.tokens)
-        drows = unpool_rows(dpooled, spec).to(q.dtype).expand(batch, heads, queries, n_tok)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        for b, h in _chunks(batch, heads, queries * (dim + n_tok)):
+        drows = unpool_rows(dpooled, spec).to(q.dtype)
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for b, h, n in _chunks(batch, heads, queries, dim + n_tok):
+            q_bhn, bias_b = q[b, h, n], _rows(bias, b)
+            rows = selected_probs(q_bhn, k[b, h], spec.tokens, bias_b, lse[b, h, n], ctx.scale).to(q.dtype)
             gq, gk, gv = _FLASH_CPU_BACKWARD(
-                torch.cat([dout[b, h], drows[b, h]], dim=-1),
-                F.pad(q[b, h], (0, n_tok)),
+                torch.cat([dout[b, h, n], drows[b, :, n].expand_as(rows)], dim=-1),
+                F.pad(q_bhn, (0, n_tok)),
                 k_aug[b, h],
                 v_aug[b, h],
-                torch.cat([out[b, h], rows[b, h]], dim=-1),
-                lse[b, h],
+                torch.cat([out[b, h, n], rows], dim=-1),
+                lse[b, h, n],
                 0.0,
                 False,
-                attn_mask=_rows(bias, b),
+                attn_mask=bias_b,
                 scale=ctx.scale,
             )
-            dq[b, h], dk[b, h], dv[b, h] = gq[..., :dim], gk[..., :dim], gv[..., :dim]
+            dq[b, h, n] = gq[..., :dim]
+            dk[b, h] += gk[..., :dim]
+            dv[b, h] += gv[..., :dim]
         return dq, dk, dv, None, None, None
 
 
