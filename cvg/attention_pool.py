@@ -150,6 +150,8 @@ def _check_inputs(q, k, v, groups, tokens, key_padding_mask, num_groups):
 
 def _index_tensor(name: str, value, device: torch.device) -> torch.Tensor:
     t = torch.as_tensor(value, device=device)
+    if not isinstance(value, torch.Tensor) and t.numel() == 0:
+        t = t.long()  # an empty Python list carries no dtype
     if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise ValueError(f"attention_pool: {name} must be a 1-D integer tensor, got {t.dtype} {tuple(t.shape)}")
     return t.to(torch.int64)

@@ -18,7 +18,7 @@ import torch
 class PoolSpec:
     groups: torch.Tensor  # [N] int64, tile of each query
     tokens: torch.Tensor  # [T] int64, selected key columns
-    query_weight: torch.Tensor  # [N] float32, weight of each query in its tile's mean
+    query_weight: torch.Tensor  # [N] float64, weight of each query in its tile's mean
     num_groups: int
     num_heads: int
     keep_heads: bool
@@ -31,7 +31,7 @@ class PoolSpec:
 def make_pool_spec(
     groups: torch.Tensor, tokens: torch.Tensor, num_groups: int, num_heads: int, keep_heads: bool
 ) -> PoolSpec:
-    counts = torch.bincount(groups, minlength=num_groups).to(torch.float32)
+    counts = torch.bincount(groups, minlength=num_groups).to(torch.float64)  # exact for float64 references
     divisor = counts if keep_heads else counts * num_heads
     query_weight = 1.0 / divisor[groups]
     return PoolSpec(groups, tokens, query_weight, num_groups, num_heads, keep_heads)

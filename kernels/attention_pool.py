@@ -323,7 +323,7 @@ class _Launch:
         self.configs = default_configs(_next_pow2(dim))
         has_mask = bias is not None
         bias = bias if has_mask else q.new_empty(1, dtype=torch.float32)
-        self.index_args = (bias, spec.tokens.to(torch.int32), spec.groups.to(torch.int32), spec.query_weight)
+        self.index_args = (bias, spec.tokens.to(torch.int32), spec.groups.to(torch.int32), spec.query_weight.float())
         self.shape_args = (*q.stride()[:3], *k.stride()[:3], heads, queries, self.keys, spec.num_groups)
         self.qk_scale, self.scale = scale * LOG2E, scale
         self.meta = dict(
