@@ -38,21 +38,22 @@ class KernelConfig:
     num_stages: int
 
 
-def default_configs(head_dim_padded: int) -> dict[str, KernelConfig]:
+# (block_n queries, block_m keys, warps, stages), chosen so that `python -m cvg.kernels.check` reports
+# no spills on sm_80 and sm_90; float32 (3xTF32 dots) needs smaller tiles for its split operands.
+KERNEL_NAMES = ("fwd", "bwd_delta", "bwd_dkdv", "bwd_dq")
+_CONFIGS = {  # per kernel, in KERNEL_NAMES order
+    ("half", 64): ((128, 64, 8, 3), (64, 64, 4, 1), (64, 32, 4, 2), (64, 32, 4, 2)),
+    ("half", 128): ((128, 64, 8, 2), (64, 64, 4, 1), (64, 32, 4, 1), (64, 32, 4, 1)),
+    ("float32", 64): ((64, 32, 4, 1), (64, 32, 8, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
+    ("float32", 128): ((16, 16, 4, 1), (32, 32, 8, 1), (16, 16, 4, 1), (16, 16, 4, 1)),
+}
+
+
+def default_configs(head_dim_padded: int, dtype: torch.dtype) -> dict[str, KernelConfig]:
     """Launch configs per kernel; `python -m cvg.kernels.check` compiles exactly these."""
-    if head_dim_padded <= 64:
-        return {
-            "fwd": KernelConfig(128, 64, 8, 3),
-            "bwd_delta": KernelConfig(64, 64, 4, 1),
-            "bwd_dkdv": KernelConfig(64, 32, 4, 2),  # 64x64 spills on sm_80
-            "bwd_dq": KernelConfig(64, 32, 4, 2),
-        }
-    return {
-        "fwd": KernelConfig(128, 64, 8, 2),
-        "bwd_delta": KernelConfig(64, 64, 4, 1),
-        "bwd_dkdv": KernelConfig(64, 32, 4, 1),
-        "bwd_dq": KernelConfig(64, 32, 4, 1),
-    }
+    kind = "float32" if dtype == torch.float32 else "half"
+    size = 64 if head_dim_padded <= 64 else 128
+    return {name: KernelConfig(*cfg) for name, cfg in zip(KERNEL_NAMES, _CONFIGS[kind, size], strict=True)}
 
 
 @triton.jit
@@ -310,8 +311,8 @@ def _next_pow2(x: int, floor: int = 16) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs keep IEEE products (matching the torch backends); half types use tensor cores."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """float32 inputs use 3xTF32 products (float32 accuracy on tensor cores); half types use plain MMA."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 class _Launch:
@@ -320,7 +321,7 @@ class _Launch:
     def __init__(self, q: torch.Tensor, k: torch.Tensor, spec: PoolSpec, bias: torch.Tensor | None, scale: float):
         batch, heads, queries, dim = q.shape
         self.batch_heads, self.queries, self.keys = batch * heads, queries, k.shape[2]
-        self.configs = default_configs(_next_pow2(dim))
+        self.configs = default_configs(_next_pow2(dim), q.dtype)
         has_mask = bias is not None
         bias = bias if has_mask else q.new_empty(1, dtype=torch.float32)
         self.index_args = (bias, spec.tokens.to(torch.int32), spec.groups.to(torch.int32), spec.query_weight.float())
@@ -389,6 +390,8 @@ def attention_pool_triton(
     """Inputs are checked by `cvg.attention_pool`; this only adapts them to the kernels."""
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"attention_pool: backend 'triton' supports float16, bfloat16 and float32, got {q.dtype}")
+    if q.shape[-1] > 128:
+        raise ValueError(f"attention_pool: backend 'triton' supports head dims up to 128, got {q.shape[-1]}")
     bias = None
     if key_padding_mask is not None:
         bias = torch.zeros(key_padding_mask.shape, dtype=torch.float32, device=q.device)

@@ -115,7 +115,7 @@ def _resources(cubin: bytes) -> tuple[int, int, int, bool]:
 def compile_kernel(
     name: str, arch: int, head_dim: int, dtype: str, num_tokens: int = 16, keep_heads: bool = False
 ) -> KernelReport:
-    cfg = ap.default_configs(ap._next_pow2(head_dim))[name]
+    cfg = ap.default_configs(ap._next_pow2(head_dim), getattr(torch, dtype))[name]
     target = GPUTarget("cuda", arch, 32)
     options = make_backend(target).parse_options({"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     src = _source(KERNELS[name], dtype, head_dim, cfg, num_tokens, keep_heads)

@@ -6,6 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import assert_matches_reference, make_problem, problems
 
+from cvg import attention_pool
+
 pytest.importorskip("triton")
 
 
@@ -37,9 +39,11 @@ def test_triton_half_precision(dtype, tol):
     assert_matches_reference(problem, "triton", dtype, tol)
 
 
-def test_triton_rejects_float64():
-    p = make_problem(B=1, H=1, N=4, M=3, D=16, T=1, G=1, masked=False, keep_heads=False, seed=0)
-    from cvg import attention_pool
-
-    with pytest.raises(TypeError, match="supports float16, bfloat16 and float32"):
-        attention_pool(p.q, p.k, p.v, p.groups, p.tokens, backend="triton")
+@pytest.mark.parametrize(
+    "dtype, head_dim, message",
+    [(torch.float64, 16, "supports float16, bfloat16 and float32"), (torch.float32, 192, "head dims up to 128")],
+)
+def test_triton_refuses_what_it_does_not_compile_for(dtype, head_dim, message):
+    p = make_problem(B=1, H=1, N=4, M=3, D=head_dim, T=1, G=1, masked=False, keep_heads=False, seed=0)
+    with pytest.raises((TypeError, ValueError), match=message):
+        attention_pool(p.q.to(dtype), p.k.to(dtype), p.v.to(dtype), p.groups, p.tokens, backend="triton")
