@@ -2,9 +2,10 @@
 
     python benchmarks/attention_pool.py [--quick] [--write benchmarks/RESULTS.md]
 
-Every (backend, pass) is measured in its own fresh process (see cvg.memory): one warm-up, one run
-for peak memory above the inputs, then the median of `--repeats` timed runs. Ratios compare
-backends measured in the same invocation, since this machine is shared and noisy.
+Times: per pass, one process runs every backend in turn for `--repeats` rounds after a warm-up and
+reports medians. Memory: each (backend, pass) in its own fresh process (see cvg.memory), the peak
+above the inputs of one run after a warm-up. Ratios compare backends of the same invocation, since
+this machine is shared and noisy.
 """
 
 from __future__ import annotations
@@ -54,31 +55,46 @@ def make_work(backend: str, mode: str, B: int, H: int, N: int, M: int, D: int, T
     return work
 
 
-def measure_one(backend: str, mode: str, size: dict, repeats: int) -> dict:
-    """Peak memory when started with ISOLATED_ENV, else the median time of `repeats` runs."""
+def measure_memory(backend: str, mode: str, size: dict) -> dict:
+    """Peak memory above the inputs; meaningful only in a process started with ISOLATED_ENV."""
     work = make_work(backend, mode, **size)
     work()  # warm-up: thread pools, lazy initialisation
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
-        return dict(peak_bytes=peak_extra_bytes(work)[1])
-    times = []
+    return dict(peak_bytes=peak_extra_bytes(work)[1])
+
+
+def measure_times(mode: str, size: dict, repeats: int) -> dict[str, list[float]]:
+    """Every backend in turn, `repeats` rounds, so slow phases of a shared machine hit all of them alike."""
+    works = {backend: make_work(backend, mode, **size) for backend in BACKENDS}
+    times = {backend: [] for backend in BACKENDS}
+    for work in works.values():
+        work()  # warm-up
     for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return dict(median_s=statistics.median(times), times_s=times)
+        for backend, work in works.items():
+            start = time.perf_counter()
+            work()
+            times[backend].append(time.perf_counter() - start)
+    return times
 
 
-def measure_isolated(backend: str, mode: str, size: dict, repeats: int) -> dict:
-    """Time and memory, each in a fresh process: the mmap-per-buffer malloc setting that makes peak memory
-    exact also slows allocation-heavy code, so timings run with the default allocator."""
-    cmd = [sys.executable, __file__, "--one", backend, mode, "--size", json.dumps(size), "--repeats", str(repeats)]
-    result = dict(backend=backend, mode=mode)
-    for env in ({}, ISOLATED_ENV):
-        proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"measuring {backend} {mode} failed: {proc.stderr.strip().splitlines()[-1:]}")
-        result.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-    return result
+def _child(args: list[str], env: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], env={**os.environ, **env}, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark child {args[:3]} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(size: dict, repeats: int) -> list[dict]:
+    """Times with the default allocator; memory per backend in its own process with ISOLATED_ENV (its
+    mmap-per-buffer setting makes peak memory exact but slows allocation-heavy code)."""
+    results = []
+    for mode in PASSES:
+        times = _child(["--times", mode, "--size", json.dumps(size), "--repeats", str(repeats)], {})
+        for backend in BACKENDS:
+            memory = _child(["--memory", backend, mode, "--size", json.dumps(size)], ISOLATED_ENV)
+            ts = times[backend]
+            results.append(dict(backend=backend, mode=mode, median_s=statistics.median(ts), times_s=ts, **memory))
+            print(f"measured {backend:>5} {mode:<6} {results[-1]['median_s']:.3f} s", file=sys.stderr)
+    return results
 
 
 def table(results: list[dict], size: dict) -> str:
@@ -123,17 +139,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--write", type=Path, help="record the table in this Markdown file")
     parser.add_argument("--json", type=Path, help="write raw results as JSON")
-    parser.add_argument("--one", nargs=2, metavar=("BACKEND", "PASS"), help=argparse.SUPPRESS)
+    parser.add_argument("--times", metavar="PASS", help=argparse.SUPPRESS)
+    parser.add_argument("--memory", nargs=2, metavar=("BACKEND", "PASS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     size = json.loads(args.size) if args.size else QUICK if args.quick else FULL
-    if args.one:
-        print(json.dumps(measure_one(*args.one, size, args.repeats)))
+    if args.times:
+        print(json.dumps(measure_times(args.times, size, args.repeats)))
         return
-    results = []
-    for mode in PASSES:
-        for backend in BACKENDS:
-            results.append(measure_isolated(backend, mode, size, args.repeats))
-            print(f"measured {backend:>5} {mode:<6} {results[-1]['median_s']:.3f} s", file=sys.stderr)
+    if args.memory:
+        print(json.dumps(measure_memory(*args.memory, size)))
+        return
+    results = measure(size, args.repeats)
     text = table(results, size)
     print(text)
     if args.json:

@@ -7,7 +7,7 @@ the same width because SDPA's fused CPU and flash kernels need equal head dims.
 On CPU, a custom autograd function calls the fused kernel's forward, which also returns the
 log-sum-exp, so the selected columns come from one small [N, T] product and forward needs no
 augmented width; backward calls the fused kernel's backward on the augmented tensors chunk by
-chunk of heads and queries. Saved for backward: q, k, v, out and the log-sum-exp.
+chunk of queries. Saved for backward: q, k, v, out and the log-sum-exp.
 
 Elsewhere, autograd through one augmented `scaled_dot_product_attention` call keeps the
 O(B·H·N·(D+T)) bound.
@@ -24,8 +24,9 @@ from cvg.pooling import PoolSpec, pool_rows, unpool_rows
 
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-# Elements of one [heads, N, D+T] chunk: bounds the transient padded/augmented copies (~2 MB fp32).
-_CHUNK_ELEMENTS = 1 << 19
+# Elements of one [B, H, rows, D+T] chunk: bounds the transient augmented copies of backward (1 MB fp32).
+_CHUNK_ELEMENTS = 1 << 18
+_MIN_CHUNK_ROWS = 256
 
 
 def augment_keys_values(k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,16 +37,12 @@ def augment_keys_values(k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor) 
     return F.pad(k, (0, tokens.numel())), v_aug
 
 
-def _chunks(batch: int, heads: int, queries: int, width: int) -> Iterator[tuple[slice, slice, slice]]:
-    """(batch, heads, queries) slices of at most about `_CHUNK_ELEMENTS` elements of width `width`."""
-    per_head = queries * width
-    heads_per_chunk = max(1, _CHUNK_ELEMENTS // per_head)
-    query_chunks = -(-per_head // _CHUNK_ELEMENTS)
-    rows = -(-queries // query_chunks)  # equal-sized query chunks
-    for b in range(batch):
-        for h in range(0, heads, heads_per_chunk):
-            for n in range(0, queries, rows):
-                yield slice(b, b + 1), slice(h, min(h + heads_per_chunk, heads)), slice(n, min(n + rows, queries))
+def _query_chunks(batch: int, heads: int, queries: int, width: int) -> Iterator[slice]:
+    """Query ranges of about `_CHUNK_ELEMENTS` elements over all batch items and heads: the fused CPU
+    backward parallelises over (batch, head), so every call keeps all of them."""
+    rows = max(_MIN_CHUNK_ROWS, _CHUNK_ELEMENTS // (batch * heads * width))
+    for start in range(0, queries, rows):
+        yield slice(start, min(start + rows, queries))
 
 
 def selected_probs(
@@ -77,29 +74,26 @@ class _FusedCPUAttentionPool(torch.autograd.Function):
         k_aug, v_aug = augment_keys_values(k, v, spec.tokens)
         drows = unpool_rows(dpooled, spec).to(q.dtype)
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for b, h, n in _chunks(batch, heads, queries, dim + n_tok):
-            q_bhn, bias_b = q[b, h, n], _rows(bias, b)
-            rows = selected_probs(q_bhn, k[b, h], spec.tokens, bias_b, lse[b, h, n], ctx.scale).to(q.dtype)
+        for n in _query_chunks(batch, heads, queries, dim + n_tok):
+            q_n, lse_n = q[:, :, n], lse[:, :, n]
+            rows = selected_probs(q_n, k, spec.tokens, bias, lse_n, ctx.scale).to(q.dtype)
             gq, gk, gv = _FLASH_CPU_BACKWARD(
-                torch.cat([dout[b, h, n], drows[b, :, n].expand_as(rows)], dim=-1),
-                F.pad(q_bhn, (0, n_tok)),
-                k_aug[b, h],
-                v_aug[b, h],
-                torch.cat([out[b, h, n], rows], dim=-1),
-                lse[b, h, n],
+                torch.cat([dout[:, :, n], drows[:, :, n].expand_as(rows)], dim=-1),
+                F.pad(q_n, (0, n_tok)),
+                k_aug,
+                v_aug,
+                torch.cat([out[:, :, n], rows], dim=-1),
+                lse_n,
                 0.0,
                 False,
-                attn_mask=bias_b,
+                attn_mask=bias,
                 scale=ctx.scale,
             )
-            dq[b, h, n] = gq[..., :dim]
-            dk[b, h] += gk[..., :dim]
-            dv[b, h] += gv[..., :dim]
+            dq[:, :, n] = gq[..., :dim]
+            dk += gk[..., :dim]
+            dv += gv[..., :dim]
+            del gq, gk, gv, rows  # free before the next chunk's call, not after it
         return dq, dk, dv, None, None, None
-
-
-def _rows(bias: torch.Tensor | None, b: slice) -> torch.Tensor | None:
-    return None if bias is None else bias[b]
 
 
 def attention_pool_torch(

@@ -1,8 +1,14 @@
-"""Shared test setup: Triton's interpreter (set before cvg.kernels is imported) and hypothesis profiles."""
+"""Shared test setup: Triton's interpreter and hypothesis profiles."""
 
 import os
 
+# Triton reads TRITON_INTERPRET when it is first imported: import it here, with the variable set, before
+# any test can import it with the variable unset.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+try:
+    import triton  # noqa: F401
+except ImportError:  # the triton tests skip themselves
+    pass
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 

@@ -167,3 +167,15 @@ def test_bad_input_gets_one_line_error(message):
         _bad_calls()[message]()
     text = str(info.value)
     assert message in text and "\n" not in text and text.startswith("attention_pool: ")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_inputs_as_attention_processors_pass_them(backend):
+    """diffusers hands over q, k, v as transposed views of [B, L, H, D] projections."""
+    p = make_problem(B=2, H=3, N=50, M=20, D=16, T=4, G=5, masked=True, keep_heads=False, seed=19)
+    views = [t.float().transpose(1, 2).contiguous().transpose(1, 2) for t in (p.q, p.k, p.v)]
+    assert not views[0].is_contiguous()
+    got = attention_pool(*views, p.groups, p.tokens, key_padding_mask=p.mask, backend=backend)
+    want = attention_pool(*(t.float() for t in (p.q, p.k, p.v)), p.groups, p.tokens, key_padding_mask=p.mask)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

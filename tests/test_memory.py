@@ -16,7 +16,7 @@ SIZE = dict(B=1, H=8, N=16384, M=512, D=64, T=8)
 
 
 def _peak_bytes(backend: str) -> int:
-    cmd = [sys.executable, str(BENCH), "--one", backend, "fwdbwd", "--size", json.dumps(SIZE), "--repeats", "1"]
+    cmd = [sys.executable, str(BENCH), "--memory", backend, "fwdbwd", "--size", json.dumps(SIZE)]
     proc = subprocess.run(cmd, env={**os.environ, **ISOLATED_ENV}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
