@@ -145,14 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in args.dtypes
         for name in KERNELS
     ]
-    header = f"{'kernel':<10} {'sm':>3} {'D':>4} {'dtype':<9} {'block':>7} {'warps':>5} {'stages':>6} "
-    header += f"{'regs':>4} {'spill B':>7} {'smem B':>7} {'HGMMA':>5}"
-    print(header)
+    print("| kernel | sm | D | dtype | block | warps | stages | registers | spill bytes | shared bytes | HGMMA |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in reports:
         block = f"{r.block_n}x{r.block_m}" if r.block_m else str(r.block_n)
         print(
-            f"{r.kernel:<10} {r.arch:>3} {r.head_dim:>4} {r.dtype:<9} {block:>7} {r.num_warps:>5} {r.num_stages:>6} "
-            f"{r.registers:>4} {r.spill_bytes:>7} {r.shared_bytes:>7} {str(r.hgmma):>5}"
+            f"| {r.kernel} | {r.arch} | {r.head_dim} | {r.dtype} | {block} | {r.num_warps} | {r.num_stages} | "
+            f"{r.registers} | {r.spill_bytes} | {r.shared_bytes} | {'yes' if r.hgmma else 'no'} |"
         )
     if args.json:
         tmp = f"{args.json}.tmp"
