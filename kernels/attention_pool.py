@@ -107,6 +107,20 @@ def _pooled_grad_rows(
 
 
 @triton.jit
+def _pooled_base(pid_bh, b, G, T: tl.constexpr, KEEP_HEADS: tl.constexpr):
+    """Offset of this program's [G, T] pooled maps: per (batch, head), or per batch when heads are averaged."""
+    if KEEP_HEADS:
+        return pid_bh * G * T
+    return b * G * T
+
+
+@triton.jit
+def _block(base, rows, stride_row, length, offs_d, d_valid):
+    """Offsets and mask of a [rows, D_PAD] block of a [length, D] matrix at `base`."""
+    return base + rows[:, None] * stride_row + offs_d[None, :], (rows < length)[:, None] & d_valid[None, :]
+
+
+@triton.jit
 def _attn_pool_fwd(
     Q, K, V, Bias, Tok, Groups, QWeight, Out, Lse, Pooled,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -127,8 +141,8 @@ def _attn_pool_fwd(
     q_base = b * stride_qb + h * stride_qh
     k_base = b * stride_kb + h * stride_kh
     bias_base = b * M
-    q = tl.load(Q + q_base + offs_n[:, None] * stride_qn + offs_d[None, :],
-                mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # fmt: skip
+    q_offs, q_mask = _block(q_base, offs_n, stride_qn, N, offs_d, d_valid)
+    q = tl.load(Q + q_offs, mask=q_mask, other=0.0)
 
     m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_N], tl.float32)
@@ -136,21 +150,20 @@ def _attn_pool_fwd(
     for start in range(0, M, BLOCK_M):
         cols = start + offs_m
         m_valid = cols < M
-        kv_mask = m_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        kv_offs, kv_mask = _block(k_base, cols, stride_kn, M, offs_d, d_valid)
+        k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)
         s = _scores(q, k, Bias, bias_base, cols, m_valid, qk_scale, HAS_MASK, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     lse2 = m_i + tl.log2(l_i)
     out = acc / l_i[:, None]
-    tl.store(Out + q_base + offs_n[:, None] * stride_qn + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=n_valid[:, None] & d_valid[None, :])  # fmt: skip
+    tl.store(Out + q_offs, out.to(Out.dtype.element_ty), mask=q_mask)
     tl.store(Lse + pid_bh * N + offs_n, lse2, mask=n_valid)
 
     p_sel = _selected_probs(q, K, Tok, Bias, k_base, bias_base, lse2, stride_kn, qk_scale, offs_d, d_valid,
@@ -158,10 +171,7 @@ def _attn_pool_fwd(
     g = tl.load(Groups + offs_n, mask=n_valid, other=0)
     w = tl.load(QWeight + offs_n, mask=n_valid, other=0.0)
     offs_t = tl.arange(0, T_PAD)
-    if KEEP_HEADS:
-        pooled_base = pid_bh * G * T
-    else:
-        pooled_base = b * G * T
+    pooled_base = _pooled_base(pid_bh, b, G, T, KEEP_HEADS)
     dst = Pooled + pooled_base + g[:, None] * T + offs_t[None, :]
     tl.atomic_add(dst, p_sel * w[:, None], mask=n_valid[:, None] & (offs_t[None, :] < T))
 
@@ -185,18 +195,14 @@ def _attn_pool_bwd_delta(
     offs_t = tl.arange(0, T_PAD)
     n_valid = offs_n < N
     d_valid = offs_d < D
-    q_offs = b * stride_qb + h * stride_qh + offs_n[:, None] * stride_qn + offs_d[None, :]
-    q_mask = n_valid[:, None] & d_valid[None, :]
+    q_offs, q_mask = _block(b * stride_qb + h * stride_qh, offs_n, stride_qn, N, offs_d, d_valid)
     o = tl.load(Out + q_offs, mask=q_mask, other=0.0).to(tl.float32)
     do = tl.load(DOut + q_offs, mask=q_mask, other=0.0).to(tl.float32)
     q = tl.load(Q + q_offs, mask=q_mask, other=0.0)
     lse2 = tl.load(Lse + pid_bh * N + offs_n, mask=n_valid, other=0.0)
     p_sel = _selected_probs(q, K, Tok, Bias, b * stride_kb + h * stride_kh, b * M, lse2, stride_kn, qk_scale,
                             offs_d, d_valid, T, T_PAD, HAS_MASK, DOT_PRECISION)  # fmt: skip
-    if KEEP_HEADS:
-        dpooled_base = pid_bh * G * T
-    else:
-        dpooled_base = b * G * T
+    dpooled_base = _pooled_base(pid_bh, b, G, T, KEEP_HEADS)
     g_rows = _pooled_grad_rows(DPooled, Groups, QWeight, offs_n, n_valid, dpooled_base, offs_t, T)
     delta = tl.sum(o * do, 1) + tl.sum(p_sel * g_rows, 1)
     tl.store(Delta + pid_bh * N + offs_n, delta, mask=n_valid)
@@ -222,23 +228,18 @@ def _attn_pool_bwd_dkdv(
     m_valid = cols < M
     d_valid = offs_d < D
     q_base = b * stride_qb + h * stride_qh
-    kv_offs = b * stride_kb + h * stride_kh + cols[:, None] * stride_kn + offs_d[None, :]
-    kv_mask = m_valid[:, None] & d_valid[None, :]
+    kv_offs, kv_mask = _block(b * stride_kb + h * stride_kh, cols, stride_kn, M, offs_d, d_valid)
     k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)
     v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)
     onehot = _onehot_tokens(Tok, cols, T, T_PAD).to(k.dtype)
-    if KEEP_HEADS:
-        dpooled_base = pid_bh * G * T
-    else:
-        dpooled_base = b * G * T
+    dpooled_base = _pooled_base(pid_bh, b, G, T, KEEP_HEADS)
 
     dk = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     for start in range(0, N, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_valid = offs_n < N
-        q_offs = q_base + offs_n[:, None] * stride_qn + offs_d[None, :]
-        q_mask = n_valid[:, None] & d_valid[None, :]
+        q_offs, q_mask = _block(q_base, offs_n, stride_qn, N, offs_d, d_valid)
         q = tl.load(Q + q_offs, mask=q_mask, other=0.0)
         do = tl.load(DOut + q_offs, mask=q_mask, other=0.0)
         lse2 = tl.load(Lse + pid_bh * N + offs_n, mask=n_valid, other=0.0)
@@ -275,25 +276,20 @@ def _attn_pool_bwd_dq(
     offs_t = tl.arange(0, T_PAD)
     n_valid = offs_n < N
     d_valid = offs_d < D
-    q_offs = b * stride_qb + h * stride_qh + offs_n[:, None] * stride_qn + offs_d[None, :]
-    q_mask = n_valid[:, None] & d_valid[None, :]
+    q_offs, q_mask = _block(b * stride_qb + h * stride_qh, offs_n, stride_qn, N, offs_d, d_valid)
     k_base = b * stride_kb + h * stride_kh
     q = tl.load(Q + q_offs, mask=q_mask, other=0.0)
     do = tl.load(DOut + q_offs, mask=q_mask, other=0.0)
     lse2 = tl.load(Lse + pid_bh * N + offs_n, mask=n_valid, other=0.0)
     delta = tl.load(Delta + pid_bh * N + offs_n, mask=n_valid, other=0.0)
-    if KEEP_HEADS:
-        dpooled_base = pid_bh * G * T
-    else:
-        dpooled_base = b * G * T
+    dpooled_base = _pooled_base(pid_bh, b, G, T, KEEP_HEADS)
     g_rows = _pooled_grad_rows(DPooled, Groups, QWeight, offs_n, n_valid, dpooled_base, offs_t, T).to(q.dtype)
 
     dq = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     for start in range(0, M, BLOCK_M):
         cols = start + offs_m
         m_valid = cols < M
-        kv_offs = k_base + cols[:, None] * stride_kn + offs_d[None, :]
-        kv_mask = m_valid[:, None] & d_valid[None, :]
+        kv_offs, kv_mask = _block(k_base, cols, stride_kn, M, offs_d, d_valid)
         k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)
         v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)
         s = _scores(q, k, Bias, b * M, cols, m_valid, qk_scale, HAS_MASK, DOT_PRECISION)
