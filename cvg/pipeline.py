@@ -1,0 +1,139 @@
+"""`CVGPipeline`: wrap a diffusers `WanPipeline` and generate with compositional guidance.
+
+pipe = cvg.CVGPipeline.from_pretrained("path/to/wan")            # or cvg.CVGPipeline(wan_pipe)
+out = pipe("a red cube to the left of a blue ball", composition="red cube left of blue ball",
+           guide_steps=2, guidance_strength=0.1, generator=torch.Generator().manual_seed(0))
+out.frames, out.maps, out.objective_values
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from diffusers import WanPipeline
+from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+from cvg.composition import BoundComposition, Composition
+from cvg.objectives import Objective, objective_for
+from cvg.sampler import Denoiser, GuidanceConfig, GuidedStep, denoise
+
+
+@dataclass
+class CVGOutput:
+    frames: object  # as diffusers' output_type gives it: np.ndarray [B, F, H, W, 3], list of PIL, or latents
+    maps: list[torch.Tensor] = field(default_factory=list)  # per guided update: [B, layers, f, h, w, T]
+    objective_values: list[torch.Tensor] = field(default_factory=list)  # per guided update: [B]
+    steps: list[GuidedStep] = field(default_factory=list)
+    composition: BoundComposition | None = None
+
+
+class CVGPipeline:
+    """Compositional guidance around a diffusers `WanPipeline` (Wan 2.1 / 2.2 text-to-video)."""
+
+    def __init__(self, pipe: WanPipeline, objective: Objective | None = None, guidance: GuidanceConfig | None = None):
+        if not isinstance(pipe, WanPipeline):
+            raise TypeError(f"CVGPipeline wraps a diffusers WanPipeline, got {type(pipe).__name__}")
+        if pipe.config.expand_timesteps:
+            raise ValueError("CVGPipeline does not support Wan2.2 TI2V pipelines (expand_timesteps=True) yet")
+        if pipe.transformer_2 is not None:
+            raise ValueError("CVGPipeline does not support two-transformer Wan2.2 pipelines (transformer_2) yet")
+        self.pipe, self.objective = pipe, objective
+        self.guidance = guidance or GuidanceConfig()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, objective: Objective | None = None, **kwargs) -> CVGPipeline:
+        """Load a local diffusers Wan directory (no hub access)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ValueError(f"{str(path)!r} is not a diffusers pipeline directory (no model_index.json)")
+        class_name = json.loads(index.read_text()).get("_class_name")
+        if class_name != "WanPipeline":
+            raise ValueError(f"{str(path)!r} holds a {class_name}, not a WanPipeline")
+        return cls(WanPipeline.from_pretrained(str(path), local_files_only=True, **kwargs), objective)
+
+    def bind(self, prompt: str | list[str], composition: Composition | str, max_sequence_length: int = 512):
+        """The composition tied to the prompts as the pipeline tokenizes them (Wan cleans prompts first)."""
+        if isinstance(composition, str):
+            composition = Composition.parse(composition)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        return composition.bind(self.pipe.tokenizer, [prompt_clean(p) for p in prompts], max_sequence_length)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        composition: Composition | str | None = None,
+        *,
+        negative_prompt: str | list[str] | None = None,
+        height: int = 480,
+        width: int = 832,
+        num_frames: int = 81,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        guide_steps: int | None = None,
+        guidance_strength: float | None = None,
+        iterations: int | None = None,
+        num_videos_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "np",
+        max_sequence_length: int = 512,
+        on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> CVGOutput:
+        pipe = self.pipe
+        overrides = {"guide_steps": guide_steps, "strength": guidance_strength, "iterations": iterations}
+        config = replace(self.guidance, **{k: v for k, v in overrides.items() if v is not None})
+        config.check(num_inference_steps)
+        pipe.check_inputs(prompt, negative_prompt, height, width)
+        objective, bound = None, None
+        if composition is not None and config.guide_steps > 0:
+            bound = self.bind(prompt, composition, max_sequence_length)
+            objective = self.objective or objective_for(bound.composition.kind)
+
+        device = pipe._execution_device
+        do_cfg = guidance_scale > 1.0
+        prompt_embeds, negative_embeds = pipe.encode_prompt(
+            prompt=prompt, negative_prompt=negative_prompt, do_classifier_free_guidance=do_cfg,
+            num_videos_per_prompt=num_videos_per_prompt, max_sequence_length=max_sequence_length, device=device,
+        )  # fmt: skip
+        dtype = pipe.transformer.dtype
+        denoiser = Denoiser(pipe.transformer, prompt_embeds.to(dtype),
+                            None if negative_embeds is None else negative_embeds.to(dtype), guidance_scale)  # fmt: skip
+
+        pipe.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = pipe.scheduler.timesteps
+        batch = prompt_embeds.shape[0]
+        latents = pipe.prepare_latents(batch, pipe.transformer.config.in_channels, height, width, num_frames,
+                                       torch.float32, device, generator, latents)  # fmt: skip
+        pipe.scheduler.set_begin_index(0)
+        latents, history = denoise(denoiser, pipe.scheduler, latents, timesteps, objective, bound, config,
+                                   on_step=on_step, progress=self._progress)  # fmt: skip
+
+        frames = latents if output_type == "latent" else decode_latents(pipe, latents, output_type)
+        pipe.maybe_free_model_hooks()
+        return CVGOutput(frames, [s.maps for s in history], [s.loss for s in history], history, bound)
+
+    def _progress(self, iterable, total: int):
+        with self.pipe.progress_bar(total=total) as bar:
+            for item in iterable:
+                yield item
+                bar.update()
+
+
+def decode_latents(pipe: WanPipeline, latents: torch.Tensor, output_type: str):
+    """WanPipeline's decode: un-normalise the latents, VAE decode, post-process to `output_type`."""
+    vae = pipe.vae
+    latents = latents.to(vae.device, vae.dtype)
+    mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+    std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(
+        latents.device, latents.dtype
+    )
+    video = vae.decode(latents / std + mean, return_dict=False)[0]
+    return pipe.video_processor.postprocess_video(video, output_type=output_type)

@@ -1,0 +1,156 @@
+"""Wan cross-attention processors that record pooled attention maps through `attention_pool`.
+
+`record_maps(transformer, tokens, ...)` installs `PoolingWanAttnProcessor` on the cross-attention
+(`attn2`) of the chosen blocks and yields a `MapRecorder`; on exit the original processors are back.
+A forward pre-hook on the transformer reads the video-token grid (frames × height × width after
+patchify) so that pooling tiles follow the video. Each recorded call appends `[B, G, T]` maps (or
+`[B, H, G, T]` with `keep_heads`) for its layer. With no tokens the processor returns exactly what
+diffusers' `WanAttnProcessor` returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_wan import (
+    WanAttnProcessor,
+    WanTransformer3DModel,
+    _get_added_kv_projections,
+    _get_qkv_projections,
+)
+
+from cvg.attention_pool import attention_pool
+from cvg.pooling import grid_groups
+
+WAN_TEXT_LENGTH = 512  # Wan's processors hard-code the text context length for I2V splitting
+
+
+@dataclass
+class MapRecorder:
+    """What to record, and what was recorded in the current forward pass."""
+
+    tokens: torch.Tensor  # [T] key indices into the text sequence
+    pool: tuple[int, int, int] = (1, 2, 2)
+    keep_heads: bool = False
+    backend: str = "auto"
+    enabled: bool = True
+    grid: tuple[int, int, int] | None = None  # video-token grid of the current forward
+    tiles: tuple[int, int, int] | None = None
+    maps: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, (H,) G, T]
+    _groups: torch.Tensor | None = None
+
+    def set_grid(self, grid: tuple[int, int, int], device: torch.device) -> None:
+        if grid != self.grid or self._groups is None or self._groups.device != device:
+            self._groups, self.tiles = grid_groups(*grid, self.pool)
+            self._groups = self._groups.to(device)
+            self.grid = grid
+        self.maps = {}
+
+    @property
+    def groups(self) -> torch.Tensor:
+        if self._groups is None:
+            raise RuntimeError("MapRecorder: no video grid yet; run the transformer inside record_maps()")
+        return self._groups
+
+    def stacked(self) -> torch.Tensor:
+        """Recorded maps as `[B, layers, tiles_f, tiles_h, tiles_w, T]` (heads averaged)."""
+        if not self.maps:
+            raise RuntimeError("MapRecorder: nothing recorded; were the recorded layers reached?")
+        maps = torch.stack([m if m.dim() == 3 else m.mean(1) for _, m in sorted(self.maps.items())], dim=1)
+        return maps.unflatten(2, self.tiles)
+
+
+class PoolingWanAttnProcessor(WanAttnProcessor):
+    """`WanAttnProcessor` whose text attention also pools the maps of the recorder's tokens."""
+
+    def __init__(self, recorder: MapRecorder, layer: int):
+        super().__init__()
+        self.recorder, self.layer = recorder, layer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        recorder = self.recorder
+        if not recorder.enabled or recorder.tokens.numel() == 0 or encoder_hidden_states is None:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+
+        encoder_hidden_states_img = None
+        if attn.add_k_proj is not None:
+            image_context_length = encoder_hidden_states.shape[1] - WAN_TEXT_LENGTH
+            encoder_hidden_states_img = encoder_hidden_states[:, :image_context_length]
+            encoder_hidden_states = encoder_hidden_states[:, image_context_length:]
+
+        query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+
+        hidden_states_img = None
+        if encoder_hidden_states_img is not None:
+            key_img, value_img = _get_added_kv_projections(attn, encoder_hidden_states_img)
+            key_img = attn.norm_added_k(key_img).unflatten(2, (attn.heads, -1))
+            value_img = value_img.unflatten(2, (attn.heads, -1))
+            hidden_states_img = dispatch_attention_fn(query, key_img, value_img, backend=self._attention_backend)
+            hidden_states_img = hidden_states_img.flatten(2, 3).type_as(query)
+
+        # Wan passes no text mask: the softmax spans the zero-padded text tokens, as in diffusers.
+        out, pooled = attention_pool(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), recorder.groups,
+            recorder.tokens, keep_heads=recorder.keep_heads, backend=recorder.backend,
+        )  # fmt: skip
+        recorder.maps[self.layer] = pooled
+        hidden_states = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        if hidden_states_img is not None:
+            hidden_states = hidden_states + hidden_states_img
+        hidden_states = attn.to_out[0](hidden_states)
+        return attn.to_out[1](hidden_states)
+
+
+def _check_transformer(transformer) -> None:
+    if not isinstance(transformer, WanTransformer3DModel):
+        raise TypeError(f"record_maps: expected a diffusers WanTransformer3DModel, got {type(transformer).__name__}")
+
+
+def resolve_layers(transformer, layers: Sequence[int] | None) -> list[int]:
+    """Block indices to record; None means every block. Negative indices count from the end."""
+    _check_transformer(transformer)
+    count = len(transformer.blocks)
+    chosen = list(range(count)) if layers is None else [i + count if i < 0 else i for i in layers]
+    bad = [i for i in chosen if not 0 <= i < count]
+    if bad or not chosen:
+        raise ValueError(f"layers must index the transformer's {count} blocks, got {list(layers or [])}")
+    return sorted(set(chosen))
+
+
+@contextmanager
+def record_maps(
+    transformer,
+    tokens: torch.Tensor | Sequence[int],
+    layers: Sequence[int] | None = None,
+    pool: int | tuple[int, int, int] = (1, 2, 2),
+    keep_heads: bool = False,
+    backend: str = "auto",
+) -> Iterator[MapRecorder]:
+    """Install recording processors on `attn2` of `layers` for the duration of the block."""
+    chosen = resolve_layers(transformer, layers)
+    pool = (pool,) * 3 if isinstance(pool, int) else tuple(pool)
+    device = next(transformer.parameters()).device
+    recorder = MapRecorder(torch.as_tensor(tokens, dtype=torch.long, device=device), pool, keep_heads, backend)
+    patch = transformer.config.patch_size
+
+    def read_grid(module, args, kwargs):
+        latents = kwargs.get("hidden_states", args[0] if args else None)
+        _, _, frames, height, width = latents.shape
+        recorder.set_grid((frames // patch[0], height // patch[1], width // patch[2]), latents.device)
+
+    originals = {i: transformer.blocks[i].attn2.processor for i in chosen}
+    hook = transformer.register_forward_pre_hook(read_grid, with_kwargs=True)
+    try:
+        for i in chosen:
+            transformer.blocks[i].attn2.set_processor(PoolingWanAttnProcessor(recorder, i))
+        yield recorder
+    finally:
+        hook.remove()
+        for i, processor in originals.items():
+            transformer.blocks[i].attn2.set_processor(processor)
