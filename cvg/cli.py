@@ -52,17 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--pool", type=lambda t: _ints(t, 3), default=[1, 2, 2],
                      help="pooling of the frames,height,width token grid (default 1,2,2)")  # fmt: skip
     gen.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
-    gen.add_argument("--height", type=int, default=480)
-    gen.add_argument("--width", type=int, default=832)
+    gen.add_argument("--height", type=int, default=480, help="video height in pixels, a multiple of 16 (default 480)")
+    gen.add_argument("--width", type=int, default=832, help="video width in pixels, a multiple of 16 (default 832)")
     gen.add_argument("--frames", type=int, default=81, help="video frames (4k+1)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--fps", type=int, default=16)
+    gen.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    gen.add_argument("--fps", type=int, default=16, help="frames per second of .mp4/.gif output (default 16)")
     gen.add_argument("--max-sequence-length", type=int, default=512, help="text tokens (Wan pads to this)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
 
     tiny = commands.add_parser("make-tiny-model", help="save a random tiny Wan pipeline (real text encoder)")
-    tiny.add_argument("directory")
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("directory", help="where to save the pipeline")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     return parser
 
 

@@ -16,3 +16,21 @@ settings.register_profile(
     "default", deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
 settings.load_profile("default")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """A random tiny WanPipeline with the real MiniLM text encoder (shared: tests must not modify it)."""
+    from cvg.tiny import tiny_wan_pipeline
+
+    return tiny_wan_pipeline(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_pipe):
+    path = tmp_path_factory.mktemp("models") / "tiny-wan"
+    tiny_pipe.save_pretrained(str(path))
+    return path

@@ -1,0 +1,72 @@
+"""The `cvg` command line, end to end on a saved tiny model."""
+
+import json
+import subprocess
+import sys
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+from PIL import Image
+
+from cvg.cli import build_parser, main
+
+SMALL = ["--height", "64", "--width", "64", "--frames", "9", "--steps", "4", "--pool", "1", "--quiet",
+         "--max-sequence-length", "64"]  # fmt: skip
+
+
+def test_help_documents_every_flag():
+    proc = subprocess.run([sys.executable, "-m", "cvg", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "generate" in proc.stdout and "make-tiny-model" in proc.stdout
+    for name, command in build_parser()._subparsers._group_actions[0].choices.items():
+        undocumented = [a.dest for a in command._actions if not a.help]
+        assert not undocumented, f"cvg {name}: flags without help: {undocumented}"
+
+
+def test_generate_mp4_and_maps(tiny_model_dir, tmp_path, capsys):
+    out, maps = tmp_path / "out.mp4", tmp_path / "maps.png"
+    prompt, composition = "a red cube to the left of a blue ball", "red cube left of blue ball"
+    code = main(["generate", "--model", str(tiny_model_dir), "--prompt", prompt, "--composition", composition,
+                 "--out", str(out), "--save-maps", str(maps), *SMALL])  # fmt: skip
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["out"] == str(out) and len(report["objective"]) == 2
+    frames = imageio.mimread(out)
+    assert len(frames) == 9 and frames[0].shape == (64, 64, 3)
+    picture = Image.open(maps)
+    assert picture.width > 3 * 128 and picture.height > 2 * 128  # 3 pooled frames x 2 entities, 128 px cells
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+@pytest.mark.parametrize("target", ["clip.gif", "frames"])
+def test_generate_gif_and_png_frames(tiny_model_dir, tmp_path, target):
+    out = tmp_path / target
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "a ball moves right", "--composition",
+                 "ball moves right", "--out", str(out), *SMALL]) == 0  # fmt: skip
+    if target.endswith(".gif"):
+        assert Image.open(out).n_frames == 9
+    else:
+        pngs = sorted(out.glob("*.png"))
+        assert len(pngs) == 9 and np.asarray(Image.open(pngs[0])).shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/nonexistent/model"], "does not exist"),
+        (["--composition", "red cube left of green ball"], "'green ball' is not in the prompt"),
+        (["--guide-steps", "9"], "guide_steps must be between 0 and num_inference_steps (4)"),
+    ],
+)
+def test_bad_input_is_one_line_on_stderr(tiny_model_dir, tmp_path, args, message):
+    base = {"--model": str(tiny_model_dir), "--composition": "red cube"}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[flag] = value
+    argv = [sys.executable, "-m", "cvg", "generate", "--prompt", "a red cube", "--out", str(tmp_path / "o.mp4"), *SMALL]
+    for flag, value in base.items():
+        argv += [flag, value]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("cvg: error: ") and message in last
+    assert not (tmp_path / "o.mp4").exists()

@@ -1,0 +1,88 @@
+"""Composition specs: parsing, validation, and mapping words to prompt tokens."""
+
+import pytest
+import torch
+
+from cvg.composition import Composition, CompositionError
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("red cube left of blue ball", Composition("spatial", "red cube", relation="left of", object="blue ball")),
+        ("A red cube to the left of a blue ball",
+         Composition("spatial", "a red cube", relation="to the left of", object="a blue ball")),
+        ("cat above dog", Composition("spatial", "cat", relation="above", object="dog")),
+        ("ball moves right", Composition("motion", "ball", direction="right")),
+        ("the green car moving up", Composition("motion", "the green car", direction="up")),
+        ("red cube and blue ball", Composition("presence", "red cube", object="blue ball")),
+        ("owl", Composition("presence", "owl")),
+        ('{"kind": "spatial", "subject": "red cube", "relation": "right of", "object": "ball", "label": "x"}',
+         Composition("spatial", "red cube", relation="right of", object="ball", label="x")),
+    ],
+)  # fmt: skip
+def test_parse(text, expected):
+    assert Composition.parse(text) == expected
+
+
+def test_label_defaults_to_a_description_and_round_trips():
+    comp = Composition.parse("red cube left of blue ball")
+    assert comp.label == "red cube left of blue ball"
+    assert Composition.from_dict(comp.to_dict()) == comp
+
+
+def test_axis_and_sign():
+    assert Composition.parse("a left of b").axis_sign == (0, -1)
+    assert Composition.parse("a below b").axis_sign == (1, 1)
+    assert Composition.parse("ball moves up").axis_sign == (1, -1)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "empty"),
+        ("{bad json", "malformed"),
+        ('{"kind": "colour", "subject": "x"}', "kind must be one of"),
+        ('{"kind": "spatial", "subject": "x", "relation": "near", "object": "y"}', "relation must be one of"),
+        ('{"kind": "spatial", "subject": "x", "relation": "above"}', "needs an object"),
+        ("ball moves sideways", "direction must be one of"),
+        ('{"kind": "motion", "subject": "x", "direction": "up", "speed": 3}', "unknown fields: speed"),
+        ("a, b, c", "one or two entities"),
+    ],
+)
+def test_bad_compositions_get_one_line_errors(text, message):
+    with pytest.raises(CompositionError, match=message) as info:
+        Composition.parse(text)
+    assert "\n" not in str(info.value)
+
+
+def test_bind_finds_entity_tokens(tiny_pipe):
+    tok = tiny_pipe.tokenizer
+    bound = Composition.parse("red cube left of blue ball").bind(tok, ["a red cube to the left of a blue ball"], 64)
+    ids = tok("a red cube to the left of a blue ball")["input_ids"]
+    words = tok.convert_ids_to_tokens([ids[i] for i in bound.tokens.tolist()])
+    assert words == ["red", "cube", "blue", "ball"]
+    assert bound.columns == (([0, 1], [2, 3]),)
+
+
+def test_bind_batch_uses_a_shared_token_list(tiny_pipe):
+    prompts = ["a red cube to the left of a blue ball", "on a table, a tiny red cube sits left of a blue ball"]
+    bound = Composition.parse("red cube left of blue ball").bind(tiny_pipe.tokenizer, prompts, 64)
+    maps = torch.arange(2 * len(bound.tokens), dtype=torch.float32).view(2, 1, -1)
+    per_entity = bound.entity_maps(maps)
+    for b, entities in enumerate(bound.columns):
+        for e, cols in enumerate(entities):
+            assert per_entity[b, 0, e] == maps[b, 0, cols].mean()
+    assert bound.columns[0] != bound.columns[1]
+
+
+def test_word_absent_from_prompt(tiny_pipe):
+    with pytest.raises(CompositionError, match="'green ball' is not in the prompt") as info:
+        Composition.parse("red cube left of green ball").bind(tiny_pipe.tokenizer, ["a red cube and a blue ball"], 64)
+    assert "\n" not in str(info.value)
+
+
+def test_word_past_the_token_limit(tiny_pipe):
+    prompt = "a " * 40 + "red cube left of blue ball"
+    with pytest.raises(CompositionError, match="past the first 16"):
+        Composition.parse("red cube left of blue ball").bind(tiny_pipe.tokenizer, [prompt], 16)

@@ -1,0 +1,144 @@
+"""CVGPipeline on tiny Wan pipelines: exact reproduction without guidance, guidance that works, bad input."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UniPCMultistepScheduler, WanPipeline
+
+from cvg.classifier import ClassifierConfig, ClassifierObjective, CompositionClassifier
+from cvg.composition import CompositionError
+from cvg.objectives import MotionDirection, SpatialRelation, TokenPresence
+from cvg.pipeline import CVGPipeline
+from cvg.sampler import Denoiser, GuidanceConfig
+
+SMALL = dict(height=64, width=64, num_frames=9, num_inference_steps=6, max_sequence_length=64)
+PROMPTS = {
+    "spatial": ("a red cube to the left of a blue ball", "red cube left of blue ball"),
+    "motion": ("a blue ball moves right", "blue ball moves right"),
+    "presence": ("a red cube and a blue ball", "red cube and blue ball"),
+}
+
+
+def _seeded(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("guidance_scale", [5.0, 1.0])
+@pytest.mark.parametrize("scheduler", ["flow-euler", "unipc"])
+def test_without_guidance_it_is_wan_pipeline(tiny_pipe, guidance_scale, scheduler):
+    pipe = tiny_pipe
+    if scheduler == "unipc":
+        unipc = UniPCMultistepScheduler(flow_shift=3.0, prediction_type="flow_prediction", use_flow_sigmas=True)
+        pipe = WanPipeline(**{**tiny_pipe.components, "scheduler": unipc})
+        pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red cube to the left of a blue ball", "a green ball moves up"]
+    kw = dict(SMALL, guidance_scale=guidance_scale, num_videos_per_prompt=2, output_type="np")
+    reference = pipe(prompts, generator=_seeded(3), **kw).frames
+    for composition in (None, "red cube and ball"):
+        out = CVGPipeline(pipe)(prompts, composition, guide_steps=0, generator=_seeded(3), **kw)
+        assert out.frames.shape == reference.shape == (4, 9, 64, 64, 3)
+        assert np.abs(out.frames - reference).max() <= 1e-5
+        assert out.steps == []
+
+
+def _classifier_objective():
+    torch.manual_seed(0)
+    classifier = CompositionClassifier(ClassifierConfig(layers=2, tiles=(3, 4, 4), label_dim=8))
+    return ClassifierObjective(classifier, torch.randn(1, 8))
+
+
+OBJECTIVES = {
+    "presence": ("presence", TokenPresence()),
+    "spatial": ("spatial", SpatialRelation()),
+    "motion": ("motion", MotionDirection()),
+    "classifier": ("spatial", _classifier_objective()),
+}
+
+
+def _objective_after_guided_steps(pipe, kind, objective, seed, guide_steps):
+    """The objective at the latent after the first 2 scheduler steps, read at the third step's timestep."""
+    prompt, composition = PROMPTS[kind]
+    config = GuidanceConfig(guide_steps=guide_steps, strength=0.3, pool=(1, 1, 1))
+    cvg = CVGPipeline(pipe, objective=objective, guidance=config)
+    captured = {}
+
+    def keep(i, t, latents):
+        if i == 1:
+            captured["latents"] = latents.clone()
+
+    cvg(prompt, composition, guidance_scale=5.0, generator=_seeded(seed), output_type="latent", on_step=keep, **SMALL)
+    embeds, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, max_sequence_length=64)
+    denoiser = Denoiser(pipe.transformer, embeds, None, 1.0)
+    bound = cvg.bind(prompt, composition, 64)
+    with torch.no_grad():
+        loss, _ = denoiser.score(captured["latents"], pipe.scheduler.timesteps[2], objective, bound, config)
+    return loss.item()
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_guidance_lowers_the_objective(tiny_pipe, name):
+    kind, objective = OBJECTIVES[name]
+    for seed in range(5):
+        guided = _objective_after_guided_steps(tiny_pipe, kind, objective, seed, guide_steps=2)
+        unguided = _objective_after_guided_steps(tiny_pipe, kind, objective, seed, guide_steps=0)
+        assert guided < unguided, f"{name}, seed {seed}: guided {guided:.5f} >= unguided {unguided:.5f}"
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 5.0])
+def test_guided_batch_records_every_item(tiny_pipe, guidance_scale):
+    prompts = ["a red cube to the left of a blue ball", "a red cube sits left of a blue ball"]
+    cvg = CVGPipeline(tiny_pipe, guidance=GuidanceConfig(iterations=2, pool=(1, 1, 1)))
+    out = cvg(prompts, "red cube left of blue ball", guidance_scale=guidance_scale, generator=_seeded(0),
+              num_videos_per_prompt=2, output_type="np", **SMALL)  # fmt: skip
+    assert out.frames.shape == (4, 9, 64, 64, 3)
+    assert [(s.step, s.iteration) for s in out.steps] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(v.shape == (4,) for v in out.objective_values)
+    assert out.maps[0].shape == (4, 2, 3, 4, 4, 5)  # the prompts place "blue ball" differently: 5 tokens
+
+
+class _PoisonFirstItem:
+    """An objective whose gradient is NaN for batch item 0."""
+
+    def __call__(self, maps, bound):
+        loss = SpatialRelation()(maps, bound)
+        return loss * torch.tensor([float("nan"), 1.0])
+
+
+def test_non_finite_gradient_skips_the_update_with_a_warning(tiny_pipe):
+    prompts = ["a red cube to the left of a blue ball"] * 2
+    config = GuidanceConfig(guide_steps=1, strength=0.5, pool=(1, 1, 1))
+    captured = {}
+    cvg = CVGPipeline(tiny_pipe, objective=_PoisonFirstItem(), guidance=config)
+    with pytest.warns(RuntimeWarning, match=r"non-finite guidance gradient for batch items \[0\]"):
+        out = cvg(prompts, "red cube left of blue ball", generator=_seeded(0), output_type="latent",
+                  on_step=lambda i, t, x: captured.setdefault(i, x.clone()), **SMALL)  # fmt: skip
+    assert out.steps[0].skipped.tolist() == [True, False]
+    assert torch.isfinite(out.frames).all()
+    plain = CVGPipeline(tiny_pipe)(prompts, None, generator=_seeded(0), output_type="latent", **SMALL).frames
+    assert torch.equal(out.frames[0], plain[0]) and not torch.equal(out.frames[1], plain[1])
+
+
+def test_bad_input(tiny_pipe, tmp_path):
+    cvg = CVGPipeline(tiny_pipe)
+    with pytest.raises(ValueError, match="guide_steps must be between 0 and num_inference_steps"):
+        cvg("a red cube", "red cube", guide_steps=7, **SMALL)
+    with pytest.raises(CompositionError, match="'green ball' is not in the prompt"):
+        cvg("a red cube", "red cube left of green ball", **SMALL)
+    with pytest.raises(TypeError, match="wraps a diffusers WanPipeline"):
+        CVGPipeline(object())
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        CVGPipeline.from_pretrained(tmp_path / "missing")
+    with pytest.raises(ValueError, match="not a diffusers pipeline directory"):
+        CVGPipeline.from_pretrained(tmp_path)
+    (tmp_path / "model_index.json").write_text('{"_class_name": "CogVideoXPipeline"}')
+    with pytest.raises(ValueError, match="holds a CogVideoXPipeline, not a WanPipeline"):
+        CVGPipeline.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_loads_a_saved_pipeline(tiny_pipe, tiny_model_dir):
+    loaded = CVGPipeline.from_pretrained(tiny_model_dir)
+    loaded.pipe.set_progress_bar_config(disable=True)
+    kw = dict(SMALL, output_type="np")
+    a = loaded("a red cube to the left of a blue ball", None, generator=_seeded(1), **kw).frames
+    b = CVGPipeline(tiny_pipe)("a red cube to the left of a blue ball", None, generator=_seeded(1), **kw).frames
+    assert np.abs(a - b).max() <= 1e-5
