@@ -9,6 +9,7 @@ out.frames, out.maps, out.objective_values
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +30,7 @@ class CVGOutput:
     objective_values: list[torch.Tensor] = field(default_factory=list)  # per guided update: [B]
     steps: list[GuidedStep] = field(default_factory=list)
     composition: BoundComposition | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase of this call
 
 
 class CVGPipeline:
@@ -99,10 +101,12 @@ class CVGPipeline:
 
         device = pipe._execution_device
         do_cfg = guidance_scale > 1.0
+        marks = [time.perf_counter()]  # phase boundaries: start, text encoded, each step done, decoded
         prompt_embeds, negative_embeds = pipe.encode_prompt(
             prompt=prompt, negative_prompt=negative_prompt, do_classifier_free_guidance=do_cfg,
             num_videos_per_prompt=num_videos_per_prompt, max_sequence_length=max_sequence_length, device=device,
         )  # fmt: skip
+        marks.append(time.perf_counter())
         dtype = pipe.transformer.dtype
         denoiser = Denoiser(pipe.transformer, prompt_embeds.to(dtype),
                             None if negative_embeds is None else negative_embeds.to(dtype), guidance_scale)  # fmt: skip
@@ -113,12 +117,25 @@ class CVGPipeline:
         latents = pipe.prepare_latents(batch, pipe.transformer.config.in_channels, height, width, num_frames,
                                        torch.float32, device, generator, latents)  # fmt: skip
         pipe.scheduler.set_begin_index(0)
-        latents, history = denoise(denoiser, pipe.scheduler, latents, timesteps, objective, bound, config,
-                                   on_step=on_step, progress=self._progress)  # fmt: skip
 
+        def step_done(i, t, x):
+            marks.append(time.perf_counter())
+            if on_step is not None:
+                on_step(i, t, x)
+
+        latents, history = denoise(denoiser, pipe.scheduler, latents, timesteps, objective, bound, config,
+                                   on_step=step_done, progress=self._progress)  # fmt: skip
         frames = latents if output_type == "latent" else decode_latents(pipe, latents, output_type)
+        marks.append(time.perf_counter())
         pipe.maybe_free_model_hooks()
-        return CVGOutput(frames, [s.maps for s in history], [s.loss for s in history], history, bound)
+        guided = 1 + (config.guide_steps if objective is not None else 0)  # index of the last guided step's mark
+        timings = {
+            "text_encoding": marks[1] - marks[0],
+            "guided_steps": marks[guided] - marks[1],
+            "unguided_steps": marks[-2] - marks[guided],
+            "vae_decode": marks[-1] - marks[-2],
+        }
+        return CVGOutput(frames, [s.maps for s in history], [s.loss for s in history], history, bound, timings)
 
     def _progress(self, iterable, total: int):
         with self.pipe.progress_bar(total=total) as bar:
@@ -127,13 +144,13 @@ class CVGPipeline:
                 bar.update()
 
 
+@torch.no_grad()
 def decode_latents(pipe: WanPipeline, latents: torch.Tensor, output_type: str):
     """WanPipeline's decode: un-normalise the latents, VAE decode, post-process to `output_type`."""
     vae = pipe.vae
     latents = latents.to(vae.device, vae.dtype)
-    mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-    std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(
-        latents.device, latents.dtype
-    )
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+    std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
     video = vae.decode(latents / std + mean, return_dict=False)[0]
     return pipe.video_processor.postprocess_video(video, output_type=output_type)

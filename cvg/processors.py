@@ -99,7 +99,9 @@ class PoolingWanAttnProcessor(WanAttnProcessor):
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), recorder.groups,
             recorder.tokens, keep_heads=recorder.keep_heads, backend=recorder.backend,
         )  # fmt: skip
-        recorder.maps[self.layer] = pooled
+        # Keep the first map of each forward: gradient checkpointing re-runs this processor in backward, and
+        # holding the re-run's map would keep the whole recomputed block alive.
+        recorder.maps.setdefault(self.layer, pooled)
         hidden_states = out.transpose(1, 2).flatten(2, 3).type_as(query)
         if hidden_states_img is not None:
             hidden_states = hidden_states + hidden_states_img

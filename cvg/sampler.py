@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ class GuidanceConfig:
     layers: list[int] | None = None  # recorded blocks; None = all
     pool: tuple[int, int, int] = (1, 2, 2)  # pooling of the (frames, h, w) token grid
     backend: str = "auto"  # attention_pool backend
+    checkpointing: bool = True  # recompute blocks in backward: activations of one block at a time
 
     def check(self, num_inference_steps: int) -> None:
         if not 0 <= self.guide_steps <= num_inference_steps:
@@ -99,20 +101,66 @@ class Denoiser:
             noise = uncond + self.guidance_scale * (noise - uncond)
         return noise
 
-    def score(self, latents, t, objective: Objective, bound: BoundComposition, config: GuidanceConfig):
-        """Objective value `[B]` and maps at `latents`, differentiable with respect to `latents`."""
-        layers = resolve_layers(self.transformer, config.layers)
-        with record_maps(self.transformer, bound.tokens, layers, config.pool, backend=config.backend) as recorder:
-            stop = _stop_after(self.transformer.blocks[layers[-1]])
+    def score(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        objective: Objective,
+        bound: BoundComposition,
+        config: GuidanceConfig,
+        gradient: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Objective `[B]` and maps at `latents`; with `gradient`, also d(sum of the objective)/d latents.
+
+        The forward stops after the last recorded block. Backward runs inside the recording context, since
+        gradient checkpointing recomputes the recorded blocks with their recording processors.
+        """
+        model = self.transformer
+        layers = resolve_layers(model, config.layers)
+        latents = latents.detach().requires_grad_(gradient)
+        with (
+            torch.set_grad_enabled(gradient),
+            record_maps(model, bound.tokens, layers, config.pool, backend=config.backend) as recorder,
+            _checkpointing(model, gradient and config.checkpointing),
+            _frozen(model),
+        ):
+            stop = _stop_after(model.blocks[layers[-1]])
             try:
-                self.transformer(hidden_states=latents.to(self.transformer.dtype), timestep=t.expand(latents.shape[0]),
-                                 encoder_hidden_states=self.prompt_embeds, return_dict=False)  # fmt: skip
+                model(hidden_states=latents.to(model.dtype), timestep=t.expand(latents.shape[0]),
+                      encoder_hidden_states=self.prompt_embeds, return_dict=False)  # fmt: skip
             except _StopForward:
                 pass
             finally:
                 stop.remove()
             maps = recorder.stacked().float()
-        return objective(maps, bound), maps
+            loss = objective(maps, bound)
+            grad = torch.autograd.grad(loss.sum(), latents)[0] if gradient else None
+        return loss.detach(), maps.detach(), grad
+
+
+@contextmanager
+def _frozen(model: torch.nn.Module):
+    """No parameter gradients: the forward then saves only what the latent's gradient needs."""
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def _checkpointing(model, enable: bool):
+    """Gradient checkpointing of the transformer blocks for the duration, restoring the model's own setting."""
+    if not enable or model.gradient_checkpointing:
+        yield
+        return
+    model.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        model.disable_gradient_checkpointing()
 
 
 def guided_update(
@@ -124,10 +172,7 @@ def guided_update(
     config: GuidanceConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step of latent descent: returns (new latents, loss [B], maps, skipped [B])."""
-    latents = latents.detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss, maps = denoiser.score(latents, t, objective, bound, config)
-        (grad,) = torch.autograd.grad(loss.sum(), latents)
+    loss, maps, grad = denoiser.score(latents, t, objective, bound, config, gradient=True)
     finite = torch.isfinite(grad).flatten(1).all(dim=1) & torch.isfinite(loss)
     if not finite.all():
         warnings.warn(
@@ -138,7 +183,7 @@ def guided_update(
         )
     mask = finite.view(-1, *([1] * (latents.dim() - 1)))
     step = torch.where(mask, _normalize(torch.nan_to_num(grad), config.normalize), 0.0)
-    return (latents - config.strength * step).detach(), loss.detach(), maps.detach(), ~finite
+    return (latents - config.strength * step).detach(), loss, maps, ~finite
 
 
 def denoise(

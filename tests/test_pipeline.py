@@ -70,8 +70,7 @@ def _objective_after_guided_steps(pipe, kind, objective, seed, guide_steps):
     embeds, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, max_sequence_length=64)
     denoiser = Denoiser(pipe.transformer, embeds, None, 1.0)
     bound = cvg.bind(prompt, composition, 64)
-    with torch.no_grad():
-        loss, _ = denoiser.score(captured["latents"], pipe.scheduler.timesteps[2], objective, bound, config)
+    loss, _, _ = denoiser.score(captured["latents"], pipe.scheduler.timesteps[2], objective, bound, config)
     return loss.item()
 
 

@@ -1,0 +1,182 @@
+"""`python -m cvg.bench`: one generation, phase by phase, against diffusers and a naive guidance baseline.
+
+Variants, all on the same tiny Wan pipeline (random weights, real MiniLM text encoder), same seed:
+  diffusers     WanPipeline.__call__, unguided
+  unguided      CVGPipeline without guidance
+  guided        CVGPipeline, `guide_steps` guided steps, maps through attention_pool (torch backend)
+  naive-guided  the same guidance with maps materialised in the processor, installed for the whole run
+                as Attend-and-Excite installs its attention store (every forward computes full P)
+
+Times: every variant in turn in one process, `--repeats` rounds after a warm-up, medians. Peak memory:
+each variant in a fresh process (see cvg.memory), above the loaded pipeline, for the denoising phase
+(text encoding and every step) and for the VAE decode apart. Ratios come from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from cvg.memory import ISOLATED_ENV, peak_extra_bytes
+
+VARIANTS = ("diffusers", "unguided", "guided", "naive-guided")
+PHASES = ("text_encoding", "guided_steps", "unguided_steps", "vae_decode")
+PROMPT, COMPOSITION = "a red cube to the left of a blue ball", "red cube left of blue ball"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cvg.bench", description=__doc__.split("\n\n")[0])
+    size = parser.add_argument_group("size (the defaults finish in about a minute on 2 CPU cores)")
+    size.add_argument("--height", type=int, default=256, help="video height (default 256)")
+    size.add_argument("--width", type=int, default=256, help="video width (default 256)")
+    size.add_argument("--frames", type=int, default=17, help="video frames (default 17: 5 latent frames)")
+    size.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    size.add_argument("--guide-steps", type=int, default=2, help="guided steps (default 2)")
+    size.add_argument("--text-tokens", type=int, default=512, help="text length; Wan pads to it (default 512)")
+    size.add_argument("--layers", type=int, default=4, help="transformer blocks (default 4)")
+    size.add_argument("--heads", type=int, default=12, help="attention heads (default 12)")
+    size.add_argument("--head-dim", type=int, default=16, help="head dim (default 16)")
+    size.add_argument("--ffn-dim", type=int, default=384, help="feed-forward width (default 384)")
+    parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance (default 5)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
+    parser.add_argument("--json", type=Path, help="write the raw results here")
+    parser.add_argument("--write", type=Path, help="record the table in this Markdown file")
+    parser.add_argument("--memory", choices=VARIANTS, help=argparse.SUPPRESS)  # child process mode
+    return parser
+
+
+def _runner(variant: str, args: argparse.Namespace):
+    """`run(output_type)` generating once with `variant` and returning (phase timings, output), and the pipeline."""
+    from cvg.pipeline import CVGPipeline
+    from cvg.processors import record_maps
+    from cvg.sampler import GuidanceConfig
+    from cvg.tiny import tiny_wan_pipeline
+
+    pipe = tiny_wan_pipeline(0, args.layers, args.heads, args.head_dim, args.ffn_dim)
+    common = dict(height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance_scale, max_sequence_length=args.text_tokens)  # fmt: skip
+    naive = variant == "naive-guided"
+    config = GuidanceConfig(guide_steps=args.guide_steps, backend="naive" if naive else "auto")
+    cvg = CVGPipeline(pipe, guidance=config)
+    tokens = cvg.bind(PROMPT, COMPOSITION, args.text_tokens).tokens
+
+    def run(output_type: str = "np"):
+        generator = torch.Generator().manual_seed(0)
+        if variant == "diffusers":
+            start = time.perf_counter()
+            frames = pipe(PROMPT, generator=generator, output_type=output_type, **common).frames
+            return {"total": time.perf_counter() - start}, frames
+        store = record_maps(pipe.transformer, tokens, pool=config.pool, backend="naive") if naive else nullcontext()
+        with store:
+            out = cvg(PROMPT, None if variant == "unguided" else COMPOSITION, generator=generator,
+                      output_type=output_type, **common)  # fmt: skip
+        return {**out.timings, "total": sum(out.timings.values())}, out.frames
+
+    return run, pipe
+
+
+def measure_times(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
+    runners = {v: _runner(v, args)[0] for v in VARIANTS}
+    for run in runners.values():
+        run()  # warm-up
+    rounds: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+    for _ in range(args.repeats):
+        for variant, run in runners.items():
+            rounds[variant].append(run()[0])
+    return rounds
+
+
+def _memory_child(variant: str, args: argparse.Namespace) -> dict[str, int]:
+    """Peak bytes above the loaded pipeline: denoising (text encoding and all steps), then VAE decode."""
+    from cvg.pipeline import decode_latents
+
+    run, pipe = _runner(variant, args)
+    run()  # warm-up
+    (_, latents), denoise_peak = peak_extra_bytes(lambda: run("latent"))
+    _, decode_peak = peak_extra_bytes(lambda: decode_latents(pipe, latents, "np"))
+    return {"denoise": denoise_peak, "decode": decode_peak}
+
+
+def measure_memory(variant: str, args: argparse.Namespace) -> dict[str, int]:
+    """Peak bytes of one generation's phases, in a fresh process started with ISOLATED_ENV."""
+    argv = [sys.executable, "-m", "cvg.bench", *_size_argv(args), "--memory", variant]
+    proc = subprocess.run(argv, env={**os.environ, **ISOLATED_ENV}, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory run of {variant} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _size_argv(args: argparse.Namespace) -> list[str]:
+    keys = ("height", "width", "frames", "steps", "guide_steps", "text_tokens", "layers", "heads", "head_dim",
+            "ffn_dim", "guidance_scale")  # fmt: skip
+    return [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+
+
+def table(times: dict, memory: dict, args: argparse.Namespace) -> str:
+    median = {v: {k: statistics.median(r[k] for r in rounds) for k in rounds[0]} for v, rounds in times.items()}
+    peak = {v: max(m.values()) for v, m in memory.items()}
+    base, naive = median["unguided"]["total"], median["naive-guided"]["total"]
+    lines = [
+        f"cvg.bench, CPU ({os.cpu_count()} cores, torch {torch.__version__}, {platform.machine()}), "
+        f"median of {args.repeats}: {' '.join(_size_argv(args))}",
+        "",
+        "| variant | total (s) | text (s) | guided steps (s) | unguided steps (s) | VAE decode (s) "
+        "| peak MiB, denoising | peak MiB, decode | time / unguided | time / naive-guided "
+        "| denoising memory / naive-guided | peak memory / naive-guided |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v in VARIANTS:
+        m = median[v]
+        phases = " | ".join(f"{m[p]:.3f}" if p in m else "-" for p in PHASES)
+        lines.append(
+            f"| {v} | {m['total']:.3f} | {phases} | {memory[v]['denoise'] / 2**20:.1f} | "
+            f"{memory[v]['decode'] / 2**20:.1f} | {m['total'] / base:.2f} | {m['total'] / naive:.2f} | "
+            f"{memory[v]['denoise'] / memory['naive-guided']['denoise']:.3f} | {peak[v] / peak['naive-guided']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_section(path: Path, name: str, body: str) -> None:
+    """Replace (or append) the marked section `name` of a Markdown file, atomically."""
+    begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.memory:
+        print(json.dumps(_memory_child(args.memory, args)))
+        return
+    times = measure_times(args)
+    memory = {v: measure_memory(v, args) for v in VARIANTS}
+    text = table(times, memory, args)
+    print(text)
+    if args.json:
+        tmp = args.json.with_suffix(".tmp")
+        record = {"args": _size_argv(args), "times": times, "peak_bytes": memory}
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, args.json)
+    if args.write:
+        write_section(args.write, "cvg_bench", f"Command: `python -m cvg.bench`\n\n{text}")
+
+
+if __name__ == "__main__":
+    main()
