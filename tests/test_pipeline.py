@@ -141,3 +141,20 @@ def test_from_pretrained_loads_a_saved_pipeline(tiny_pipe, tiny_model_dir):
     a = loaded("a red cube to the left of a blue ball", None, generator=_seeded(1), **kw).frames
     b = CVGPipeline(tiny_pipe)("a red cube to the left of a blue ball", None, generator=_seeded(1), **kw).frames
     assert np.abs(a - b).max() <= 1e-5
+
+
+def test_checkpointing_changes_memory_not_results(tiny_pipe):
+    """Guided latents agree with and without gradient checkpointing; the model's own settings come back."""
+    transformer = tiny_pipe.transformer
+    flags = [p.requires_grad for p in transformer.parameters()]
+    results = []
+    for checkpointing in (True, False):
+        config = GuidanceConfig(guide_steps=2, iterations=2, pool=(1, 1, 1), checkpointing=checkpointing)
+        out = CVGPipeline(tiny_pipe, guidance=config)(*PROMPTS["spatial"], generator=_seeded(4), output_type="latent",
+                                                      **SMALL)  # fmt: skip
+        results.append(out.frames)
+        assert not transformer.gradient_checkpointing
+        assert [p.requires_grad for p in transformer.parameters()] == flags
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(results[0], CVGPipeline(tiny_pipe)(PROMPTS["spatial"][0], None, generator=_seeded(4),
+                                                               output_type="latent", **SMALL).frames)  # fmt: skip
