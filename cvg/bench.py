@@ -175,7 +175,13 @@ def main(argv: list[str] | None = None) -> None:
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, args.json)
     if args.write:
-        write_section(args.write, "cvg_bench", f"Command: `python -m cvg.bench`\n\n{text}")
+        note = (
+            "Peak memory is measured above the loaded pipeline, for the denoising phase (text encoding and all "
+            "steps, where guidance differs) and for the VAE decode (the same in every variant) apart; the last "
+            "column compares the larger of the two. Guided steps use the defaults: every block recorded, "
+            "gradient checkpointing on, one update per guided step."
+        )
+        write_section(args.write, "cvg_bench", f"Command: `python -m cvg.bench`\n\n{note}\n\n{text}")
 
 
 if __name__ == "__main__":
