@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from cvg import attention_pool
+from cvg.bench import write_section
 from cvg.memory import ISOLATED_ENV, peak_extra_bytes
 
 FULL = dict(B=1, H=12, N=16384, M=512, D=64, T=8)
@@ -116,20 +117,6 @@ def table(results: list[dict], size: dict) -> str:
                 f"{t / naive['median_s']:.2f} | {m / naive['peak_bytes']:.3f} |"
             )
     return "\n".join(lines)
-
-
-def write_section(path: Path, name: str, body: str) -> None:
-    """Replace (or append) the marked section `name` of a Markdown file, atomically."""
-    begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{begin}\n{body}\n{end}"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main() -> None:

@@ -51,41 +51,56 @@ class TokenPresence:
         return -torch.log(peak + _EPS).mean(dim=(1, 2))
 
 
-class SpatialRelation:
+class _CentroidObjective:
+    """A smooth hinge on a centroid quantity of one composition kind."""
+
+    kind = ""
+
+    def __init__(self, margin: float, softness: float = 0.05):
+        self.margin, self.softness = margin, softness
+
+    def __call__(self, maps: torch.Tensor, bound: BoundComposition) -> torch.Tensor:
+        comp = bound.composition
+        if comp.kind != self.kind:
+            raise CompositionError(f"the {self.kind} objective needs a {self.kind} composition, got {comp.kind!r}")
+        axis, sign = comp.axis_sign
+        return _hinge(sign * self.measure(centroids(entity_maps(maps, bound))[..., axis]), self.margin, self.softness)
+
+    def measure(self, centres: torch.Tensor) -> torch.Tensor:
+        """`[B, E, F]` centroid coordinate along the constrained axis -> `[B, ...]` signed quantity."""
+        raise NotImplementedError
+
+
+class SpatialRelation(_CentroidObjective):
     """The subject's centroid must sit on the relation's side of the object's, by `margin`, in every frame."""
 
+    kind = "spatial"
+
     def __init__(self, margin: float = 0.1, softness: float = 0.05):
-        self.margin, self.softness = margin, softness
+        super().__init__(margin, softness)
 
     def __call__(self, maps: torch.Tensor, bound: BoundComposition) -> torch.Tensor:
-        comp = bound.composition
-        if comp.kind != "spatial":
-            raise CompositionError(f"the spatial objective needs a spatial composition, got {comp.kind!r}")
-        axis, sign = comp.axis_sign
-        centres = centroids(entity_maps(maps, bound))  # [B, E, F, 2]
-        offset = sign * (centres[:, 0, :, axis] - centres[:, 1, :, axis])  # [B, F]
-        return _hinge(offset, self.margin, self.softness).mean(dim=1)
+        return super().__call__(maps, bound).mean(dim=1)  # mean over frames
+
+    def measure(self, centres: torch.Tensor) -> torch.Tensor:
+        return centres[:, 0] - centres[:, 1]  # [B, F]
 
 
-class MotionDirection:
+class MotionDirection(_CentroidObjective):
     """The subject's centroid must travel in the direction by `margin` (least-squares slope over frames)."""
 
-    def __init__(self, margin: float = 0.2, softness: float = 0.05):
-        self.margin, self.softness = margin, softness
+    kind = "motion"
 
-    def __call__(self, maps: torch.Tensor, bound: BoundComposition) -> torch.Tensor:
-        comp = bound.composition
-        if comp.kind != "motion":
-            raise CompositionError(f"the motion objective needs a motion composition, got {comp.kind!r}")
-        frames = maps.shape[2]
+    def __init__(self, margin: float = 0.2, softness: float = 0.05):
+        super().__init__(margin, softness)
+
+    def measure(self, centres: torch.Tensor) -> torch.Tensor:
+        path, frames = centres[:, 0], centres.shape[-1]  # [B, F]
         if frames < 2:
             raise CompositionError("the motion objective needs at least 2 pooled frames; lower the frame pooling")
-        axis, sign = comp.axis_sign
-        path = centroids(entity_maps(maps, bound))[:, 0, :, axis]  # [B, F]
         time = torch.linspace(0.0, 1.0, frames, dtype=path.dtype, device=path.device)
         time = time - time.mean()
-        slope = ((path - path.mean(dim=1, keepdim=True)) * time).sum(dim=1) / time.square().sum()
-        return _hinge(sign * slope, self.margin, self.softness)
+        return ((path - path.mean(dim=1, keepdim=True)) * time).sum(dim=1) / time.square().sum()
 
 
 def objective_for(kind: str) -> Objective:
