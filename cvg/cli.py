@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 from cvg.composition import KINDS, CompositionError
@@ -108,7 +107,6 @@ def make_tiny_model(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", message="Expected types for text_encoder")  # tiny models use MiniLM
     try:
         {"generate": generate, "make-tiny-model": make_tiny_model}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, CompositionError) as e:
