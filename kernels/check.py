@@ -130,7 +130,9 @@ def compile_kernel(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cvg.kernels.check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"], choices=sorted(_TRITON_TYPES))
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["float16", "bfloat16", "float32"], choices=sorted(_TRITON_TYPES)
+    )
     parser.add_argument("--archs", type=int, nargs="+", default=[90, 80])
     parser.add_argument("--json", help="also write the reports as JSON to this file")
     args = parser.parse_args(argv)

@@ -32,6 +32,12 @@ def test_triton_token_counts_and_head_maps(tokens, keep_heads, seed):
     assert_matches_reference(problem, "triton", torch.float32, 1e-4)
 
 
+def test_triton_head_dim_128_float32():
+    """The float32 D = 128 launch configs (small tiles, 8 warps) under the interpreter."""
+    problem = make_problem(B=1, H=1, N=37, M=77, D=128, T=3, G=4, masked=True, keep_heads=False, seed=8)
+    assert_matches_reference(problem, "triton", torch.float32, 1e-4)
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
 def test_triton_half_precision(dtype, tol):
     """float16 runs the kernels in float16; bfloat16 is upcast on CPU (the interpreter's bf16 dot is wrong)."""
