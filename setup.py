@@ -10,7 +10,7 @@ setup(
     version="0.1.0",
     description="Inference-time compositional guidance for frozen text-to-video diffusion models",
     python_requires=">=3.10",
-    packages=["cvg", "cvg.kernels"],
+    packages=["cvg", "cvg.kernels", "cvg.compshapes"],
     package_dir={"cvg": "cvg", "cvg.kernels": "kernels"},
     install_requires=[
         "torch>=2.5",

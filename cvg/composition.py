@@ -3,6 +3,7 @@
     Composition.parse("red cube left of blue ball")      # spatial
     Composition.parse("ball moves right")                 # motion
     Composition.parse("red cube and blue ball")           # presence (both must appear)
+    Composition.parse("two yellow triangles")             # presence with a count
     Composition.parse('{"kind": "spatial", "subject": "red cube", "relation": "left of", "object": "blue ball"}')
 
 `bind(tokenizer, prompt)` finds each entity's words in the prompt and returns their token indices.
@@ -19,9 +20,11 @@ import torch
 KINDS = ("spatial", "motion", "presence")
 # Relation phrases (longest first when parsing) and the axis/sign they constrain.
 RELATIONS = {
+    "on the left side of": "left",
     "to the left of": "left",
     "on the left of": "left",
     "left of": "left",
+    "on the right side of": "right",
     "to the right of": "right",
     "on the right of": "right",
     "right of": "right",
@@ -32,6 +35,7 @@ RELATIONS = {
     "under": "below",
 }
 DIRECTIONS = ("left", "right", "up", "down")
+NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
 _MOTION = re.compile(r"^(?P<subject>.+?)\s+(?:moves|moving|goes|going|travels|travelling)\s+(?P<dir>\w+)$")
 
 
@@ -46,6 +50,7 @@ class Composition:
     relation: str | None = None  # spatial: a phrase of RELATIONS
     object: str | None = None  # spatial: required; presence: optional second entity
     direction: str | None = None  # motion: one of DIRECTIONS
+    count: int | None = None  # presence: exactly this many of the subject
     label: str = ""  # free-text label, e.g. for the learned classifier
 
     def __post_init__(self) -> None:
@@ -58,6 +63,8 @@ class Composition:
                 raise CompositionError(f"spatial relation must be one of {sorted(RELATIONS)}, got {self.relation!r}")
             if not self.object:
                 raise CompositionError("a spatial composition needs an object")
+        if self.count is not None and (self.kind != "presence" or self.object or self.count < 1):
+            raise CompositionError("a count needs a presence composition with a single subject and count >= 1")
         if self.kind == "motion" and self.direction not in DIRECTIONS:
             raise CompositionError(f"motion direction must be one of {', '.join(DIRECTIONS)}, got {self.direction!r}")
         if not self.label:
@@ -68,6 +75,9 @@ class Composition:
             return f"{self.subject} {self.relation} {self.object}"
         if self.kind == "motion":
             return f"{self.subject} moves {self.direction}"
+        if self.count is not None:
+            word = {v: k for k, v in NUMBERS.items()}.get(self.count, str(self.count))
+            return f"{word} {self.subject}"
         return self.subject if not self.object else f"{self.subject} and {self.object}"
 
     @property
@@ -105,6 +115,9 @@ class Composition:
         parts = [p.strip() for p in re.split(r"\s+and\s+|,", lowered) if p.strip()]
         if len(parts) > 2:
             raise CompositionError(f"a presence composition names one or two entities, got {len(parts)}")
+        first, _, rest = parts[0].partition(" ")
+        if len(parts) == 1 and rest and (first in NUMBERS or first.isdigit()):
+            return cls("presence", rest, count=NUMBERS.get(first) or int(first))
         return cls("presence", parts[0], object=parts[1] if len(parts) == 2 else None)
 
     @classmethod

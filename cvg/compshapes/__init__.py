@@ -1,0 +1,1 @@
+"""CompShapes: a synthetic compositional video world with a programmatic judge."""
