@@ -22,6 +22,7 @@ setup(
         "imageio",
         "imageio-ffmpeg",
         "pillow",
+        "scipy",
     ],
     entry_points={"console_scripts": ["cvg = cvg.cli:main"]},
     extras_require={

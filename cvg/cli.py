@@ -2,6 +2,8 @@
 
     cvg generate --model DIR --prompt "a red cube to the left of a blue ball" \\
                  --composition "red cube left of blue ball" --out out.mp4 --save-maps maps.png
+    cvg compshapes-dataset --out DIR --count 2000    # render CompShapes clips with their compositions
+    cvg eval --videos DIR                            # judge clips against their compositions
     cvg make-tiny-model DIR     # a random tiny Wan pipeline with a real text encoder, for trying things out
 """
 
@@ -59,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-sequence-length", type=int, default=512, help="text tokens (Wan pads to this)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    data = commands.add_parser("compshapes-dataset", help="render a CompShapes dataset (resumable)")
+    data.add_argument("--out", required=True, help="dataset directory (index.jsonl + clips/)")
+    data.add_argument("--count", type=int, required=True, help="number of clips; categories take turns")
+    data.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
+    data.add_argument("--frames", type=int, default=17, help="frames per clip (default 17)")
+    data.add_argument("--size", type=int, default=64, help="clip height and width in pixels (default 64)")
+
+    evaluation = commands.add_parser("eval", help="judge videos against their compositions (CompShapes)")
+    evaluation.add_argument("--videos", required=True, help="directory holding the clips (.npz frames or videos)")
+    evaluation.add_argument("--specs", help="index JSONL (file, prompt, composition, ...); default VIDEOS/index.jsonl")
+    evaluation.add_argument("--json", help="also write the full report (with failures) here")
+
     tiny = commands.add_parser("make-tiny-model", help="save a random tiny Wan pipeline (real text encoder)")
     tiny.add_argument("directory", help="where to save the pipeline")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
@@ -105,10 +119,44 @@ def make_tiny_model(args: argparse.Namespace) -> None:
     print(json.dumps({"model": str(directory)}))
 
 
+def compshapes_dataset(args: argparse.Namespace) -> None:
+    from cvg.compshapes.dataset import write_dataset
+
+    written = write_dataset(args.out, args.count, args.seed, frames=args.frames, height=args.size, width=args.size)
+    print(json.dumps({"dataset": args.out, "written": written, "count": args.count}))
+
+
+def evaluate_videos(args: argparse.Namespace) -> None:
+    from cvg.compshapes.evaluate import evaluate
+
+    report = evaluate(args.videos, args.specs)
+    for category, entry in report["categories"].items():
+        low, high = entry["ci95"]
+        line = (
+            f"{category:<10} accuracy {entry['accuracy']:.3f}  95% CI [{low:.3f}, {high:.3f}]  clips {entry['clips']}"
+        )
+        if "counterfactual_rejection" in entry:
+            line += f"  counterfactuals rejected {entry['counterfactual_rejection']:.3f}"
+        print(line)
+    if args.json:
+        path = Path(args.json)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(path)
+
+
+COMMANDS = {
+    "generate": generate,
+    "compshapes-dataset": compshapes_dataset,
+    "eval": evaluate_videos,
+    "make-tiny-model": make_tiny_model,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": generate, "make-tiny-model": make_tiny_model}[args.command](args)
+        COMMANDS[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, CompositionError) as e:
         print(f"cvg: error: {e}", file=sys.stderr)
         return 2

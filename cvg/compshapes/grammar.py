@@ -87,8 +87,8 @@ def sample_clip(seed: int, category: str, frames: int = 17, height: int = 64, wi
         raise ValueError(f"category must be one of {', '.join(CATEGORIES)}, got {category!r}")
     rng = np.random.default_rng(seed)
     size = float(rng.uniform(5.0, 7.0)) * min(height, width) / 64
-    colours = list(rng.permutation(list(COLOURS)))
-    shapes = list(rng.permutation(SHAPES))
+    colours = [str(c) for c in rng.permutation(list(COLOURS))]
+    shapes = [str(s) for s in rng.permutation(SHAPES)]
     return {"attribute": _attribute, "spatial": _spatial, "motion": _motion, "numeracy": _numeracy}[category](
         rng, seed, size, colours, shapes, frames, height, width
     )

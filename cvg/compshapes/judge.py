@@ -86,7 +86,13 @@ def _matches(detections: list[Detection], colour: str, shape: str) -> list[Detec
 
 def judge(frames: np.ndarray, composition: Composition, min_fraction: float = 0.5) -> Verdict:
     """Does `composition` hold in `frames` (`[F, H, W, 3]` uint8)?"""
-    per_frame = [detect(f) for f in frames]
+    return judge_detections([detect(f) for f in frames], frames.shape[1:3], composition, min_fraction)
+
+
+def judge_detections(
+    per_frame: list[list[Detection]], size: tuple[int, int], composition: Composition, min_fraction: float = 0.5
+) -> Verdict:
+    """`judge` on detections made once per clip (`size` is the frames' (height, width))."""
     frames_count = len(per_frame)
     entities = [entity_colour_shape(e) for e in composition.entities]
 
@@ -124,6 +130,6 @@ def judge(frames: np.ndarray, composition: Composition, min_fraction: float = 0.
     along = [(d.x if axis == 0 else d.y) for d in track]
     across = [(d.y if axis == 0 else d.x) for d in track]
     travel, drift = sign * (along[-1] - along[0]), abs(across[-1] - across[0])
-    span = frames.shape[2] if axis == 0 else frames.shape[1]
+    span = size[1] if axis == 0 else size[0]
     ok = travel > 0.15 * span and travel > drift
     return Verdict(ok, f"travelled {travel:.1f} px the asked way (drift {drift:.1f} px)")

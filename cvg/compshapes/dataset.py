@@ -1,0 +1,99 @@
+"""CompShapes datasets on disk, in the format cvg reads for any video set with known compositions.
+
+    DIR/index.jsonl          one JSON record per clip: file, prompt, composition, counterfactuals, and
+                             for rendered clips category, seed and scene
+    DIR/clips/000000.npz     frames: uint8 [F, H, W, 3]
+
+Writing is atomic per clip (temporary file, then rename; the index line only after its clip exists) and
+resumable: clips already in the index are not written again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from cvg.compshapes.grammar import CATEGORIES, Clip, sample_clip
+from cvg.compshapes.world import render
+
+INDEX = "index.jsonl"
+
+
+def clip_seed(seed: int, index: int) -> int:
+    """The seed of clip `index` of a dataset with base `seed`: independent streams per clip."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def read_index(location: str | os.PathLike) -> list[dict]:
+    """Records of a dataset directory (or of an index file); a torn last line (an interrupted write) is ignored."""
+    path = Path(location)
+    path = path / INDEX if path.is_dir() else path
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+def read_frames(directory: str | os.PathLike, record: dict) -> np.ndarray:
+    with np.load(Path(directory) / record["file"]) as data:
+        return data["frames"]
+
+
+def write_dataset(
+    directory: str | os.PathLike,
+    count: int,
+    seed: int = 0,
+    categories: tuple[str, ...] = CATEGORIES,
+    frames: int = 17,
+    height: int = 64,
+    width: int = 64,
+) -> int:
+    """Write clips `0..count-1` (categories in turn) that are not there yet; returns how many were written."""
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    directory = Path(directory)
+    (directory / "clips").mkdir(parents=True, exist_ok=True)
+    records = read_index(directory)
+    _rewrite_index(directory, records)  # drops a torn last line before appending
+    done = {r["id"] for r in records}
+    written = 0
+    with open(directory / INDEX, "a") as index:
+        for i in range(count):
+            if i in done:
+                continue
+            clip = sample_clip(clip_seed(seed, i), categories[i % len(categories)], frames, height, width)
+            name = f"clips/{i:06d}.npz"
+            _save_frames(directory / name, render(clip.scene))
+            index.write(json.dumps({"id": i, "file": name, **clip.to_record()}) + "\n")
+            index.flush()
+            written += 1
+    return written
+
+
+def iter_clips(directory: str | os.PathLike) -> Iterator[tuple[dict, Clip | None, np.ndarray]]:
+    """(record, clip if rendered, frames) for every clip of a dataset."""
+    for record in read_index(directory):
+        clip = Clip.from_record(record) if "scene" in record else None
+        yield record, clip, read_frames(directory, record)
+
+
+def _save_frames(path: Path, frames: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, frames=frames)
+    os.replace(tmp, path)
+
+
+def _rewrite_index(directory: Path, records: list[dict]) -> None:
+    path = directory / INDEX
+    tmp = path.with_name(INDEX + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)

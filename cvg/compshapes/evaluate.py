@@ -1,0 +1,72 @@
+"""Judging a set of videos against their compositions: per-category accuracy with 95% intervals.
+
+The set is a directory in the dataset format (`index.jsonl` + frame files: `.npz` with `frames`, or any
+video imageio reads, e.g. `.mp4`); records without a category count under their composition's kind.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from cvg.composition import Composition
+from cvg.compshapes.dataset import INDEX, read_index
+from cvg.compshapes.judge import detect, judge_detections
+
+
+def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (well-behaved at 0 and 1)."""
+    if total == 0:
+        return 0.0, 1.0
+    p = successes / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def load_frames(path: Path) -> np.ndarray:
+    if path.suffix == ".npz":
+        with np.load(path) as data:
+            return data["frames"]
+    import imageio.v2 as imageio
+
+    return np.stack(imageio.mimread(path, memtest=False))[..., :3]
+
+
+def evaluate(directory: str | os.PathLike, index: str | os.PathLike | None = None) -> dict:
+    """Accuracy per category (and counterfactual rejection where records carry counterfactuals)."""
+    directory = Path(directory)
+    records = read_index(index or directory)
+    if not records:
+        raise FileNotFoundError(f"no clips listed in {index or directory / INDEX}")
+    tallies: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # holds, total, rejected, counterfactuals
+    failures = []
+    for record in records:
+        path = directory / record["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"clip {record['file']!r} listed in the index is missing from {directory}")
+        frames = load_frames(path)
+        detections, size = [detect(f) for f in frames], frames.shape[1:3]
+        composition = Composition.from_dict(record["composition"])
+        category = record.get("category", composition.kind)
+        verdict = judge_detections(detections, size, composition)
+        tally = tallies[category]
+        tally[0] += verdict.ok
+        tally[1] += 1
+        if not verdict.ok:
+            failures.append({"file": record["file"], "prompt": record.get("prompt"), "reason": verdict.reason})
+        for counter in record.get("counterfactuals", []):
+            tally[2] += not judge_detections(detections, size, Composition.from_dict(counter["composition"])).ok
+            tally[3] += 1
+    report = {"categories": {}, "failures": failures}
+    for category, (holds, total, rejected, counterfactuals) in sorted(tallies.items()):
+        low, high = wilson_interval(holds, total)
+        entry = {"accuracy": holds / total, "ci95": [low, high], "clips": total}
+        if counterfactuals:
+            entry["counterfactual_rejection"] = rejected / counterfactuals
+        report["categories"][category] = entry
+    return report

@@ -1,0 +1,111 @@
+"""CompShapes: deterministic renders, a judge that is right on renders and rejects counterfactuals, datasets."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from cvg.cli import main
+from cvg.composition import Composition
+from cvg.compshapes.dataset import read_frames, read_index, write_dataset
+from cvg.compshapes.evaluate import evaluate, wilson_interval
+from cvg.compshapes.grammar import CATEGORIES, Clip, sample_clip
+from cvg.compshapes.judge import detect, entity_colour_shape, judge_detections
+from cvg.compshapes.world import Scene, Thing, render
+
+
+def test_rendering_is_deterministic_by_seed():
+    for category in CATEGORIES:
+        a, b = render(sample_clip(7, category).scene), render(sample_clip(7, category).scene)
+        assert a.dtype == np.uint8 and a.shape == (17, 64, 64, 3) and np.array_equal(a, b)
+        assert not np.array_equal(a, render(sample_clip(8, category).scene))
+
+
+def test_objects_stay_inside_the_frame():
+    for seed in range(400):
+        clip = sample_clip(seed, CATEGORIES[seed % 4])
+        for thing in clip.scene.things:
+            for t in (0.0, 1.0):
+                x, y = thing.centre(t)
+                assert thing.size <= x <= 64 - thing.size and thing.size <= y <= 64 - thing.size, (seed, thing)
+
+
+def test_shapes_are_told_apart():
+    for shape in ("square", "circle", "triangle"):
+        frame = render(Scene((Thing(shape, "green", 30.3, 33.7, 5.2),), frames=1))[0]
+        (found,) = detect(frame)
+        assert (found.shape, found.colour) == (shape, "green")
+        centroid_y = 33.7 + (5.2 / 3 if shape == "triangle" else 0.0)  # a triangle's centroid is 1/3 up from its base
+        assert abs(found.x - 30.3) < 0.5 and abs(found.y - centroid_y) < 0.5
+
+
+def test_judge_on_fresh_renders():
+    """>= 99% right per category on 500 fresh clips, >= 99% of counterfactuals rejected."""
+    base = random.SystemRandom().randrange(2**31)
+    right, rejected, seen = {c: 0 for c in CATEGORIES}, {c: 0 for c in CATEGORIES}, {c: 0 for c in CATEGORIES}
+    for i in range(500):
+        category = CATEGORIES[i % 4]
+        clip = sample_clip(base + i, category)
+        frames = render(clip.scene)
+        detections = [detect(f) for f in frames]
+        right[category] += judge_detections(detections, frames.shape[1:3], clip.composition).ok
+        for _, counter in clip.counterfactuals:
+            rejected[category] += not judge_detections(detections, frames.shape[1:3], counter).ok
+        seen[category] += 1
+    for c in CATEGORIES:
+        assert right[c] >= 0.99 * seen[c], f"{c}: {right[c]}/{seen[c]} right (base seed {base})"
+        assert rejected[c] >= 0.99 * seen[c], f"{c}: {rejected[c]}/{seen[c]} counterfactuals rejected (base {base})"
+
+
+def test_prompts_and_counterfactuals_parse_and_fit():
+    for seed in range(40):
+        clip = sample_clip(seed, CATEGORIES[seed % 4])
+        assert Composition.from_dict(clip.composition.to_dict()) == clip.composition
+        for entity in clip.composition.entities:
+            assert entity in clip.prompt
+            entity_colour_shape(entity)
+        for prompt, counter in clip.counterfactuals:
+            assert counter != clip.composition and prompt != clip.prompt
+        assert Clip.from_record(json.loads(json.dumps(clip.to_record()))) == clip
+
+
+def test_dataset_writes_atomically_and_resumes(tmp_path):
+    assert write_dataset(tmp_path, 6, seed=3) == 6
+    index = tmp_path / "index.jsonl"
+    lines = index.read_text().splitlines()
+    index.write_text("\n".join(lines[:4]) + "\n" + lines[4][:30])  # an interrupted write: torn 5th line
+    assert write_dataset(tmp_path, 8, seed=3) == 4  # clips 4..7
+    records = read_index(tmp_path)
+    assert [r["id"] for r in records] == list(range(8))
+    assert not list(tmp_path.rglob("*.tmp*"))
+    for record in records:
+        clip = Clip.from_record(record)
+        assert np.array_equal(read_frames(tmp_path, record), render(clip.scene))
+
+
+def test_eval_command_reports_accuracy_with_intervals(tmp_path, capsys):
+    write_dataset(tmp_path, 8)
+    report_path = tmp_path / "report.json"
+    assert main(["eval", "--videos", str(tmp_path), "--json", str(report_path)]) == 0
+    printed = capsys.readouterr().out
+    assert all(c in printed for c in CATEGORIES) and "95% CI" in printed
+    report = json.loads(report_path.read_text())
+    assert report["categories"]["spatial"]["accuracy"] == 1.0 and report["failures"] == []
+    # A wrong spec is caught and explained.
+    records = read_index(tmp_path)
+    records[0]["composition"] = records[0]["counterfactuals"][0]["composition"]
+    (tmp_path / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert evaluate(tmp_path)["failures"][0]["file"] == records[0]["file"]
+
+
+def test_wilson_interval():
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    low, high = wilson_interval(99, 100)
+    assert 0.94 < low < 0.96 and 0.99 < high <= 1.0
+
+
+@pytest.mark.parametrize("text, count", [("two yellow triangles", 2), ("3 red balls", 3)])
+def test_counts_in_compositions(text, count):
+    comp = Composition.parse(text)
+    assert comp.kind == "presence" and comp.count == count and Composition.parse(comp.describe()) == comp
