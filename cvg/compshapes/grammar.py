@@ -86,7 +86,7 @@ def sample_clip(seed: int, category: str, frames: int = 17, height: int = 64, wi
     if category not in CATEGORIES:
         raise ValueError(f"category must be one of {', '.join(CATEGORIES)}, got {category!r}")
     rng = np.random.default_rng(seed)
-    size = float(rng.uniform(5.0, 7.0)) * min(height, width) / 64
+    size = float(rng.uniform(6.0, 8.0)) * min(height, width) / 64  # half-width; smaller circles rasterise square
     colours = [str(c) for c in rng.permutation(list(COLOURS))]
     shapes = [str(s) for s in rng.permutation(SHAPES)]
     return {"attribute": _attribute, "spatial": _spatial, "motion": _motion, "numeracy": _numeracy}[category](

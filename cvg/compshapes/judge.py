@@ -4,9 +4,8 @@ trajectories, and say whether a composition holds, with a reason. No learned par
 Detection: each pixel takes the palette colour it is nearest to, if nearer than the background and
 within `max_colour_distance`; connected regions of one colour are candidates. Within a region, each
 pixel's coverage (alpha) is its position between the background and the colour; pixels over half covered
-form the object, kept if it has at least `min_area` of them. Shape from how much of its bounding box the
-object fills: squares 1, circles ~pi/4, triangles ~1/2 (on renders: squares 1.00, circles 0.73-0.90,
-triangles 0.50-0.64).
+form the object, kept if it has at least `min_area` of them. A 3x3 median filter first removes pixel
+noise. Shape from the object's reach from its centroid in 8 directions (see `classify_shape`).
 """
 
 from __future__ import annotations
@@ -50,13 +49,24 @@ def entity_colour_shape(entity: str) -> tuple[str, str]:
     return colours[0], shapes[0]
 
 
-def classify_shape(fill: float) -> str:
-    return "square" if fill > 0.95 else "circle" if fill > 0.68 else "triangle"
+_AXES = np.array([[1, 0], [-1, 0], [0, 1], [0, -1]], np.float32)  # x right, y down
+_DIAGONALS = np.array([[1, 1], [1, -1], [-1, 1], [-1, -1]], np.float32) / np.sqrt(2)
+
+
+def classify_shape(xs: np.ndarray, ys: np.ndarray) -> str:
+    """Shape of a solid region from how far it reaches from its centroid in 8 directions: a triangle
+    (apex up) reaches twice as far up as down; a square reaches sqrt(2) times farther along diagonals."""
+    points = np.stack([xs - xs.mean(), ys - ys.mean()], axis=1).astype(np.float32)
+    axes = (points @ _AXES.T).max(axis=0)  # right, left, down, up
+    diagonals = (points @ _DIAGONALS.T).max(axis=0)
+    if axes[3] > 1.3 * axes[2]:
+        return "triangle"
+    return "square" if diagonals.mean() > 1.18 * axes.mean() else "circle"
 
 
 def detect(frame: np.ndarray, min_area: int = 12, max_colour_distance: float = 110.0) -> list[Detection]:
     """Objects in one `[H, W, 3]` frame."""
-    pixels = frame.astype(np.float32)
+    pixels = ndimage.median_filter(frame, size=(3, 3, 1)).astype(np.float32)  # speckle noise off, edges kept
     distances = np.linalg.norm(pixels[..., None, :] - _PALETTE, axis=-1)  # [H, W, colours]
     nearest = distances.argmin(-1)
     background = np.linalg.norm(pixels - np.asarray(BACKGROUND, np.float32), axis=-1)
@@ -74,9 +84,8 @@ def detect(frame: np.ndarray, min_area: int = 12, max_colour_distance: float = 1
             if area < min_area:
                 continue
             ys, xs = np.nonzero(solid)
-            fill = area / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
             x, y = region[1].start + xs.mean() + 0.5, region[0].start + ys.mean() + 0.5
-            found.append(Detection(name, classify_shape(fill), float(x), float(y), area))
+            found.append(Detection(name, classify_shape(xs, ys), float(x), float(y), area))
     return found
 
 
