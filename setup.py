@@ -24,6 +24,7 @@ setup(
         "pillow",
         "scipy",
     ],
+    package_data={"cvg.compshapes": ["assets/encoder/*"]},
     entry_points={"console_scripts": ["cvg = cvg.cli:main"]},
     extras_require={
         "triton": ["triton>=3.2"],

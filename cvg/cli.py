@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--videos", required=True, help="directory holding the clips (.npz frames or videos)")
     evaluation.add_argument("--specs", help="index JSONL (file, prompt, composition, ...); default VIDEOS/index.jsonl")
     evaluation.add_argument("--json", help="also write the full report (with failures) here")
+    evaluation.add_argument("--reference", help="dataset of renders for the Fréchet distance (default: fresh renders)")
+    evaluation.add_argument("--no-quality", action="store_true", help="skip the Fréchet distance and artefact rates")
+
+    encoder = commands.add_parser("train-encoder", help="train the CompShapes clip encoder for the Fréchet score")
+    encoder.add_argument("--out", required=True, help="directory for model.safetensors + config.json")
+    encoder.add_argument("--clips", type=int, default=1600, help="training renders (default 1600)")
+    encoder.add_argument("--epochs", type=int, default=6, help="epochs (default 6)")
+    encoder.add_argument("--seed", type=int, default=0, help="seed (default 0)")
 
     tiny = commands.add_parser("make-tiny-model", help="save a random tiny Wan pipeline (real text encoder)")
     tiny.add_argument("directory", help="where to save the pipeline")
@@ -129,7 +137,7 @@ def compshapes_dataset(args: argparse.Namespace) -> None:
 def evaluate_videos(args: argparse.Namespace) -> None:
     from cvg.compshapes.evaluate import evaluate
 
-    report = evaluate(args.videos, args.specs)
+    report = evaluate(args.videos, args.specs, args.reference, quality=not args.no_quality)
     for category, entry in report["categories"].items():
         low, high = entry["ci95"]
         line = (
@@ -138,6 +146,12 @@ def evaluate_videos(args: argparse.Namespace) -> None:
         if "counterfactual_rejection" in entry:
             line += f"  counterfactuals rejected {entry['counterfactual_rejection']:.3f}"
         print(line)
+    if "quality" in report:
+        q = report["quality"]
+        print(
+            f"quality    Fréchet distance {q['frechet_distance']:.2f} (vs {q['reference_clips']} renders)  "
+            f"empty frames {q['empty_frames']:.3f}  colour bleeding {q['colour_bleeding']:.3f}"
+        )
     if args.json:
         path = Path(args.json)
         tmp = path.with_name(path.name + ".tmp")
@@ -145,10 +159,18 @@ def evaluate_videos(args: argparse.Namespace) -> None:
         tmp.replace(path)
 
 
+def train_encoder(args: argparse.Namespace) -> None:
+    from cvg.compshapes.quality import train_encoder as train
+
+    config = train(args.out, args.clips, args.epochs, args.seed)
+    print(json.dumps({"encoder": args.out, "log": config["log"]}))
+
+
 COMMANDS = {
     "generate": generate,
     "compshapes-dataset": compshapes_dataset,
     "eval": evaluate_videos,
+    "train-encoder": train_encoder,
     "make-tiny-model": make_tiny_model,
 }
 

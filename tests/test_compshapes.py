@@ -5,6 +5,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from cvg.cli import main
 from cvg.composition import Composition
@@ -109,3 +110,41 @@ def test_wilson_interval():
 def test_counts_in_compositions(text, count):
     comp = Composition.parse(text)
     assert comp.kind == "presence" and comp.count == count and Composition.parse(comp.describe()) == comp
+
+
+def _corrupt(clips, noise, seed=0):
+    rng = np.random.default_rng(seed)
+    return [np.clip(c + rng.normal(0, noise, c.shape) + 0.5, 0, 255).astype(np.uint8) for c in clips]
+
+
+def test_frechet_distance_orders_corruptions():
+    from cvg.compshapes.quality import artefact_rates, clip_features, frechet_distance, load_encoder
+
+    encoder = load_encoder()
+
+    def renders(base, n=160):
+        return [render(sample_clip(base + i, CATEGORIES[i % 4]).scene) for i in range(n)]
+
+    reference, other = clip_features(encoder, renders(50_000)), renders(60_000)
+    distance = {
+        "clean": frechet_distance(reference, clip_features(encoder, other)),
+        "noise 25": frechet_distance(reference, clip_features(encoder, _corrupt(other, 25))),
+        "noise 50": frechet_distance(reference, clip_features(encoder, _corrupt(other, 50))),
+        "colour swap": frechet_distance(reference, clip_features(encoder, [c[..., ::-1].copy() for c in other])),
+    }
+    assert distance["clean"] < distance["noise 25"] < distance["noise 50"], distance
+    assert distance["clean"] < distance["colour swap"], distance
+    assert artefact_rates(other[:8]) == {"empty_frames": 0.0, "colour_bleeding": 0.0}
+    assert artefact_rates(_corrupt(other[:8], 50))["colour_bleeding"] > 0.3
+    assert artefact_rates([np.full_like(other[0], 205)])["empty_frames"] == 1.0
+
+
+def test_encoder_training_is_deterministic(tmp_path):
+    from safetensors.torch import load_file
+
+    from cvg.compshapes.quality import train_encoder
+
+    for run in ("a", "b"):
+        train_encoder(tmp_path / run, clips=48, epochs=1, seed=5)
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -15,7 +15,11 @@ import numpy as np
 
 from cvg.composition import Composition
 from cvg.compshapes.dataset import INDEX, read_index
+from cvg.compshapes.grammar import CATEGORIES, sample_clip
 from cvg.compshapes.judge import detect, judge_detections
+from cvg.compshapes.world import render
+
+REFERENCE_SEED = 987_654_321  # fresh renders to compare against when no reference set is given
 
 
 def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -37,19 +41,27 @@ def load_frames(path: Path) -> np.ndarray:
     return np.stack(imageio.mimread(path, memtest=False))[..., :3]
 
 
-def evaluate(directory: str | os.PathLike, index: str | os.PathLike | None = None) -> dict:
-    """Accuracy per category (and counterfactual rejection where records carry counterfactuals)."""
+def evaluate(
+    directory: str | os.PathLike,
+    index: str | os.PathLike | None = None,
+    reference: str | os.PathLike | None = None,
+    quality: bool = True,
+) -> dict:
+    """Accuracy per category (and counterfactual rejection where records carry counterfactuals); with
+    `quality`, the Fréchet distance to reference renders (a dataset directory, or as many fresh renders as
+    clips, at most 500) and artefact rates."""
     directory = Path(directory)
     records = read_index(index or directory)
     if not records:
         raise FileNotFoundError(f"no clips listed in {index or directory / INDEX}")
     tallies: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # holds, total, rejected, counterfactuals
-    failures = []
+    failures, clips = [], []
     for record in records:
         path = directory / record["file"]
         if not path.is_file():
             raise FileNotFoundError(f"clip {record['file']!r} listed in the index is missing from {directory}")
         frames = load_frames(path)
+        clips.append(frames)
         detections, size = [detect(f) for f in frames], frames.shape[1:3]
         composition = Composition.from_dict(record["composition"])
         category = record.get("category", composition.kind)
@@ -69,4 +81,22 @@ def evaluate(directory: str | os.PathLike, index: str | os.PathLike | None = Non
         if counterfactuals:
             entry["counterfactual_rejection"] = rejected / counterfactuals
         report["categories"][category] = entry
+    if quality:
+        report["quality"] = quality_scores(clips, reference)
     return report
+
+
+def quality_scores(clips: list[np.ndarray], reference: str | os.PathLike | None = None) -> dict[str, float]:
+    from cvg.compshapes.quality import artefact_rates, clip_features, frechet_distance, load_encoder
+
+    if reference is not None:
+        references = [load_frames(Path(reference) / r["file"]) for r in read_index(reference)]
+    else:
+        shape = clips[0].shape
+        references = [render(sample_clip(REFERENCE_SEED + i, CATEGORIES[i % len(CATEGORIES)], *shape[:3]).scene)
+                      for i in range(min(len(clips), 500))]  # fmt: skip
+    if len(clips) < 2 or len(references) < 2:
+        raise ValueError("the Fréchet distance needs at least 2 clips on each side")
+    encoder = load_encoder()
+    distance = frechet_distance(clip_features(encoder, references), clip_features(encoder, clips))
+    return {"frechet_distance": distance, "reference_clips": len(references), **artefact_rates(clips)}
