@@ -148,3 +148,20 @@ def test_encoder_training_is_deterministic(tmp_path):
         train_encoder(tmp_path / run, clips=48, epochs=1, seed=5)
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_reads_mp4_videos(tmp_path):
+    """Generated videos come as mp4: the same index format, decoded with imageio."""
+    from cvg.video import save_frames
+
+    write_dataset(tmp_path, 4, seed=9)
+    records = read_index(tmp_path)
+    for record in records:
+        mp4 = record["file"].replace(".npz", ".mp4")
+        save_frames(read_frames(tmp_path, record), tmp_path / mp4, fps=8)
+        record["file"] = mp4
+    specs = tmp_path / "mp4.jsonl"
+    specs.write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = evaluate(tmp_path, specs, quality=False)
+    assert all(entry["accuracy"] == 1.0 for entry in report["categories"].values())
+    assert "quality" not in report
