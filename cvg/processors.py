@@ -37,7 +37,6 @@ class MapRecorder:
     pool: tuple[int, int, int] = (1, 2, 2)
     keep_heads: bool = False
     backend: str = "auto"
-    enabled: bool = True
     grid: tuple[int, int, int] | None = None  # video-token grid of the current forward
     tiles: tuple[int, int, int] | None = None
     maps: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, (H,) G, T]
@@ -73,7 +72,7 @@ class PoolingWanAttnProcessor(WanAttnProcessor):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         recorder = self.recorder
-        if not recorder.enabled or recorder.tokens.numel() == 0 or encoder_hidden_states is None:
+        if recorder.tokens.numel() == 0 or encoder_hidden_states is None:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
 
         encoder_hidden_states_img = None

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from cvg.compshapes.grammar import CATEGORIES, Clip, sample_clip
+from cvg.compshapes.grammar import CATEGORIES, sample_clip
 from cvg.compshapes.world import render
 
 INDEX = "index.jsonl"
@@ -77,13 +76,6 @@ def write_dataset(
             index.flush()
             written += 1
     return written
-
-
-def iter_clips(directory: str | os.PathLike) -> Iterator[tuple[dict, Clip | None, np.ndarray]]:
-    """(record, clip if rendered, frames) for every clip of a dataset."""
-    for record in read_index(directory):
-        clip = Clip.from_record(record) if "scene" in record else None
-        yield record, clip, read_frames(directory, record)
 
 
 def _save_frames(path: Path, frames: np.ndarray) -> None:

@@ -6,7 +6,7 @@ are sampled by `grammar.py` from a seed). Edges are anti-aliased by 4x supersamp
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -53,12 +53,9 @@ class Scene:
     height: int = 64
     width: int = 64
     background: tuple[int, int, int] = BACKGROUND
-    extra: dict = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict:
-        data = asdict(self)
-        data.pop("extra")
-        return data
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> Scene:
