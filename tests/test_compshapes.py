@@ -68,6 +68,10 @@ def test_prompts_and_counterfactuals_parse_and_fit():
             entity_colour_shape(entity)
         for prompt, counter in clip.counterfactuals:
             assert counter != clip.composition and prompt != clip.prompt
+        assert clip.paraphrases and clip.prompt not in clip.paraphrases
+        colours = [w for w in clip.prompt.split() if w in ("red", "green", "blue", "yellow")]
+        for paraphrase in clip.paraphrases:  # same colours in the same order, other words
+            assert [w for w in paraphrase.split() if w in ("red", "green", "blue", "yellow")] == colours
         assert Clip.from_record(json.loads(json.dumps(clip.to_record()))) == clip
 
 

@@ -9,7 +9,7 @@ swapped, direction reversed, count changed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -36,6 +36,7 @@ class Clip:
     prompt: str
     composition: Composition
     counterfactuals: tuple[tuple[str, Composition], ...]  # (prompt, composition) pairs that do not hold
+    paraphrases: tuple[str, ...] = ()  # other wordings of the same prompt
 
     def to_record(self) -> dict:
         return {
@@ -44,6 +45,7 @@ class Clip:
             "prompt": self.prompt,
             "composition": self.composition.to_dict(),
             "counterfactuals": [{"prompt": p, "composition": c.to_dict()} for p, c in self.counterfactuals],
+            "paraphrases": list(self.paraphrases),
             "scene": self.scene.to_dict(),
         }
 
@@ -56,6 +58,7 @@ class Clip:
             record["prompt"],
             Composition.from_dict(record["composition"]),
             tuple((c["prompt"], Composition.from_dict(c["composition"])) for c in record["counterfactuals"]),
+            tuple(record.get("paraphrases", ())),
         )
 
 
@@ -81,25 +84,37 @@ def _place(rng, size, frames, height, width, taken, motion="static", distance=0.
     raise RuntimeError("could not place an object; the clip is too small for its objects")
 
 
-def sample_clip(seed: int, category: str, frames: int = 17, height: int = 64, width: int = 64) -> Clip:
-    """One clip of `category`, fully determined by `seed`."""
+def sample_clip(
+    seed: int, category: str, frames: int = 17, height: int = 64, width: int = 64, paraphrases: int = 3
+) -> Clip:
+    """One clip of `category`, fully determined by `seed`, with up to `paraphrases` other wordings."""
     if category not in CATEGORIES:
         raise ValueError(f"category must be one of {', '.join(CATEGORIES)}, got {category!r}")
-    rng = np.random.default_rng(seed)
-    size = float(rng.uniform(6.0, 8.0)) * min(height, width) / 64  # half-width; smaller circles rasterise square
-    colours = [str(c) for c in rng.permutation(list(COLOURS))]
-    shapes = [str(s) for s in rng.permutation(SHAPES)]
-    return {"attribute": _attribute, "spatial": _spatial, "motion": _motion, "numeracy": _numeracy}[category](
-        rng, seed, size, colours, shapes, frames, height, width
-    )
+    build = {"attribute": _attribute, "spatial": _spatial, "motion": _motion, "numeracy": _numeracy}[category]
+
+    def variant(wording: int) -> Clip:
+        # Layout and wording draw from separate streams: a paraphrase is the same clip in other words.
+        rng, words = np.random.default_rng(seed), np.random.default_rng([seed, wording])
+        size = float(rng.uniform(6.0, 8.0)) * min(height, width) / 64  # half-width; smaller circles rasterise square
+        colours = [str(c) for c in rng.permutation(list(COLOURS))]
+        shapes = [str(s) for s in rng.permutation(SHAPES)]
+        return build(rng, words, seed, size, colours, shapes, frames, height, width)
+
+    clip = variant(0)
+    others = []
+    for wording in range(1, 4 * paraphrases + 1):  # a few tries: some wordings coincide
+        prompt = variant(wording).prompt
+        if prompt != clip.prompt and prompt not in others and len(others) < paraphrases:
+            others.append(prompt)
+    return replace(clip, paraphrases=tuple(others))
 
 
-def _attribute(rng, seed, size, colours, shapes, frames, height, width) -> Clip:
+def _attribute(rng, words, seed, size, colours, shapes, frames, height, width) -> Clip:
     (c1, c2), (s1, s2) = colours[:2], shapes[:2]
     p1 = _place(rng, size, frames, height, width, [])
     p2 = _place(rng, size, frames, height, width, [p1])
     scene = Scene((Thing(s1, c1, *p1, size), Thing(s2, c2, *p2, size)), frames, height, width)
-    e1, e2 = _entity(rng, c1, s1), _entity(rng, c2, s2)
+    e1, e2 = _entity(words, c1, s1), _entity(words, c2, s2)
     comp = Composition("presence", e1, object=e2)
     w1, w2 = e1.split(" ", 1)[1], e2.split(" ", 1)[1]
     swapped = Composition("presence", f"{c2} {w1}", object=f"{c1} {w2}")
@@ -107,7 +122,7 @@ def _attribute(rng, seed, size, colours, shapes, frames, height, width) -> Clip:
     return Clip("attribute", seed, scene, prompt, comp, ((f"a {c2} {w1} and a {c1} {w2}", swapped),))
 
 
-def _spatial(rng, seed, size, colours, shapes, frames, height, width) -> Clip:
+def _spatial(rng, words, seed, size, colours, shapes, frames, height, width) -> Clip:
     (c1, c2), (s1, s2) = colours[:2], shapes[:2]
     relation = str(rng.choice(list(RELATION_PHRASES)))
     horizontal = relation in ("left", "right")
@@ -120,37 +135,37 @@ def _spatial(rng, seed, size, colours, shapes, frames, height, width) -> Clip:
     a, b = along + sign * gap / 2, along - sign * gap / 2
     p1, p2 = ((a, across), (b, shifted)) if horizontal else ((across, a), (shifted, b))
     scene = Scene((Thing(s1, c1, *p1, size), Thing(s2, c2, *p2, size)), frames, height, width)
-    e1, e2 = _entity(rng, c1, s1), _entity(rng, c2, s2)
-    phrase = str(rng.choice(RELATION_PHRASES[relation]))
-    flipped = str(rng.choice(RELATION_PHRASES[OPPOSITE[relation]]))
+    e1, e2 = _entity(words, c1, s1), _entity(words, c2, s2)
+    phrase = str(words.choice(RELATION_PHRASES[relation]))
+    flipped = str(words.choice(RELATION_PHRASES[OPPOSITE[relation]]))
     comp = Composition("spatial", e1, relation=phrase, object=e2)
     counter = Composition("spatial", e1, relation=flipped, object=e2)
     prompt = f"{_article(e1)} {phrase} {_article(e2)}"
     return Clip("spatial", seed, scene, prompt, comp, ((f"{_article(e1)} {flipped} {_article(e2)}", counter),))
 
 
-def _motion(rng, seed, size, colours, shapes, frames, height, width) -> Clip:
+def _motion(rng, words, seed, size, colours, shapes, frames, height, width) -> Clip:
     direction = str(rng.choice(["left", "right", "up", "down"]))
     span = width if direction in ("left", "right") else height
     distance = float(rng.uniform(0.35, 0.6) * span)
     p = _place(rng, size, frames, height, width, [], direction, distance)
     scene = Scene((Thing(shapes[0], colours[0], *p, size, direction, distance),), frames, height, width)
-    e = _entity(rng, colours[0], shapes[0])
-    verb = str(rng.choice(MOTION_VERBS))
+    e = _entity(words, colours[0], shapes[0])
+    verb = str(words.choice(MOTION_VERBS))
     comp = Composition("motion", e, direction=direction)
     counter = Composition("motion", e, direction=OPPOSITE[direction])
     return Clip("motion", seed, scene, f"{_article(e)} {verb} {direction}", comp,
                 ((f"{_article(e)} {verb} {OPPOSITE[direction]}", counter),))  # fmt: skip
 
 
-def _numeracy(rng, seed, size, colours, shapes, frames, height, width) -> Clip:
+def _numeracy(rng, words, seed, size, colours, shapes, frames, height, width) -> Clip:
     count = int(rng.integers(2, 4))
     taken: list = []
     for _ in range(count):
         taken.append(_place(rng, size, frames, height, width, taken))
     things = tuple(Thing(shapes[0], colours[0], x, y, size) for x, y in taken)
     scene = Scene(things, frames, height, width)
-    noun = PLURALS[str(rng.choice(SHAPE_WORDS[shapes[0]]))]
+    noun = PLURALS[str(words.choice(SHAPE_WORDS[shapes[0]]))]
     subject = f"{colours[0]} {noun}"
     other = 5 - count  # 2 <-> 3
     comp = Composition("presence", subject, count=count)
