@@ -24,7 +24,7 @@ demo: $(STAMP)
 	test -f $(DEMO_MODEL)/model_index.json || $(VENV)/bin/cvg make-tiny-model $(DEMO_MODEL)
 	$(VENV)/bin/cvg generate --model $(DEMO_MODEL) --prompt "$(DEMO_PROMPT)" \
 		--composition "red cube left of blue ball" --height 128 --width 128 --frames 17 --steps 20 \
-		--pool 1 --strength 0.3 --out demo/out.mp4 --save-maps demo/maps.png
+		--pool 1 --strength 0.3 --out demo/out.mp4 --save-maps demo/maps.png --judge
 
 test: $(STAMP)
 	$(PY) -m pytest -q

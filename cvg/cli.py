@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--fps", type=int, default=16, help="frames per second of .mp4/.gif output (default 16)")
     gen.add_argument("--max-sequence-length", type=int, default=512, help="text tokens (Wan pads to this)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("--judge", action="store_true",
+                     help="judge the video against the composition with the CompShapes judge")  # fmt: skip
 
     data = commands.add_parser("compshapes-dataset", help="render a CompShapes dataset (resumable)")
     data.add_argument("--out", required=True, help="dataset directory (index.jsonl + clips/)")
@@ -116,6 +118,15 @@ def generate(args: argparse.Namespace) -> None:
         maps = bound.entity_maps(out.maps[-1].mean(dim=1))[0].numpy()  # last guided step, layers averaged
         picture = maps_picture(maps, out.frames[0], list(bound.composition.entities))
         report["maps"] = str(save_image(picture, args.save_maps))
+    if args.judge:
+        from cvg.composition import Composition
+        from cvg.compshapes.judge import judge
+        from cvg.video import to_uint8
+
+        if not args.composition:
+            raise ValueError("--judge needs --composition")
+        verdict = judge(to_uint8(out.frames[0]), Composition.parse(args.composition))
+        report["verdict"] = {"ok": verdict.ok, "reason": verdict.reason}
     print(json.dumps(report))
 
 

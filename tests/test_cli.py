@@ -31,6 +31,7 @@ def test_generate_mp4_and_maps(tiny_model_dir, tmp_path, capsys):
     assert code == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["out"] == str(out) and len(report["objective"]) == 2
+    assert "verdict" not in report
     frames = imageio.mimread(out)
     assert len(frames) == 9 and frames[0].shape == (64, 64, 3)
     picture = Image.open(maps)
@@ -70,3 +71,12 @@ def test_bad_input_is_one_line_on_stderr(tiny_model_dir, tmp_path, args, message
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("cvg: error: ") and message in last
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_generate_with_the_judges_verdict(tiny_model_dir, tmp_path, capsys):
+    """A random tiny model draws no red cube: the verdict says so, with a reason."""
+    out = tmp_path / "out.gif"
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "a red cube to the left of a blue ball",
+                 "--composition", "red cube left of blue ball", "--out", str(out), "--judge", *SMALL]) == 0  # fmt: skip
+    verdict = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["verdict"]
+    assert verdict["ok"] is False and verdict["reason"]
