@@ -7,7 +7,8 @@ Variants, all on the same tiny Wan pipeline (random weights, real MiniLM text en
   naive-guided  the same guidance with maps materialised in the processor, installed for the whole run
                 as Attend-and-Excite installs its attention store (every forward computes full P)
 
-Times: every variant in turn in one process, `--repeats` rounds after a warm-up, medians. Peak memory:
+Times: every variant in turn in one process (with TIMING_ENV), `--repeats` rounds after a warm-up,
+medians. Peak memory:
 each variant in a fresh process (see cvg.memory), above the loaded pipeline, for the denoising phase
 (text encoding and every step) and for the VAE decode apart. Ratios come from one run.
 """
@@ -31,6 +32,9 @@ from cvg.memory import ISOLATED_ENV, peak_extra_bytes
 
 VARIANTS = ("diffusers", "unguided", "guided", "naive-guided")
 PHASES = ("text_encoding", "guided_steps", "unguided_steps", "vae_decode")
+# Timing runs keep freed memory mapped (glibc otherwise returns it, and how much depends on what ran
+# before: the VAE decode took 0.7 s after the naive variant and 1.2-1.6 s after the others).
+TIMING_ENV = {"MALLOC_TRIM_THRESHOLD_": str(1 << 40), "MALLOC_MMAP_THRESHOLD_": str(1 << 25)}
 PROMPT, COMPOSITION = "a red cube to the left of a blue ball", "red cube left of blue ball"
 
 
@@ -51,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
     parser.add_argument("--json", type=Path, help="write the raw results here")
     parser.add_argument("--write", type=Path, help="record the table in this Markdown file")
-    parser.add_argument("--memory", choices=VARIANTS, help=argparse.SUPPRESS)  # child process mode
+    parser.add_argument("--memory", choices=VARIANTS, help=argparse.SUPPRESS)  # child process modes
+    parser.add_argument("--times", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -165,7 +170,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory:
         print(json.dumps(_memory_child(args.memory, args)))
         return
-    times = measure_times(args)
+    if args.times:
+        print(json.dumps(measure_times(args)))
+        return
+    argv = [sys.executable, "-m", "cvg.bench", *_size_argv(args), "--repeats", str(args.repeats), "--times"]
+    proc = subprocess.run(argv, env={**os.environ, **TIMING_ENV}, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"timing run failed: {proc.stderr.strip().splitlines()[-1:]}")
+    times = json.loads(proc.stdout.strip().splitlines()[-1])
     memory = {v: measure_memory(v, args) for v in VARIANTS}
     text = table(times, memory, args)
     print(text)
