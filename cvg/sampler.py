@@ -9,6 +9,7 @@ the scheduler's step. Later steps are unguided. With no guided step this is WanP
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -43,7 +44,7 @@ class GuidanceConfig:
             raise ValueError(f"iterations must be at least 1, got {self.iterations}")
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}")
-        if not torch.isfinite(torch.tensor(self.strength)) or self.strength < 0:
+        if not math.isfinite(self.strength) or self.strength < 0:
             raise ValueError(f"guidance strength must be finite and >= 0, got {self.strength}")
 
 
