@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from cvg import attention_pool
-from cvg.bench import write_section
+from cvg.bench import json_child, write_section
+from cvg.files import write_text_atomic
 from cvg.memory import ISOLATED_ENV, peak_extra_bytes
 
 FULL = dict(B=1, H=12, N=16384, M=512, D=64, T=8)
@@ -78,10 +78,7 @@ def measure_times(mode: str, size: dict, repeats: int) -> dict[str, list[float]]
 
 
 def _child(args: list[str], env: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], env={**os.environ, **env}, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark child {args[:3]} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json_child([__file__, *args], env, f"benchmark child {args[:3]}")
 
 
 def measure(size: dict, repeats: int) -> list[dict]:
@@ -140,9 +137,7 @@ def main() -> None:
     text = table(results, size)
     print(text)
     if args.json:
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dict(size=size, results=results), indent=1))
-        os.replace(tmp, args.json)
+        write_text_atomic(args.json, json.dumps(dict(size=size, results=results), indent=1))
     if args.write:
         write_section(args.write, "attention_pool", f"Command: `python benchmarks/attention_pool.py`\n\n{text}")
 

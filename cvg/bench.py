@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from cvg.files import write_text_atomic
 from cvg.memory import ISOLATED_ENV, peak_extra_bytes
 
 VARIANTS = ("diffusers", "unguided", "guided", "naive-guided")
@@ -114,11 +115,9 @@ def _memory_child(variant: str, args: argparse.Namespace) -> dict[str, int]:
 
 def measure_memory(variant: str, args: argparse.Namespace) -> dict[str, int]:
     """Peak bytes of one generation's phases, in a fresh process started with ISOLATED_ENV."""
-    argv = [sys.executable, "-m", "cvg.bench", *_size_argv(args), "--memory", variant]
-    proc = subprocess.run(argv, env={**os.environ, **ISOLATED_ENV}, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory run of {variant} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json_child(
+        ["-m", "cvg.bench", *_size_argv(args), "--memory", variant], ISOLATED_ENV, f"memory run of {variant}"
+    )
 
 
 def _size_argv(args: argparse.Namespace) -> list[str]:
@@ -160,9 +159,15 @@ def write_section(path: Path, name: str, body: str) -> None:
         text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
+
+
+def json_child(argv: list[str], env: dict[str, str], what: str) -> dict:
+    """Run `python argv...` with extra environment; its last stdout line is JSON. One-line error if it fails."""
+    proc = subprocess.run([sys.executable, *argv], env={**os.environ, **env}, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,19 +178,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.times:
         print(json.dumps(measure_times(args)))
         return
-    argv = [sys.executable, "-m", "cvg.bench", *_size_argv(args), "--repeats", str(args.repeats), "--times"]
-    proc = subprocess.run(argv, env={**os.environ, **TIMING_ENV}, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"timing run failed: {proc.stderr.strip().splitlines()[-1:]}")
-    times = json.loads(proc.stdout.strip().splitlines()[-1])
+    argv = ["-m", "cvg.bench", *_size_argv(args), "--repeats", str(args.repeats), "--times"]
+    times = json_child(argv, TIMING_ENV, "timing run")
     memory = {v: measure_memory(v, args) for v in VARIANTS}
     text = table(times, memory, args)
     print(text)
     if args.json:
-        tmp = args.json.with_suffix(".tmp")
         record = {"args": _size_argv(args), "times": times, "peak_bytes": memory}
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, args.json)
+        write_text_atomic(args.json, json.dumps(record, indent=1))
     if args.write:
         note = (
             "Peak memory is measured above the loaded pipeline, for the denoising phase (text encoding and all "

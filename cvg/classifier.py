@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cvg.composition import BoundComposition
+from cvg.files import atomic_path, write_text_atomic
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
@@ -67,8 +68,9 @@ class CompositionClassifier(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(asdict(self.config), indent=1)))
-        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(self.state_dict(), str(p)))
+        write_text_atomic(directory / CONFIG_NAME, json.dumps(asdict(self.config), indent=1))
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(self.state_dict(), str(tmp))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, generator: dict | None = None) -> CompositionClassifier:
@@ -96,9 +98,3 @@ class ClassifierObjective:
     def __call__(self, maps: torch.Tensor, bound: BoundComposition) -> torch.Tensor:
         logits = self.classifier(bound.entity_maps(maps), self.label_embedding.to(maps.dtype))
         return F.softplus(-logits)
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)

@@ -164,10 +164,9 @@ def evaluate_videos(args: argparse.Namespace) -> None:
             f"empty frames {q['empty_frames']:.3f}  colour bleeding {q['colour_bleeding']:.3f}"
         )
     if args.json:
-        path = Path(args.json)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1))
-        tmp.replace(path)
+        from cvg.files import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(report, indent=1))
 
 
 def train_encoder(args: argparse.Namespace) -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cvg.files import atomic_path
+
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
 
@@ -31,8 +33,7 @@ def save_frames(frames: np.ndarray, path: str | os.PathLike, fps: int = 16) -> P
     frames = to_uint8(frames)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() in VIDEO_SUFFIXES:
-        tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-        try:
+        with atomic_path(path) as tmp:
             if path.suffix.lower() == ".mp4":
                 import imageio.v2 as imageio
 
@@ -40,9 +41,6 @@ def save_frames(frames: np.ndarray, path: str | os.PathLike, fps: int = 16) -> P
             else:
                 images = [Image.fromarray(f) for f in frames]
                 images[0].save(tmp, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return path
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     for i, frame in enumerate(frames):
@@ -87,9 +85,6 @@ def maps_picture(entity_maps: np.ndarray, frames: np.ndarray, names: list[str], 
 
 
 def save_image(image: Image.Image, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix or '.png'}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)

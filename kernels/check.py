@@ -26,6 +26,8 @@ from cvg.kernels import attention_pool as ap
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 
+from cvg.files import write_text_atomic
+
 _TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 # Argument kinds by name: pointers get the 16-byte alignment the runtime sees for torch allocations.
 _INT32_POINTERS = {"Tok", "Groups"}
@@ -156,10 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.registers} | {r.spill_bytes} | {r.shared_bytes} | {'yes' if r.hgmma else 'no'} |"
         )
     if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump([asdict(r) for r in reports], f, indent=1)
-        os.replace(tmp, args.json)
+        write_text_atomic(args.json, json.dumps([asdict(r) for r in reports], indent=1))
     spilled = [r for r in reports if r.spill_bytes]
     for r in spilled:
         print(

@@ -169,3 +169,12 @@ def test_eval_reads_mp4_videos(tmp_path):
     report = evaluate(tmp_path, specs, quality=False)
     assert all(entry["accuracy"] == 1.0 for entry in report["categories"].values())
     assert "quality" not in report
+
+
+def test_a_failed_write_leaves_nothing(tmp_path):
+    from cvg.files import atomic_path
+
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "clip.npz") as tmp:
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []

@@ -18,6 +18,7 @@ import numpy as np
 
 from cvg.compshapes.grammar import CATEGORIES, sample_clip
 from cvg.compshapes.world import render
+from cvg.files import atomic_path, write_text_atomic
 
 INDEX = "index.jsonl"
 
@@ -62,7 +63,7 @@ def write_dataset(
     directory = Path(directory)
     (directory / "clips").mkdir(parents=True, exist_ok=True)
     records = read_index(directory)
-    _rewrite_index(directory, records)  # drops a torn last line before appending
+    write_text_atomic(directory / INDEX, "".join(json.dumps(r) + "\n" for r in records))  # drops a torn line
     done = {r["id"] for r in records}
     written = 0
     with open(directory / INDEX, "a") as index:
@@ -79,13 +80,5 @@ def write_dataset(
 
 
 def _save_frames(path: Path, frames: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, frames=frames)
-    os.replace(tmp, path)
-
-
-def _rewrite_index(directory: Path, records: list[dict]) -> None:
-    path = directory / INDEX
-    tmp = path.with_name(INDEX + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez_compressed(tmp, frames=frames)

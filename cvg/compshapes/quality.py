@@ -21,6 +21,7 @@ from torch import nn
 from cvg.compshapes.grammar import CATEGORIES, sample_clip
 from cvg.compshapes.judge import detect
 from cvg.compshapes.world import BACKGROUND, COLOURS, MOTIONS, SHAPES, render
+from cvg.files import atomic_path, write_text_atomic
 
 DEFAULT_ENCODER = Path(__file__).parent / "assets" / "encoder"
 _MOTIONS = list(MOTIONS)
@@ -83,14 +84,10 @@ def train_encoder(out: str | os.PathLike, clips: int = 1600, epochs: int = 6, se
             optimiser.step()
             total += loss.item() * len(idx)
         log.append({"epoch": epoch, "loss": total / clips})
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     config = {"width": model.width, "seed": seed, "clips": clips, "epochs": epochs, "log": log}
-    for name, write in (("config.json", lambda p: p.write_text(json.dumps(config, indent=1))),
-                        ("model.safetensors", lambda p: save_file(model.state_dict(), str(p)))):  # fmt: skip
-        tmp = out / f"{name}.tmp"
-        write(tmp)
-        os.replace(tmp, out / name)
+    write_text_atomic(Path(out) / "config.json", json.dumps(config, indent=1))
+    with atomic_path(Path(out) / "model.safetensors") as tmp:
+        save_file(model.state_dict(), str(tmp))
     return config
 
 
