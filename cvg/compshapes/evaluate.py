@@ -55,14 +55,19 @@ def evaluate(
     if not records:
         raise FileNotFoundError(f"no clips listed in {index or directory / INDEX}")
     tallies: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # holds, total, rejected, counterfactuals
-    failures, clips = [], []
+    from cvg.compshapes.quality import artefact_counts, clip_features, load_encoder
+
+    encoder = load_encoder() if quality else None
+    failures, features, counts = [], [], np.zeros(4)
     for record in records:
         path = directory / record["file"]
         if not path.is_file():
             raise FileNotFoundError(f"clip {record['file']!r} listed in the index is missing from {directory}")
         frames = load_frames(path)
-        clips.append(frames)
         detections, size = [detect(f) for f in frames], frames.shape[1:3]
+        if quality:  # per clip, so no clip set is held in memory
+            features.append(clip_features(encoder, [frames]))
+            counts += artefact_counts(frames, detections)
         composition = Composition.from_dict(record["composition"])
         category = record.get("category", composition.kind)
         verdict = judge_detections(detections, size, composition)
@@ -82,21 +87,23 @@ def evaluate(
             entry["counterfactual_rejection"] = rejected / counterfactuals
         report["categories"][category] = entry
     if quality:
-        report["quality"] = quality_scores(clips, reference)
+        report["quality"] = quality_scores(np.concatenate(features), counts, frames.shape, encoder, reference)
     return report
 
 
-def quality_scores(clips: list[np.ndarray], reference: str | os.PathLike | None = None) -> dict[str, float]:
-    from cvg.compshapes.quality import artefact_rates, clip_features, frechet_distance, load_encoder
+def quality_scores(
+    features: np.ndarray, counts: np.ndarray, shape: tuple, encoder, reference: str | os.PathLike | None = None
+) -> dict[str, float]:
+    """Fréchet distance of the judged clips' encoder `features` to reference renders, and artefact rates."""
+    from cvg.compshapes.quality import artefact_rates, clip_features, frechet_distance
 
     if reference is not None:
-        references = [load_frames(Path(reference) / r["file"]) for r in read_index(reference)]
+        clips = (load_frames(Path(reference) / r["file"]) for r in read_index(reference))
     else:
-        shape = clips[0].shape
-        references = [render(sample_clip(REFERENCE_SEED + i, CATEGORIES[i % len(CATEGORIES)], *shape[:3]).scene)
-                      for i in range(min(len(clips), 500))]  # fmt: skip
-    if len(clips) < 2 or len(references) < 2:
+        count = min(len(features), 500)
+        clips = (render(sample_clip(REFERENCE_SEED + i, CATEGORIES[i % 4], *shape[:3]).scene) for i in range(count))
+    references = [clip_features(encoder, [clip]) for clip in clips]
+    if len(features) < 2 or len(references) < 2:
         raise ValueError("the Fréchet distance needs at least 2 clips on each side")
-    encoder = load_encoder()
-    distance = frechet_distance(clip_features(encoder, references), clip_features(encoder, clips))
-    return {"frechet_distance": distance, "reference_clips": len(references), **artefact_rates(clips)}
+    distance = frechet_distance(np.concatenate(references), features)
+    return {"frechet_distance": distance, "reference_clips": len(references), **artefact_rates(counts)}

@@ -118,17 +118,24 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
 
 
-def artefact_rates(clips: list[np.ndarray]) -> dict[str, float]:
-    """Fraction of frames with no detectable object, and of foreground pixels that are no blend of the
-    background with a single palette colour (colour bleeding: mixed or washed-out colours)."""
-    frames = np.concatenate(clips)
-    empty = sum(not detect(frame) for frame in frames) / len(frames)
+def artefact_counts(frames: np.ndarray, detections: list | None = None) -> np.ndarray:
+    """`[empty frames, frames, off-palette foreground pixels, foreground pixels]` of one clip, to sum over a
+    set; `detections` (one list per frame) saves detecting again."""
+    detections = [detect(f) for f in frames] if detections is None else detections
     background = np.asarray(BACKGROUND, np.float32)
     pixels = frames.reshape(-1, 3).astype(np.float32) - background
     pixels = pixels[np.linalg.norm(pixels, axis=1) > 40]  # foreground
-    if not len(pixels):
-        return {"empty_frames": empty, "colour_bleeding": 0.0}
     towards = np.asarray(list(COLOURS.values()), np.float32) - background  # [colours, 3]
     t = np.clip(pixels @ towards.T / (towards**2).sum(1), 0.0, 1.0)  # position along each blend line
-    off_line = np.linalg.norm(pixels[:, None] - t[..., None] * towards, axis=2).min(1)
-    return {"empty_frames": empty, "colour_bleeding": float((off_line > 40).mean())}
+    off_line = np.linalg.norm(pixels[:, None] - t[..., None] * towards, axis=2).min(1) if len(pixels) else pixels
+    return np.array([sum(not d for d in detections), len(frames), (off_line > 40).sum(), len(pixels)], np.float64)
+
+
+def artefact_rates(counts: np.ndarray | list[np.ndarray]) -> dict[str, float]:
+    """Fraction of frames with no detectable object, and of foreground pixels that are no blend of the
+    background with a single palette colour (colour bleeding: mixed or washed-out colours). Takes clips
+    (`[F, H, W, 3]` arrays) or summed `artefact_counts`."""
+    if isinstance(counts, list):
+        counts = sum(artefact_counts(clip) for clip in counts)
+    empty, frames, bleeding, foreground = counts
+    return {"empty_frames": empty / frames, "colour_bleeding": bleeding / foreground if foreground else 0.0}
