@@ -3,6 +3,8 @@
     cvg generate --model DIR --prompt "a red cube to the left of a blue ball" \\
                  --composition "red cube left of blue ball" --out out.mp4 --save-maps maps.png
     cvg compshapes-dataset --out DIR --count 2000    # render CompShapes clips with their compositions
+    cvg sample --model DIR --specs DATASET --out DIR # generate one clip per record, for `cvg eval`
+    cvg train-generator --out DIR                    # train the CompShapes Wan generator on this CPU
     cvg eval --videos DIR                            # judge clips against their compositions
     cvg make-tiny-model DIR     # a random tiny Wan pipeline with a real text encoder, for trying things out
 """
@@ -15,6 +17,8 @@ import sys
 from pathlib import Path
 
 from cvg.composition import KINDS, CompositionError
+from cvg.compshapes.dataset import SPLITS
+from cvg.compshapes.grammar import CATEGORIES, SINGLE
 from cvg.sampler import NORMALIZATIONS, GuidanceConfig
 
 
@@ -35,33 +39,39 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate a video with compositional guidance",
                               description="Generate a video with a local diffusers Wan pipeline, guided toward a "
                                           "composition in the first denoising steps.")  # fmt: skip
-    gen.add_argument("--model", required=True, help="local diffusers WanPipeline directory")
+    _model_flags(gen)
     gen.add_argument("--prompt", required=True, help="the text prompt")
     gen.add_argument("--composition", help='what must hold: "red cube left of blue ball", "ball moves right", '
                      '"red cube and blue ball", or a JSON object; omit for unguided generation')  # fmt: skip
     gen.add_argument("--out", required=True, help="output: .mp4, .gif, or a folder for PNG frames")
     gen.add_argument("--save-maps", metavar="PNG", help="also draw the pooled maps of each composition entity")
     gen.add_argument("--negative-prompt", default=None, help="negative prompt for classifier-free guidance")
-    gen.add_argument("--objective", choices=("auto", *KINDS), default="auto",
-                     help="guidance objective; auto picks the one for the composition's kind")  # fmt: skip
-    gen.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    gen.add_argument("--guide-steps", type=int, default=2, help="guided steps at the start (default 2)")
-    gen.add_argument("--strength", type=float, default=0.1, help="size of each latent update (default 0.1)")
-    gen.add_argument("--iterations", type=int, default=1, help="guidance updates per guided step (default 1)")
-    gen.add_argument("--normalize", choices=NORMALIZATIONS, default="rms", help="gradient normalisation (default rms)")
-    gen.add_argument("--layers", type=_ints, help="blocks whose maps are read, e.g. 0,1,2 (default all)")
-    gen.add_argument("--pool", type=lambda t: _ints(t, 3), default=[1, 2, 2],
-                     help="pooling of the frames,height,width token grid (default 1,2,2)")  # fmt: skip
-    gen.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
     gen.add_argument("--height", type=int, default=480, help="video height in pixels, a multiple of 16 (default 480)")
     gen.add_argument("--width", type=int, default=832, help="video width in pixels, a multiple of 16 (default 832)")
     gen.add_argument("--frames", type=int, default=81, help="video frames (4k+1)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     gen.add_argument("--fps", type=int, default=16, help="frames per second of .mp4/.gif output (default 16)")
-    gen.add_argument("--max-sequence-length", type=int, default=512, help="text tokens (Wan pads to this)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--judge", action="store_true",
                      help="judge the video against the composition with the CompShapes judge")  # fmt: skip
+
+    sample = commands.add_parser(
+        "sample", help="generate one clip per record of a spec set (resumable)",
+        description="Generate a video set for `cvg eval`: one clip per record of a dataset index, at each "
+                    "record's scene size, with seed SEED + id.",
+    )  # fmt: skip
+    _model_flags(sample)
+    sample.add_argument("--specs", required=True, help="dataset directory or index JSONL with prompts and compositions")
+    sample.add_argument("--out", required=True, help="output directory (index.jsonl + clips/)")
+    sample.add_argument("--limit", type=int, help="only the first LIMIT records")
+    sample.add_argument("--seed", type=int, default=0, help="base seed; record i uses SEED + i (default 0)")
+
+    train_gen = commands.add_parser("train-generator", help="train the CompShapes Wan generator here (resumable)")
+    train_gen.add_argument("--out", required=True, help="directory for the WanPipeline (checkpoints in OUT/.work)")
+    train_gen.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and noise (default 0)")
+    train_gen.add_argument("--vae-steps", type=int, help="VAE training steps (default: the shipped recipe's)")
+    train_gen.add_argument("--steps", type=int, help="transformer training steps (default: the shipped recipe's)")
+    train_gen.add_argument("--clips", type=int, help="clips encoded for the transformer (default: the recipe's)")
 
     data = commands.add_parser("compshapes-dataset", help="render a CompShapes dataset (resumable)")
     data.add_argument("--out", required=True, help="dataset directory (index.jsonl + clips/)")
@@ -69,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     data.add_argument("--frames", type=int, default=17, help="frames per clip (default 17)")
     data.add_argument("--size", type=int, default=64, help="clip height and width in pixels (default 64)")
+    data.add_argument(
+        "--categories",
+        type=lambda t: tuple(t.split(",")),
+        default=CATEGORIES,
+        help=f"comma-separated, taking turns (default {','.join(CATEGORIES)}; also {SINGLE})",
+    )
+    data.add_argument("--split", choices=SPLITS, default="all",
+                      help="prompts: all, only training ones, or only the held-out fifth (default all)")  # fmt: skip
 
     evaluation = commands.add_parser("eval", help="judge videos against their compositions (CompShapes)")
     evaluation.add_argument("--videos", required=True, help="directory holding the clips (.npz frames or videos)")
@@ -89,12 +107,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def generate(args: argparse.Namespace) -> None:
-    import torch
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    """The model, sampling and guidance flags `generate` and `sample` share."""
+    parser.add_argument("--model", required=True, help="local diffusers WanPipeline directory")
+    parser.add_argument("--objective", choices=("auto", *KINDS), default="auto",
+                        help="guidance objective; auto picks the one for the composition's kind")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    parser.add_argument("--guide-steps", type=int, default=2, help="guided steps at the start (default 2)")
+    parser.add_argument("--strength", type=float, default=0.1, help="size of each latent update (default 0.1)")
+    parser.add_argument("--iterations", type=int, default=1, help="guidance updates per guided step (default 1)")
+    parser.add_argument("--normalize", choices=NORMALIZATIONS, default="rms",
+                        help="gradient normalisation (default rms)")  # fmt: skip
+    parser.add_argument("--layers", type=_ints, help="blocks whose maps are read, e.g. 0,1,2 (default all)")
+    parser.add_argument("--pool", type=lambda t: _ints(t, 3), default=[1, 2, 2],
+                        help="pooling of the frames,height,width token grid (default 1,2,2)")  # fmt: skip
+    parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    parser.add_argument("--max-sequence-length", type=int, default=512, help="text tokens (Wan pads to this)")
 
+
+def _load(args: argparse.Namespace):
+    """The CVGPipeline and the call arguments the model flags ask for."""
     from cvg.objectives import objective_for
     from cvg.pipeline import CVGPipeline
-    from cvg.video import maps_picture, save_frames, save_image
 
     pool = args.pool * 3 if len(args.pool) == 1 else args.pool
     guidance = GuidanceConfig(
@@ -103,11 +137,21 @@ def generate(args: argparse.Namespace) -> None:
     objective = None if args.objective == "auto" else objective_for(args.objective)
     pipe = CVGPipeline.from_pretrained(args.model, objective=objective)
     pipe.guidance = guidance
+    call = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale,
+            "max_sequence_length": args.max_sequence_length}  # fmt: skip
+    return pipe, call
+
+
+def generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from cvg.video import maps_picture, save_frames, save_image
+
+    pipe, call = _load(args)
     pipe.pipe.set_progress_bar_config(disable=args.quiet)
     out = pipe(
         args.prompt, args.composition, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-        num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-        generator=torch.Generator().manual_seed(args.seed), max_sequence_length=args.max_sequence_length,
+        num_frames=args.frames, generator=torch.Generator().manual_seed(args.seed), **call,
     )  # fmt: skip
     written = save_frames(out.frames[0], args.out, fps=args.fps)
     report = {"out": str(written), "objective": [v.tolist() for v in out.objective_values]}
@@ -130,6 +174,25 @@ def generate(args: argparse.Namespace) -> None:
     print(json.dumps(report))
 
 
+def sample_set(args: argparse.Namespace) -> None:
+    from cvg.videoset import generate_set
+
+    pipe, call = _load(args)
+    result = generate_set(pipe, args.specs, args.out, args.seed, args.limit,
+                          report=lambda line: print(line, file=sys.stderr), **call)  # fmt: skip
+    print(json.dumps({"out": args.out, **result}))
+
+
+def train_generator(args: argparse.Namespace) -> None:
+    from cvg.generator import GeneratorRecipe
+    from cvg.generator import train_generator as train
+
+    sizes = {"vae_steps": args.vae_steps, "steps": args.steps, "clips": args.clips}
+    recipe = GeneratorRecipe(seed=args.seed, **{k: v for k, v in sizes.items() if v is not None})
+    manifest = train(args.out, recipe, report=lambda line: print(line, file=sys.stderr))
+    print(json.dumps({"model": args.out, "timings": manifest["timings"]}))
+
+
 def make_tiny_model(args: argparse.Namespace) -> None:
     from cvg.tiny import tiny_wan_pipeline
 
@@ -141,7 +204,8 @@ def make_tiny_model(args: argparse.Namespace) -> None:
 def compshapes_dataset(args: argparse.Namespace) -> None:
     from cvg.compshapes.dataset import write_dataset
 
-    written = write_dataset(args.out, args.count, args.seed, frames=args.frames, height=args.size, width=args.size)
+    written = write_dataset(args.out, args.count, args.seed, args.categories, args.frames, args.size, args.size,
+                            args.split)  # fmt: skip
     print(json.dumps({"dataset": args.out, "written": written, "count": args.count}))
 
 
@@ -178,6 +242,8 @@ def train_encoder(args: argparse.Namespace) -> None:
 
 COMMANDS = {
     "generate": generate,
+    "sample": sample_set,
+    "train-generator": train_generator,
     "compshapes-dataset": compshapes_dataset,
     "eval": evaluate_videos,
     "train-encoder": train_encoder,

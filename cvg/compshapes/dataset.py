@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cvg.compshapes.grammar import CATEGORIES, sample_clip
+from cvg.compshapes.grammar import CATEGORIES, Clip, held_out, sample_clip
 from cvg.compshapes.world import render
 from cvg.files import atomic_path, write_text_atomic
 
@@ -26,6 +26,22 @@ INDEX = "index.jsonl"
 def clip_seed(seed: int, index: int) -> int:
     """The seed of clip `index` of a dataset with base `seed`: independent streams per clip."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+SPLITS = ("all", "train", "heldout")
+
+
+def split_clip(seed: int, index: int, category: str, split: str = "all", **size) -> Clip:
+    """Clip `index` of a set with base `seed`, drawn again (fresh streams) until its prompt is in `split`:
+    "train" never yields a held-out prompt, "heldout" only those, "all" takes the first draw."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    for attempt in range(1000):
+        clip_rng = clip_seed(seed, index) if attempt == 0 else clip_seed(seed, index * 1000 + attempt)
+        clip = sample_clip(clip_rng, category, **size)
+        if split == "all" or held_out(clip.prompt) == (split == "heldout"):
+            return clip
+    raise RuntimeError(f"no {split} prompt in 1000 draws of category {category!r}")
 
 
 def read_index(location: str | os.PathLike) -> list[dict]:
@@ -56,8 +72,10 @@ def write_dataset(
     frames: int = 17,
     height: int = 64,
     width: int = 64,
+    split: str = "all",
 ) -> int:
-    """Write clips `0..count-1` (categories in turn) that are not there yet; returns how many were written."""
+    """Write clips `0..count-1` (categories in turn) that are not there yet; returns how many were written.
+    `split` restricts prompts to the training or held-out part (see `grammar.held_out`)."""
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
     directory = Path(directory)
@@ -70,7 +88,8 @@ def write_dataset(
         for i in range(count):
             if i in done:
                 continue
-            clip = sample_clip(clip_seed(seed, i), categories[i % len(categories)], frames, height, width)
+            size = {"frames": frames, "height": height, "width": width}
+            clip = split_clip(seed, i, categories[i % len(categories)], split, **size)
             name = f"clips/{i:06d}.npz"
             _save_frames(directory / name, render(clip.scene))
             index.write(json.dumps({"id": i, "file": name, **clip.to_record()}) + "\n")

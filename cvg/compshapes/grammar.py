@@ -2,13 +2,15 @@
 
 Categories, after T2V-CompBench: `attribute` ("a red cube and a blue ball"), `spatial` ("a red cube to
 the left of a blue ball"), `motion` ("a green ball moving right") and `numeracy` ("two yellow
-triangles"). Each clip comes from its own seed; prompts pick a paraphrase of the relation and of each
-shape's name. Counterfactuals keep the words and break the composition: relation flipped, colours
-swapped, direction reversed, count changed.
+triangles"); and `object` ("a red cube"), one object, the baseline any generator must pass. Each clip
+comes from its own seed; prompts pick a paraphrase of the relation and of each shape's name.
+Counterfactuals keep the words and break the composition: relation flipped, colours swapped, direction
+reversed, count changed, another colour.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -16,7 +18,9 @@ import numpy as np
 from cvg.composition import NUMBERS, Composition
 from cvg.compshapes.world import COLOURS, PLURALS, SHAPE_WORDS, SHAPES, Scene, Thing
 
-CATEGORIES = ("attribute", "spatial", "motion", "numeracy")
+CATEGORIES = ("attribute", "spatial", "motion", "numeracy")  # the compositional ones, after T2V-CompBench
+SINGLE = "object"  # one static object ("a red cube"): does a generator draw what it is told at all?
+ALL_CATEGORIES = (SINGLE, *CATEGORIES)
 RELATION_PHRASES = {
     "left": ("to the left of", "left of", "on the left side of"),
     "right": ("to the right of", "right of", "on the right side of"),
@@ -88,9 +92,10 @@ def sample_clip(
     seed: int, category: str, frames: int = 17, height: int = 64, width: int = 64, paraphrases: int = 3
 ) -> Clip:
     """One clip of `category`, fully determined by `seed`, with up to `paraphrases` other wordings."""
-    if category not in CATEGORIES:
-        raise ValueError(f"category must be one of {', '.join(CATEGORIES)}, got {category!r}")
-    build = {"attribute": _attribute, "spatial": _spatial, "motion": _motion, "numeracy": _numeracy}[category]
+    if category not in ALL_CATEGORIES:
+        raise ValueError(f"category must be one of {', '.join(ALL_CATEGORIES)}, got {category!r}")
+    builders = {SINGLE: _object, "attribute": _attribute, "spatial": _spatial, "motion": _motion}
+    build = {**builders, "numeracy": _numeracy}[category]
 
     def variant(wording: int) -> Clip:
         # Layout and wording draw from separate streams: a paraphrase is the same clip in other words.
@@ -107,6 +112,22 @@ def sample_clip(
         if prompt != clip.prompt and prompt not in others and len(others) < paraphrases:
             others.append(prompt)
     return replace(clip, paraphrases=tuple(others))
+
+
+def _object(rng, words, seed, size, colours, shapes, frames, height, width) -> Clip:
+    p = _place(rng, size, frames, height, width, [])
+    scene = Scene((Thing(shapes[0], colours[0], *p, size),), frames, height, width)
+    e = _entity(words, colours[0], shapes[0])
+    other = f"{colours[1]} {e.split(' ', 1)[1]}"  # same shape, another colour
+    return Clip(SINGLE, seed, scene, _article(e), Composition("presence", e),
+                ((_article(other), Composition("presence", other)),))  # fmt: skip
+
+
+def held_out(prompt: str) -> bool:
+    """Whether a prompt belongs to the held-out fifth that generators and classifiers never train on.
+
+    The split is by prompt text (a stable hash), so a held-out prompt is unseen in any layout."""
+    return zlib.crc32(prompt.encode()) % 5 == 0
 
 
 def _attribute(rng, words, seed, size, colours, shapes, frames, height, width) -> Clip:
