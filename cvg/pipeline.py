@@ -19,6 +19,7 @@ from diffusers import WanPipeline
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
 from cvg.composition import BoundComposition, Composition
+from cvg.engine import BACKENDS, StepEngine, StepShape, build_engine
 from cvg.minilm import PACKAGE, load_minilm
 from cvg.objectives import Objective, objective_for
 from cvg.sampler import Denoiser, GuidanceConfig, GuidedStep, denoise
@@ -39,7 +40,16 @@ class CVGOutput:
 class CVGPipeline:
     """Compositional guidance around a diffusers `WanPipeline` (Wan 2.1 / 2.2 text-to-video)."""
 
-    def __init__(self, pipe: WanPipeline, objective: Objective | None = None, guidance: GuidanceConfig | None = None):
+    def __init__(
+        self,
+        pipe: WanPipeline,
+        objective: Objective | None = None,
+        guidance: GuidanceConfig | None = None,
+        engine: str | None = None,
+        engine_cache: str | Path | None = None,
+    ):
+        """`engine` runs the gradient-free transformer forwards on a `cvg.engine` backend ("auto",
+        "onnxruntime", ...), built once per shape and kept; None runs them in eager diffusers."""
         if not isinstance(pipe, WanPipeline):
             raise TypeError(f"CVGPipeline wraps a diffusers WanPipeline, got {type(pipe).__name__}")
         if pipe.config.expand_timesteps:
@@ -48,6 +58,17 @@ class CVGPipeline:
             raise ValueError("CVGPipeline does not support two-transformer Wan2.2 pipelines (transformer_2) yet")
         self.pipe, self.objective = pipe, objective
         self.guidance = guidance or GuidanceConfig()
+        if engine is not None and engine not in (*BACKENDS, "auto"):
+            raise ValueError(f"engine must be one of {', '.join(BACKENDS)}, auto or None, got {engine!r}")
+        self.engine, self.engine_cache = engine, engine_cache
+        self._engines: dict[tuple[str, StepShape], StepEngine] = {}
+
+    def step_engine(self, latents: torch.Tensor, text_embeds: torch.Tensor) -> StepEngine:
+        """The engine for this shape, built on first use (`cvg export` builds its cache ahead of time)."""
+        key = (self.engine, StepShape.of(latents.to(self.pipe.transformer.dtype), text_embeds))
+        if key not in self._engines:
+            self._engines[key] = build_engine(self.pipe.transformer, key[1], self.engine, self.engine_cache)
+        return self._engines[key]
 
     @classmethod
     def from_pretrained(cls, path: str | Path, objective: Objective | None = None, **kwargs) -> CVGPipeline:
@@ -120,6 +141,8 @@ class CVGPipeline:
         latents = pipe.prepare_latents(batch, pipe.transformer.config.in_channels, height, width, num_frames,
                                        torch.float32, device, generator, latents)  # fmt: skip
         pipe.scheduler.set_begin_index(0)
+        if self.engine is not None:
+            denoiser.engine = self.step_engine(latents, denoiser.prompt_embeds)
 
         def step_done(i, t, x):
             marks.append(time.perf_counter())

@@ -85,22 +85,24 @@ class Denoiser:
     negative_prompt_embeds: torch.Tensor | None
     guidance_scale: float
     attention_kwargs: dict | None = None
+    engine: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # see cvg.engine
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, step: int, sigma: float, total: int) -> torch.Tensor:
         """The noise prediction of WanPipeline for one step, classifier-free guidance included."""
-        model, dtype = self.transformer, self.transformer.dtype
-        timestep = t.expand(latents.shape[0])
+        latents, timestep = latents.to(self.transformer.dtype), t.expand(latents.shape[0])
         context = {"step_index": step, "sigma": sigma, "num_inference_steps": total}
-        with model.cache_context("cond", **context):
-            noise = model(hidden_states=latents.to(dtype), timestep=timestep, encoder_hidden_states=self.prompt_embeds,
-                          attention_kwargs=self.attention_kwargs, return_dict=False)[0]  # fmt: skip
+        noise = self._forward(latents, timestep, self.prompt_embeds, "cond", context)
         if self.negative_prompt_embeds is not None and self.guidance_scale > 1.0:
-            with model.cache_context("uncond", **context):
-                uncond = model(hidden_states=latents.to(dtype), timestep=timestep,
-                               encoder_hidden_states=self.negative_prompt_embeds,
-                               attention_kwargs=self.attention_kwargs, return_dict=False)[0]  # fmt: skip
+            uncond = self._forward(latents, timestep, self.negative_prompt_embeds, "uncond", context)
             noise = uncond + self.guidance_scale * (noise - uncond)
         return noise
+
+    def _forward(self, latents, timestep, embeds, label: str, context: dict) -> torch.Tensor:
+        if self.engine is not None:
+            return self.engine(latents, timestep, embeds)
+        with self.transformer.cache_context(label, **context):
+            return self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds,
+                                    attention_kwargs=self.attention_kwargs, return_dict=False)[0]  # fmt: skip
 
     def score(
         self,

@@ -1,0 +1,305 @@
+"""Step engines: the gradient-free transformer forward of the later denoising steps, at one fixed shape.
+
+    engine = build_engine(pipe.transformer, StepShape.of(latents, prompt_embeds), backend="auto")
+    noise = engine(latents, timestep, prompt_embeds)   # what the transformer returns, as a torch tensor
+
+Backends:
+  torch        eager, the reference
+  compiled     torch.compile (inductor; C++ on CPU), warmed up at build
+  onnxruntime  the transformer exported to ONNX once per (model, shape, dtype, opset), cached on disk, run
+               by ONNX Runtime with the providers TensorRT -> CUDA -> CPU that it has, inputs and output
+               bound to torch memory (no host copies)
+  tensorrt     a native TensorRT plan built from the same ONNX file (fp16/bf16, timing cache), cached on
+               disk. Needs `tensorrt` (pip install cvg[tensorrt]) and CUDA: never run on the machines
+               cvg is developed on, so this layer follows TensorRT 10's documented Python API and stays thin.
+`auto` tries tensorrt (CUDA only), onnxruntime, then torch; a backend that cannot load says why in one
+line (a warning) and the next one is tried. A cached file that fails to load is rebuilt, and cache keys
+hash the weights, so a changed model never reuses a stale file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cvg.files import atomic_path
+
+BACKENDS = ("torch", "compiled", "onnxruntime", "tensorrt")
+OPSET = 18
+
+
+class EngineError(RuntimeError):
+    """A backend that cannot be built or loaded here; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The one input shape an engine serves: latents [batch, channels, frames, height, width] (latent
+    units) and text embeddings [batch, text_tokens, text_dim]."""
+
+    batch: int
+    channels: int
+    frames: int
+    height: int
+    width: int
+    text_tokens: int
+    text_dim: int
+    dtype: str = "float32"
+
+    @classmethod
+    def of(cls, latents: torch.Tensor, text_embeds: torch.Tensor) -> StepShape:
+        if latents.dim() != 5 or text_embeds.dim() != 3:
+            raise ValueError(f"expected latents [B, C, F, H, W] and text [B, L, D], got {tuple(latents.shape)} "
+                             f"and {tuple(text_embeds.shape)}")  # fmt: skip
+        dtype = str(latents.dtype).removeprefix("torch.")
+        return cls(*latents.shape, *text_embeds.shape[1:], dtype=dtype)
+
+    def check(self, latents: torch.Tensor, text_embeds: torch.Tensor) -> None:
+        if StepShape.of(latents, text_embeds) != self or text_embeds.shape[0] != self.batch:
+            raise ValueError(
+                f"this engine serves latents {self.latent_shape} and text {self.text_shape} in {self.dtype}; got "
+                f"latents {tuple(latents.shape)} and text {tuple(text_embeds.shape)} in "
+                f"{str(latents.dtype).removeprefix('torch.')}"
+            )
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.batch, self.channels, self.frames, self.height, self.width)
+
+    @property
+    def text_shape(self) -> tuple[int, ...]:
+        return (self.batch, self.text_tokens, self.text_dim)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def key(self) -> str:
+        return "x".join(map(str, (*self.latent_shape, self.text_tokens, self.text_dim))) + f"-{self.dtype}"
+
+
+class _Forward(torch.nn.Module):
+    """The transformer as a plain (latents, timestep, text) -> noise function, for export and compile."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=text,
+                                return_dict=False)[0]  # fmt: skip
+
+
+class StepEngine:
+    """Eager torch: the reference every other backend is tested against."""
+
+    backend = "torch"
+
+    def __init__(self, transformer: torch.nn.Module, shape: StepShape, cache_dir: Path | None = None):
+        self.transformer, self.shape = transformer, shape
+        self.forward = _Forward(transformer).eval()
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        self.shape.check(latents, text_embeds)
+        return self._run(latents, timestep.to(torch.float32).expand(self.shape.batch).contiguous(), text_embeds)
+
+    def _run(self, latents: torch.Tensor, timestep: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        return self.forward(latents, timestep, text_embeds)
+
+    def _example(self) -> tuple[torch.Tensor, ...]:
+        device, dtype = self.transformer.device, self.shape.torch_dtype
+        return (torch.randn(self.shape.latent_shape, device=device, dtype=dtype),
+                torch.full((self.shape.batch,), 500.0, device=device),
+                torch.randn(self.shape.text_shape, device=device, dtype=dtype))  # fmt: skip
+
+
+class CompiledEngine(StepEngine):
+    """torch.compile with static shapes; compiled and warmed up here, not on the first request."""
+
+    backend = "compiled"
+
+    def __init__(self, transformer: torch.nn.Module, shape: StepShape, cache_dir: Path | None = None):
+        super().__init__(transformer, shape)
+        mode = "reduce-overhead" if transformer.device.type == "cuda" else None  # CUDA graphs on GPU
+        self.compiled = torch.compile(self.forward, dynamic=False, mode=mode)
+        with torch.no_grad():
+            self.compiled(*self._example())
+
+    def _run(self, latents, timestep, text_embeds):
+        return self.compiled(latents, timestep, text_embeds).clone()  # CUDA-graph outputs are reused
+
+
+def model_key(transformer: torch.nn.Module) -> str:
+    """A hash of the transformer's config and weights: cache entries of a changed model are never reused."""
+    digest = hashlib.sha256(json.dumps(dict(transformer.config), sort_keys=True, default=str).encode())
+    for name, tensor in transformer.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CVG_CACHE", Path.home() / ".cache" / "cvg")) / "engines"
+
+
+def export_onnx(transformer: torch.nn.Module, shape: StepShape, cache_dir: Path | None = None) -> Path:
+    """The transformer's ONNX file for `shape`, exported (atomically) if the cache lacks a valid one."""
+    import onnx
+
+    cache_dir = Path(cache_dir or default_cache_dir())
+    path = cache_dir / f"{type(transformer).__name__}-{model_key(transformer)}-{shape.key()}-opset{OPSET}.onnx"
+    if path.is_file():
+        try:
+            onnx.checker.check_model(str(path), full_check=False)
+            return path
+        except Exception as e:  # a torn or corrupt file: rebuild it
+            warnings.warn(f"cvg: cached ONNX file {path.name} is invalid ({type(e).__name__}); re-exporting",
+                          RuntimeWarning, stacklevel=2)  # fmt: skip
+            path.unlink()
+    engine = StepEngine(transformer, shape)
+    with atomic_path(path) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # the exporter's progress lines and deprecation notes
+        torch.onnx.export(engine.forward, engine._example(), str(tmp), input_names=["latents", "timestep", "text"],
+                          output_names=["noise"], dynamo=True, opset_version=OPSET, verbose=False,
+                          external_data=False)  # fmt: skip
+        onnx.checker.check_model(str(tmp), full_check=False)
+    return path
+
+
+class OnnxRuntimeEngine(StepEngine):
+    """ONNX Runtime on the cached ONNX export, with torch tensors bound as inputs and output."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, transformer: torch.nn.Module, shape: StepShape, cache_dir: Path | None = None):
+        super().__init__(transformer, shape)
+        try:
+            import onnx  # noqa: F401  (the export needs it)
+            import onnxruntime as ort
+        except ImportError as e:
+            raise EngineError(f"onnxruntime backend: {e.name} is not installed (pip install cvg[onnx])") from None
+        if shape.torch_dtype not in _NUMPY:
+            raise EngineError(f"onnxruntime backend: no {shape.dtype} input binding; use float32 or float16")
+        self.ort, self.device = ort, transformer.device
+        wanted = ("TensorrtExecutionProvider", "CUDAExecutionProvider") if self.device.type == "cuda" else ()
+        self.providers = [p for p in (*wanted, "CPUExecutionProvider") if p in ort.get_available_providers()]
+        self.path = export_onnx(transformer, shape, cache_dir)
+        try:
+            self.session = ort.InferenceSession(str(self.path), providers=self.providers)
+        except Exception as e:  # valid ONNX that this runtime rejects: rebuild once, then give up
+            self.path.unlink(missing_ok=True)
+            self.path = export_onnx(transformer, shape, cache_dir)
+            try:
+                self.session = ort.InferenceSession(str(self.path), providers=self.providers)
+            except Exception:
+                raise EngineError(f"onnxruntime backend: cannot load {self.path.name}: {e}") from e
+        with torch.no_grad():
+            self._run(*self._example())  # warm-up: the session's first run allocates
+
+    def _run(self, latents, timestep, text_embeds):
+        out = torch.empty(self.shape.latent_shape, device=latents.device, dtype=latents.dtype)
+        binding = self.session.io_binding()
+        bound = {"latents": latents.contiguous(), "timestep": timestep, "text": text_embeds.contiguous(), "noise": out}
+        for name, tensor in bound.items():  # `bound` keeps the memory alive through the run
+            bind = binding.bind_output if name == "noise" else binding.bind_input
+            bind(name, tensor.device.type, tensor.device.index or 0, _NUMPY[tensor.dtype], tuple(tensor.shape),
+                 tensor.data_ptr())  # fmt: skip
+        self.session.run_with_iobinding(binding)
+        return out
+
+
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
+
+
+class TensorRTEngine(StepEngine):
+    """A TensorRT plan built from the ONNX export (TensorRT 10 API), cached beside it. CUDA only."""
+
+    backend = "tensorrt"
+
+    def __init__(self, transformer: torch.nn.Module, shape: StepShape, cache_dir: Path | None = None):
+        super().__init__(transformer, shape)
+        if transformer.device.type != "cuda":
+            raise EngineError("tensorrt backend: needs the model on a CUDA device")
+        try:
+            import tensorrt as trt
+        except ImportError:
+            raise EngineError("tensorrt backend: the tensorrt package is not installed (pip install cvg[tensorrt])") \
+                from None  # fmt: skip
+        self.trt = trt
+        onnx_path = export_onnx(transformer, shape, cache_dir)
+        plan_path = onnx_path.with_suffix(".plan")
+        logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(logger)
+        engine = runtime.deserialize_cuda_engine(plan_path.read_bytes()) if plan_path.is_file() else None
+        if engine is None:  # no plan yet, or a stale/corrupt one (deserialisation returns None)
+            plan = self._build(onnx_path, logger)
+            with atomic_path(plan_path) as tmp:
+                tmp.write_bytes(plan)
+            engine = runtime.deserialize_cuda_engine(plan)
+        self.engine, self.context = engine, engine.create_execution_context()
+        with torch.no_grad():
+            self._run(*self._example())
+
+    def _build(self, onnx_path: Path, logger) -> bytes:
+        trt = self.trt
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise EngineError(f"tensorrt backend: cannot parse {onnx_path.name}: {errors}")
+        config = builder.create_builder_config()
+        if self.shape.dtype in ("float16", "bfloat16"):
+            config.set_flag(trt.BuilderFlag.FP16 if self.shape.dtype == "float16" else trt.BuilderFlag.BF16)
+        timing_path = onnx_path.parent / "tensorrt.timing-cache"
+        timing = config.create_timing_cache(timing_path.read_bytes() if timing_path.is_file() else b"")
+        config.set_timing_cache(timing, ignore_mismatch=True)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise EngineError(f"tensorrt backend: building a plan from {onnx_path.name} failed")
+        with atomic_path(timing_path) as tmp:
+            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+        return bytes(plan)
+
+    def _run(self, latents, timestep, text_embeds):
+        out = torch.empty(self.shape.latent_shape, device=latents.device, dtype=latents.dtype)
+        tensors = {"latents": latents.contiguous(), "timestep": timestep, "text": text_embeds.contiguous(),
+                   "noise": out}  # fmt: skip
+        for name, tensor in tensors.items():
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            raise EngineError("tensorrt backend: execution failed")
+        return out
+
+
+_CLASSES = {"torch": StepEngine, "compiled": CompiledEngine, "onnxruntime": OnnxRuntimeEngine,
+            "tensorrt": TensorRTEngine}  # fmt: skip
+_AUTO = ("tensorrt", "onnxruntime", "torch")
+
+
+def build_engine(
+    transformer: torch.nn.Module, shape: StepShape, backend: str = "auto", cache_dir: str | Path | None = None
+) -> StepEngine:
+    """An engine for `shape`; `auto` takes the first of tensorrt, onnxruntime, torch that loads here."""
+    if backend not in (*BACKENDS, "auto"):
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or auto, got {backend!r}")
+    if backend != "auto":
+        return _CLASSES[backend](transformer, shape, Path(cache_dir) if cache_dir else None)
+    for name in _AUTO:
+        if name == "tensorrt" and transformer.device.type != "cuda":
+            continue
+        try:
+            return build_engine(transformer, shape, name, cache_dir)
+        except EngineError as e:
+            warnings.warn(f"cvg: {e}; trying the next backend", RuntimeWarning, stacklevel=2)
+    raise AssertionError("unreachable: the torch backend always builds")

@@ -1,0 +1,116 @@
+"""Step engines: every backend matches eager torch; caches are keyed, validated and rebuilt, never wrong."""
+
+import importlib.util
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from cvg.engine import BACKENDS, StepShape, build_engine, export_onnx
+from cvg.pipeline import CVGPipeline
+
+LATENTS, TEXT = (1, 16, 3, 8, 8), (1, 32, 384)
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(LATENTS, generator=g), torch.tensor(700.0), torch.randn(TEXT, generator=g)
+
+
+def _eager(pipe, x, t, e):
+    with torch.no_grad():
+        return pipe.transformer(hidden_states=x, timestep=t.expand(1), encoder_hidden_states=e, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "compiled"])
+def test_backend_matches_eager(tiny_pipe, tmp_path, backend):
+    x, t, e = _inputs()
+    engine = build_engine(tiny_pipe.transformer, StepShape.of(x, e), backend, tmp_path)
+    assert engine.backend == backend
+    for seed in (0, 1):  # two calls: static buffers are not stale
+        x, t, e = _inputs(seed)
+        assert (engine(x, t, e) - _eager(tiny_pipe, x, t, e)).abs().max() <= 1e-4
+
+
+def test_auto_picks_onnxruntime_on_cpu(tiny_pipe, tmp_path):
+    x, _, e = _inputs()
+    assert build_engine(tiny_pipe.transformer, StepShape.of(x, e), "auto", tmp_path).backend == "onnxruntime"
+
+
+def test_generation_through_the_engine_matches_eager(tiny_pipe, tmp_path):
+    call = dict(height=64, width=64, num_frames=9, num_inference_steps=4, max_sequence_length=32, output_type="np")
+    eager = CVGPipeline(tiny_pipe)("a red cube to the left of a blue ball", "red cube left of blue ball",
+                                   generator=torch.Generator().manual_seed(3), **call)  # fmt: skip
+    engine_pipe = CVGPipeline(tiny_pipe, engine="onnxruntime", engine_cache=tmp_path)
+    fast = engine_pipe("a red cube to the left of a blue ball", "red cube left of blue ball",
+                       generator=torch.Generator().manual_seed(3), **call)  # fmt: skip
+    assert np.abs(fast.frames - eager.frames).max() <= 1e-4
+    assert torch.allclose(fast.objective_values[0], eager.objective_values[0], atol=1e-5)
+    assert len(engine_pipe._engines) == 1  # built once for the shape, reused across steps
+
+
+def test_wrong_shape_is_a_clear_error(tiny_pipe, tmp_path):
+    x, t, e = _inputs()
+    engine = build_engine(tiny_pipe.transformer, StepShape.of(x, e), "onnxruntime", tmp_path)
+    with pytest.raises(ValueError, match=r"serves latents \(1, 16, 3, 8, 8\).*got latents \(1, 16, 3, 8, 16\)"):
+        engine(torch.randn(1, 16, 3, 8, 16), t, e)
+    with pytest.raises(ValueError, match="in float32; got .* in float64"):
+        engine(x.double(), t, e)
+
+
+def test_changed_model_never_reuses_a_stale_export(tiny_pipe, tmp_path):
+    x, t, e = _inputs()
+    shape = StepShape.of(x, e)
+    first = export_onnx(tiny_pipe.transformer, shape, tmp_path)
+    from cvg.tiny import tiny_wan_pipeline
+
+    other = tiny_wan_pipeline(seed=1)  # same config, other weights
+    second = export_onnx(other.transformer, shape, tmp_path)
+    assert first != second and first.is_file() and second.is_file()
+    engine = build_engine(other.transformer, shape, "onnxruntime", tmp_path)
+    assert (engine(x, t, e) - _eager(other, x, t, e)).abs().max() <= 1e-4
+
+
+def test_corrupt_cached_export_is_rebuilt(tiny_pipe, tmp_path):
+    x, t, e = _inputs()
+    shape = StepShape.of(x, e)
+    path = export_onnx(tiny_pipe.transformer, shape, tmp_path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])  # a torn write
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = build_engine(tiny_pipe.transformer, shape, "onnxruntime", tmp_path)
+    assert any("invalid" in str(w.message) for w in caught)
+    assert (engine(x, t, e) - _eager(tiny_pipe, x, t, e)).abs().max() <= 1e-4
+
+
+def test_bad_backend_name(tiny_pipe):
+    x, _, e = _inputs()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        build_engine(tiny_pipe.transformer, StepShape.of(x, e), "tvm")
+    with pytest.raises(ValueError, match="engine must be one of"):
+        CVGPipeline(tiny_pipe, engine="tvm")
+    assert set(BACKENDS) == {"torch", "compiled", "onnxruntime", "tensorrt"}
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
+    reason="tensorrt backend needs the tensorrt package and a CUDA GPU; neither exists on cvg's CI machines "
+    "(tensorrt's libraries come only from NVIDIA's index)",
+)
+def test_tensorrt_matches_eager(tmp_path):  # pragma: no cover - runs only where TensorRT and CUDA exist
+    from cvg.tiny import tiny_wan_pipeline
+
+    pipe = tiny_wan_pipeline(seed=0).to("cuda")
+    x, t, e = (v.cuda() for v in _inputs())
+    engine = build_engine(pipe.transformer, StepShape.of(x, e), "tensorrt", tmp_path)
+    assert (engine(x, t, e) - _eager(pipe, x, t, e)).abs().max() <= 1e-3
+    assert any(tmp_path.glob("*.plan")) and any(tmp_path.glob("*.timing-cache"))
+
+
+def test_tensorrt_says_why_it_cannot_load_here(tiny_pipe, tmp_path):
+    from cvg.engine import EngineError
+
+    x, _, e = _inputs()
+    with pytest.raises(EngineError, match="tensorrt backend: "):
+        build_engine(tiny_pipe.transformer, StepShape.of(x, e), "tensorrt", tmp_path)
