@@ -5,6 +5,7 @@
     cvg compshapes-dataset --out DIR --count 2000    # render CompShapes clips with their compositions
     cvg sample --model DIR --specs DATASET --out DIR # generate one clip per record, for `cvg eval`
     cvg train-generator --out DIR                    # train the CompShapes Wan generator on this CPU
+    cvg export --model DIR --shape 64x64x17          # build a step engine (ONNX Runtime, ...) ahead of serving
     cvg eval --videos DIR                            # judge clips against their compositions
     cvg make-tiny-model DIR     # a random tiny Wan pipeline with a real text encoder, for trying things out
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 from cvg.composition import KINDS, CompositionError
 from cvg.compshapes.dataset import SPLITS
 from cvg.compshapes.grammar import CATEGORIES, SINGLE
+from cvg.engine import EngineError
 from cvg.sampler import NORMALIZATIONS, GuidanceConfig
 
 
@@ -66,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", required=True, help="output directory (index.jsonl + clips/)")
     sample.add_argument("--limit", type=int, help="only the first LIMIT records")
     sample.add_argument("--seed", type=int, default=0, help="base seed; record i uses SEED + i (default 0)")
+
+    export = commands.add_parser("export", help="build a step engine's cached artefacts ahead of serving",
+                                 description="Export/compile the transformer for one video shape so that "
+                                             "serving starts warm (see cvg.engine).")  # fmt: skip
+    export.add_argument("--model", required=True, help="local diffusers WanPipeline directory")
+    export.add_argument("--shape", required=True, type=lambda t: _ints(t.replace("x", ","), 3),
+                        help="HEIGHTxWIDTHxFRAMES of the video, e.g. 64x64x17")  # fmt: skip
+    export.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt", "compiled"), default="auto",
+                        help="engine backend (default auto)")  # fmt: skip
+    export.add_argument("--batch", type=int, default=1, help="videos per call (default 1)")
+    export.add_argument("--max-sequence-length", type=int, default=512, help="text tokens (default 512)")
+    export.add_argument("--cache", help="cache directory (default $CVG_CACHE/engines or ~/.cache/cvg/engines)")
 
     train_gen = commands.add_parser("train-generator", help="train the CompShapes Wan generator here (resumable)")
     train_gen.add_argument("--out", required=True, help="directory for the WanPipeline (checkpoints in OUT/.work)")
@@ -195,6 +209,30 @@ def sample_set(args: argparse.Namespace) -> None:
     print(json.dumps({"out": args.out, **result}))
 
 
+def export_engine(args: argparse.Namespace) -> None:
+    import time
+
+    import torch
+
+    from cvg.engine import StepShape, build_engine
+    from cvg.pipeline import load_wan_pipeline
+
+    if len(args.shape) != 3:
+        raise ValueError(f"--shape must be HEIGHTxWIDTHxFRAMES, got {'x'.join(map(str, args.shape))}")
+    height, width, frames = args.shape
+    pipe = load_wan_pipeline(args.model)
+    vae, transformer = pipe.vae.config, pipe.transformer
+    latents = torch.empty(args.batch, transformer.config.in_channels, (frames - 1) // vae.scale_factor_temporal + 1,
+                          height // vae.scale_factor_spatial, width // vae.scale_factor_spatial,
+                          dtype=transformer.dtype)  # fmt: skip
+    text = torch.empty(args.batch, args.max_sequence_length, transformer.config.text_dim, dtype=transformer.dtype)
+    start = time.perf_counter()
+    engine = build_engine(transformer, StepShape.of(latents, text), args.backend, args.cache)
+    print(json.dumps({"backend": engine.backend, "shape": StepShape.of(latents, text).key(),
+                      "seconds": round(time.perf_counter() - start, 2),
+                      "file": str(getattr(engine, "path", ""))}))  # fmt: skip
+
+
 def train_generator(args: argparse.Namespace) -> None:
     from cvg.generator import GeneratorRecipe
     from cvg.generator import train_generator as train
@@ -255,6 +293,7 @@ def train_encoder(args: argparse.Namespace) -> None:
 COMMANDS = {
     "generate": generate,
     "sample": sample_set,
+    "export": export_engine,
     "train-generator": train_generator,
     "compshapes-dataset": compshapes_dataset,
     "eval": evaluate_videos,
@@ -267,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, CompositionError) as e:
+    except (ValueError, TypeError, FileNotFoundError, CompositionError, EngineError) as e:
         print(f"cvg: error: {e}", file=sys.stderr)
         return 2
     return 0

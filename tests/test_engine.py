@@ -1,7 +1,9 @@
 """Step engines: every backend matches eager torch; caches are keyed, validated and rebuilt, never wrong."""
 
 import importlib.util
+import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,3 +116,41 @@ def test_tensorrt_says_why_it_cannot_load_here(tiny_pipe, tmp_path):
     x, _, e = _inputs()
     with pytest.raises(EngineError, match="tensorrt backend: "):
         build_engine(tiny_pipe.transformer, StepShape.of(x, e), "tensorrt", tmp_path)
+
+
+def test_export_command_builds_the_cache_once(tiny_model_dir, tmp_path, capsys):
+    from cvg.cli import main
+
+    argv = ["export", "--model", str(tiny_model_dir), "--shape", "64x64x9", "--backend", "onnxruntime",
+            "--max-sequence-length", "32", "--cache", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["backend"] == "onnxruntime" and report["shape"] == "1x16x3x8x8x32x384-float32"
+    files = sorted(tmp_path.glob("*.onnx"))
+    assert len(files) == 1 and Path(report["file"]) == files[0]
+    stamp = files[0].stat().st_mtime_ns
+    assert main(argv) == 0 and files[0].stat().st_mtime_ns == stamp  # reused, not exported again
+    assert main(["export", "--model", str(tiny_model_dir), "--shape", "64", "--cache", str(tmp_path)]) == 2
+    assert "--shape must be HEIGHTxWIDTHxFRAMES, got 64" in capsys.readouterr().err
+
+
+def test_serving_engine_is_thread_safe(tiny_pipe, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cvg.serving import Engine
+
+    engine = Engine(CVGPipeline(tiny_pipe), 64, 64, 9, num_inference_steps=3, max_sequence_length=32,
+                    backend="onnxruntime", cache_dir=tmp_path)  # fmt: skip
+    assert engine.backend == "onnxruntime" and engine.build_seconds > 0
+    requests = [("a red cube to the left of a blue ball", "red cube left of blue ball", s) for s in range(4)]
+    alone = [engine.generate(*r).frames for r in requests]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda r: engine.generate(*r).frames, requests))
+    for a, b in zip(alone, together, strict=True):
+        assert np.array_equal(a, b)
+    assert not np.array_equal(alone[0], alone[1])  # seeds differ
+    with pytest.raises(ValueError, match="non-empty"):
+        engine.generate("   ")
+    with pytest.raises(ValueError, match="at most 2"):
+        Engine(CVGPipeline(tiny_pipe), 64, 64, 9, num_inference_steps=2, max_sequence_length=32,
+               max_composition_tokens=2, backend=None)  # fmt: skip
