@@ -22,6 +22,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -54,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     size.add_argument("--ffn-dim", type=int, default=384, help="feed-forward width (default 384)")
     parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance (default 5)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
+    parser.add_argument("--backends", type=lambda t: [b for b in t.split(",") if b],
+                        default=["onnxruntime", "compiled"],
+                        help="step-engine backends timed for guided generation (default onnxruntime,compiled; "
+                             "'' for none)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the raw results here")
     parser.add_argument("--write", type=Path, help="record the table in this Markdown file")
     parser.add_argument("--memory", choices=VARIANTS, help=argparse.SUPPRESS)  # child process modes
@@ -73,7 +78,9 @@ def _runner(variant: str, args: argparse.Namespace):
                   guidance_scale=args.guidance_scale, max_sequence_length=args.text_tokens)  # fmt: skip
     naive = variant == "naive-guided"
     config = GuidanceConfig(guide_steps=args.guide_steps, backend="naive" if naive else "auto")
-    cvg = CVGPipeline(pipe, guidance=config)
+    engine = variant.split("+")[1] if "+" in variant else None  # "guided+onnxruntime": a step engine
+    cache = tempfile.mkdtemp(prefix="cvg-bench-engines-") if engine else None  # cold: the build is timed
+    cvg = CVGPipeline(pipe, guidance=config, engine=engine, engine_cache=cache)
     tokens = cvg.bind(PROMPT, COMPOSITION, args.text_tokens).tokens
 
     def run(output_type: str = "np"):
@@ -92,13 +99,13 @@ def _runner(variant: str, args: argparse.Namespace):
 
 
 def measure_times(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
-    runners = {v: _runner(v, args)[0] for v in VARIANTS}
-    for run in runners.values():
-        run()  # warm-up
-    rounds: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+    variants = (*VARIANTS, *(f"guided+{b}" for b in args.backends))
+    runners = {v: _runner(v, args)[0] for v in variants}
+    first = {v: run()[0]["total"] for v, run in runners.items()}  # warm-up; engines build here
+    rounds: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     for _ in range(args.repeats):
         for variant, run in runners.items():
-            rounds[variant].append(run()[0])
+            rounds[variant].append({**run()[0], "first_call": first[variant]})
     return rounds
 
 
@@ -153,6 +160,26 @@ def table(times: dict, memory: dict, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def engine_table(times: dict, args: argparse.Namespace) -> str:
+    """Guided generation with the later steps on each step engine, against eager (diffusers' own forward)."""
+    median = {v: {k: statistics.median(r[k] for r in rounds) for k in rounds[0]} for v, rounds in times.items()}
+    unguided_steps = args.steps - args.guide_steps
+    eager_step = median["guided"]["unguided_steps"] / unguided_steps
+    lines = [
+        "| variant | first call (s) | total (s) | unguided step (s) | steps/s | clips/s | step speedup over eager "
+        "| end-to-end speedup over guided eager |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for v in ("guided", *(f"guided+{b}" for b in args.backends)):
+        m = median[v]
+        step = m["unguided_steps"] / unguided_steps
+        lines.append(
+            f"| {v} | {m['first_call']:.2f} | {m['total']:.3f} | {step:.4f} | {1 / step:.1f} | {1 / m['total']:.2f} "
+            f"| {eager_step / step:.2f} | {median['guided']['total'] / m['total']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def write_section(path: Path, name: str, body: str) -> None:
     """Replace (or append) the marked section `name` of a Markdown file, atomically."""
     begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
@@ -181,11 +208,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.times:
         print(json.dumps(measure_times(args)))
         return
-    argv = ["-m", "cvg.bench", *_size_argv(args), "--repeats", str(args.repeats), "--times"]
+    argv = ["-m", "cvg.bench", *_size_argv(args), "--repeats", str(args.repeats), "--backends",
+            ",".join(args.backends), "--times"]  # fmt: skip
     times = json_child(argv, TIMING_ENV, "timing run")
     memory = {v: measure_memory(v, args) for v in VARIANTS}
-    text = table(times, memory, args)
+    text = table({v: times[v] for v in VARIANTS}, memory, args)
     print(text)
+    engines = engine_table(times, args) if args.backends else ""
+    print("\n" + engines if engines else "")
     if args.json:
         record = {"args": _size_argv(args), "times": times, "peak_bytes": memory}
         write_text_atomic(args.json, json.dumps(record, indent=1))
@@ -197,6 +227,14 @@ def main(argv: list[str] | None = None) -> None:
             "gradient checkpointing on, one update per guided step."
         )
         write_section(args.write, "cvg_bench", f"Command: `python -m cvg.bench`\n\n{note}\n\n{text}")
+        if engines:
+            engine_note = (
+                "Step engines (`cvg.engine`): the same guided generation with its gradient-free forwards on each "
+                "backend. First call = the first generation in the process, engine build (export or compile, from "
+                "a cold cache) included; the rest are medians of the timed rounds of the same run."
+            )
+            write_section(args.write, "cvg_bench_engines", f"Command: `python -m cvg.bench`\n\n{engine_note}\n\n"
+                          f"{text.splitlines()[0]}\n\n{engines}")  # fmt: skip
 
 
 if __name__ == "__main__":
