@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     specs = args.work / "specs"
     write_dataset(specs, args.clips, SPEC_SEED, ALL_CATEGORIES, split="heldout")
     pipe = CVGPipeline(load_wan_pipeline(args.model))
+    pipe.pipe.set_progress_bar_config(disable=True)
     round_trip(pipe.pipe, specs, args.work / "vae")
     sampled = generate_set(pipe, specs, args.work / "unguided", seed=0, guide_steps=0, num_inference_steps=args.steps,
                            guidance_scale=args.guidance_scale)  # fmt: skip
