@@ -49,3 +49,19 @@ def test_step_engine_matches_eager_on_the_shipped_model(tmp_path):
     with torch.no_grad():
         eager = transformer(hidden_states=x, timestep=t.expand(1), encoder_hidden_states=e, return_dict=False)[0]
     assert (engine(x, t, e) - eager).abs().max() <= 1e-4
+
+
+def test_generate_takes_the_video_size_from_the_model(tmp_path, capsys):
+    import imageio.v2 as imageio
+
+    from cvg.cli import main
+
+    out = tmp_path / "cube.gif"
+    assert main(["generate", "--model", str(MODEL), "--prompt", "a red cube", "--out", str(out), "--steps", "2",
+                 "--quiet"]) == 0  # fmt: skip
+    frames = imageio.mimread(out)
+    assert len(frames) == 17 and frames[0].shape[:2] == (64, 64)  # the recipe's size, not Wan's 480x832x81
+    assert main(["generate", "--model", str(MODEL), "--prompt", "a red cube", "--out", str(out), "--steps", "2",
+                 "--height", "32", "--width", "32", "--frames", "5", "--quiet"]) == 0  # fmt: skip
+    frames = imageio.mimread(out)
+    assert len(frames) == 5 and frames[0].shape[:2] == (32, 32)  # flags win
