@@ -4,7 +4,7 @@
 
 Three stages, each checkpointed under OUT/.work so an interrupted run resumes where it stopped and ends
 where an uninterrupted one would (every step draws its data from (seed, stage, step)):
-  1. VAE: `AutoencoderKLWan` with 4x spatial and 4x temporal compression, on 9-frame windows;
+  1. VAE: `AutoencoderKLWan` with 4x spatial and 4x temporal compression, on whole clips;
   2. latents: training clips encoded once (posterior mean and std), prompts encoded by MiniLM;
   3. transformer: `WanTransformer3DModel`, flow matching (rectified flow, shifted sigmas as Wan's scheduler
      uses them), text dropped 10% of the time for classifier-free guidance, EMA weights kept.
@@ -140,8 +140,9 @@ class _Log:
 
     def rewind(self, step: int) -> None:
         lines = self.path.read_text().splitlines() if self.path.is_file() else []
-        kept = [ln for ln in lines if json.loads(ln)["stage"] != self.stage or json.loads(ln)["step"] <= step]
-        write_text_atomic(self.path, "".join(ln + "\n" for ln in kept))
+        rows = [json.loads(line) for line in lines]
+        kept = [r for r in rows if r["stage"] != self.stage or r["step"] <= step]
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, step: int, **values: float) -> None:
         with open(self.path, "a") as f:
@@ -162,10 +163,10 @@ def train_vae(recipe: GeneratorRecipe, work: Path, report: Callable[[str], None]
     start = ckpt.load(vae=vae, opt=opt)
     log.rewind(start)
     background = torch.tensor(BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1, 1) / 127.5 - 1
+    categories = VAE_CATEGORIES if recipe.vae_extra_motion else ALL_CATEGORIES
     t0 = time.perf_counter()
     for step in range(start, recipe.vae_steps):
         gen = _seeded(recipe.seed, 1, step)
-        categories = VAE_CATEGORIES if recipe.vae_extra_motion else ALL_CATEGORIES
         clips = training_clips(recipe, 1, step * recipe.vae_batch, recipe.vae_batch, categories)
         offset = int(torch.randint(0, recipe.frames - recipe.vae_window + 1, (), generator=gen))
         x = to_pixels([render(c.scene)[offset : offset + recipe.vae_window] for c in clips])
@@ -207,6 +208,7 @@ def encode_latents(
         parts.append(torch.load(path, weights_only=True))
     prompts = [p for part in parts for p in part["prompts"]]
     unique = ["", *sorted(set(prompts))]  # "" is the unconditional (negative) prompt
+    position = {p: i for i, p in enumerate(unique)}
     embeds = [text.encode_prompt(unique[i : i + 64], do_classifier_free_guidance=False, max_sequence_length=32)[0]
               for i in range(0, len(unique), 64)]  # fmt: skip
     # MiniLM with an attention mask gives the real tokens the same states at any padded length; Wan pads with zeros.
@@ -214,7 +216,7 @@ def encode_latents(
     return {
         "mean": torch.cat([p["mean"] for p in parts]),
         "std": torch.cat([p["std"] for p in parts]),
-        "prompt": torch.tensor([unique.index(p) for p in prompts]),
+        "prompt": torch.tensor([position[p] for p in prompts]),
         "embeds": embeds,
     }
 
@@ -246,9 +248,8 @@ def train_transformer(
     for step in range(start, recipe.steps):
         gen = _seeded(recipe.seed, 3, step)
         idx = torch.randint(0, len(latents["prompt"]), (recipe.batch,), generator=gen)
-        z = latents["mean"][idx].float() + latents["std"][idx].float() * torch.randn(
-            latents["mean"][idx].shape, generator=gen
-        )
+        posterior_mean, posterior_std = latents["mean"][idx].float(), latents["std"][idx].float()
+        z = posterior_mean + posterior_std * torch.randn(posterior_mean.shape, generator=gen)
         z = (z - mean) / std
         prompt = latents["prompt"][idx].masked_fill(torch.rand(recipe.batch, generator=gen) < recipe.text_dropout, 0)
         sigma = flow_sigmas(torch.rand(recipe.batch, generator=gen), recipe.shift).view(-1, 1, 1, 1, 1)

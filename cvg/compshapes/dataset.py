@@ -64,6 +64,35 @@ def read_frames(directory: str | os.PathLike, record: dict) -> np.ndarray:
         return data["frames"]
 
 
+class ClipWriter:
+    """Adds clips to a dataset directory: each clip file written atomically, its index line only after it.
+
+    Opening it drops a torn last index line; `done` holds the ids already there, so callers resume.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        (self.directory / "clips").mkdir(parents=True, exist_ok=True)
+        records = read_index(self.directory)
+        write_text_atomic(self.directory / INDEX, "".join(json.dumps(r) + "\n" for r in records))
+        self.done = {r["id"] for r in records}
+
+    def __enter__(self) -> ClipWriter:
+        self._index = open(self.directory / INDEX, "a")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._index.close()
+
+    def add(self, key: int, frames: np.ndarray, record: dict) -> None:
+        name = f"clips/{key:06d}.npz"
+        with atomic_path(self.directory / name) as tmp:
+            np.savez_compressed(tmp, frames=frames)
+        self._index.write(json.dumps({**record, "id": key, "file": name}) + "\n")
+        self._index.flush()
+        self.done.add(key)
+
+
 def write_dataset(
     directory: str | os.PathLike,
     count: int,
@@ -78,26 +107,12 @@ def write_dataset(
     `split` restricts prompts to the training or held-out part (see `grammar.held_out`)."""
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
-    directory = Path(directory)
-    (directory / "clips").mkdir(parents=True, exist_ok=True)
-    records = read_index(directory)
-    write_text_atomic(directory / INDEX, "".join(json.dumps(r) + "\n" for r in records))  # drops a torn line
-    done = {r["id"] for r in records}
     written = 0
-    with open(directory / INDEX, "a") as index:
+    size = {"frames": frames, "height": height, "width": width}
+    with ClipWriter(directory) as writer:
         for i in range(count):
-            if i in done:
-                continue
-            size = {"frames": frames, "height": height, "width": width}
-            clip = split_clip(seed, i, categories[i % len(categories)], split, **size)
-            name = f"clips/{i:06d}.npz"
-            _save_frames(directory / name, render(clip.scene))
-            index.write(json.dumps({"id": i, "file": name, **clip.to_record()}) + "\n")
-            index.flush()
-            written += 1
+            if i not in writer.done:
+                clip = split_clip(seed, i, categories[i % len(categories)], split, **size)
+                writer.add(i, render(clip.scene), clip.to_record())
+                written += 1
     return written
-
-
-def _save_frames(path: Path, frames: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        np.savez_compressed(tmp, frames=frames)

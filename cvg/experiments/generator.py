@@ -11,21 +11,19 @@ in WORK (default .cache/experiments/generator) and is reused when the command is
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from cvg.bench import machine_line, write_section
-from cvg.compshapes.dataset import read_frames, read_index, write_dataset
+from cvg.compshapes.dataset import ClipWriter, read_frames, read_index, write_dataset
 from cvg.compshapes.evaluate import evaluate
 from cvg.compshapes.grammar import ALL_CATEGORIES
-from cvg.files import atomic_path
 from cvg.generator import to_pixels
 from cvg.pipeline import CVGPipeline, load_wan_pipeline
+from cvg.video import to_uint8
 from cvg.videoset import generate_set
 
 SPEC_SEED = 20_261_124  # the held-out prompt set; fixed so every row and every run judges the same clips
@@ -33,19 +31,14 @@ SPEC_SEED = 20_261_124  # the held-out prompt set; fixed so every row and every 
 
 def round_trip(pipe, specs: Path, out: Path) -> None:
     """Each spec clip through the VAE (posterior mean) and back, written in the dataset format."""
-    (out / "clips").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for record in read_index(specs):
-        path = out / record["file"]
-        if not path.is_file():
-            with torch.no_grad():
-                x = to_pixels([read_frames(specs, record)])
-                video = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
-            frames = ((video[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
-            with atomic_path(path) as tmp:
-                np.savez_compressed(tmp, frames=frames)
-        lines.append(json.dumps(record) + "\n")
-    (out / "index.jsonl").write_text("".join(lines))
+    with ClipWriter(out) as writer:
+        for record in read_index(specs):
+            if record["id"] not in writer.done:
+                with torch.no_grad():
+                    x = to_pixels([read_frames(specs, record)])
+                    video = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
+                frames = to_uint8((video[0].permute(1, 2, 3, 0) * 0.5 + 0.5).numpy())
+                writer.add(record["id"], frames, record)
 
 
 def seconds_per_clip(pipe: CVGPipeline, steps: int, repeats: int = 5) -> float:
