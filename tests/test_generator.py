@@ -91,3 +91,28 @@ def test_flow_sigmas_follow_the_schedulers_shift():
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # its training sigmas
     unshifted = torch.arange(1000, 0, -1) / 1000
     assert torch.allclose(flow_sigmas(unshifted, 3.0), scheduler.sigmas.float(), atol=1e-6)
+
+
+def test_training_on_fewer_padded_tokens_is_exact():
+    """Cross-attention over 32 fed tokens with the pad bias equals attention over the full 512-token padding."""
+    torch.manual_seed(0)
+    model = generator.build_transformer(GeneratorRecipe(heads=2, head_dim=8, layers=2, ffn_dim=32, z_dim=4)).eval()
+    embeds = torch.randn(3, 32, 384)
+    for row, real in enumerate((5, 12, 2)):
+        embeds[row, real:] = 0
+    latent, t = torch.randn(3, 4, 2, 8, 8), torch.tensor([900.0, 500.0, 20.0])
+    with torch.no_grad():
+        full = model(latent, t, torch.nn.functional.pad(embeds, (0, 0, 0, 480)), return_dict=False)[0]
+        short = model(latent, t, embeds, return_dict=False)[0]
+        biased = [generator._BiasedCrossAttention(b.attn2.processor) for b in model.blocks]
+        for block, processor in zip(model.blocks, biased, strict=True):
+            processor.bias = generator.padded_context_bias(embeds, 512)
+            block.attn2.processor = processor
+        fed = model(latent, t, embeds, return_dict=False)[0]
+    assert (short - full).abs().max() > 1e-3  # the padding length matters without the bias
+    torch.testing.assert_close(fed, full, atol=1e-5, rtol=1e-5)
+
+
+def test_a_prompt_that_fills_the_fed_tokens_is_refused():
+    with pytest.raises(ValueError, match="fills all 4 fed text tokens"):
+        generator.padded_context_bias(torch.ones(1, 4, 8), 512)
