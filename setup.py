@@ -5,6 +5,22 @@
 
 from setuptools import setup
 
+try:  # the optional native extension cvg._C (csrc/); cvg works without it (see cvg/native.py)
+    from pybind11.setup_helpers import Pybind11Extension
+
+    ext_modules = [
+        Pybind11Extension(
+            "cvg._C",
+            ["csrc/pack_frames.cpp"],
+            # Vectorised (-fno-trapping-math) and exact (-ffp-contract=off: no fused x * 255 + 0.5).
+            extra_compile_args=["-O3", "-fno-trapping-math", "-ffp-contract=off"],
+            optional=True,
+        )
+    ]
+except ImportError:
+    print("cvg: pybind11 is not installed; building without the optional native extension cvg._C")
+    ext_modules = []
+
 setup(
     name="cvg",
     version="0.1.0",
@@ -24,6 +40,7 @@ setup(
         "pillow",
         "scipy",
     ],
+    ext_modules=ext_modules,
     package_data={"cvg.compshapes": ["assets/encoder/*"]},
     entry_points={"console_scripts": ["cvg = cvg.cli:main"]},
     extras_require={

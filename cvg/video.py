@@ -11,8 +11,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cvg.files import atomic_path
+from cvg.native import native
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
+NON_FINITE = "frames contain non-finite values; nothing was written"
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -22,8 +24,14 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
         raise ValueError(f"frames must be [frames, height, width, 3], got shape {frames.shape}")
     if frames.dtype == np.uint8:
         return frames
+    if native is not None and frames.dtype == np.float32:
+        frames = np.ascontiguousarray(frames)
+        packed = np.empty(frames.shape, np.uint8)
+        if native.pack_frames(frames, packed):
+            raise ValueError(NON_FINITE)
+        return packed
     if not np.isfinite(frames).all():
-        raise ValueError("frames contain non-finite values; nothing was written")
+        raise ValueError(NON_FINITE)
     return (np.clip(frames, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
 
 
