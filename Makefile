@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint check-kernels bench clean
+.PHONY: demo test lint check-kernels bench cpp clean
 
 $(STAMP): requirements.txt requirements-dev.txt setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,14 @@ check-kernels: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/attention_pool.py --write benchmarks/RESULTS.md
+	$(PY) benchmarks/pack_frames.py --write benchmarks/RESULTS.md
 	$(PY) -m cvg.bench --write benchmarks/RESULTS.md
+
+# The C++ API (libcvg + headers + CMake package) installed under build/prefix; see examples/cpp.
+cpp: $(STAMP)
+	cmake -S csrc -B build/cvg -DPython_EXECUTABLE=$(abspath $(PY)) -Dpybind11_DIR=$$($(PY) -m pybind11 --cmakedir)
+	cmake --build build/cvg
+	cmake --install build/cvg --prefix build/prefix
 
 clean:
 	rm -rf $(VENV) build *.egg-info .cache demo

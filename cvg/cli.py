@@ -158,14 +158,9 @@ def _load(args: argparse.Namespace):
 
 
 def _video_size(args: argparse.Namespace) -> dict[str, int]:
-    """--height/--width/--frames, else the size a cvg-trained model's manifest records, else Wan's 480x832x81."""
-    from cvg.pipeline import MANIFEST
+    from cvg.pipeline import video_size
 
-    manifest = Path(args.model) / MANIFEST
-    recipe = json.loads(manifest.read_text()).get("recipe", {}) if manifest.is_file() else {}
-    defaults = {"height": recipe.get("size", 480), "width": recipe.get("size", 832), "frames": recipe.get("frames", 81)}
-    size = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in defaults}
-    return {"height": size["height"], "width": size["width"], "num_frames": size["frames"]}
+    return video_size(args.model, args.height, args.width, args.frames)
 
 
 def generate(args: argparse.Namespace) -> None:

@@ -191,3 +191,15 @@ def decode_latents(pipe: WanPipeline, latents: torch.Tensor, output_type: str):
     std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
     video = vae.decode(latents / std + mean, return_dict=False)[0]
     return pipe.video_processor.postprocess_video(video, output_type=output_type)
+
+
+def video_size(path: str | Path, height: int | None = None, width: int | None = None,
+               num_frames: int | None = None) -> dict[str, int]:  # fmt: skip
+    """The size asked for, else the size a cvg-trained model's manifest records, else Wan's 480x832x81."""
+    manifest = Path(path) / MANIFEST
+    recipe = json.loads(manifest.read_text()).get("recipe", {}) if manifest.is_file() else {}
+    return {
+        "height": height or recipe.get("size", 480),
+        "width": width or recipe.get("size", 832),
+        "num_frames": num_frames or recipe.get("frames", 81),
+    }

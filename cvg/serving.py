@@ -1,6 +1,6 @@
 """`Engine`: a model served at one video shape, built once, then called per request from any thread.
 
-    engine = Engine("models/compshapes-wan", height=64, width=64, num_frames=17, backend="auto")
+    engine = Engine("models/compshapes-wan", backend="auto")  # at the 64x64x17 the model was trained for
     video = engine.generate("a red cube to the left of a blue ball", "red cube left of blue ball", seed=0)
 
 Building exports or loads the step engine for the shape (see `cvg.engine`) and runs one guided warm-up
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from cvg.composition import Composition
-from cvg.pipeline import CVGOutput, CVGPipeline
+from cvg.pipeline import CVGOutput, CVGPipeline, video_size
 from cvg.sampler import GuidanceConfig
 
 WARMUP_PROMPT, WARMUP_COMPOSITION = "a red cube to the left of a blue ball", "red cube left of blue ball"
@@ -39,9 +39,9 @@ class Engine:
     def __init__(
         self,
         model: str | Path | CVGPipeline,
-        height: int,
-        width: int,
-        num_frames: int,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
         *,
         num_inference_steps: int = 20,
         guidance_scale: float = 5.0,
@@ -51,10 +51,13 @@ class Engine:
         backend: str | None = "auto",
         cache_dir: str | Path | None = None,
     ):
+        """The size defaults to the one a cvg-trained model records (`cvg.pipeline.video_size`)."""
         pipe = model if isinstance(model, CVGPipeline) else CVGPipeline.from_pretrained(model)
         self.pipe = CVGPipeline(pipe.pipe, pipe.objective, guidance or pipe.guidance, backend, cache_dir)
-        self.config = EngineConfig(height, width, num_frames, num_inference_steps, guidance_scale,
-                                   max_sequence_length, max_composition_tokens)  # fmt: skip
+        self.pipe.pipe.set_progress_bar_config(disable=True)  # a server's stderr is for its own logs
+        size = video_size(pipe.pipe.config.get("_name_or_path", ""), height, width, num_frames)
+        self.config = EngineConfig(size["height"], size["width"], size["num_frames"], num_inference_steps,
+                                   guidance_scale, max_sequence_length, max_composition_tokens)  # fmt: skip
         self._lock = threading.Lock()
         start = time.perf_counter()
         self.generate(WARMUP_PROMPT, WARMUP_COMPOSITION, seed=0)
