@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -104,23 +104,14 @@ class Denoiser:
             return self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds,
                                     attention_kwargs=self.attention_kwargs, return_dict=False)[0]  # fmt: skip
 
-    def score(
-        self,
-        latents: torch.Tensor,
-        t: torch.Tensor,
-        objective: Objective,
-        bound: BoundComposition,
-        config: GuidanceConfig,
-        gradient: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Objective `[B]` and maps at `latents`; with `gradient`, also d(sum of the objective)/d latents.
-
-        The forward stops after the last recorded block. Backward runs inside the recording context, since
-        gradient checkpointing recomputes the recorded blocks with their recording processors.
-        """
+    @contextmanager
+    def _recorded(self, latents: torch.Tensor, t: torch.Tensor, bound: BoundComposition, config: GuidanceConfig,
+                  gradient: bool) -> Iterator[torch.Tensor]:  # fmt: skip
+        """Inside: the pooled maps `[B, layers, f, h, w, T]` of a forward at `latents`, stopped after the
+        last recorded block. Backward belongs inside too: gradient checkpointing recomputes the recorded
+        blocks with their recording processors."""
         model = self.transformer
         layers = resolve_layers(model, config.layers)
-        latents = latents.detach().requires_grad_(gradient)
         with (
             torch.set_grad_enabled(gradient),
             record_maps(model, bound.tokens, layers, config.pool, backend=config.backend) as recorder,
@@ -135,7 +126,27 @@ class Denoiser:
                 pass
             finally:
                 stop.remove()
-            maps = recorder.stacked().float()
+            yield recorder.stacked().float()
+
+    def read_maps(
+        self, latents: torch.Tensor, t: torch.Tensor, bound: BoundComposition, config: GuidanceConfig
+    ) -> torch.Tensor:
+        """The pooled maps of the composition's tokens at `latents` and timestep `t` (no gradient)."""
+        with self._recorded(latents.detach(), t, bound, config, gradient=False) as maps:
+            return maps
+
+    def score(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        objective: Objective,
+        bound: BoundComposition,
+        config: GuidanceConfig,
+        gradient: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Objective `[B]` and maps at `latents`; with `gradient`, also d(sum of the objective)/d latents."""
+        latents = latents.detach().requires_grad_(gradient)
+        with self._recorded(latents, t, bound, config, gradient) as maps:
             loss = objective(maps, bound)
             grad = torch.autograd.grad(loss.sum(), latents)[0] if gradient else None
         return loss.detach(), maps.detach(), grad
