@@ -1,10 +1,15 @@
-"""The learned compositional classifier: interface, model and storage.
+"""The learned compositional classifier: pooled entity maps + a composition label -> p(label holds).
 
-`CompositionClassifier(maps, label_embedding) -> logit [B]` scores whether the label holds for the video
-whose pooled maps are given; `ClassifierObjective` turns it into the guided sampler's loss
-`-log p(label)`. The label side is an embedding from a frozen text backbone, computed by the caller.
-Stored as `model.safetensors` + `config.json`; the config records the generator the classifier reads
-(layers, token grid, pooling) and loading against another is a clear error. Training: a later issue.
+`CompositionClassifier(maps, label_embedding) -> logit [B]`. The map side sees, for each entity slot,
+recorded layer and frame, where the entity's attention lies (its spatial distribution) and how much of
+it there is (log mass): shape and strength apart, since attention to a few prompt tokens is tiny. The
+label side is a frozen text backbone (`LabelEncoder`: all-MiniLM-L6-v2 by default, any local
+`transformers` encoder otherwise), so related labels ("left of" / "to the left of", "ball" / "sphere")
+land near each other and share what was learned; only the small head trains.
+
+`ClassifierObjective` makes it the guided sampler's loss `-log p(label)`. Stored as `model.safetensors`
++ `config.json`; the config records the generator it reads (weights hash, recorded layers, pooling, tile
+grid) and loading it for another generator is a clear error. Training: `cvg.dual_inversion`.
 """
 
 from __future__ import annotations
@@ -21,56 +26,65 @@ from torch import nn
 
 from cvg.composition import BoundComposition
 from cvg.files import atomic_path, write_text_atomic
+from cvg.minilm import PACKAGE
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+_EPS = 1e-12
 
 
 @dataclass
 class ClassifierConfig:
     layers: int  # recorded layers the maps come from
     tiles: tuple[int, int, int]  # pooled (frames, height, width) grid
-    entities: int = 2
+    entities: int = 2  # entity slots; compositions with fewer leave the rest empty
     label_dim: int = 384
-    hidden_dim: int = 128
-    generator: dict = field(default_factory=dict)  # e.g. {"layers": [...], "pool": [...], "model": "..."}
+    hidden_dim: int = 256
+    label_encoder: str = PACKAGE  # the frozen backbone: the MiniLM package, or a local transformers directory
+    generator: dict = field(default_factory=dict)  # what it reads: {"transformer": hash, "layers", "pool", ...}
 
     def __post_init__(self) -> None:
         self.tiles = tuple(self.tiles)
 
 
 class CompositionClassifier(nn.Module):
-    """A map encoder (per-entity maps -> features) scored against a projected label embedding."""
+    """A small MLP over entity-map features and the frozen label embedding."""
 
     def __init__(self, config: ClassifierConfig):
         super().__init__()
         self.config = config
         frames, height, width = config.tiles
-        self.map_encoder = nn.Sequential(
-            nn.Linear(config.layers * frames * height * width * config.entities, config.hidden_dim),
+        slots = config.layers * frames * config.entities
+        self.net = nn.Sequential(
+            nn.Linear(slots * height * width + slots + config.label_dim, config.hidden_dim),
             nn.GELU(),
             nn.Linear(config.hidden_dim, config.hidden_dim),
+            nn.GELU(),
+            nn.Linear(config.hidden_dim, 1),
         )
-        self.label_projection = nn.Linear(config.label_dim, config.hidden_dim)
+
+    def features(self, maps: torch.Tensor) -> torch.Tensor:
+        """`[B, layers, F, H, W, E]` entity maps (E ≤ entities) -> `[B, features]`: distributions and log mass."""
+        c = self.config
+        if maps.dim() != 6 or tuple(maps.shape[1:5]) != (c.layers, *c.tiles) or not 0 < maps.shape[5] <= c.entities:
+            raise ValueError(f"classifier expects maps of shape [B, {c.layers}, {', '.join(map(str, c.tiles))}, "
+                             f"1..{c.entities}], got {list(maps.shape)}")  # fmt: skip
+        maps = F.pad(maps, (0, c.entities - maps.shape[5])).movedim(-1, 1)  # [B, E, L, F, H, W]; empty slots 0
+        mass = maps.sum(dim=(-2, -1), keepdim=True)
+        shape = maps / (mass + _EPS) * (maps.shape[-1] * maps.shape[-2])  # 1 per tile when spread evenly
+        return torch.cat([shape.flatten(1), torch.log(mass + _EPS).flatten(1)], dim=1)
 
     def forward(self, maps: torch.Tensor, label_embedding: torch.Tensor) -> torch.Tensor:
-        """`maps [B, layers, F, H, W, entities]` (entity maps), `label_embedding [B or 1, label_dim]` -> `[B]`."""
-        expected = (self.config.layers, *self.config.tiles, self.config.entities)
-        if tuple(maps.shape[1:]) != expected:
-            raise ValueError(f"classifier expects maps of shape [B, {', '.join(map(str, expected))}], got "
-                             f"{list(maps.shape)}")  # fmt: skip
-        # Maps are tiny probabilities: compare their shapes, not their scale.
-        flat = maps.flatten(1)
-        flat = flat / (flat.sum(dim=1, keepdim=True) + 1e-12)
-        features = self.map_encoder(flat * flat.shape[1])
-        label = self.label_projection(label_embedding)
-        return (features * label).sum(-1) / features.shape[-1] ** 0.5
+        """`maps [B, layers, F, H, W, E]`, `label_embedding [B or 1, label_dim]` -> logits `[B]`."""
+        features = self.features(maps)
+        label = label_embedding.to(features.dtype).expand(features.shape[0], -1)
+        return self.net(torch.cat([features, label], dim=1)).squeeze(-1)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(directory / CONFIG_NAME, json.dumps(asdict(self.config), indent=1))
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
             save_file(self.state_dict(), str(tmp))
+        write_text_atomic(directory / CONFIG_NAME, json.dumps(asdict(self.config), indent=1))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, generator: dict | None = None) -> CompositionClassifier:
@@ -86,15 +100,60 @@ class CompositionClassifier(nn.Module):
                 raise ValueError(f"classifier in {directory} was trained for another generator ({detail})")
         model = cls(config)
         model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
-        return model.eval()
+        return model.eval().requires_grad_(False)
+
+
+class LabelEncoder:
+    """A frozen text backbone: labels -> mean-pooled, L2-normalised embeddings, cached per label."""
+
+    def __init__(self, source: str = PACKAGE):
+        if source == PACKAGE:
+            from cvg.minilm import load_minilm
+
+            self.tokenizer, self.model = load_minilm()
+        else:
+            from transformers import AutoModel, AutoTokenizer
+
+            if not Path(source).is_dir():
+                raise FileNotFoundError(f"label encoder directory {source!r} does not exist")
+            self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+            self.model = AutoModel.from_pretrained(source, local_files_only=True).eval()
+        self.model.requires_grad_(False)
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @torch.no_grad()
+    def __call__(self, labels: list[str]) -> torch.Tensor:
+        """`[len(labels), dim]` float32 embeddings."""
+        missing = sorted({label for label in labels if label not in self._cache})
+        if missing:
+            batch = self.tokenizer(missing, padding=True, return_tensors="pt")
+            states = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+            pooled = F.normalize((states * mask).sum(1) / mask.sum(1), dim=-1).float()
+            self._cache.update(zip(missing, pooled, strict=True))
+        return torch.stack([self._cache[label] for label in labels])
+
+
+def label_of(bound: BoundComposition) -> str:
+    """The text the classifier scores: the composition's free-text label, else its canonical description."""
+    return bound.composition.label or bound.composition.describe()
 
 
 class ClassifierObjective:
     """`-log p(label)` under a `CompositionClassifier`, for the guided sampler."""
 
-    def __init__(self, classifier: CompositionClassifier, label_embedding: torch.Tensor):
-        self.classifier, self.label_embedding = classifier, label_embedding
+    def __init__(self, classifier: CompositionClassifier, encoder: LabelEncoder | None = None):
+        self.classifier = classifier.eval().requires_grad_(False)
+        self.encoder = encoder or LabelEncoder(classifier.config.label_encoder)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, generator: dict | None = None) -> ClassifierObjective:
+        return cls(CompositionClassifier.from_pretrained(directory, generator))
 
     def __call__(self, maps: torch.Tensor, bound: BoundComposition) -> torch.Tensor:
-        logits = self.classifier(bound.entity_maps(maps), self.label_embedding.to(maps.dtype))
+        logits = self.classifier(bound.entity_maps(maps), self.encoder([label_of(bound)]))
         return F.softplus(-logits)

@@ -116,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     encoder.add_argument("--epochs", type=int, default=6, help="epochs (default 6)")
     encoder.add_argument("--seed", type=int, default=0, help="seed (default 0)")
 
+    train_cls = commands.add_parser(
+        "train-classifier", help="train the compositional classifier by dual inversion (resumable)",
+        description="Read CompShapes clips with a generator by dual inversion, train the classifier head, and "
+                    "measure accuracy and composition leakage on held-out clips, with and without dual inversion.",
+    )  # fmt: skip
+    train_cls.add_argument("--model", required=True, help="the generator (a local WanPipeline directory)")
+    train_cls.add_argument("--out", required=True, help="directory for the classifier (readings cached in OUT/.work)")
+    train_cls.add_argument("--clips", type=int, default=2000, help="training clips (default 2000)")
+    train_cls.add_argument("--heldout", type=int, default=200, help="held-out clips measured (default 200)")
+    train_cls.add_argument("--seed", type=int, default=0, help="seed of clips and initialisation (default 0)")
+    train_cls.add_argument("--steps", type=int, default=20, help="sampling steps whose guided steps are read")
+    train_cls.add_argument("--guide-steps", type=int, default=2, help="guided steps read (default 2)")
+
     tiny = commands.add_parser("make-tiny-model", help="save a random tiny Wan pipeline (real text encoder)")
     tiny.add_argument("directory", help="where to save the pipeline")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
@@ -127,6 +140,8 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="local diffusers WanPipeline directory")
     parser.add_argument("--objective", choices=("auto", *KINDS), default="auto",
                         help="guidance objective; auto picks the one for the composition's kind")  # fmt: skip
+    parser.add_argument("--classifier", metavar="DIR",
+                        help="guide with a classifier from cvg train-classifier instead")  # fmt: skip
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--guide-steps", type=int, default=2, help="guided steps at the start (default 2)")
     parser.add_argument("--strength", type=float, default=0.1, help="size of each latent update (default 0.1)")
@@ -152,6 +167,8 @@ def _load(args: argparse.Namespace):
     objective = None if args.objective == "auto" else objective_for(args.objective)
     pipe = CVGPipeline.from_pretrained(args.model, objective=objective)
     pipe.guidance = guidance
+    if args.classifier:
+        pipe.load_classifier(args.classifier)
     call = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale,
             "max_sequence_length": args.max_sequence_length}  # fmt: skip
     return pipe, call
@@ -238,6 +255,15 @@ def train_generator(args: argparse.Namespace) -> None:
     print(json.dumps({"model": args.out, "timings": manifest["timings"]}))
 
 
+def train_classifier(args: argparse.Namespace) -> None:
+    from cvg.dual_inversion import ReadingConfig, train_and_evaluate
+
+    reading = ReadingConfig(num_inference_steps=args.steps, guide_steps=args.guide_steps)
+    summary = train_and_evaluate(args.model, args.out, args.clips, args.heldout, args.seed, reading,
+                                 report=lambda line: print(line, file=sys.stderr))  # fmt: skip
+    print(json.dumps({"classifier": args.out, "heldout": summary["heldout_results"]}))
+
+
 def make_tiny_model(args: argparse.Namespace) -> None:
     from cvg.tiny import tiny_wan_pipeline
 
@@ -290,6 +316,7 @@ COMMANDS = {
     "sample": sample_set,
     "export": export_engine,
     "train-generator": train_generator,
+    "train-classifier": train_classifier,
     "compshapes-dataset": compshapes_dataset,
     "eval": evaluate_videos,
     "train-encoder": train_encoder,

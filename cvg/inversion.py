@@ -30,7 +30,8 @@ def invert(denoiser: Denoiser, latents: torch.Tensor, sigmas: Sequence[float], s
     """The latents at each of `sigmas` (increasing, in (0, 1]), integrating up from the clean `latents`
     with `substeps` Euler steps per interval. The velocity is the denoiser's (with classifier-free
     guidance when it has a negative prompt; inversion usually runs without)."""
-    if not sigmas or any(not 0 < s <= 1 for s in sigmas) or any(b <= a for a, b in zip(sigmas, sigmas[1:])):
+    rising = all(a < b for a, b in zip(sigmas[:-1], sigmas[1:], strict=True))
+    if not sigmas or not rising or any(not 0 < s <= 1 for s in sigmas):
         raise ValueError(f"sigmas must be increasing values in (0, 1], got {list(sigmas)}")
     if substeps < 1:
         raise ValueError(f"substeps must be at least 1, got {substeps}")

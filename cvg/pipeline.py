@@ -19,9 +19,10 @@ from diffusers import WanPipeline
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
 from cvg.composition import BoundComposition, Composition
-from cvg.engine import BACKENDS, StepEngine, StepShape, build_engine
+from cvg.engine import BACKENDS, StepEngine, StepShape, build_engine, model_key
 from cvg.minilm import PACKAGE, load_minilm
 from cvg.objectives import Objective, objective_for
+from cvg.processors import resolve_layers
 from cvg.sampler import Denoiser, GuidanceConfig, GuidedStep, denoise
 
 MANIFEST = "generator.json"  # beside a saved WanPipeline: which packaged text encoder it was trained with
@@ -83,6 +84,14 @@ class CVGPipeline:
         if class_name != "WanPipeline":
             raise ValueError(f"{str(path)!r} holds a {class_name}, not a WanPipeline")
         return cls(load_wan_pipeline(path, **kwargs), objective)
+
+    def load_classifier(self, directory: str | Path) -> None:
+        """Guide with a trained compositional classifier (`cvg train-classifier`) from now on; it must have
+        been trained on this generator's maps, recorded as `self.guidance` records them."""
+        from cvg.classifier import ClassifierObjective
+
+        description = generator_description(self.pipe.transformer, self.guidance.layers, self.guidance.pool)
+        self.objective = ClassifierObjective.from_pretrained(directory, description)
 
     def bind(self, prompt: str | list[str], composition: Composition | str, max_sequence_length: int = 512):
         """The composition tied to the prompts as the pipeline tokenizes them (Wan cleans prompts first)."""
@@ -203,3 +212,9 @@ def video_size(path: str | Path, height: int | None = None, width: int | None = 
         "width": width or recipe.get("size", 832),
         "num_frames": num_frames or recipe.get("frames", 81),
     }
+
+
+def generator_description(transformer: torch.nn.Module, layers: list[int] | None, pool: tuple[int, int, int]) -> dict:
+    """What a classifier trained on this generator's maps is bound to: its weights, recorded layers, pooling."""
+    return {"transformer": model_key(transformer), "layers": list(resolve_layers(transformer, layers)),
+            "pool": list(pool)}  # fmt: skip

@@ -48,13 +48,18 @@ class Engine:
         max_sequence_length: int = 512,
         max_composition_tokens: int = 16,
         guidance: GuidanceConfig | None = None,
+        classifier: str | Path | None = None,
         backend: str | None = "auto",
         cache_dir: str | Path | None = None,
     ):
-        """The size defaults to the one a cvg-trained model records (`cvg.pipeline.video_size`)."""
+        """The size defaults to the one a cvg-trained model records (`cvg.pipeline.video_size`); `classifier`
+        (a `cvg train-classifier` directory) guides with the learned classifier instead of the training-free
+        objectives."""
         pipe = model if isinstance(model, CVGPipeline) else CVGPipeline.from_pretrained(model)
         self.pipe = CVGPipeline(pipe.pipe, pipe.objective, guidance or pipe.guidance, backend, cache_dir)
         self.pipe.pipe.set_progress_bar_config(disable=True)  # a server's stderr is for its own logs
+        if classifier is not None:
+            self.pipe.load_classifier(classifier)
         size = video_size(pipe.pipe.config.get("_name_or_path", ""), height, width, num_frames)
         self.config = EngineConfig(size["height"], size["width"], size["num_frames"], num_inference_steps,
                                    guidance_scale, max_sequence_length, max_composition_tokens)  # fmt: skip

@@ -1,19 +1,27 @@
-"""The learned classifier's interface: scoring, storage, and use as an objective."""
+"""The learned classifier: features, scoring, storage, the frozen label encoder, and use as an objective."""
 
 import json
 
 import pytest
 import torch
 
-from cvg.classifier import ClassifierConfig, ClassifierObjective, CompositionClassifier
+from cvg.classifier import ClassifierConfig, ClassifierObjective, CompositionClassifier, LabelEncoder, label_of
 from cvg.composition import BoundComposition, Composition
+from cvg.sampler import GuidanceConfig
 
-GENERATOR = {"model": "tiny-wan", "layers": [0, 1], "pool": [1, 1, 1]}
+GENERATOR = {"transformer": "0123abcd", "layers": [0, 1], "pool": [1, 1, 1]}
 
 
 def _classifier(seed=0):
     torch.manual_seed(seed)
     return CompositionClassifier(ClassifierConfig(layers=2, tiles=(3, 4, 4), label_dim=8, generator=GENERATOR))
+
+
+class _Labels:
+    """A stand-in label encoder: a fixed random embedding per label."""
+
+    def __call__(self, labels):
+        return torch.stack([torch.randn(8, generator=torch.Generator().manual_seed(len(t))) for t in labels])
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -38,12 +46,70 @@ def test_missing_files_and_wrong_maps(tmp_path):
         CompositionClassifier.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="expects maps of shape"):
         _classifier()(torch.rand(1, 2, 3, 4, 5, 2), torch.randn(1, 8))
+    with pytest.raises(ValueError, match="expects maps of shape"):
+        _classifier()(torch.rand(1, 2, 3, 4, 4, 3), torch.randn(1, 8))  # more entities than slots
+
+
+def test_features_separate_where_from_how_much():
+    model = _classifier()
+    maps = torch.rand(2, 2, 3, 4, 4, 1)
+    features = model.features(maps)
+    torch.testing.assert_close(model.features(maps * 1e-3)[:, :96], features[:, :96])  # same shape of attention
+    assert (model.features(maps * 1e-3)[:, 192:198] < features[:, 192:198] - 6).all()  # less mass: log falls
+    assert features[:, 96:192].abs().max() == 0  # the empty second entity slot
+
+
+def test_one_entity_compositions_fill_the_first_slot():
+    model, label = _classifier(), torch.randn(1, 8)
+    single = torch.rand(2, 2, 3, 4, 4, 1)
+    padded = torch.cat([single, torch.zeros_like(single)], dim=-1)
+    torch.testing.assert_close(model(single, label), model(padded, label))
 
 
 def test_objective_is_differentiable_and_positive():
     comp = Composition.parse("cube left of ball")
     bound = BoundComposition(comp, torch.tensor([3, 4, 7]), (([0, 1], [2]),) * 2)
     maps = (torch.rand(2, 2, 3, 4, 4, 3) * 1e-2).requires_grad_()
-    loss = ClassifierObjective(_classifier(), torch.randn(1, 8))(maps, bound)
+    loss = ClassifierObjective(_classifier(), _Labels())(maps, bound)
     (grad,) = torch.autograd.grad(loss.sum(), maps)
     assert loss.shape == (2,) and (loss > 0).all() and grad.abs().sum() > 0
+
+
+def test_the_label_is_the_free_text_else_the_description():
+    comp = Composition.parse("cube left of ball")
+    assert label_of(BoundComposition(comp, torch.tensor([0]), ())) == "cube left of ball"
+    labelled = Composition("motion", "ball", direction="right", label="the ball rolls to the right")
+    assert label_of(BoundComposition(labelled, torch.tensor([0]), ())) == "the ball rolls to the right"
+
+
+def test_label_encoder_is_frozen_normalised_and_cached():
+    encoder = LabelEncoder()
+    labels = ["red cube left of blue ball", "red cube to the left of blue ball", "two green triangles"]
+    embeddings = encoder(labels)
+    assert embeddings.shape == (3, 384) and encoder.dim == 384
+    torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(3))
+    torch.testing.assert_close(encoder(labels[::-1]), embeddings.flip(0))  # order-independent, from the cache
+    close, far = embeddings[0] @ embeddings[1], embeddings[0] @ embeddings[2]
+    assert close > far  # paraphrases sit nearer than other compositions: what label transfer builds on
+    assert not any(p.requires_grad for p in encoder.model.parameters())
+    with pytest.raises(FileNotFoundError, match="label encoder directory"):
+        LabelEncoder("/nonexistent/encoder")
+
+
+def test_a_pipeline_loads_a_classifier_trained_for_its_generator(tiny_pipe, tmp_path):
+    from cvg.pipeline import CVGPipeline, generator_description
+    from cvg.tiny import tiny_wan_pipeline
+
+    pipe = CVGPipeline(tiny_pipe, guidance=GuidanceConfig(pool=(1, 1, 1)))
+    description = generator_description(tiny_pipe.transformer, None, (1, 1, 1))
+    assert description["layers"] == [0, 1] and len(description["transformer"]) == 16
+    torch.manual_seed(0)
+    config = ClassifierConfig(layers=2, tiles=(3, 4, 4), generator=description)
+    CompositionClassifier(config).save_pretrained(tmp_path)
+    pipe.load_classifier(tmp_path)
+    out = pipe("a red cube to the left of a blue ball", "red cube left of blue ball", height=64, width=64,
+               num_frames=9, num_inference_steps=3, max_sequence_length=64, output_type="latent")  # fmt: skip
+    assert isinstance(pipe.objective, ClassifierObjective) and len(out.objective_values) == 2
+    other = CVGPipeline(tiny_wan_pipeline(seed=1), guidance=pipe.guidance)
+    with pytest.raises(ValueError, match="trained for another generator \\(transformer"):
+        other.load_classifier(tmp_path)

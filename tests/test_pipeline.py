@@ -44,7 +44,8 @@ def test_without_guidance_it_is_wan_pipeline(tiny_pipe, guidance_scale, schedule
 def _classifier_objective():
     torch.manual_seed(0)
     classifier = CompositionClassifier(ClassifierConfig(layers=2, tiles=(3, 4, 4), label_dim=8))
-    return ClassifierObjective(classifier, torch.randn(1, 8))
+    label = torch.randn(1, 8)
+    return ClassifierObjective(classifier, encoder=lambda labels: label.expand(len(labels), -1))
 
 
 OBJECTIVES = {

@@ -1,6 +1,7 @@
 // Writes the frames of one generated video as PPM images (frame_0000.ppm, ...), then one JSON line.
 //
 //   generate MODEL_DIR PROMPT OUT_DIR [--composition TEXT] [--seed N] [--steps N] [--backend NAME]
+//            [--classifier DIR]
 //
 // Exit status 0 on success, 1 on a cvg::Error (its one-line message on stderr), 2 on bad arguments.
 #include <cvg/cvg.hpp>
@@ -17,7 +18,7 @@ namespace {
 
 int usage() {
   std::cerr << "usage: generate MODEL_DIR PROMPT OUT_DIR [--composition TEXT] [--seed N] [--steps N] "
-               "[--backend NAME]\n";
+               "[--backend NAME] [--classifier DIR]\n";
   return 2;
 }
 
@@ -52,6 +53,7 @@ int main(int argc, char** argv) {
     else if (flag == "--seed") seed = std::stoull(value);
     else if (flag == "--steps") options.steps = std::stoi(value);
     else if (flag == "--backend") options.backend = value;
+    else if (flag == "--classifier") options.classifier = value;
     else return usage();
   }
   try {

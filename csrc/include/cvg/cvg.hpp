@@ -45,6 +45,7 @@ struct EngineOptions {
   std::string backend = "auto";  // step engine for the later steps: auto, onnxruntime, compiled, tensorrt, torch,
                                  // or "" for diffusers eager
   std::string cache_dir;         // step-engine cache ("" = cvg's default)
+  std::string classifier;        // a `cvg train-classifier` directory to guide with ("" = training-free objectives)
   // The Python whose packages (cvg, torch, diffusers) the engine uses: a virtual environment's
   // bin/python. "" = the CVG_PYTHON environment variable, else the Python cvg was built against.
   std::string python;
@@ -58,7 +59,8 @@ struct Video {
   int width = 0;
   std::vector<std::uint8_t> pixels;
   // Objective value before each guided update (lower = the composition holds better); empty when
-  // the request had no composition. With a classifier objective these are -log p(label).
+  // the request had no composition. With a classifier these are -log p(label): the classifier's score
+  // of the composition is exp(-value).
   std::vector<float> objective_values;
 };
 

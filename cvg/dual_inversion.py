@@ -1,0 +1,279 @@
+"""Dual-inversion training of the compositional classifier (`cvg train-classifier`).
+
+For every clip with a known composition (CompShapes renders here; any dataset-format folder elsewhere):
+  1. encode it with the generator's VAE (posterior mean, normalised as WanPipeline normalises latents);
+  2. for each reading prompt, its true prompt and (dual) its counterfactual prompt, invert it along the
+     flow under that prompt to the noise levels of the guided steps and read the pooled maps of that
+     prompt's entity tokens there (`cvg.inversion.invert`, `Denoiser.read_maps`);
+  3. every reading gives a positive (maps, the clip's true label) and a negative (maps, the
+     counterfactual label). Read under the counterfactual prompt, the right answer is still the clip's
+     own label, so the classifier cannot succeed by reading the prompt back out of the maps.
+Leakage, measured on held-out clips read under the counterfactual prompt: how often the classifier
+prefers the prompt's label to the clip's own. Readings are cached in chunks under WORK, so an
+interrupted run resumes; training the head on them takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import WanPipeline
+from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+from cvg.classifier import ClassifierConfig, CompositionClassifier, LabelEncoder
+from cvg.composition import Composition
+from cvg.compshapes.dataset import read_frames, read_index, split_clip
+from cvg.compshapes.grammar import Clip
+from cvg.compshapes.world import render
+from cvg.files import atomic_path, write_text_atomic
+from cvg.generator import to_pixels
+from cvg.inversion import invert
+from cvg.pipeline import generator_description, load_wan_pipeline, video_size
+from cvg.sampler import Denoiser, GuidanceConfig
+
+GUIDED_CATEGORIES = ("spatial", "motion", "attribute", "numeracy")
+
+
+@dataclass(frozen=True)
+class ReadingConfig:
+    """Where the classifier reads: the guided steps of a sampling schedule, and how maps are recorded."""
+
+    num_inference_steps: int = 20
+    guide_steps: int = 2
+    substeps: int = 4  # Euler steps of the inversion per noise interval
+    pool: tuple[int, int, int] = (1, 2, 2)
+    layers: tuple[int, ...] | None = None  # None: every block
+    max_sequence_length: int = 512
+
+
+def guided_levels(pipe: WanPipeline, config: ReadingConfig) -> tuple[list[float], list[float]]:
+    """(sigmas, timesteps) of the guided steps under the pipeline's own scheduler."""
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(config.num_inference_steps)
+    steps = range(config.guide_steps)
+    return [float(scheduler.sigmas[i]) for i in steps], [float(scheduler.timesteps[i]) for i in steps]
+
+
+@torch.no_grad()
+def encode_clip(pipe: WanPipeline, frames) -> torch.Tensor:
+    """uint8 `[F, H, W, 3]` -> the normalised latent WanPipeline denoises, `[1, C, f, h, w]`."""
+    vae = pipe.vae
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    return (vae.encode(to_pixels([frames])).latent_dist.mean - mean) / std
+
+
+def read_clip(pipe: WanPipeline, clip: Clip, frames, config: ReadingConfig, dual: bool) -> list[torch.Tensor]:
+    """Entity maps `[guide_steps, layers, f, h, w, E]` of one clip per reading (true prompt, then counterfactual)."""
+    latent = encode_clip(pipe, frames)
+    sigmas, timesteps = guided_levels(pipe, config)
+    guidance = GuidanceConfig(pool=config.pool, layers=list(config.layers) if config.layers else None)
+    readings = [(clip.prompt, clip.composition)] + ([clip.counterfactuals[0]] if dual else [])
+    out = []
+    for prompt, composition in readings:
+        embeds = pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
+                                    max_sequence_length=config.max_sequence_length)[0]  # fmt: skip
+        bound = composition.bind(pipe.tokenizer, [prompt_clean(prompt)], config.max_sequence_length)
+        denoiser = Denoiser(pipe.transformer, embeds, None, 1.0)
+        order = sorted(range(len(sigmas)), key=sigmas.__getitem__)  # inversion climbs; the steps descend
+        climbed = invert(denoiser, latent, [sigmas[i] for i in order], config.substeps)
+        noisy = [climbed[order.index(i)] for i in range(len(sigmas))]
+        maps = [denoiser.read_maps(x, torch.tensor(t), bound, guidance) for x, t in zip(noisy, timesteps, strict=True)]
+        out.append(torch.cat([bound.entity_maps(m) for m in maps]))
+    return out
+
+
+def label(composition: Composition) -> str:
+    return composition.label or composition.describe()
+
+
+@dataclass
+class Readings:
+    """Maps of many clips: `maps [N, readings, guide_steps, layers, f, h, w, 2]`, true and counterfactual labels."""
+
+    maps: torch.Tensor
+    true_labels: list[str]
+    counterfactual_labels: list[str]
+    categories: list[str]
+
+
+def read_clips(
+    pipe: WanPipeline,
+    clips: Iterable[tuple[Clip, object]],
+    config: ReadingConfig,
+    work: Path,
+    chunk: int = 50,
+    report: Callable[[str], None] = print,
+) -> Readings:
+    """Dual readings (true and counterfactual prompt) of `(clip, frames)` pairs, cached in chunks under `work`."""
+    work.mkdir(parents=True, exist_ok=True)
+    parts, batch, index = [], [], 0
+    start = time.perf_counter()
+
+    def flush():
+        path = work / f"{index:06d}.pt"
+        if not path.is_file():
+            maps = [torch.stack(read_clip(pipe, clip, frames, config, dual=True)) for clip, frames in batch]
+            maps = torch.stack([F.pad(m, (0, 2 - m.shape[-1])) for m in maps])  # two entity slots
+            record = {"maps": maps, "true": [label(c.composition) for c, _ in batch],
+                      "counterfactual": [label(c.counterfactuals[0][1]) for c, _ in batch],
+                      "categories": [c.category for c, _ in batch]}  # fmt: skip
+            with atomic_path(path) as tmp:
+                torch.save(record, tmp)
+            report(f"read {index + len(batch)} clips ({time.perf_counter() - start:.0f} s)")
+        parts.append(torch.load(path, weights_only=True))
+
+    for clip, frames in clips:
+        batch.append((clip, frames))
+        if len(batch) == chunk:
+            flush()
+            index, batch = index + chunk, []
+    if batch:
+        flush()
+    return Readings(
+        torch.cat([p["maps"] for p in parts]),
+        [x for p in parts for x in p["true"]],
+        [x for p in parts for x in p["counterfactual"]],
+        [x for p in parts for x in p["categories"]],
+    )
+
+
+def rendered(clips: Iterable[Clip]) -> Iterable[tuple[Clip, object]]:
+    """CompShapes clips with their frames rendered on the fly."""
+    for clip in clips:
+        yield clip, render(clip.scene)
+
+
+def dataset_clips(directory: str | Path) -> Iterable[tuple[Clip, object]]:
+    """The clips of a dataset-format folder (index.jsonl + clips/) with their frames."""
+    for record in read_index(directory):
+        yield Clip.from_record(record), read_frames(directory, record)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    dual: bool = True  # False: only readings under the true prompt (the ablation)
+    epochs: int = 30
+    batch: int = 256
+    lr: float = 1e-3
+    hidden_dim: int = 256
+    seed: int = 0
+
+
+def _examples(readings: Readings, dual: bool) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """(maps [M, layers, f, h, w, 2], label texts, targets): each reading, each guided step, both labels."""
+    maps = readings.maps if dual else readings.maps[:, :1]
+    n, r, s = maps.shape[:3]
+    flat = maps.flatten(0, 2)  # clip-major, then reading, then step
+    clip = torch.arange(n).repeat_interleave(r * s)
+    texts = [readings.true_labels[i] for i in clip] + [readings.counterfactual_labels[i] for i in clip]
+    return torch.cat([flat, flat]), texts, torch.cat([torch.ones(len(clip)), torch.zeros(len(clip))])
+
+
+def train_classifier(
+    readings: Readings,
+    generator: dict,
+    config: TrainingConfig = TrainingConfig(),
+    encoder: LabelEncoder | None = None,
+    report: Callable[[str], None] = print,
+) -> CompositionClassifier:
+    """A classifier head fit to the readings (binary cross-entropy on both labels of every reading)."""
+    encoder = encoder or LabelEncoder()
+    maps, texts, targets = _examples(readings, config.dual)
+    embeddings = encoder(texts)
+    torch.manual_seed(config.seed)
+    model = CompositionClassifier(ClassifierConfig(
+        layers=maps.shape[1], tiles=tuple(maps.shape[2:5]), entities=2, label_dim=encoder.dim,
+        hidden_dim=config.hidden_dim, generator=generator,
+    ))  # fmt: skip
+    opt = torch.optim.AdamW(model.parameters(), config.lr, weight_decay=1e-4)
+    order = torch.Generator().manual_seed(config.seed)
+    steps = config.epochs * math.ceil(len(targets) / config.batch)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=steps)
+    for epoch in range(config.epochs):
+        total = 0.0
+        for idx in torch.randperm(len(targets), generator=order).split(config.batch):
+            loss = F.binary_cross_entropy_with_logits(model(maps[idx], embeddings[idx]), targets[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+            total += loss.item() * len(idx)
+        if (epoch + 1) % 10 == 0 or epoch + 1 == config.epochs:
+            report(f"classifier epoch {epoch + 1}/{config.epochs} loss {total / len(targets):.4f}")
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def evaluate_readings(model: CompositionClassifier, readings: Readings, encoder: LabelEncoder) -> dict:
+    """Accuracy (true-prompt readings: the clip's label scores above the counterfactual) and leakage
+    (counterfactual-prompt readings: the prompt's label scores above the clip's), per category and overall."""
+    n, _, s = readings.maps.shape[:3]
+    true_emb, cf_emb = encoder(readings.true_labels), encoder(readings.counterfactual_labels)
+
+    def prefers_true(reading: int) -> torch.Tensor:  # [N, steps]
+        maps = readings.maps[:, reading].flatten(0, 1)
+        t, c = true_emb.repeat_interleave(s, 0), cf_emb.repeat_interleave(s, 0)
+        return (model(maps, t) > model(maps, c)).view(n, s)
+
+    right, leaked = prefers_true(0).float().mean(1), (~prefers_true(1)).float().mean(1)
+    result = {"overall": {"accuracy": right.mean().item(), "leakage": leaked.mean().item(), "clips": n}}
+    for category in sorted(set(readings.categories)):
+        mask = torch.tensor([c == category for c in readings.categories])
+        result[category] = {"accuracy": right[mask].mean().item(), "leakage": leaked[mask].mean().item(),
+                            "clips": int(mask.sum())}  # fmt: skip
+    return result
+
+
+def compshapes_clips(seed: int, stream: int, count: int, split: str, frames: int, size: int) -> list[Clip]:
+    """`count` CompShapes clips of the guided categories in turn, from one split ("train" or "heldout")."""
+    categories = GUIDED_CATEGORIES
+    return [split_clip(seed * 1000 + stream, i, categories[i % len(categories)], split, frames=frames, height=size,
+                       width=size) for i in range(count)]  # fmt: skip
+
+
+def train_and_evaluate(
+    model: str | Path,
+    out: str | Path,
+    clips: int = 2000,
+    heldout: int = 200,
+    seed: int = 0,
+    reading: ReadingConfig = ReadingConfig(),
+    training: TrainingConfig = TrainingConfig(),
+    report: Callable[[str], None] = print,
+) -> dict:
+    """Read training and held-out CompShapes clips with `model`, train the dual-inversion classifier (saved
+    to `out`) and the single-reading ablation (under OUT/.work), and measure both on the held-out clips."""
+
+    out, started = Path(out), time.perf_counter()
+    pipe = load_wan_pipeline(model)
+    size = video_size(model)
+    if size["height"] != size["width"]:
+        raise ValueError(f"CompShapes clips are square; {model} makes {size['height']}x{size['width']} videos")
+    frames, side = size["num_frames"], size["height"]
+    work = out / ".work"
+    train_set = read_clips(pipe, rendered(compshapes_clips(seed, 10, clips, "train", frames, side)), reading,
+                           work / "readings-train", report=report)  # fmt: skip
+    held_set = read_clips(pipe, rendered(compshapes_clips(seed, 11, heldout, "heldout", frames, side)), reading,
+                          work / "readings-heldout", report=report)  # fmt: skip
+    read_seconds = time.perf_counter() - started
+    layers = list(reading.layers) if reading.layers else None
+    encoder, generator = LabelEncoder(), generator_description(pipe.transformer, layers, reading.pool)
+    results = {}
+    for name, dual in (("dual", True), ("single", False)):
+        classifier = train_classifier(train_set, generator, TrainingConfig(**{**training.__dict__, "dual": dual}),
+                                      encoder, report)  # fmt: skip
+        classifier.save_pretrained(out if dual else work / "single-reading")
+        results[name] = evaluate_readings(classifier, held_set, encoder)
+    summary = {"model": str(model), "clips": clips, "heldout": heldout, "seed": seed, "reading": reading.__dict__,
+               "training": training.__dict__, "read_seconds": read_seconds,
+               "total_seconds": time.perf_counter() - started, "heldout_results": results}  # fmt: skip
+    write_text_atomic(out / "training.json", json.dumps(summary, indent=1, default=list))
+    return summary
