@@ -21,6 +21,7 @@ from cvg.bench import machine_line, write_section
 from cvg.compshapes.dataset import ClipWriter, read_frames, read_index, write_dataset
 from cvg.compshapes.evaluate import evaluate
 from cvg.compshapes.grammar import ALL_CATEGORIES
+from cvg.engine import model_key
 from cvg.generator import to_pixels
 from cvg.pipeline import CVGPipeline, load_wan_pipeline
 from cvg.video import to_uint8
@@ -73,21 +74,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clips", type=int, default=500, help="held-out clips, categories in turn (default 500)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance (default 5)")
-    parser.add_argument("--work", type=Path, default=Path(".cache/experiments/generator"), help="working directory")
+    parser.add_argument("--work", type=Path, default=Path(".cache/experiments/generator"),
+                        help="working directory; results are kept per model (a subfolder named by its weights hash)")
     parser.add_argument("--write", type=Path, help="record the table in this Markdown file")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     specs = args.work / "specs"
-    write_dataset(specs, args.clips, SPEC_SEED, ALL_CATEGORIES, split="heldout")
     pipe = CVGPipeline(load_wan_pipeline(args.model))
     pipe.pipe.set_progress_bar_config(disable=True)
-    round_trip(pipe.pipe, specs, args.work / "vae")
-    sampled = generate_set(pipe, specs, args.work / "unguided", seed=0, guide_steps=0, num_inference_steps=args.steps,
+    work = args.work / f"{model_key(pipe.pipe.vae)}-{model_key(pipe.pipe.transformer)}"  # another model: new clips
+    write_dataset(specs, args.clips, SPEC_SEED, ALL_CATEGORIES, split="heldout")
+    round_trip(pipe.pipe, specs, work / "vae")
+    sampled = generate_set(pipe, specs, work / "unguided", seed=0, guide_steps=0, num_inference_steps=args.steps,
                            guidance_scale=args.guidance_scale)  # fmt: skip
     rows = {
         "renders": evaluate(specs),
-        "renders through the VAE": evaluate(args.work / "vae"),
-        f"generator, {args.steps} steps, CFG {args.guidance_scale:g}": evaluate(args.work / "unguided"),
+        "renders through the VAE": evaluate(work / "vae"),
+        f"generator, {args.steps} steps, CFG {args.guidance_scale:g}": evaluate(work / "unguided"),
     }
     speed = seconds_per_clip(pipe, args.steps)
     text = (
