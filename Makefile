@@ -15,14 +15,16 @@ $(STAMP): requirements.txt requirements-dev.txt setup.py pyproject.toml
 	$(PY) -c "import torch; assert torch.version.cuda is None or torch.cuda.is_available(), 'a CUDA torch build was installed on a machine without a GPU'"
 	touch $(STAMP)
 
-# The shipped CompShapes generator (trained here by `cvg train-generator`, see docs/generator.md).
+# The shipped CompShapes generator and classifier (trained here by `cvg train-generator` and
+# `cvg train-classifier`, see docs/generator.md and docs/classifier.md).
 DEMO_MODEL := models/compshapes-wan
 DEMO_PROMPT := a red cube to the left of a blue ball
 DEMO_COMPOSITION := red cube left of blue ball
+DEMO_CLASSIFIER := models/compshapes-classifier
 
 demo: $(STAMP)
 	$(VENV)/bin/cvg generate --model $(DEMO_MODEL) --prompt "$(DEMO_PROMPT)" \
-		--composition "$(DEMO_COMPOSITION)" --height 64 --width 64 --frames 17 --steps 20 \
+		--composition "$(DEMO_COMPOSITION)" --classifier $(DEMO_CLASSIFIER) --height 64 --width 64 --frames 17 --steps 20 \
 		--out demo/out.mp4 --save-maps demo/maps.png --judge
 
 test: $(STAMP)

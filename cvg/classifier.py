@@ -47,20 +47,23 @@ class ClassifierConfig:
 
 
 class CompositionClassifier(nn.Module):
-    """A small MLP over entity-map features and the frozen label embedding."""
+    """Map features and the label embedding, each through a small MLP, scored by their inner product: the
+    label decides which map patterns count as evidence. Both inputs are standardised with statistics of
+    the training set (buffers saved with the weights), because labels that differ in one word ("left" /
+    "right") have embeddings that differ little, and raw map features have very different scales."""
 
     def __init__(self, config: ClassifierConfig):
         super().__init__()
         self.config = config
         frames, height, width = config.tiles
         slots = config.layers * frames * config.entities
-        self.net = nn.Sequential(
-            nn.Linear(slots * height * width + slots + config.label_dim, config.hidden_dim),
-            nn.GELU(),
-            nn.Linear(config.hidden_dim, config.hidden_dim),
-            nn.GELU(),
-            nn.Linear(config.hidden_dim, 1),
-        )
+        features, hidden = slots * height * width + slots, config.hidden_dim
+        self.map_net = nn.Sequential(nn.Linear(features, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.label_net = nn.Sequential(nn.Linear(config.label_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.bias = nn.Parameter(torch.zeros(()))
+        for name, size in (("feature", features), ("label", config.label_dim)):
+            self.register_buffer(f"{name}_mean", torch.zeros(size))
+            self.register_buffer(f"{name}_scale", torch.ones(size))
 
     def features(self, maps: torch.Tensor) -> torch.Tensor:
         """`[B, layers, F, H, W, E]` entity maps (E ≤ entities) -> `[B, features]`: distributions and log mass."""
@@ -73,11 +76,19 @@ class CompositionClassifier(nn.Module):
         shape = maps / (mass + _EPS) * (maps.shape[-1] * maps.shape[-2])  # 1 per tile when spread evenly
         return torch.cat([shape.flatten(1), torch.log(mass + _EPS).flatten(1)], dim=1)
 
+    @torch.no_grad()
+    def standardise(self, maps: torch.Tensor, label_embeddings: torch.Tensor) -> None:
+        """Set the input statistics from training maps and the distinct training labels' embeddings."""
+        for name, x in (("feature", self.features(maps)), ("label", label_embeddings)):
+            getattr(self, f"{name}_mean").copy_(x.mean(0))
+            getattr(self, f"{name}_scale").copy_(1 / x.std(0).clamp_min(1e-4))
+
     def forward(self, maps: torch.Tensor, label_embedding: torch.Tensor) -> torch.Tensor:
         """`maps [B, layers, F, H, W, E]`, `label_embedding [B or 1, label_dim]` -> logits `[B]`."""
-        features = self.features(maps)
-        label = label_embedding.to(features.dtype).expand(features.shape[0], -1)
-        return self.net(torch.cat([features, label], dim=1)).squeeze(-1)
+        features = (self.features(maps) - self.feature_mean) * self.feature_scale
+        label = (label_embedding.to(features.dtype) - self.label_mean) * self.label_scale
+        scores = self.map_net(features) * self.label_net(label).expand(features.shape[0], -1)
+        return scores.sum(-1) / self.config.hidden_dim**0.5 + self.bias
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)

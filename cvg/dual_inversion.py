@@ -39,6 +39,7 @@ from cvg.pipeline import generator_description, load_wan_pipeline, video_size
 from cvg.sampler import Denoiser, GuidanceConfig
 
 GUIDED_CATEGORIES = ("spatial", "motion", "attribute", "numeracy")
+SINGLE_READING = "ablation-single-reading"  # beside the classifier: the one trained without dual inversion
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,7 @@ def train_classifier(
         layers=maps.shape[1], tiles=tuple(maps.shape[2:5]), entities=2, label_dim=encoder.dim,
         hidden_dim=config.hidden_dim, generator=generator,
     ))  # fmt: skip
+    model.standardise(maps, encoder(sorted(set(texts))))
     opt = torch.optim.AdamW(model.parameters(), config.lr, weight_decay=1e-4)
     order = torch.Generator().manual_seed(config.seed)
     steps = config.epochs * math.ceil(len(targets) / config.batch)
@@ -250,7 +252,8 @@ def train_and_evaluate(
     report: Callable[[str], None] = print,
 ) -> dict:
     """Read training and held-out CompShapes clips with `model`, train the dual-inversion classifier (saved
-    to `out`) and the single-reading ablation (under OUT/.work), and measure both on the held-out clips."""
+    to `out`) and the single-reading ablation (`out/ablation-single-reading`), and measure both on the
+    held-out clips (`out/training.json`)."""
 
     out, started = Path(out), time.perf_counter()
     pipe = load_wan_pipeline(model)
@@ -270,7 +273,7 @@ def train_and_evaluate(
     for name, dual in (("dual", True), ("single", False)):
         classifier = train_classifier(train_set, generator, TrainingConfig(**{**training.__dict__, "dual": dual}),
                                       encoder, report)  # fmt: skip
-        classifier.save_pretrained(out if dual else work / "single-reading")
+        classifier.save_pretrained(out if dual else out / SINGLE_READING)
         results[name] = evaluate_readings(classifier, held_set, encoder)
     summary = {"model": str(model), "clips": clips, "heldout": heldout, "seed": seed, "reading": reading.__dict__,
                "training": training.__dict__, "read_seconds": read_seconds,

@@ -140,8 +140,11 @@ class CompiledEngine(StepEngine):
 
 
 def model_key(transformer: torch.nn.Module) -> str:
-    """A hash of the transformer's config and weights: cache entries of a changed model are never reused."""
-    digest = hashlib.sha256(json.dumps(dict(transformer.config), sort_keys=True, default=str).encode())
+    """A hash of the transformer's config and weights: cache entries of a changed model are never reused.
+    Private config entries (`_name_or_path`, `_diffusers_version`, ...) say where a model was loaded from,
+    not what it computes, and are left out: a saved and reloaded model keeps its key."""
+    config = {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in transformer.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())

@@ -154,3 +154,16 @@ def test_serving_engine_is_thread_safe(tiny_pipe, tmp_path):
     with pytest.raises(ValueError, match="at most 2"):
         Engine(CVGPipeline(tiny_pipe), 64, 64, 9, num_inference_steps=2, max_sequence_length=32,
                max_composition_tokens=2, backend=None)  # fmt: skip
+
+
+def test_model_key_survives_save_and_load_and_follows_the_weights(tiny_pipe, tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    from cvg.engine import model_key
+
+    tiny_pipe.transformer.save_pretrained(str(tmp_path))
+    loaded = WanTransformer3DModel.from_pretrained(str(tmp_path))
+    assert model_key(loaded) == model_key(tiny_pipe.transformer)
+    with torch.no_grad():
+        next(loaded.parameters()).add_(1e-3)
+    assert model_key(loaded) != model_key(tiny_pipe.transformer)

@@ -74,8 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clips", type=int, default=500, help="held-out clips, categories in turn (default 500)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance (default 5)")
-    parser.add_argument("--work", type=Path, default=Path(".cache/experiments/generator"),
-                        help="working directory; results are kept per model (a subfolder named by its weights hash)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path(".cache/experiments/generator"),
+        help="working directory; results are kept per model (a subfolder named by its weights hash)",
+    )
     parser.add_argument("--write", type=Path, help="record the table in this Markdown file")
     args = parser.parse_args(argv)
     started = time.perf_counter()
