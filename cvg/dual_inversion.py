@@ -261,14 +261,16 @@ def train_and_evaluate(
     if size["height"] != size["width"]:
         raise ValueError(f"CompShapes clips are square; {model} makes {size['height']}x{size['width']} videos")
     frames, side = size["num_frames"], size["height"]
-    work = out / ".work"
+    layers = list(reading.layers) if reading.layers else None
+    generator = generator_description(pipe.transformer, layers, reading.pool)
+    # Readings depend on the generator and where it is read: another one must never reuse them.
+    work = out / ".work" / f"{generator['transformer']}-steps{reading.num_inference_steps}-guided{reading.guide_steps}"
     train_set = read_clips(pipe, rendered(compshapes_clips(seed, 10, clips, "train", frames, side)), reading,
                            work / "readings-train", report=report)  # fmt: skip
     held_set = read_clips(pipe, rendered(compshapes_clips(seed, 11, heldout, "heldout", frames, side)), reading,
                           work / "readings-heldout", report=report)  # fmt: skip
     read_seconds = time.perf_counter() - started
-    layers = list(reading.layers) if reading.layers else None
-    encoder, generator = LabelEncoder(), generator_description(pipe.transformer, layers, reading.pool)
+    encoder = LabelEncoder()
     results = {}
     for name, dual in (("dual", True), ("single", False)):
         classifier = train_classifier(train_set, generator, TrainingConfig(**{**training.__dict__, "dual": dual}),
