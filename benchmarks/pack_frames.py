@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cvg.bench import machine_line, write_section
+from cvg.bench import machine_line, publish
 from cvg.native import MISSING, native
 
 SIZES = {"CompShapes 17x64x64": (17, 64, 64, 3), "Wan 81x480x832": (81, 480, 832, 3)}
@@ -52,9 +52,7 @@ def main() -> None:
         fast = _median_seconds(lambda f=frames, o=out: native.pack_frames(f, o), args.repeats)
         lines.append(f"| {name} | {slow * 1e3:.2f} | {fast * 1e3:.2f} | {slow / fast:.1f}x |")
     text = "\n".join(lines)
-    print(text)
-    if args.write:
-        write_section(args.write, "pack_frames", text)
+    publish(text, args.write, "pack_frames")
 
 
 if __name__ == "__main__":

@@ -180,6 +180,13 @@ def engine_table(times: dict, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def publish(text: str, path: Path | None, name: str) -> None:
+    """Print a results text and, with `path`, record it as the marked section `name` of that Markdown file."""
+    print(text)
+    if path is not None:
+        write_section(path, name, text)
+
+
 def write_section(path: Path, name: str, body: str) -> None:
     """Replace (or append) the marked section `name` of a Markdown file, atomically."""
     begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cvg.composition import BoundComposition
+from cvg.composition import BoundComposition, Composition
 from cvg.files import atomic_path, write_text_atomic
 from cvg.minilm import PACKAGE
 
@@ -149,9 +149,9 @@ class LabelEncoder:
         return torch.stack([self._cache[label] for label in labels])
 
 
-def label_of(bound: BoundComposition) -> str:
+def label_of(composition: Composition) -> str:
     """The text the classifier scores: the composition's free-text label, else its canonical description."""
-    return bound.composition.label or bound.composition.describe()
+    return composition.label or composition.describe()
 
 
 class ClassifierObjective:
@@ -166,5 +166,5 @@ class ClassifierObjective:
         return cls(CompositionClassifier.from_pretrained(directory, generator))
 
     def __call__(self, maps: torch.Tensor, bound: BoundComposition) -> torch.Tensor:
-        logits = self.classifier(bound.entity_maps(maps), self.encoder([label_of(bound)]))
+        logits = self.classifier(bound.entity_maps(maps), self.encoder([label_of(bound.composition)]))
         return F.softplus(-logits)

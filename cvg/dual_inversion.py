@@ -27,15 +27,14 @@ import torch.nn.functional as F
 from diffusers import WanPipeline
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-from cvg.classifier import ClassifierConfig, CompositionClassifier, LabelEncoder
-from cvg.composition import Composition
+from cvg.classifier import ClassifierConfig, CompositionClassifier, LabelEncoder, label_of
 from cvg.compshapes.dataset import read_frames, read_index, split_clip
 from cvg.compshapes.grammar import Clip
 from cvg.compshapes.world import render
 from cvg.files import atomic_path, write_text_atomic
 from cvg.generator import to_pixels
 from cvg.inversion import invert
-from cvg.pipeline import generator_description, load_wan_pipeline, video_size
+from cvg.pipeline import generator_description, latent_normalisation, load_wan_pipeline, video_size
 from cvg.sampler import Denoiser, GuidanceConfig
 
 GUIDED_CATEGORIES = ("spatial", "motion", "attribute", "numeracy")
@@ -65,10 +64,8 @@ def guided_levels(pipe: WanPipeline, config: ReadingConfig) -> tuple[list[float]
 @torch.no_grad()
 def encode_clip(pipe: WanPipeline, frames) -> torch.Tensor:
     """uint8 `[F, H, W, 3]` -> the normalised latent WanPipeline denoises, `[1, C, f, h, w]`."""
-    vae = pipe.vae
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
-    return (vae.encode(to_pixels([frames])).latent_dist.mean - mean) / std
+    mean, std = latent_normalisation(pipe.vae)
+    return (pipe.vae.encode(to_pixels([frames])).latent_dist.mean - mean) / std
 
 
 def read_clip(pipe: WanPipeline, clip: Clip, frames, config: ReadingConfig, dual: bool) -> list[torch.Tensor]:
@@ -83,16 +80,12 @@ def read_clip(pipe: WanPipeline, clip: Clip, frames, config: ReadingConfig, dual
                                     max_sequence_length=config.max_sequence_length)[0]  # fmt: skip
         bound = composition.bind(pipe.tokenizer, [prompt_clean(prompt)], config.max_sequence_length)
         denoiser = Denoiser(pipe.transformer, embeds, None, 1.0)
-        order = sorted(range(len(sigmas)), key=sigmas.__getitem__)  # inversion climbs; the steps descend
-        climbed = invert(denoiser, latent, [sigmas[i] for i in order], config.substeps)
-        noisy = [climbed[order.index(i)] for i in range(len(sigmas))]
+        rising = sorted(sigmas)  # inversion climbs; the guided steps descend
+        climbed = dict(zip(rising, invert(denoiser, latent, rising, config.substeps), strict=True))
+        noisy = [climbed[s] for s in sigmas]
         maps = [denoiser.read_maps(x, torch.tensor(t), bound, guidance) for x, t in zip(noisy, timesteps, strict=True)]
         out.append(torch.cat([bound.entity_maps(m) for m in maps]))
     return out
-
-
-def label(composition: Composition) -> str:
-    return composition.label or composition.describe()
 
 
 @dataclass
@@ -123,8 +116,8 @@ def read_clips(
         if not path.is_file():
             maps = [torch.stack(read_clip(pipe, clip, frames, config, dual=True)) for clip, frames in batch]
             maps = torch.stack([F.pad(m, (0, 2 - m.shape[-1])) for m in maps])  # two entity slots
-            record = {"maps": maps, "true": [label(c.composition) for c, _ in batch],
-                      "counterfactual": [label(c.counterfactuals[0][1]) for c, _ in batch],
+            record = {"maps": maps, "true": [label_of(c.composition) for c, _ in batch],
+                      "counterfactual": [label_of(c.counterfactuals[0][1]) for c, _ in batch],
                       "categories": [c.category for c, _ in batch]}  # fmt: skip
             with atomic_path(path) as tmp:
                 torch.save(record, tmp)

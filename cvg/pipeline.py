@@ -190,15 +190,19 @@ def load_wan_pipeline(path: str | Path, **kwargs) -> WanPipeline:
     return WanPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
 
 
+def latent_normalisation(vae) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, std) `[1, C, 1, 1, 1]` by which WanPipeline normalises the VAE's latents."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    return torch.tensor(vae.config.latents_mean).view(shape), torch.tensor(vae.config.latents_std).view(shape)
+
+
 @torch.no_grad()
 def decode_latents(pipe: WanPipeline, latents: torch.Tensor, output_type: str):
     """WanPipeline's decode: un-normalise the latents, VAE decode, post-process to `output_type`."""
     vae = pipe.vae
     latents = latents.to(vae.device, vae.dtype)
-    shape = (1, vae.config.z_dim, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
-    std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
-    video = vae.decode(latents / std + mean, return_dict=False)[0]
+    mean, std = (x.to(latents.device, latents.dtype) for x in latent_normalisation(vae))
+    video = vae.decode(latents / (1.0 / std) + mean, return_dict=False)[0]  # WanPipeline's own arithmetic
     return pipe.video_processor.postprocess_video(video, output_type=output_type)
 
 

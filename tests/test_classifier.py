@@ -77,9 +77,9 @@ def test_objective_is_differentiable_and_positive():
 
 def test_the_label_is_the_free_text_else_the_description():
     comp = Composition.parse("cube left of ball")
-    assert label_of(BoundComposition(comp, torch.tensor([0]), ())) == "cube left of ball"
+    assert label_of(comp) == "cube left of ball"
     labelled = Composition("motion", "ball", direction="right", label="the ball rolls to the right")
-    assert label_of(BoundComposition(labelled, torch.tensor([0]), ())) == "the ball rolls to the right"
+    assert label_of(labelled) == "the ball rolls to the right"
 
 
 def test_label_encoder_is_frozen_normalised_and_cached():

@@ -21,7 +21,7 @@ import argparse
 import time
 from pathlib import Path
 
-from cvg.bench import machine_line, write_section
+from cvg.bench import machine_line, publish
 from cvg.compshapes.dataset import write_dataset
 from cvg.compshapes.evaluate import evaluate
 from cvg.dual_inversion import GUIDED_CATEGORIES, SINGLE_READING
@@ -94,9 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Seconds per clip (median, rows generated in this run): {timing or 'all reused'}. "
         f"This run took {time.perf_counter() - started:.0f} s."
     )
-    print(text)
-    if args.write:
-        write_section(args.write, "findings", text)
+    publish(text, args.write, "findings")
 
 
 if __name__ == "__main__":

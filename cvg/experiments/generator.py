@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from cvg.bench import machine_line, write_section
+from cvg.bench import machine_line, publish
 from cvg.compshapes.dataset import ClipWriter, read_frames, read_index, write_dataset
 from cvg.compshapes.evaluate import evaluate
 from cvg.compshapes.grammar import ALL_CATEGORIES
@@ -105,9 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{speed:.2f} s median of 5. This run took {time.perf_counter() - started:.0f} s "
         f"({sampled['generated']} clips generated now)."
     )
-    print(text)
-    if args.write:
-        write_section(args.write, "generator_eval", text)
+    publish(text, args.write, "generator_eval")
 
 
 if __name__ == "__main__":
