@@ -20,6 +20,7 @@ from pathlib import Path
 from cvg.composition import KINDS, CompositionError
 from cvg.compshapes.dataset import SPLITS
 from cvg.compshapes.grammar import CATEGORIES, SINGLE
+from cvg.dual_inversion import TrainingConfig
 from cvg.engine import EngineError
 from cvg.sampler import NORMALIZATIONS, GuidanceConfig
 
@@ -128,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     train_cls.add_argument("--seed", type=int, default=0, help="seed of clips and initialisation (default 0)")
     train_cls.add_argument("--steps", type=int, default=20, help="sampling steps whose guided steps are read")
     train_cls.add_argument("--guide-steps", type=int, default=2, help="guided steps read (default 2)")
+    train_cls.add_argument("--epochs", type=int, default=TrainingConfig.epochs,
+                           help=f"epochs of the head (default {TrainingConfig.epochs})")  # fmt: skip
+    smoothing = TrainingConfig.label_smoothing
+    train_cls.add_argument("--label-smoothing", type=float, default=smoothing,
+                           help=f"label smoothing of the head's targets (default {smoothing:g})")  # fmt: skip
 
     tiny = commands.add_parser("make-tiny-model", help="save a random tiny Wan pipeline (real text encoder)")
     tiny.add_argument("directory", help="where to save the pipeline")
@@ -259,7 +265,8 @@ def train_classifier(args: argparse.Namespace) -> None:
     from cvg.dual_inversion import ReadingConfig, train_and_evaluate
 
     reading = ReadingConfig(num_inference_steps=args.steps, guide_steps=args.guide_steps)
-    summary = train_and_evaluate(args.model, args.out, args.clips, args.heldout, args.seed, reading,
+    training = TrainingConfig(epochs=args.epochs, label_smoothing=args.label_smoothing, seed=args.seed)
+    summary = train_and_evaluate(args.model, args.out, args.clips, args.heldout, args.seed, reading, training,
                                  report=lambda line: print(line, file=sys.stderr))  # fmt: skip
     print(json.dumps({"classifier": args.out, "heldout": summary["heldout_results"]}))
 

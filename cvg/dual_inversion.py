@@ -19,7 +19,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
 from cvg.classifier import ClassifierConfig, CompositionClassifier, LabelEncoder, label_of
 from cvg.compshapes.dataset import read_frames, read_index, split_clip
-from cvg.compshapes.grammar import Clip
+from cvg.compshapes.grammar import Clip, seen_wording, transfer_wording
 from cvg.compshapes.world import render
 from cvg.files import atomic_path, write_text_atomic
 from cvg.generator import to_pixels
@@ -39,6 +39,7 @@ from cvg.sampler import Denoiser, GuidanceConfig
 
 GUIDED_CATEGORIES = ("spatial", "motion", "attribute", "numeracy")
 SINGLE_READING = "ablation-single-reading"  # beside the classifier: the one trained without dual inversion
+LABEL_TRANSFER = "label-transfer"  # beside it too: trained on labels without the held-out transfer wordings
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,11 @@ class Readings:
     true_labels: list[str]
     counterfactual_labels: list[str]
     categories: list[str]
+
+    def reworded(self, wording: Callable[[str], str]) -> Readings:
+        """The same readings with every label rewritten by `wording`."""
+        return replace(self, true_labels=[wording(t) for t in self.true_labels],
+                       counterfactual_labels=[wording(t) for t in self.counterfactual_labels])  # fmt: skip
 
 
 def read_clips(
@@ -158,6 +164,7 @@ class TrainingConfig:
     batch: int = 256
     lr: float = 1e-3
     hidden_dim: int = 256
+    label_smoothing: float = 0.0  # targets eps/2 and 1 - eps/2: a confident head keeps a gradient to guide with
     seed: int = 0
 
 
@@ -188,6 +195,7 @@ def train_classifier(
         hidden_dim=config.hidden_dim, generator=generator,
     ))  # fmt: skip
     model.standardise(maps, encoder(sorted(set(texts))))
+    targets = targets * (1 - config.label_smoothing) + config.label_smoothing / 2
     opt = torch.optim.AdamW(model.parameters(), config.lr, weight_decay=1e-4)
     order = torch.Generator().manual_seed(config.seed)
     steps = config.epochs * math.ceil(len(targets) / config.batch)
@@ -245,8 +253,9 @@ def train_and_evaluate(
     report: Callable[[str], None] = print,
 ) -> dict:
     """Read training and held-out CompShapes clips with `model`, train the dual-inversion classifier (saved
-    to `out`) and the single-reading ablation (`out/ablation-single-reading`), and measure both on the
-    held-out clips (`out/training.json`)."""
+    to `out`), the single-reading ablation (`out/ablation-single-reading`) and the label-transfer classifier
+    (`out/label-transfer`: dual, trained without the transfer wordings, measured with labels phrased only in
+    them), and measure them on the held-out clips (`out/training.json`)."""
 
     out, started = Path(out), time.perf_counter()
     pipe = load_wan_pipeline(model)
@@ -264,12 +273,17 @@ def train_and_evaluate(
                           work / "readings-heldout", report=report)  # fmt: skip
     read_seconds = time.perf_counter() - started
     encoder = LabelEncoder()
+    heads = {  # name: (dual, training readings, held-out readings, where it is saved)
+        "dual": (True, train_set, held_set, out),
+        "single": (False, train_set, held_set, out / SINGLE_READING),
+        "transfer": (True, train_set.reworded(seen_wording), held_set.reworded(transfer_wording), out / LABEL_TRANSFER),
+    }
     results = {}
-    for name, dual in (("dual", True), ("single", False)):
-        classifier = train_classifier(train_set, generator, TrainingConfig(**{**training.__dict__, "dual": dual}),
-                                      encoder, report)  # fmt: skip
-        classifier.save_pretrained(out if dual else out / SINGLE_READING)
-        results[name] = evaluate_readings(classifier, held_set, encoder)
+    for name, (dual, trained_on, measured_on, directory) in heads.items():
+        config = replace(training, dual=dual)
+        classifier = train_classifier(trained_on, generator, config, encoder, report)
+        classifier.save_pretrained(directory)
+        results[name] = evaluate_readings(classifier, measured_on, encoder)
     summary = {"model": str(model), "clips": clips, "heldout": heldout, "seed": seed, "reading": reading.__dict__,
                "training": training.__dict__, "read_seconds": read_seconds,
                "total_seconds": time.perf_counter() - started, "heldout_results": results}  # fmt: skip

@@ -11,7 +11,16 @@ from cvg.cli import main
 from cvg.composition import Composition
 from cvg.compshapes.dataset import clip_seed, read_frames, read_index, split_clip, write_dataset
 from cvg.compshapes.evaluate import evaluate, wilson_interval
-from cvg.compshapes.grammar import ALL_CATEGORIES, CATEGORIES, Clip, held_out, sample_clip
+from cvg.compshapes.grammar import (
+    ALL_CATEGORIES,
+    CATEGORIES,
+    TRANSFER_WORDINGS,
+    Clip,
+    held_out,
+    sample_clip,
+    seen_wording,
+    transfer_wording,
+)
 from cvg.compshapes.judge import detect, entity_colour_shape, judge_detections
 from cvg.compshapes.world import Scene, Thing, render
 
@@ -199,3 +208,21 @@ def test_dataset_command_writes_held_out_single_objects(tmp_path):
     records = read_index(out)
     assert [r["category"] for r in records] == ["object", "motion"] * 3
     assert all(held_out(r["prompt"]) for r in records)
+
+
+def _has(text: str, phrase: str) -> bool:
+    return f" {phrase} " in f" {text} "
+
+
+def test_transfer_wordings_split_labels_into_seen_and_held_out_phrasings():
+    labels = {sample_clip(seed, category).composition.label for seed in range(60) for category in CATEGORIES}
+    held, seen = set(TRANSFER_WORDINGS), {w for words in TRANSFER_WORDINGS.values() for w in words}
+    assert any(_has(label, h) for label in labels for h in held)  # the prompts do use the held-out wordings
+    for label in labels:
+        trained = seen_wording(label)
+        assert not any(_has(trained, h) for h in held), trained
+        transferred = transfer_wording(label)
+        assert not any(_has(transferred, w) for w in seen - held), transferred
+        assert transfer_wording(trained) == transferred  # one composition, two wordings
+    assert transfer_wording("red cube to the left of blue ball") == "red block on the left side of blue sphere"
+    assert seen_wording("two green pyramids beneath") == "two green triangles below"

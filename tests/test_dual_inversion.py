@@ -1,11 +1,17 @@
 """Dual-inversion classifier training: readings of real clips on a tiny Wan pipeline, caching, and the
 leakage that single readings learn and dual readings do not (on synthetic maps with a known leak)."""
 
+import json
+import math
+import shutil
+
 import torch
 
 from cvg import dual_inversion
 from cvg.compshapes.dataset import split_clip
+from cvg.compshapes.grammar import TRANSFER_WORDINGS
 from cvg.dual_inversion import ReadingConfig, Readings, TrainingConfig, evaluate_readings, train_classifier
+from cvg.pipeline import MANIFEST, CVGPipeline, load_wan_pipeline
 
 SIZE = {"frames": 9, "height": 64, "width": 64}
 CONFIG = ReadingConfig(num_inference_steps=10, guide_steps=2, substeps=2, max_sequence_length=64)
@@ -82,3 +88,48 @@ def test_dual_readings_remove_the_leakage_single_readings_learn():
         results[dual] = evaluate_readings(model, held, _Labels())["overall"]
     assert results[True]["accuracy"] > 0.95 and results[True]["leakage"] < 0.1
     assert results[False]["leakage"] > 0.5  # it reads the prompt back out of the maps
+
+
+def test_label_smoothing_keeps_the_head_from_saturating():
+    """Unsmoothed, a separable training set drives logits (and so -log p, the guidance objective) to
+    saturation; smoothed targets eps/2, 1 - eps/2 hold them near log((1 - eps/2) / (eps/2))."""
+    train = _leaky_readings(400, 0)
+    maps, labels = train.maps.flatten(0, 2), _Labels()(train.true_labels).repeat_interleave(2, 0)
+    magnitude = {}
+    for eps in (0.0, 0.2):
+        config = TrainingConfig(epochs=60, batch=64, lr=3e-3, hidden_dim=32, label_smoothing=eps)
+        model = train_classifier(train, {}, config, _Labels(), report=lambda _: None)
+        with torch.no_grad():
+            magnitude[eps] = model(maps, labels).abs().median().item()
+    assert magnitude[0.0] > 6.0
+    assert abs(magnitude[0.2] - math.log(0.9 / 0.1)) < 0.5
+
+
+def test_train_and_evaluate_saves_three_classifiers_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / MANIFEST).write_text(json.dumps({"recipe": {"size": SIZE["height"], "frames": SIZE["frames"]}}))
+    trained_on = {}
+
+    def spy(readings, generator, config, encoder, report):
+        trained_on.setdefault(config.dual, []).append(readings.true_labels + readings.counterfactual_labels)
+        return train_classifier(readings, generator, config, encoder, report)
+
+    monkeypatch.setattr(dual_inversion, "train_classifier", spy)
+    training = TrainingConfig(epochs=2, batch=16, hidden_dim=16, label_smoothing=0.1)
+    out = tmp_path / "classifier"
+    summary = dual_inversion.train_and_evaluate(model, out, clips=8, heldout=4, reading=CONFIG, training=training,
+                                                report=lambda _: None)  # fmt: skip
+    assert set(summary["heldout_results"]) == {"dual", "single", "transfer"}
+    assert all(r["overall"]["clips"] == 4 for r in summary["heldout_results"].values())
+    dual, transfer = trained_on[True]
+    held = set(TRANSFER_WORDINGS)
+    assert any(f" {h} " in f" {t} " for t in dual for h in held)  # some training prompts use held-out words ...
+    assert not any(f" {h} " in f" {t} " for t in transfer for h in held)  # ... the transfer head never sees them
+    pipe = CVGPipeline(load_wan_pipeline(model))
+    for directory in (out, out / dual_inversion.SINGLE_READING, out / dual_inversion.LABEL_TRANSFER):
+        pipe.load_classifier(directory)  # bound to this generator
+    monkeypatch.setattr(dual_inversion, "read_clip", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
+    again = dual_inversion.train_and_evaluate(model, out, clips=8, heldout=4, reading=CONFIG, training=training,
+                                              report=lambda _: None)  # fmt: skip
+    assert again["heldout_results"] == summary["heldout_results"]  # readings reused, training deterministic

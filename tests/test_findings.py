@@ -3,28 +3,38 @@
 import torch
 
 from cvg.classifier import ClassifierConfig, CompositionClassifier
-from cvg.dual_inversion import SINGLE_READING
+from cvg.compshapes.dataset import read_index
+from cvg.compshapes.grammar import TRANSFER_WORDINGS
+from cvg.dual_inversion import LABEL_TRANSFER, SINGLE_READING
 from cvg.experiments import findings
 from cvg.pipeline import generator_description
 
 
+def _save_classifier(directory, description, seed=0):
+    torch.manual_seed(seed)
+    CompositionClassifier(ClassifierConfig(layers=2, tiles=(5, 2, 2), generator=description)).save_pretrained(directory)
+
+
 def test_findings_rows_run_and_are_tabled(tiny_pipe, tmp_path):
-    model, classifier = tmp_path / "model", tmp_path / "classifier"
+    model, classifier, work = tmp_path / "model", tmp_path / "classifier", tmp_path / "work"
     tiny_pipe.save_pretrained(str(model))
     description = generator_description(tiny_pipe.transformer, None, (1, 2, 2))
-    for directory in (classifier, classifier / SINGLE_READING):
-        torch.manual_seed(0)
-        CompositionClassifier(ClassifierConfig(layers=2, tiles=(5, 2, 2), generator=description)).save_pretrained(
-            directory
-        )
+    for directory in (classifier, classifier / SINGLE_READING, classifier / LABEL_TRANSFER):
+        _save_classifier(directory, description)
     argv = ["--model", str(model), "--classifier", str(classifier), "--clips", "4", "--steps", "3",
-            "--rows", "unguided,cvg-2,cvg-all,single,training-free", "--work", str(tmp_path / "work"),
+            "--rows", "unguided,cvg-2,cvg-all,single,training-free,transfer", "--work", str(work),
             "--write", str(tmp_path / "findings.md")]  # fmt: skip
     findings.main(argv)
     text = (tmp_path / "findings.md").read_text()
     for name in ("unguided", "CVG, first 2 steps (default)", "CVG, all steps", "CVG without dual inversion",
-                 "training-free objectives"):  # fmt: skip
+                 "training-free objectives", "label transfer"):  # fmt: skip
         assert f"| {name}" in text
     assert "| row | attribute | spatial | motion | numeracy | all | Fréchet distance |" in text
+    (transfer,) = work.glob("*/transfer-*")
+    labels = [r["composition"]["label"] for r in read_index(transfer)]
+    assert len(labels) == 4 and all(any(f" {h} " in f" {t} " for h in TRANSFER_WORDINGS) for t in labels)
     findings.main(argv)  # a second run reuses every generated clip
     assert "all reused" in (tmp_path / "findings.md").read_text()
+    _save_classifier(classifier, description, seed=1)  # retrained: its rows are generated again
+    findings.main([*argv[:-6], "--rows", "cvg-2", *argv[-4:]])
+    assert "cvg-2 " in (tmp_path / "findings.md").read_text().split("Seconds per clip")[1]

@@ -10,6 +10,7 @@ reversed, count changed, another colour.
 
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import dataclass, replace
 
@@ -30,6 +31,16 @@ RELATION_PHRASES = {
 OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above", "up": "down", "down": "up"}
 MOTION_VERBS = ("moving", "moves", "travelling")
 _NUMBER_WORDS = {v: k for k, v in NUMBERS.items()}
+# Label transfer: wordings a classifier's training labels never contain (`seen_wording` puts the first
+# wording on the right in their place); a transfer test phrases its labels only in them (`transfer_wording`).
+TRANSFER_WORDINGS = {
+    "block": ("cube", "square"), "blocks": ("cubes", "squares"),
+    "sphere": ("ball", "circle"), "spheres": ("balls", "circles"),
+    "pyramid": ("triangle",), "pyramids": ("triangles",),
+    "on the left side of": ("to the left of", "left of"), "on the right side of": ("to the right of", "right of"),
+    "on top of": ("above",), "beneath": ("below", "under"),
+    "travels": ("moves",), "as well as": ("and",), "2": ("two",), "3": ("three",),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -193,3 +204,19 @@ def _numeracy(rng, words, seed, size, colours, shapes, frames, height, width) ->
     counter = Composition("presence", subject, count=other)
     return Clip("numeracy", seed, scene, f"{_NUMBER_WORDS[count]} {subject}", comp,
                 ((f"{_NUMBER_WORDS[other]} {subject}", counter),))  # fmt: skip
+
+
+def _rewrite(text: str, table: dict[str, str]) -> str:
+    """Replace whole-word phrases of `table`, longest first, in one pass."""
+    pattern = "|".join(re.escape(p) for p in sorted(table, key=len, reverse=True))
+    return re.sub(rf"\b(?:{pattern})\b", lambda m: table[m.group(0)], text)
+
+
+def seen_wording(label: str) -> str:
+    """`label` without the held-out transfer wordings (what a label-transfer classifier trains on)."""
+    return _rewrite(label, {held: seen[0] for held, seen in TRANSFER_WORDINGS.items()})
+
+
+def transfer_wording(label: str) -> str:
+    """`label` phrased in the held-out transfer wordings wherever it has one."""
+    return _rewrite(label, {word: held for held, seen in TRANSFER_WORDINGS.items() for word in seen})

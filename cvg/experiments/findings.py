@@ -12,26 +12,34 @@ measures quality. Rows (choose with --rows):
   cvg-all       every step
   single        the classifier trained without dual inversion (readings under the true prompt only)
   training-free the objectives that need no training (presence, centroid relation, centroid motion)
+  transfer      label transfer: the classifier trained without the held-out wordings (`label-transfer`),
+                guiding with labels phrased only in them ("red block on the left side of blue sphere")
 Generated sets are kept under WORK per model and row, so a run resumes and rows can be added later.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import time
 from pathlib import Path
 
 from cvg.bench import machine_line, publish
-from cvg.compshapes.dataset import write_dataset
+from cvg.classifier import CONFIG_NAME, WEIGHTS_NAME, label_of
+from cvg.composition import Composition
+from cvg.compshapes.dataset import read_index, write_dataset
 from cvg.compshapes.evaluate import evaluate
-from cvg.dual_inversion import GUIDED_CATEGORIES, SINGLE_READING
+from cvg.compshapes.grammar import transfer_wording
+from cvg.dual_inversion import GUIDED_CATEGORIES, LABEL_TRANSFER, SINGLE_READING
 from cvg.engine import model_key
 from cvg.experiments.generator import SPEC_SEED, table
+from cvg.files import write_text_atomic
 from cvg.pipeline import CVGPipeline, load_wan_pipeline
 from cvg.sampler import GuidanceConfig
 from cvg.videoset import generate_set
 
-ROWS = ("unguided", "cvg-2", "cvg-1", "cvg-4", "cvg-all", "single", "training-free")
+ROWS = ("unguided", "cvg-2", "cvg-1", "cvg-4", "cvg-all", "single", "training-free", "transfer")
 NAMES = {
     "unguided": "unguided",
     "cvg-2": "CVG, first 2 steps (default)",
@@ -40,18 +48,33 @@ NAMES = {
     "cvg-all": "CVG, all steps",
     "single": "CVG without dual inversion",
     "training-free": "training-free objectives, first 2 steps",
+    "transfer": "label transfer: unseen wordings, first 2 steps",
 }
 
 
-def row_pipeline(row: str, base, args: argparse.Namespace) -> tuple[CVGPipeline, int]:
-    """The pipeline and guide_steps a row generates with."""
+def row_pipeline(row: str, base, args: argparse.Namespace) -> tuple[CVGPipeline, int, str]:
+    """The pipeline, guide_steps and output folder name of a row. A classifier row's folder names the
+    classifier's weights, so a retrained classifier never reuses another's clips."""
     guide_steps = {"unguided": 0, "cvg-1": 1, "cvg-4": 4, "cvg-all": args.steps}.get(row, 2)
     pipe = CVGPipeline(base, guidance=GuidanceConfig(guide_steps=guide_steps, strength=args.strength))
-    if row in ("cvg-2", "cvg-1", "cvg-4", "cvg-all"):
-        pipe.load_classifier(args.classifier)
-    elif row == "single":
-        pipe.load_classifier(Path(args.classifier) / SINGLE_READING)
-    return pipe, guide_steps
+    if row in ("unguided", "training-free"):
+        return pipe, guide_steps, row
+    directory = Path(args.classifier) / {"single": SINGLE_READING, "transfer": LABEL_TRANSFER}.get(row, "")
+    pipe.load_classifier(directory)
+    digest = hashlib.sha256(b"".join((directory / name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME)))
+    return pipe, guide_steps, f"{row}-{digest.hexdigest()[:16]}"
+
+
+def transfer_specs(specs: Path) -> Path:
+    """A copy of the spec index (beside it) whose composition labels use only the held-out transfer wordings."""
+    out = specs.with_name(f"{specs.name}-transfer")
+    records = []
+    for record in read_index(specs):
+        label = transfer_wording(label_of(Composition.from_dict(record["composition"])))
+        records.append({**record, "composition": {**record["composition"], "label": label}})
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "index.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classifier", default="models/compshapes-classifier", help="cvg train-classifier output")
     parser.add_argument("--clips", type=int, default=400, help="held-out clips, categories in turn (default 400)")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"rows to run (default all: {','.join(ROWS)})")
+    parser.add_argument("--split", choices=("heldout", "train"), default="heldout",
+                        help="held-out prompts (the findings) or training ones (for tuning)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     parser.add_argument("--strength", type=float, default=GuidanceConfig.strength,
                         help=f"RMS of one guided latent update (default {GuidanceConfig.strength})")  # fmt: skip
@@ -72,15 +97,17 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     base = load_wan_pipeline(args.model)
     base.set_progress_bar_config(disable=True)
-    specs = args.work / "specs"
-    write_dataset(specs, args.clips, SPEC_SEED, GUIDED_CATEGORIES, split="heldout")
-    work = args.work / f"{model_key(base.vae)}-{model_key(base.transformer)}-strength{args.strength:g}"
+    split = "" if args.split == "heldout" else "-train"
+    specs = args.work / f"specs{split}"
+    write_dataset(specs, args.clips, SPEC_SEED, GUIDED_CATEGORIES, split=args.split)
+    work = args.work / f"{model_key(base.vae)}-{model_key(base.transformer)}-strength{args.strength:g}{split}"
     results, seconds = {}, {}
     for row in rows:
-        pipe, guide_steps = row_pipeline(row, base, args)
-        sampled = generate_set(pipe, specs, work / row, seed=0, guide_steps=guide_steps,
-                               num_inference_steps=args.steps, guidance_scale=5.0)  # fmt: skip
-        results[NAMES[row]] = evaluate(work / row)
+        pipe, guide_steps, folder = row_pipeline(row, base, args)
+        row_specs = transfer_specs(specs) if row == "transfer" else specs
+        sampled = generate_set(pipe, row_specs, work / folder, seed=0, guide_steps=guide_steps,
+                               num_inference_steps=args.steps, guidance_scale=5.0, limit=args.clips)  # fmt: skip
+        results[NAMES[row]] = evaluate(work / folder)
         seconds[row] = sampled["seconds_per_clip"]
         print(f"{row}: done ({sampled['generated']} clips generated now)", flush=True)
     timing = ", ".join(f"{r} {s:.2f} s" for r, s in seconds.items() if s is not None)
