@@ -164,7 +164,7 @@ class TrainingConfig:
     batch: int = 256
     lr: float = 1e-3
     hidden_dim: int = 256
-    label_smoothing: float = 0.0  # targets eps/2 and 1 - eps/2: a confident head keeps a gradient to guide with
+    label_smoothing: float = 0.1  # targets eps/2 and 1 - eps/2: a confident head keeps a gradient to guide with
     seed: int = 0
 
 

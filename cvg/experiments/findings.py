@@ -110,14 +110,16 @@ def main(argv: list[str] | None = None) -> None:
         results[NAMES[row]] = evaluate(work / folder)
         seconds[row] = sampled["seconds_per_clip"]
         print(f"{row}: done ({sampled['generated']} clips generated now)", flush=True)
+    prompts = "held-out clips (prompts never trained on)" if args.split == "heldout" else "clips of training prompts"
+    options = f" --strength {args.strength:g}" + (" --split train" if args.split == "train" else "")
     timing = ", ".join(f"{r} {s:.2f} s" for r, s in seconds.items() if s is not None)
     text = (
         f"Command: `python -m cvg.experiments.findings --model {args.model} --classifier {args.classifier} "
-        f"--clips {args.clips} --rows {','.join(rows)}`\n\n"
-        f"{machine_line()}. {args.clips} held-out clips ({', '.join(GUIDED_CATEGORIES)} in turn; prompts never "
-        f"trained on; spec seed {SPEC_SEED}; noise seed = clip id, the same in every row), {args.steps} steps, "
-        f"CFG 5, guidance strength {args.strength:g}; accuracy with 95% Wilson intervals; Fréchet distance of "
-        f"CompShapes clip features to fresh renders.\n\n{table(results)}\n\n"
+        f"--clips {args.clips} --rows {','.join(rows)}{options}`\n\n"
+        f"{machine_line()}. {args.clips} {prompts}, {', '.join(GUIDED_CATEGORIES)} in turn (spec seed {SPEC_SEED}; "
+        f"noise seed = clip id, the same in every row), {args.steps} steps, CFG 5, guidance strength "
+        f"{args.strength:g}; accuracy with 95% Wilson intervals; Fréchet distance of CompShapes clip features to "
+        f"fresh renders.\n\n{table(results)}\n\n"
         f"Seconds per clip (median, rows generated in this run): {timing or 'all reused'}. "
         f"This run took {time.perf_counter() - started:.0f} s."
     )
