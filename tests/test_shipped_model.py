@@ -7,10 +7,12 @@ import torch
 
 from cvg.compshapes.dataset import split_clip
 from cvg.compshapes.judge import detect, judge
+from cvg.dual_inversion import LABEL_TRANSFER, SINGLE_READING
 from cvg.pipeline import CVGPipeline
 from cvg.video import to_uint8
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "compshapes-wan"
+CLASSIFIER = MODEL.parent / "compshapes-classifier"
 
 
 def test_shipped_model_is_small_and_complete():
@@ -70,12 +72,18 @@ def test_generate_takes_the_video_size_from_the_model(tmp_path, capsys):
 
 
 def test_shipped_classifier_guides_the_shipped_generator():
-    """It loads against the shipped generator (weights hash, layers, pooling match) and scores requests."""
+    """It loads against the shipped generator (weights hash, layers, pooling match), its ablation and
+    label-transfer heads too, and scores requests without saturating (smoothed labels keep a gradient)."""
     from cvg.classifier import ClassifierObjective
     from cvg.serving import Engine
 
-    engine = Engine(MODEL, num_inference_steps=4, backend=None, classifier=MODEL.parent / "compshapes-classifier")
+    engine = Engine(MODEL, num_inference_steps=4, backend=None, classifier=CLASSIFIER)
     assert isinstance(engine.pipe.objective, ClassifierObjective)
     out = engine.generate("a red cube to the left of a blue ball", "red cube left of blue ball", seed=0)
     values = [float(v[0]) for v in out.objective_values]
     assert len(values) == 2 and all(np.isfinite(values)) and all(v >= 0 for v in values)  # -log p(label)
+    # Before any update the reading is one like those it trained on, where smoothed labels keep p(label) short
+    # of 1 (the unsmoothed head said 1.2e-10 here); after an update it can be anywhere (docs/classifier.md).
+    assert values[0] > 1e-3, values
+    for head in (SINGLE_READING, LABEL_TRANSFER):
+        engine.pipe.load_classifier(CLASSIFIER / head)
