@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_cls.add_argument("--out", required=True, help="directory for the classifier (readings cached in OUT/.work)")
     train_cls.add_argument("--clips", type=int, default=2000, help="training clips (default 2000)")
     train_cls.add_argument("--heldout", type=int, default=200, help="held-out clips measured (default 200)")
+    train_cls.add_argument("--data", metavar="DIR", help="train on this dataset folder (index.jsonl + clips/, "
+                           "e.g. from cvg compshapes-dataset) instead of fresh CompShapes renders")  # fmt: skip
+    train_cls.add_argument("--heldout-data", metavar="DIR", help="measure on this dataset folder instead")
     train_cls.add_argument("--seed", type=int, default=0, help="seed of clips and initialisation (default 0)")
     train_cls.add_argument("--steps", type=int, default=20, help="sampling steps whose guided steps are read")
     train_cls.add_argument("--guide-steps", type=int, default=2, help="guided steps read (default 2)")
@@ -267,7 +270,7 @@ def train_classifier(args: argparse.Namespace) -> None:
     reading = ReadingConfig(num_inference_steps=args.steps, guide_steps=args.guide_steps)
     training = TrainingConfig(epochs=args.epochs, label_smoothing=args.label_smoothing, seed=args.seed)
     summary = train_and_evaluate(args.model, args.out, args.clips, args.heldout, args.seed, reading, training,
-                                 report=lambda line: print(line, file=sys.stderr))  # fmt: skip
+                                 lambda line: print(line, file=sys.stderr), args.data, args.heldout_data)  # fmt: skip
     print(json.dumps({"classifier": args.out, "heldout": summary["heldout_results"]}))
 
 

@@ -15,6 +15,7 @@ interrupted run resumes; training the head on them takes seconds.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -119,16 +120,18 @@ def read_clips(
 
     def flush():
         path = work / f"{index:06d}.pt"
-        if not path.is_file():
+        true = [label_of(c.composition) for c, _ in batch]
+        record = torch.load(path, weights_only=True) if path.is_file() else None
+        if record is None or record["true"] != true:  # a chunk of other clips (another count or dataset)
             maps = [torch.stack(read_clip(pipe, clip, frames, config, dual=True)) for clip, frames in batch]
             maps = torch.stack([F.pad(m, (0, 2 - m.shape[-1])) for m in maps])  # two entity slots
-            record = {"maps": maps, "true": [label_of(c.composition) for c, _ in batch],
-                      "counterfactual": [label_of(c.counterfactuals[0][1]) for c, _ in batch],
+            counterfactual = [label_of(c.counterfactuals[0][1]) for c, _ in batch]
+            record = {"maps": maps, "true": true, "counterfactual": counterfactual,
                       "categories": [c.category for c, _ in batch]}  # fmt: skip
             with atomic_path(path) as tmp:
                 torch.save(record, tmp)
             report(f"read {index + len(batch)} clips ({time.perf_counter() - start:.0f} s)")
-        parts.append(torch.load(path, weights_only=True))
+        parts.append(record)
 
     for clip, frames in clips:
         batch.append((clip, frames))
@@ -151,10 +154,18 @@ def rendered(clips: Iterable[Clip]) -> Iterable[tuple[Clip, object]]:
         yield clip, render(clip.scene)
 
 
-def dataset_clips(directory: str | Path) -> Iterable[tuple[Clip, object]]:
-    """The clips of a dataset-format folder (index.jsonl + clips/) with their frames."""
-    for record in read_index(directory):
-        yield Clip.from_record(record), read_frames(directory, record)
+def dataset_clips(directory: str | Path, shape: tuple[int, int, int]) -> Iterable[tuple[Clip, object]]:
+    """The clips of a dataset-format folder (index.jsonl + clips/) with their frames, which must be
+    `shape` (frames, height, width): the size the generator makes and its classifier reads."""
+    records = read_index(directory)
+    if not records:
+        raise FileNotFoundError(f"no clips in {directory} (expected index.jsonl and clips/)")
+    for record in records:
+        frames = read_frames(directory, record)
+        if tuple(frames.shape[:3]) != shape:
+            raise ValueError(f"{directory}: clip {record.get('id')} is {'x'.join(map(str, frames.shape[:3]))}; "
+                             f"the generator makes {'x'.join(map(str, shape))} videos")  # fmt: skip
+        yield Clip.from_record(record), frames
 
 
 @dataclass(frozen=True)
@@ -251,26 +262,34 @@ def train_and_evaluate(
     reading: ReadingConfig = ReadingConfig(),
     training: TrainingConfig = TrainingConfig(),
     report: Callable[[str], None] = print,
+    data: str | Path | None = None,
+    heldout_data: str | Path | None = None,
 ) -> dict:
-    """Read training and held-out CompShapes clips with `model`, train the dual-inversion classifier (saved
-    to `out`), the single-reading ablation (`out/ablation-single-reading`) and the label-transfer classifier
-    (`out/label-transfer`: dual, trained without the transfer wordings, measured with labels phrased only in
-    them), and measure them on the held-out clips (`out/training.json`)."""
+    """Read training and held-out clips with `model` (CompShapes renders, or the dataset-format folders
+    `data` / `heldout_data`), train the dual-inversion classifier (saved to `out`), the single-reading
+    ablation (`out/ablation-single-reading`) and the label-transfer classifier (`out/label-transfer`: dual,
+    trained without the transfer wordings, measured with labels phrased only in them), and measure them on
+    the held-out clips (`out/training.json`)."""
 
     out, started = Path(out), time.perf_counter()
     pipe = load_wan_pipeline(model)
     size = video_size(model)
-    if size["height"] != size["width"]:
-        raise ValueError(f"CompShapes clips are square; {model} makes {size['height']}x{size['width']} videos")
-    frames, side = size["num_frames"], size["height"]
+    frames, height, width = size["num_frames"], size["height"], size["width"]
+    if (data is None or heldout_data is None) and height != width:
+        raise ValueError(f"CompShapes clips are square; {model} makes {height}x{width} videos (pass --data folders)")
     layers = list(reading.layers) if reading.layers else None
     generator = generator_description(pipe.transformer, layers, reading.pool)
     # Readings depend on the generator and where it is read: another one must never reuse them.
     work = out / ".work" / f"{generator['transformer']}-steps{reading.num_inference_steps}-guided{reading.guide_steps}"
-    train_set = read_clips(pipe, rendered(compshapes_clips(seed, 10, clips, "train", frames, side)), reading,
-                           work / "readings-train", report=report)  # fmt: skip
-    held_set = read_clips(pipe, rendered(compshapes_clips(seed, 11, heldout, "heldout", frames, side)), reading,
-                          work / "readings-heldout", report=report)  # fmt: skip
+
+    def source(folder, stream: int, count: int, split: str):
+        if folder is None:
+            return rendered(compshapes_clips(seed, stream, count, split, frames, height))
+        return itertools.islice(dataset_clips(folder, (frames, height, width)), count)
+
+    train_set = read_clips(pipe, source(data, 10, clips, "train"), reading, work / "readings-train", report=report)
+    held_set = read_clips(pipe, source(heldout_data, 11, heldout, "heldout"), reading, work / "readings-heldout",
+                          report=report)  # fmt: skip
     read_seconds = time.perf_counter() - started
     encoder = LabelEncoder()
     heads = {  # name: (dual, training readings, held-out readings, where it is saved)
@@ -284,8 +303,9 @@ def train_and_evaluate(
         classifier = train_classifier(trained_on, generator, config, encoder, report)
         classifier.save_pretrained(directory)
         results[name] = evaluate_readings(classifier, measured_on, encoder)
-    summary = {"model": str(model), "clips": clips, "heldout": heldout, "seed": seed, "reading": reading.__dict__,
-               "training": training.__dict__, "read_seconds": read_seconds,
+    summary = {"model": str(model), "clips": len(train_set.true_labels), "heldout": len(held_set.true_labels),
+               "data": str(data or "compshapes"), "heldout_data": str(heldout_data or "compshapes"), "seed": seed,
+               "reading": reading.__dict__, "training": training.__dict__, "read_seconds": read_seconds,
                "total_seconds": time.perf_counter() - started, "heldout_results": results}  # fmt: skip
     write_text_atomic(out / "training.json", json.dumps(summary, indent=1, default=list))
     return summary

@@ -5,10 +5,11 @@ import json
 import math
 import shutil
 
+import pytest
 import torch
 
 from cvg import dual_inversion
-from cvg.compshapes.dataset import split_clip
+from cvg.compshapes.dataset import split_clip, write_dataset
 from cvg.compshapes.grammar import TRANSFER_WORDINGS
 from cvg.dual_inversion import ReadingConfig, Readings, TrainingConfig, evaluate_readings, train_classifier
 from cvg.pipeline import MANIFEST, CVGPipeline, load_wan_pipeline
@@ -118,18 +119,23 @@ def test_train_and_evaluate_saves_three_classifiers_and_resumes(tiny_model_dir, 
     monkeypatch.setattr(dual_inversion, "train_classifier", spy)
     training = TrainingConfig(epochs=2, batch=16, hidden_dim=16, label_smoothing=0.1)
     out = tmp_path / "classifier"
-    summary = dual_inversion.train_and_evaluate(model, out, clips=8, heldout=4, reading=CONFIG, training=training,
-                                                report=lambda _: None)  # fmt: skip
+    held = tmp_path / "held"  # measured on a dataset folder, trained on fresh renders: both sources
+    write_dataset(held, 4, 5, ("spatial", "attribute"), SIZE["frames"], SIZE["height"], SIZE["width"], "heldout")
+    run = dict(clips=8, heldout=4, reading=CONFIG, training=training, report=lambda _: None, heldout_data=held)
+    summary = dual_inversion.train_and_evaluate(model, out, **run)
+    assert summary["heldout_data"] == str(held) and summary["clips"] == 8
     assert set(summary["heldout_results"]) == {"dual", "single", "transfer"}
     assert all(r["overall"]["clips"] == 4 for r in summary["heldout_results"].values())
     dual, transfer = trained_on[True]
-    held = set(TRANSFER_WORDINGS)
-    assert any(f" {h} " in f" {t} " for t in dual for h in held)  # some training prompts use held-out words ...
-    assert not any(f" {h} " in f" {t} " for t in transfer for h in held)  # ... the transfer head never sees them
+    held_words = set(TRANSFER_WORDINGS)
+    assert any(f" {h} " in f" {t} " for t in dual for h in held_words)  # some training prompts use held-out words ...
+    assert not any(f" {h} " in f" {t} " for t in transfer for h in held_words)  # ... the transfer head never sees them
     pipe = CVGPipeline(load_wan_pipeline(model))
     for directory in (out, out / dual_inversion.SINGLE_READING, out / dual_inversion.LABEL_TRANSFER):
         pipe.load_classifier(directory)  # bound to this generator
     monkeypatch.setattr(dual_inversion, "read_clip", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
-    again = dual_inversion.train_and_evaluate(model, out, clips=8, heldout=4, reading=CONFIG, training=training,
-                                              report=lambda _: None)  # fmt: skip
+    again = dual_inversion.train_and_evaluate(model, out, **run)
     assert again["heldout_results"] == summary["heldout_results"]  # readings reused, training deterministic
+    with pytest.raises(ValueError, match="the generator makes 9x64x64 videos"):
+        write_dataset(tmp_path / "small", 1, 0, ("spatial",), 9, 32, 32)
+        dual_inversion.train_and_evaluate(model, out, **{**run, "heldout_data": tmp_path / "small"})
