@@ -40,11 +40,12 @@ def test_auto_picks_onnxruntime_on_cpu(tiny_pipe, tmp_path):
     assert build_engine(tiny_pipe.transformer, StepShape.of(x, e), "auto", tmp_path).backend == "onnxruntime"
 
 
-def test_generation_through_the_engine_matches_eager(tiny_pipe, tmp_path):
+@pytest.mark.parametrize("backend", ["onnxruntime", "compiled"])
+def test_generation_through_the_engine_matches_eager(tiny_pipe, tmp_path, backend):
     call = dict(height=64, width=64, num_frames=9, num_inference_steps=4, max_sequence_length=32, output_type="np")
     eager = CVGPipeline(tiny_pipe)("a red cube to the left of a blue ball", "red cube left of blue ball",
                                    generator=torch.Generator().manual_seed(3), **call)  # fmt: skip
-    engine_pipe = CVGPipeline(tiny_pipe, engine="onnxruntime", engine_cache=tmp_path)
+    engine_pipe = CVGPipeline(tiny_pipe, engine=backend, engine_cache=tmp_path)
     fast = engine_pipe("a red cube to the left of a blue ball", "red cube left of blue ball",
                        generator=torch.Generator().manual_seed(3), **call)  # fmt: skip
     assert np.abs(fast.frames - eager.frames).max() <= 1e-4
