@@ -230,8 +230,9 @@ def main(argv: list[str] | None = None) -> None:
         note = (
             "Peak memory is measured above the loaded pipeline, for the denoising phase (text encoding and all "
             "steps, where guidance differs) and for the VAE decode (the same in every variant) apart; the last "
-            "column compares the larger of the two. Guided steps use the defaults: every block recorded, "
-            "gradient checkpointing on, one update per guided step."
+            "column compares the larger of the two, which is the decode here: CPU `slow_conv3d` builds an im2col "
+            "buffer for each causal 3D convolution (84 MiB for one 4-frame chunk at 256x256). Guided steps use the "
+            "defaults: every block recorded, gradient checkpointing on, one update per guided step."
         )
         write_section(args.write, "cvg_bench", f"Command: `python -m cvg.bench`\n\n{note}\n\n{text}")
         if engines:

@@ -129,14 +129,10 @@ class CompiledEngine(StepEngine):
     backend = "compiled"
 
     def __init__(self, transformer: torch.nn.Module, shape: StepShape, cache_dir: Path | None = None):
-        import torch._inductor.config as inductor
-
         super().__init__(transformer, shape)
         mode = "reduce-overhead" if transformer.device.type == "cuda" else None  # CUDA graphs on GPU
         self.compiled = torch.compile(self.forward, dynamic=False, mode=mode)
-        # Freezing: the frozen weights become constants, folded and (on CPU) prepacked for oneDNN matmuls.
-        # Inductor reads it when it compiles, which is now, in the warm-up.
-        with torch.no_grad(), inductor.patch(freezing=True):
+        with torch.no_grad():
             self.compiled(*self._example())
 
     def _run(self, latents, timestep, text_embeds):
