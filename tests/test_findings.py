@@ -30,6 +30,9 @@ def test_findings_rows_run_and_are_tabled(tiny_pipe, tmp_path):
                  "training-free objectives", "label transfer"):  # fmt: skip
         assert f"| {name}" in text
     assert "| row | attribute | spatial | motion | numeracy | all | Fréchet distance |" in text
+    unguided = next(line for line in text.splitlines() if line.startswith("| unguided"))
+    assert unguided.count("[") == 5  # a 95% interval for each category and for all clips together
+    assert "| row | right where unguided is wrong | wrong where unguided is right | McNemar p |" in text
     (transfer,) = work.glob("*/transfer-*")
     labels = [r["composition"]["label"] for r in read_index(transfer)]
     assert len(labels) == 4 and all(any(f" {h} " in f" {t} " for h in TRANSFER_WORDINGS) for t in labels)
@@ -38,3 +41,11 @@ def test_findings_rows_run_and_are_tabled(tiny_pipe, tmp_path):
     _save_classifier(classifier, description, seed=1)  # retrained: its rows are generated again
     findings.main([*argv[:-6], "--rows", "cvg-2", *argv[-4:]])
     assert "cvg-2 " in (tmp_path / "findings.md").read_text().split("Seconds per clip")[1]
+
+
+def test_paired_counts_discordant_clips():
+    def report(*failed):
+        return {"failures": [{"file": f} for f in failed]}
+
+    text = findings.paired({"base": report("a", "b", "c", "e"), "row": report("c", "d")}, "base")
+    assert "| row | 3 | 1 | 0.62 |" in text  # a, b, e turned right; d turned wrong; P(|X - 2| >= 1), X ~ B(4, 1/2)

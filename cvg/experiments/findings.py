@@ -65,6 +65,21 @@ def row_pipeline(row: str, base, args: argparse.Namespace) -> tuple[CVGPipeline,
     return pipe, guide_steps, f"{row}-{digest.hexdigest()[:16]}"
 
 
+def paired(results: dict[str, dict], base: str) -> str:
+    """Each row against `base` on the same clips (same prompts, same noise): how many clips it turns right
+    and wrong, and the exact McNemar p (a two-sided binomial test on those discordant pairs)."""
+    from scipy.stats import binomtest
+
+    failed = {name: {f["file"] for f in report["failures"]} for name, report in results.items()}
+    lines = [f"| row | right where {base} is wrong | wrong where {base} is right | McNemar p |", "|---|---|---|---|"]
+    for name in results:
+        if name != base:
+            gained, lost = len(failed[base] - failed[name]), len(failed[name] - failed[base])
+            p = binomtest(gained, gained + lost).pvalue if gained + lost else 1.0
+            lines.append(f"| {name} | {gained} | {lost} | {p:.2g} |")
+    return "\n".join(lines)
+
+
 def transfer_specs(specs: Path) -> Path:
     """A copy of the spec index (beside it) whose composition labels use only the held-out transfer wordings."""
     out = specs.with_name(f"{specs.name}-transfer")
@@ -120,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         f"noise seed = clip id, the same in every row), {args.steps} steps, CFG 5, guidance strength "
         f"{args.strength:g}; accuracy with 95% Wilson intervals; Fréchet distance of CompShapes clip features to "
         f"fresh renders.\n\n{table(results)}\n\n"
-        f"Seconds per clip (median, rows generated in this run): {timing or 'all reused'}. "
+        + (f"Paired with the unguided row:\n\n{paired(results, NAMES['unguided'])}\n\n" if "unguided" in rows else "")
+        + f"Seconds per clip (median, rows generated in this run): {timing or 'all reused'}. "
         f"This run took {time.perf_counter() - started:.0f} s."
     )
     publish(text, args.write, "findings")

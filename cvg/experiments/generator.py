@@ -19,7 +19,7 @@ import torch
 
 from cvg.bench import machine_line, publish
 from cvg.compshapes.dataset import ClipWriter, read_frames, read_index, write_dataset
-from cvg.compshapes.evaluate import evaluate
+from cvg.compshapes.evaluate import evaluate, wilson_interval
 from cvg.compshapes.grammar import ALL_CATEGORIES
 from cvg.engine import model_key
 from cvg.generator import to_pixels
@@ -62,9 +62,11 @@ def table(rows: dict[str, dict]) -> str:
             entry = report["categories"][c]
             cells.append(f"{entry['accuracy']:.3f} [{entry['ci95'][0]:.2f}, {entry['ci95'][1]:.2f}]")
         total = sum(e["clips"] for e in report["categories"].values())
-        right = sum(e["accuracy"] * e["clips"] for e in report["categories"].values())
+        right = round(sum(e["accuracy"] * e["clips"] for e in report["categories"].values()))
+        low, high = wilson_interval(right, total)
         fd = report.get("quality", {}).get("frechet_distance")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {right / total:.3f} | {fd:.2f} |")
+        cells.append(f"{right / total:.3f} [{low:.2f}, {high:.2f}]")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {fd:.2f} |")
     return "\n".join(lines)
 
 
