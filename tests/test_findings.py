@@ -38,6 +38,10 @@ def test_findings_rows_run_and_are_tabled(tiny_pipe, tmp_path):
     assert len(labels) == 4 and all(any(f" {h} " in f" {t} " for h in TRANSFER_WORDINGS) for t in labels)
     findings.main(argv)  # a second run reuses every generated clip
     assert "all reused" in (tmp_path / "findings.md").read_text()
+    fewer = list(argv)
+    fewer[fewer.index("--clips") + 1] = "2"  # the first two clips (spatial, motion) of the four generated
+    findings.main(fewer)
+    assert "| row | spatial | motion | all | Fréchet distance |" in (tmp_path / "findings.md").read_text()
     _save_classifier(classifier, description, seed=1)  # retrained: its rows are generated again
     findings.main([*argv[:-6], "--rows", "cvg-2", *argv[-4:]])
     assert "cvg-2 " in (tmp_path / "findings.md").read_text().split("Seconds per clip")[1]

@@ -46,12 +46,13 @@ def evaluate(
     index: str | os.PathLike | None = None,
     reference: str | os.PathLike | None = None,
     quality: bool = True,
+    limit: int | None = None,
 ) -> dict:
-    """Accuracy per category (and counterfactual rejection where records carry counterfactuals); with
-    `quality`, the Fréchet distance to reference renders (a dataset directory, or as many fresh renders as
-    clips, at most 500) and artefact rates."""
+    """Accuracy per category (and counterfactual rejection where records carry counterfactuals) over the
+    first `limit` clips (all by default); with `quality`, the Fréchet distance to reference renders (a
+    dataset directory, or as many fresh renders as clips, at most 500) and artefact rates."""
     directory = Path(directory)
-    records = read_index(index or directory)
+    records = read_index(index or directory)[:limit]
     if not records:
         raise FileNotFoundError(f"no clips listed in {index or directory / INDEX}")
     tallies: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # holds, total, rejected, counterfactuals

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         row_specs = transfer_specs(specs) if row == "transfer" else specs
         sampled = generate_set(pipe, row_specs, work / folder, seed=0, guide_steps=guide_steps,
                                num_inference_steps=args.steps, guidance_scale=5.0, limit=args.clips)  # fmt: skip
-        results[NAMES[row]] = evaluate(work / folder)
+        results[NAMES[row]] = evaluate(work / folder, limit=args.clips)  # a folder may hold more from a bigger run
         seconds[row] = sampled["seconds_per_clip"]
         print(f"{row}: done ({sampled['generated']} clips generated now)", flush=True)
     prompts = "held-out clips (prompts never trained on)" if args.split == "heldout" else "clips of training prompts"
