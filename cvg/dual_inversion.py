@@ -120,13 +120,12 @@ def read_clips(
 
     def flush():
         path = work / f"{index:06d}.pt"
-        true = [label_of(c.composition) for c, _ in batch]
+        which = {"true": [label_of(c.composition) for c, _ in batch], "seeds": [c.seed for c, _ in batch]}
         record = torch.load(path, weights_only=True) if path.is_file() else None
-        if record is None or record["true"] != true:  # a chunk of other clips (another count or dataset)
+        if record is None or any(record.get(k, v) != v for k, v in which.items()):  # other clips' chunk
             maps = [torch.stack(read_clip(pipe, clip, frames, config, dual=True)) for clip, frames in batch]
             maps = torch.stack([F.pad(m, (0, 2 - m.shape[-1])) for m in maps])  # two entity slots
-            counterfactual = [label_of(c.counterfactuals[0][1]) for c, _ in batch]
-            record = {"maps": maps, "true": true, "counterfactual": counterfactual,
+            record = {"maps": maps, **which, "counterfactual": [label_of(c.counterfactuals[0][1]) for c, _ in batch],
                       "categories": [c.category for c, _ in batch]}  # fmt: skip
             with atomic_path(path) as tmp:
                 torch.save(record, tmp)

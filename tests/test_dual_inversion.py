@@ -51,6 +51,9 @@ def test_readings_are_cached_and_resumed(tiny_pipe, tmp_path, monkeypatch):
     again = dual_inversion.read_clips(tiny_pipe, dual_inversion.rendered(clips), CONFIG, tmp_path, chunk=2,
                                       report=lambda _: None)  # fmt: skip
     assert torch.equal(again.maps, first.maps) and again.true_labels == first.true_labels
+    with pytest.raises(AssertionError, match="re-read"):  # other clips in the same place are read, not reused
+        dual_inversion.read_clips(tiny_pipe, dual_inversion.rendered(_clips(3, "spatial")), CONFIG, tmp_path,
+                                  chunk=2, report=lambda _: None)  # fmt: skip
 
 
 class _Labels:

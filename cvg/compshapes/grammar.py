@@ -31,8 +31,8 @@ RELATION_PHRASES = {
 OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above", "up": "down", "down": "up"}
 MOTION_VERBS = ("moving", "moves", "travelling")
 _NUMBER_WORDS = {v: k for k, v in NUMBERS.items()}
-# Label transfer: wordings a classifier's training labels never contain (`seen_wording` puts the first
-# wording on the right in their place); a transfer test phrases its labels only in them (`transfer_wording`).
+# Label transfer: wordings a classifier's training labels never contain (`seen_wording` replaces each with
+# the first of its seen equivalents); a transfer test phrases its labels only in them (`transfer_wording`).
 TRANSFER_WORDINGS = {
     "block": ("cube", "square"), "blocks": ("cubes", "squares"),
     "sphere": ("ball", "circle"), "spheres": ("balls", "circles"),
