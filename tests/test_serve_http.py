@@ -99,8 +99,11 @@ def test_bad_requests_get_one_line_errors(server, payload, status, message):
 
 
 def test_requests_beyond_the_limit_are_turned_away(server):
-    taken = [server.slots.acquire(blocking=False) for _ in range(2)]  # the two slots, as if in flight
+    # The two slots, as if in flight. Waiting for them: a handler frees its slot only after its client has
+    # the answer, so the previous test's request may still hold one for a moment.
+    taken = [server.slots.acquire(timeout=30) for _ in range(2)]
     try:
+        assert all(taken)
         status, body, headers = _post(server, {"prompt": PROMPT})
         assert status == 503 and headers["Retry-After"] == "1" and "too many requests" in body["error"]
     finally:
