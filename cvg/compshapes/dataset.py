@@ -59,6 +59,11 @@ def read_index(location: str | os.PathLike) -> list[dict]:
     return records
 
 
+def write_index(directory: str | os.PathLike, records: list[dict]) -> None:
+    """Replace a dataset directory's index with `records`, atomically."""
+    write_text_atomic(Path(directory) / INDEX, "".join(json.dumps(r) + "\n" for r in records))
+
+
 def read_frames(directory: str | os.PathLike, record: dict) -> np.ndarray:
     with np.load(Path(directory) / record["file"]) as data:
         return data["frames"]
@@ -74,7 +79,7 @@ class ClipWriter:
         self.directory = Path(directory)
         (self.directory / "clips").mkdir(parents=True, exist_ok=True)
         records = read_index(self.directory)
-        write_text_atomic(self.directory / INDEX, "".join(json.dumps(r) + "\n" for r in records))
+        write_index(self.directory, records)
         self.done = {r["id"] for r in records}
 
     def __enter__(self) -> ClipWriter:

@@ -21,20 +21,20 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import time
 from pathlib import Path
+
+from scipy.stats import binomtest
 
 from cvg.bench import machine_line, publish
 from cvg.classifier import CONFIG_NAME, WEIGHTS_NAME, label_of
 from cvg.composition import Composition
-from cvg.compshapes.dataset import read_index, write_dataset
+from cvg.compshapes.dataset import read_index, write_dataset, write_index
 from cvg.compshapes.evaluate import evaluate
 from cvg.compshapes.grammar import transfer_wording
 from cvg.dual_inversion import GUIDED_CATEGORIES, LABEL_TRANSFER, SINGLE_READING
 from cvg.engine import model_key
 from cvg.experiments.generator import SPEC_SEED, table
-from cvg.files import write_text_atomic
 from cvg.pipeline import CVGPipeline, load_wan_pipeline
 from cvg.sampler import GuidanceConfig
 from cvg.videoset import generate_set
@@ -68,8 +68,6 @@ def row_pipeline(row: str, base, args: argparse.Namespace) -> tuple[CVGPipeline,
 def paired(results: dict[str, dict], base: str) -> str:
     """Each row against `base` on the same clips (same prompts, same noise): how many clips it turns right
     and wrong, and the exact McNemar p (a two-sided binomial test on those discordant pairs)."""
-    from scipy.stats import binomtest
-
     failed = {name: {f["file"] for f in report["failures"]} for name, report in results.items()}
     lines = [f"| row | right where {base} is wrong | wrong where {base} is right | McNemar p |", "|---|---|---|---|"]
     for name in results:
@@ -88,7 +86,7 @@ def transfer_specs(specs: Path) -> Path:
         label = transfer_wording(label_of(Composition.from_dict(record["composition"])))
         records.append({**record, "composition": {**record["composition"], "label": label}})
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "index.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    write_index(out, records)
     return out
 
 
@@ -112,10 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     base = load_wan_pipeline(args.model)
     base.set_progress_bar_config(disable=True)
-    split = "" if args.split == "heldout" else "-train"
-    specs = args.work / f"specs{split}"
+    suffix = "" if args.split == "heldout" else "-train"  # held-out folders keep their earlier names
+    specs = args.work / f"specs{suffix}"
     write_dataset(specs, args.clips, SPEC_SEED, GUIDED_CATEGORIES, split=args.split)
-    work = args.work / f"{model_key(base.vae)}-{model_key(base.transformer)}-strength{args.strength:g}{split}"
+    work = args.work / f"{model_key(base.vae)}-{model_key(base.transformer)}-strength{args.strength:g}{suffix}"
     results, seconds = {}, {}
     for row in rows:
         pipe, guide_steps, folder = row_pipeline(row, base, args)
