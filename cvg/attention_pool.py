@@ -28,6 +28,7 @@ def attention_pool(
     *,
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
     num_groups: int | None = None,
     keep_heads: bool = False,
     backend: str = "auto",
@@ -43,34 +44,38 @@ def attention_pool(
         key_padding_mask: `[B, M]` bool, True where a key is padding and must be ignored
             (the `torch.nn.MultiheadAttention` convention; pass `~attention_mask.bool()` for a
             Hugging Face tokenizer mask).
+        key_bias: `[B, M]` finite float added to every query's score of each key (natural-log
+            units; see `cvg.padding`: n identical keys weigh as one with `log n` added). Constant:
+            no gradient flows to it.
         num_groups: tile count G, default `groups.max() + 1`.
         keep_heads: return `[B, H, G, T]` per-head maps instead of their mean over heads.
         backend: one of `BACKENDS`; `auto` is `triton` on CUDA when Triton imports, else `torch`.
 
     Returns:
-        `out [B, H, N, D]`, equal to `softmax(q kᵀ·scale) v`, and `pooled [B, G, T]` (or
+        `out [B, H, N, D]`, equal to `softmax(q kᵀ·scale + key_bias) v`, and `pooled [B, G, T]` (or
         `[B, H, G, T]`): the mean over heads and over the queries of each tile of
         `softmax(q kᵀ·scale)[..., tokens]`. Tiles with no query pool to 0. Both are differentiable
         with respect to q, k and v.
     """
-    groups, tokens, num_groups = _check_inputs(q, k, v, groups, tokens, key_padding_mask, num_groups)
+    groups, tokens, num_groups = _check_inputs(q, k, v, groups, tokens, key_padding_mask, key_bias, num_groups)
     dim = q.shape[-1]
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"attention_pool: scale must be finite, got {scale}")
     spec = make_pool_spec(groups, tokens, num_groups, q.shape[1], keep_heads)
-    bias = None
-    if key_padding_mask is not None:
-        bias = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
-        bias = bias.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]
     name = resolve_backend(backend, q.device)
-    if name == "naive":
-        return attention_pool_naive(q, k, v, spec, scale, bias)
-    if name == "torch":
-        return attention_pool_torch(q, k, v, spec, scale, bias)
-    from cvg.kernels.attention_pool import attention_pool_triton
+    if name == "triton":
+        from cvg.kernels.attention_pool import attention_pool_triton
 
-    return attention_pool_triton(q, k, v, spec, scale, key_padding_mask)
+        return attention_pool_triton(q, k, v, spec, scale, key_padding_mask, key_bias)
+    bias = None
+    if key_padding_mask is not None or key_bias is not None:
+        bias = torch.zeros((q.shape[0], k.shape[2]), dtype=q.dtype, device=q.device)
+        bias = bias if key_bias is None else bias + key_bias.detach()
+        bias = bias if key_padding_mask is None else bias.masked_fill(key_padding_mask, float("-inf"))
+        bias = bias[:, None, None, :]
+    backend_fn = attention_pool_naive if name == "naive" else attention_pool_torch
+    return backend_fn(q, k, v, spec, scale, bias)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -98,7 +103,7 @@ def _triton_available() -> bool:
     return True
 
 
-def _check_inputs(q, k, v, groups, tokens, key_padding_mask, num_groups):
+def _check_inputs(q, k, v, groups, tokens, key_padding_mask, key_bias, num_groups):
     """Validate shapes, dtypes, devices and index ranges; return int64 groups/tokens and G."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -145,6 +150,16 @@ def _check_inputs(q, k, v, groups, tokens, key_padding_mask, num_groups):
             raise ValueError(
                 f"attention_pool: key_padding_mask masks every key of batch item {int(fully_masked.nonzero()[0])}"
             )
+    if key_bias is not None:
+        if not key_bias.is_floating_point() or tuple(key_bias.shape) != (batch, keys):
+            raise ValueError(
+                f"attention_pool: key_bias must be a float tensor of shape [{batch}, {keys}], got {key_bias.dtype} "
+                f"{tuple(key_bias.shape)}"
+            )
+        if key_bias.device != q.device:
+            raise ValueError(f"attention_pool: key_bias is on {key_bias.device}, q on {q.device}")
+        if not torch.isfinite(key_bias).all():
+            raise ValueError("attention_pool: key_bias has non-finite values; mask keys with key_padding_mask")
     return groups, tokens, num_groups
 
 

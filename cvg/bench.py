@@ -77,7 +77,9 @@ def _runner(variant: str, args: argparse.Namespace):
     common = dict(height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
                   guidance_scale=args.guidance_scale, max_sequence_length=args.text_tokens)  # fmt: skip
     naive = variant == "naive-guided"
-    config = GuidanceConfig(guide_steps=args.guide_steps, backend="naive" if naive else "auto")
+    # The naive baseline attends over the whole padded text, as Attend-and-Excite does.
+    config = GuidanceConfig(guide_steps=args.guide_steps, backend="naive" if naive else "auto",
+                            collapse_padding=not naive)  # fmt: skip
     engine = variant.split("+")[1] if "+" in variant else None  # "guided+onnxruntime": a step engine
     cache = tempfile.mkdtemp(prefix="cvg-bench-engines-") if engine else None  # cold: the build is timed
     cvg = CVGPipeline(pipe, guidance=config, engine=engine, engine_cache=cache)

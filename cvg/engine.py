@@ -12,6 +12,9 @@ Backends:
   tensorrt     a native TensorRT plan built from the same ONNX file (fp16/bf16, timing cache), cached on
                disk. Needs `tensorrt` (pip install cvg[tensorrt]) and CUDA: never run on the machines
                cvg is developed on, so this layer follows TensorRT 10's documented Python API and stays thin.
+Every backend drops Wan's zero text padding first, exactly (`cvg.padding`): the text attention runs over
+`text_keys` keys (a multiple of 64) with an additive key bias instead of 512 keys. Prompts whose text
+does not fit get a clear error; a longer-prompt shape builds its own engine.
 `auto` tries tensorrt (CUDA only), onnxruntime, then torch; a backend that cannot load says why in one
 line (a warning) and the next one is tried. A cached file that fails to load is rebuilt, and cache keys
 hash the weights, so a changed model never reuses a stale file.
@@ -32,9 +35,12 @@ import numpy as np
 import torch
 
 from cvg.files import atomic_path
+from cvg.padding import collapse_padding, needed_length, padded_length
+from cvg.processors import KeyBiasWanAttnProcessor, TextBias, text_key_bias
 
 BACKENDS = ("torch", "compiled", "onnxruntime", "tensorrt")
 OPSET = 18
+_INPUTS = ("latents", "timestep", "text", "key_bias")  # of the exported graph, in `_Forward.forward`'s order
 
 
 class EngineError(RuntimeError):
@@ -44,7 +50,8 @@ class EngineError(RuntimeError):
 @dataclass(frozen=True)
 class StepShape:
     """The one input shape an engine serves: latents [batch, channels, frames, height, width] (latent
-    units) and text embeddings [batch, text_tokens, text_dim]."""
+    units) and text embeddings [batch, text_tokens, text_dim], of which the first `text_keys` rows are
+    attended to (the rest must be Wan's zero padding)."""
 
     batch: int
     channels: int
@@ -54,22 +61,34 @@ class StepShape:
     text_tokens: int
     text_dim: int
     dtype: str = "float32"
+    text_keys: int = 0  # 0: all text_tokens
 
     @classmethod
-    def of(cls, latents: torch.Tensor, text_embeds: torch.Tensor) -> StepShape:
-        if latents.dim() != 5 or text_embeds.dim() != 3:
+    def of(cls, latents: torch.Tensor, *text_embeds: torch.Tensor) -> StepShape:
+        """The shape of `latents` and text; text_keys fits every given text (conditional, negative, ...)."""
+        if latents.dim() != 5 or any(t.dim() != 3 for t in text_embeds) or not text_embeds:
             raise ValueError(f"expected latents [B, C, F, H, W] and text [B, L, D], got {tuple(latents.shape)} "
-                             f"and {tuple(text_embeds.shape)}")  # fmt: skip
+                             f"and {[tuple(t.shape) for t in text_embeds]}")  # fmt: skip
         dtype = str(latents.dtype).removeprefix("torch.")
-        return cls(*latents.shape, *text_embeds.shape[1:], dtype=dtype)
+        keys = max(padded_length(t) for t in text_embeds)
+        return cls(*latents.shape, *text_embeds[0].shape[1:], dtype=dtype, text_keys=keys)
 
     def check(self, latents: torch.Tensor, text_embeds: torch.Tensor) -> None:
-        if StepShape.of(latents, text_embeds) != self or text_embeds.shape[0] != self.batch:
+        got = (tuple(latents.shape), tuple(text_embeds.shape), str(latents.dtype).removeprefix("torch."))
+        if got != (self.latent_shape, self.text_shape, self.dtype) or text_embeds.dtype != latents.dtype:
             raise ValueError(
                 f"this engine serves latents {self.latent_shape} and text {self.text_shape} in {self.dtype}; got "
-                f"latents {tuple(latents.shape)} and text {tuple(text_embeds.shape)} in "
-                f"{str(latents.dtype).removeprefix('torch.')}"
+                f"latents {got[0]} and text {got[1]} in {got[2]}"
             )
+        if needed_length(text_embeds) > self.keys:
+            raise ValueError(
+                f"this engine attends to {self.keys} text rows; this text has {needed_length(text_embeds) - 1} "
+                "before its zero padding (a longer prompt needs an engine built for it)"
+            )
+
+    @property
+    def keys(self) -> int:
+        return self.text_keys or self.text_tokens
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -84,19 +103,35 @@ class StepShape:
         return getattr(torch, self.dtype)
 
     def key(self) -> str:
-        return "x".join(map(str, (*self.latent_shape, self.text_tokens, self.text_dim))) + f"-{self.dtype}"
+        sizes = (*self.latent_shape, self.text_tokens, self.text_dim)
+        return "x".join(map(str, sizes)) + f"k{self.keys}-{self.dtype}"
 
 
 class _Forward(torch.nn.Module):
-    """The transformer as a plain (latents, timestep, text) -> noise function, for export and compile."""
+    """The transformer as a plain (latents, timestep, text, key bias) -> noise function, for export and
+    compile. Call it inside `self.biased()`: its processors add the key bias to the text attention."""
 
     def __init__(self, transformer: torch.nn.Module):
         super().__init__()
         self.transformer = transformer
+        self.state = TextBias()
+        self.processors = [KeyBiasWanAttnProcessor(self.state) for _ in transformer.blocks]
 
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, key_bias: torch.Tensor
+    ) -> torch.Tensor:
+        self.state.key_bias = key_bias
         return self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=text,
                                 return_dict=False)[0]  # fmt: skip
+
+    @contextlib.contextmanager
+    def biased(self):
+        """The processors installed (the same objects every call: compiled code keeps its guards)."""
+        try:
+            with text_key_bias(self.transformer, self.processors):
+                yield
+        finally:
+            self.state.key_bias = None  # hold no request's tensor between calls
 
 
 class StepEngine:
@@ -111,16 +146,23 @@ class StepEngine:
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         self.shape.check(latents, text_embeds)
-        return self._run(latents, timestep.to(torch.float32).expand(self.shape.batch).contiguous(), text_embeds)
+        text, key_bias = collapse_padding(text_embeds, self.shape.keys)
+        # A fresh [B] tensor of stride 1 (an expanded scalar keeps stride 0, which compiled code guards on).
+        timestep = torch.empty(self.shape.batch, device=latents.device).copy_(timestep.expand(self.shape.batch))
+        return self._run(latents, timestep, text.contiguous(), key_bias.contiguous())
 
-    def _run(self, latents: torch.Tensor, timestep: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        return self.forward(latents, timestep, text_embeds)
+    def _run(self, latents, timestep, text, key_bias) -> torch.Tensor:
+        with self.forward.biased():
+            return self.forward(latents, timestep, text, key_bias)
 
     def _example(self) -> tuple[torch.Tensor, ...]:
+        """Inputs of `_run`: latents, timestep, the kept text rows and their key bias."""
         device, dtype = self.transformer.device, self.shape.torch_dtype
+        text = torch.randn(self.shape.text_shape, device=device, dtype=dtype)
+        text[:, self.shape.keys // 2 :] = 0  # padded, so the bias is not all zero
+        text, key_bias = collapse_padding(text, self.shape.keys)
         return (torch.randn(self.shape.latent_shape, device=device, dtype=dtype),
-                torch.full((self.shape.batch,), 500.0, device=device),
-                torch.randn(self.shape.text_shape, device=device, dtype=dtype))  # fmt: skip
+                torch.full((self.shape.batch,), 500.0, device=device), text, key_bias)  # fmt: skip
 
 
 class CompiledEngine(StepEngine):
@@ -133,10 +175,11 @@ class CompiledEngine(StepEngine):
         mode = "reduce-overhead" if transformer.device.type == "cuda" else None  # CUDA graphs on GPU
         self.compiled = torch.compile(self.forward, dynamic=False, mode=mode)
         with torch.no_grad():
-            self.compiled(*self._example())
+            self._run(*self._example())
 
-    def _run(self, latents, timestep, text_embeds):
-        return self.compiled(latents, timestep, text_embeds).clone()  # CUDA-graph outputs are reused
+    def _run(self, latents, timestep, text, key_bias):
+        with self.forward.biased():
+            return self.compiled(latents, timestep, text, key_bias).clone()  # CUDA-graph outputs are reused
 
 
 def model_key(transformer: torch.nn.Module) -> str:
@@ -170,9 +213,14 @@ def export_onnx(transformer: torch.nn.Module, shape: StepShape, cache_dir: Path 
                           RuntimeWarning, stacklevel=2)  # fmt: skip
             path.unlink()
     engine = StepEngine(transformer, shape)
-    with atomic_path(path) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with (
+        atomic_path(path) as tmp,
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+        engine.forward.biased(),
+    ):
         warnings.simplefilter("ignore")  # the exporter's progress lines and deprecation notes
-        torch.onnx.export(engine.forward, engine._example(), str(tmp), input_names=["latents", "timestep", "text"],
+        torch.onnx.export(engine.forward, engine._example(), str(tmp), input_names=list(_INPUTS),
                           output_names=["noise"], dynamo=True, opset_version=OPSET, verbose=False,
                           external_data=False)  # fmt: skip
         onnx.checker.check_model(str(tmp), full_check=False)
@@ -209,10 +257,10 @@ class OnnxRuntimeEngine(StepEngine):
         with torch.no_grad():
             self._run(*self._example())  # warm-up: the session's first run allocates
 
-    def _run(self, latents, timestep, text_embeds):
+    def _run(self, latents, timestep, text, key_bias):
         out = torch.empty(self.shape.latent_shape, device=latents.device, dtype=latents.dtype)
         binding = self.session.io_binding()
-        bound = {"latents": latents.contiguous(), "timestep": timestep, "text": text_embeds.contiguous(), "noise": out}
+        bound = {**dict(zip(_INPUTS, (latents.contiguous(), timestep, text, key_bias), strict=True)), "noise": out}
         for name, tensor in bound.items():  # `bound` keeps the memory alive through the run
             bind = binding.bind_output if name == "noise" else binding.bind_input
             bind(name, tensor.device.type, tensor.device.index or 0, _NUMPY[tensor.dtype], tuple(tensor.shape),
@@ -274,10 +322,9 @@ class TensorRTEngine(StepEngine):
             tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
         return bytes(plan)
 
-    def _run(self, latents, timestep, text_embeds):
+    def _run(self, latents, timestep, text, key_bias):
         out = torch.empty(self.shape.latent_shape, device=latents.device, dtype=latents.dtype)
-        tensors = {"latents": latents.contiguous(), "timestep": timestep, "text": text_embeds.contiguous(),
-                   "noise": out}  # fmt: skip
+        tensors = {**dict(zip(_INPUTS, (latents.contiguous(), timestep, text, key_bias), strict=True)), "noise": out}
         for name, tensor in tensors.items():
             self.context.set_tensor_address(name, tensor.data_ptr())
         if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):

@@ -24,6 +24,7 @@ from cvg.minilm import PACKAGE, load_minilm
 from cvg.objectives import Objective, objective_for
 from cvg.processors import resolve_layers
 from cvg.sampler import Denoiser, GuidanceConfig, GuidedStep, denoise
+from cvg.vae_cpu import cpu_decoding
 
 MANIFEST = "generator.json"  # beside a saved WanPipeline: which packaged text encoder it was trained with
 
@@ -64,9 +65,10 @@ class CVGPipeline:
         self.engine, self.engine_cache = engine, engine_cache
         self._engines: dict[tuple[str, StepShape], StepEngine] = {}
 
-    def step_engine(self, latents: torch.Tensor, text_embeds: torch.Tensor) -> StepEngine:
-        """The engine for this shape, built on first use (`cvg export` builds its cache ahead of time)."""
-        key = (self.engine, StepShape.of(latents.to(self.pipe.transformer.dtype), text_embeds))
+    def step_engine(self, latents: torch.Tensor, *text_embeds: torch.Tensor) -> StepEngine:
+        """The engine for this shape and every given text, built on first use (`cvg export` builds its cache
+        ahead of time)."""
+        key = (self.engine, StepShape.of(latents.to(self.pipe.transformer.dtype), *text_embeds))
         if key not in self._engines:
             self._engines[key] = build_engine(self.pipe.transformer, key[1], self.engine, self.engine_cache)
         return self._engines[key]
@@ -151,7 +153,8 @@ class CVGPipeline:
                                        torch.float32, device, generator, latents)  # fmt: skip
         pipe.scheduler.set_begin_index(0)
         if self.engine is not None:
-            denoiser.engine = self.step_engine(latents, denoiser.prompt_embeds)
+            texts = [e for e in (denoiser.prompt_embeds, denoiser.negative_prompt_embeds) if e is not None]
+            denoiser.engine = self.step_engine(latents, *texts)
 
         def step_done(i, t, x):
             marks.append(time.perf_counter())
@@ -198,11 +201,13 @@ def latent_normalisation(vae) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def decode_latents(pipe: WanPipeline, latents: torch.Tensor, output_type: str):
-    """WanPipeline's decode: un-normalise the latents, VAE decode, post-process to `output_type`."""
+    """WanPipeline's decode: un-normalise the latents, VAE decode (fast CPU paths: `cvg.vae_cpu`),
+    post-process to `output_type`."""
     vae = pipe.vae
     latents = latents.to(vae.device, vae.dtype)
     mean, std = (x.to(latents.device, latents.dtype) for x in latent_normalisation(vae))
-    video = vae.decode(latents / (1.0 / std) + mean, return_dict=False)[0]  # WanPipeline's own arithmetic
+    with cpu_decoding(vae):
+        video = vae.decode(latents / (1.0 / std) + mean, return_dict=False)[0]  # WanPipeline's own arithmetic
     return pipe.video_processor.postprocess_video(video, output_type=output_type)
 
 

@@ -6,6 +6,10 @@ A forward pre-hook on the transformer reads the video-token grid (frames × heig
 patchify) so that pooling tiles follow the video. Each recorded call appends `[B, G, T]` maps (or
 `[B, H, G, T]` with `keep_heads`) for its layer. With no tokens the processor returns exactly what
 diffusers' `WanAttnProcessor` returns.
+
+`text_key_bias(transformer, state)` installs `KeyBiasWanAttnProcessor` on every `attn2`: text
+attention adds `state.key_bias` `[B, M]` to its scores, which makes attention over collapsed padding
+exact (see `cvg.padding`). `record_maps(..., key_bias=...)` does the same for its forward.
 """
 
 from __future__ import annotations
@@ -30,10 +34,50 @@ WAN_TEXT_LENGTH = 512  # Wan's processors hard-code the text context length for 
 
 
 @dataclass
-class MapRecorder:
+class TextBias:
+    """The additive `[B, M]` text-key bias of the current forward; None: none."""
+
+    key_bias: torch.Tensor | None = None
+
+
+class KeyBiasWanAttnProcessor(WanAttnProcessor):
+    """`WanAttnProcessor` whose text attention adds `state.key_bias` to the scores of every query."""
+
+    def __init__(self, state: TextBias):
+        super().__init__()
+        self.state = state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        bias = self.state.key_bias
+        if bias is not None and encoder_hidden_states is not None:
+            attention_mask = bias[:, None, None, :].to(hidden_states.dtype)
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+
+
+@contextmanager
+def text_key_bias(transformer, processors: Sequence[KeyBiasWanAttnProcessor]) -> Iterator[None]:
+    """Install `processors` (one per block, sharing a `TextBias`) on every `attn2` for the block."""
+    _check_transformer(transformer)
+    if transformer.config.image_dim is not None:
+        raise ValueError("text key bias: image-conditioned Wan models split their context by length; unsupported")
+    blocks = transformer.blocks
+    if len(processors) != len(blocks):
+        raise ValueError(f"text key bias: {len(processors)} processors for {len(blocks)} blocks")
+    originals = [block.attn2.processor for block in blocks]
+    try:
+        for block, processor in zip(blocks, processors, strict=True):
+            block.attn2.set_processor(processor)
+        yield
+    finally:
+        for block, processor in zip(blocks, originals, strict=True):
+            block.attn2.set_processor(processor)
+
+
+@dataclass
+class MapRecorder(TextBias):
     """What to record, and what was recorded in the current forward pass."""
 
-    tokens: torch.Tensor  # [T] key indices into the text sequence
+    tokens: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [T] text key indices
     pool: tuple[int, int, int] = (1, 2, 2)
     keep_heads: bool = False
     backend: str = "auto"
@@ -63,11 +107,11 @@ class MapRecorder:
         return maps.unflatten(2, self.tiles)
 
 
-class PoolingWanAttnProcessor(WanAttnProcessor):
+class PoolingWanAttnProcessor(KeyBiasWanAttnProcessor):
     """`WanAttnProcessor` whose text attention also pools the maps of the recorder's tokens."""
 
     def __init__(self, recorder: MapRecorder, layer: int):
-        super().__init__()
+        super().__init__(recorder)
         self.recorder, self.layer = recorder, layer
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
@@ -96,7 +140,7 @@ class PoolingWanAttnProcessor(WanAttnProcessor):
         # Wan passes no text mask: the softmax spans the zero-padded text tokens, as in diffusers.
         out, pooled = attention_pool(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), recorder.groups,
-            recorder.tokens, keep_heads=recorder.keep_heads, backend=recorder.backend,
+            recorder.tokens, key_bias=recorder.key_bias, keep_heads=recorder.keep_heads, backend=recorder.backend,
         )  # fmt: skip
         # Keep the first map of each forward: gradient checkpointing re-runs this processor in backward, and
         # holding the re-run's map would keep the whole recomputed block alive.
@@ -132,12 +176,16 @@ def record_maps(
     pool: int | tuple[int, int, int] = (1, 2, 2),
     keep_heads: bool = False,
     backend: str = "auto",
+    key_bias: torch.Tensor | None = None,
 ) -> Iterator[MapRecorder]:
-    """Install recording processors on `attn2` of `layers` for the duration of the block."""
+    """Install recording processors on `attn2` of `layers` for the duration of the block. With
+    `key_bias` (`[B, M]`, for text from `cvg.padding.collapse_padding`), every block's text attention
+    adds it, recorded or not."""
     chosen = resolve_layers(transformer, layers)
     pool = (pool,) * 3 if isinstance(pool, int) else tuple(pool)
     device = next(transformer.parameters()).device
-    recorder = MapRecorder(torch.as_tensor(tokens, dtype=torch.long, device=device), pool, keep_heads, backend)
+    recorder = MapRecorder(key_bias=key_bias, tokens=torch.as_tensor(tokens, dtype=torch.long, device=device),
+                           pool=pool, keep_heads=keep_heads, backend=backend)  # fmt: skip
     patch = transformer.config.patch_size
 
     def read_grid(module, args, kwargs):
@@ -145,11 +193,14 @@ def record_maps(
         _, _, frames, height, width = latents.shape
         recorder.set_grid((frames // patch[0], height // patch[1], width // patch[2]), latents.device)
 
-    originals = {i: transformer.blocks[i].attn2.processor for i in chosen}
+    installed = {i: PoolingWanAttnProcessor(recorder, i) for i in chosen}
+    if key_bias is not None:
+        installed = {i: installed.get(i, KeyBiasWanAttnProcessor(recorder)) for i in range(len(transformer.blocks))}
+    originals = {i: transformer.blocks[i].attn2.processor for i in installed}
     hook = transformer.register_forward_pre_hook(read_grid, with_kwargs=True)
     try:
-        for i in chosen:
-            transformer.blocks[i].attn2.set_processor(PoolingWanAttnProcessor(recorder, i))
+        for i, processor in installed.items():
+            transformer.blocks[i].attn2.set_processor(processor)
         yield recorder
     finally:
         hook.remove()

@@ -19,6 +19,7 @@ import torch
 
 from cvg.composition import BoundComposition
 from cvg.objectives import Objective
+from cvg.padding import collapse_padding
 from cvg.processors import record_maps, resolve_layers
 
 NORMALIZATIONS = ("rms", "max", "none")
@@ -34,6 +35,7 @@ class GuidanceConfig:
     pool: tuple[int, int, int] = (1, 2, 2)  # pooling of the (frames, h, w) token grid
     backend: str = "auto"  # attention_pool backend
     checkpointing: bool = True  # recompute blocks in backward: activations of one block at a time
+    collapse_padding: bool = True  # guided forwards skip Wan's zero text padding, exactly (cvg.padding)
 
     def check(self, num_inference_steps: int) -> None:
         if not 0 <= self.guide_steps <= num_inference_steps:
@@ -112,21 +114,22 @@ class Denoiser:
         blocks with their recording processors."""
         model = self.transformer
         layers = resolve_layers(model, config.layers)
+        text, key_bias = collapse_padding(self.prompt_embeds) if config.collapse_padding else (self.prompt_embeds, None)
         with (
             torch.set_grad_enabled(gradient),
-            record_maps(model, bound.tokens, layers, config.pool, backend=config.backend) as recorder,
+            record_maps(model, bound.tokens, layers, config.pool, backend=config.backend, key_bias=key_bias) as rec,
             _checkpointing(model, gradient and config.checkpointing),
             _frozen(model),
         ):
             stop = _stop_after(model.blocks[layers[-1]])
             try:
                 model(hidden_states=latents.to(model.dtype), timestep=t.expand(latents.shape[0]),
-                      encoder_hidden_states=self.prompt_embeds, return_dict=False)  # fmt: skip
+                      encoder_hidden_states=text, return_dict=False)  # fmt: skip
             except _StopForward:
                 pass
             finally:
                 stop.remove()
-            yield recorder.stacked().float()
+            yield rec.stacked().float()
 
     def read_maps(
         self, latents: torch.Tensor, t: torch.Tensor, bound: BoundComposition, config: GuidanceConfig

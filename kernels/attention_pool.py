@@ -382,6 +382,7 @@ def attention_pool_triton(
     spec: PoolSpec,
     scale: float,
     key_padding_mask: torch.Tensor | None,
+    key_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs are checked by `cvg.attention_pool`; this only adapts them to the kernels."""
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -389,9 +390,11 @@ def attention_pool_triton(
     if q.shape[-1] > 128:
         raise ValueError(f"attention_pool: backend 'triton' supports head dims up to 128, got {q.shape[-1]}")
     bias = None
-    if key_padding_mask is not None:
-        bias = torch.zeros(key_padding_mask.shape, dtype=torch.float32, device=q.device)
-        bias = bias.masked_fill(key_padding_mask, MASKED_SCORE).contiguous()
+    if key_padding_mask is not None or key_bias is not None:  # one [B, M] float32 bias in base-2 score units
+        bias = torch.zeros((q.shape[0], k.shape[2]), dtype=torch.float32, device=q.device)
+        bias = bias if key_bias is None else bias + key_bias.detach().float() * LOG2E
+        bias = bias if key_padding_mask is None else bias.masked_fill(key_padding_mask, MASKED_SCORE)
+        bias = bias.contiguous()
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
         # The interpreter's tl.dot multiplies raw bf16 bits: compute in float32 there.
         out, pooled = _TritonAttentionPool.apply(q.float(), k.float(), v.float(), bias, spec, scale)

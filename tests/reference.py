@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -118,3 +119,28 @@ def assert_matches_reference(problem: Problem, backend: str, dtype: torch.dtype,
     errors = relative_errors(run(problem, backend, dtype), expected, scales)
     bad = {n: e for n, e in errors.items() if not e <= tol}
     assert not bad, f"{backend} {dtype}: relative errors above {tol}: {bad} for {problem}"
+
+
+def assert_key_bias_counts_copies(backend: str, dtype: torch.dtype, tol: float, copies: int = 7) -> None:
+    """A key repeated `copies` times and the same key once with `log copies` added as key_bias give the
+    same output, maps of the other tokens, dq, and (summed over the copies) dk and dv."""
+    p = make_problem(B=2, H=2, N=45, M=9, D=16, T=3, G=5, masked=True, keep_heads=False, seed=23)
+    p.mask[:, -1] = False  # the repeated key takes part
+    q, k, v = (t.to(dtype) for t in (p.q, p.k, p.v))
+
+    def repeat_last(t):
+        return torch.cat([t, t[:, :, -1:].expand(-1, -1, copies - 1, -1)], dim=2)
+
+    bias = torch.zeros(p.mask.shape, dtype=dtype)
+    bias[:, -1] = math.log(copies)
+    mask_full = torch.cat([p.mask, p.mask[:, -1:].expand(-1, copies - 1)], dim=1)
+    runs = []
+    for keys, values, mask, key_bias in ((repeat_last(k), repeat_last(v), mask_full, None), (k, v, p.mask, bias)):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, keys, values))
+        out, pooled = attention_pool(qq, kk, vv, p.groups, p.tokens % 8, key_padding_mask=mask, key_bias=key_bias,
+                                     num_groups=p.num_groups, backend=backend)  # fmt: skip
+        dq, dk, dv = torch.autograd.grad(out.square().sum() + pooled.sum() * 5, (qq, kk, vv))
+        dk, dv = (torch.cat([d[:, :, :8], d[:, :, 8:].sum(2, keepdim=True)], dim=2) for d in (dk, dv))
+        runs.append((out, pooled, dq, dk, dv))
+    for name, a, b in zip(("out", "pooled", "dq", "dk", "dv"), *runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m, n=name: f"{n}: {m}")

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
-from reference import assert_matches_reference, make_problem, problems
+from reference import assert_key_bias_counts_copies, assert_matches_reference, make_problem, problems
 
 from cvg import attention_pool
 from cvg.attention_pool import resolve_backend
@@ -124,6 +124,12 @@ def test_repeated_tokens_and_empty_tiles():
     assert torch.equal(pooled[:, 1:], torch.zeros_like(pooled[:, 1:]))
 
 
+@pytest.mark.parametrize("backend", ["naive", "torch"])
+def test_key_bias_weighs_a_key_as_its_copies(backend):
+    assert_key_bias_counts_copies(backend, torch.float64, 1e-10)
+    assert_key_bias_counts_copies(backend, torch.float32, 1e-5)
+
+
 def test_auto_backend_on_cpu_is_torch():
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
 
@@ -158,6 +164,8 @@ def _bad_calls():
         "unknown backend": lambda: attention_pool(q, k, v, g, [0], backend="cuda"),
         "scale must be finite": lambda: attention_pool(q, k, v, g, [0], scale=float("nan")),
         "empty input": lambda: attention_pool(q[:, :, :0], k, v, g[:0], [0]),
+        "key_bias must be a float tensor of shape": lambda: attention_pool(q, k, v, g, [0], key_bias=mask_all.float()[0]),
+        "key_bias has non-finite": lambda: attention_pool(q, k, v, g, [0], key_bias=mask_all.float().log()),
     }
 
 

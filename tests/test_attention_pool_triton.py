@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import assert_matches_reference, make_problem, problems
+from reference import assert_key_bias_counts_copies, assert_matches_reference, make_problem, problems
 
 from cvg import attention_pool
 
@@ -15,6 +15,10 @@ pytest.importorskip("triton")
 @given(problems(max_n=150, max_heads=2, head_dims=(16, 24, 32, 64)))
 def test_triton_float32_matches_float64_naive(problem):
     assert_matches_reference(problem, "triton", torch.float32, 1e-4)
+
+
+def test_triton_key_bias_weighs_a_key_as_its_copies():
+    assert_key_bias_counts_copies("triton", torch.float32, 1e-4)
 
 
 @pytest.mark.parametrize("keys", [1, 77, 512])

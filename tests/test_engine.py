@@ -12,12 +12,15 @@ import torch
 from cvg.engine import BACKENDS, StepShape, build_engine, export_onnx
 from cvg.pipeline import CVGPipeline
 
-LATENTS, TEXT = (1, 16, 3, 8, 8), (1, 32, 384)
+LATENTS, TEXT = (1, 16, 3, 8, 8), (1, 80, 384)  # text longer than 64 rows: the engine drops padding
 
 
-def _inputs(seed=0):
+def _inputs(seed=0, real=10):
+    """Latents, timestep and text padded the way WanPipeline pads it: `real` rows, then zeros."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(LATENTS, generator=g), torch.tensor(700.0), torch.randn(TEXT, generator=g)
+    text = torch.randn(TEXT, generator=g)
+    text[:, real:] = 0
+    return torch.randn(LATENTS, generator=g), torch.tensor(700.0), text
 
 
 def _eager(pipe, x, t, e):
@@ -29,10 +32,12 @@ def _eager(pipe, x, t, e):
 def test_backend_matches_eager(tiny_pipe, tmp_path, backend):
     x, t, e = _inputs()
     engine = build_engine(tiny_pipe.transformer, StepShape.of(x, e), backend, tmp_path)
-    assert engine.backend == backend
-    for seed in (0, 1):  # two calls: static buffers are not stale
-        x, t, e = _inputs(seed)
+    assert engine.backend == backend and engine.shape.keys == 64
+    for seed, real in ((0, 10), (1, 3), (2, 63)):  # several calls: static buffers are not stale
+        x, t, e = _inputs(seed, real)
         assert (engine(x, t, e) - _eager(tiny_pipe, x, t, e)).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="attends to 64 text rows; this text has 64 before its zero padding"):
+        engine(x, t, _inputs(3, real=64)[2])
 
 
 def test_auto_picks_onnxruntime_on_cpu(tiny_pipe, tmp_path):
@@ -126,7 +131,7 @@ def test_export_command_builds_the_cache_once(tiny_model_dir, tmp_path, capsys):
             "--max-sequence-length", "32", "--cache", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["backend"] == "onnxruntime" and report["shape"] == "1x16x3x8x8x32x384-float32"
+    assert report["backend"] == "onnxruntime" and report["shape"] == "1x16x3x8x8x32x384k32-float32"
     files = sorted(tmp_path.glob("*.onnx"))
     assert len(files) == 1 and Path(report["file"]) == files[0]
     stamp = files[0].stat().st_mtime_ns

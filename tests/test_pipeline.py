@@ -159,3 +159,28 @@ def test_checkpointing_changes_memory_not_results(tiny_pipe):
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
     assert not torch.equal(results[0], CVGPipeline(tiny_pipe)(PROMPTS["spatial"][0], None, generator=_seeded(4),
                                                                output_type="latent", **SMALL).frames)  # fmt: skip
+
+
+@pytest.mark.parametrize("base_dim, dim_mult", [(3, [1, 1, 1, 1]), (8, [1, 2, 2])])
+def test_cpu_decoding_is_the_vae_decode(base_dim, dim_mult):
+    """The fast CPU paths give diffusers' decode (to float rounding) and leave the VAE as it was."""
+    from diffusers import AutoencoderKLWan
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
+
+    from cvg.vae_cpu import cpu_decoding
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=base_dim, z_dim=16, dim_mult=dim_mult, num_res_blocks=1,
+                           temperal_downsample=[False, True, True][: len(dim_mult) - 1]).eval()  # fmt: skip
+    for m in vae.modules():  # non-trivial norm scales, so the norm's arithmetic is checked
+        if isinstance(m, WanRMS_norm):
+            torch.nn.init.uniform_(m.gamma, 0.5, 1.5)
+    latents = torch.randn(1, 16, 3, 16, 16)
+    with torch.no_grad():
+        reference = vae.decode(latents).sample
+        with cpu_decoding(vae):
+            patched = [m for m in vae.modules() if {"_conv_forward", "forward"} & set(vars(m))]
+            fast = vae.decode(latents).sample
+    assert {type(m) for m in patched} == {WanCausalConv3d, WanRMS_norm}
+    assert not [m for m in vae.modules() if {"_conv_forward", "forward"} & set(vars(m))]
+    assert fast.shape == reference.shape and (fast - reference).abs().max() <= 1e-5

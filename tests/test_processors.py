@@ -4,7 +4,15 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-from cvg.processors import PoolingWanAttnProcessor, record_maps, resolve_layers
+from cvg.padding import collapse_padding, needed_length, padded_length
+from cvg.processors import (
+    KeyBiasWanAttnProcessor,
+    PoolingWanAttnProcessor,
+    TextBias,
+    record_maps,
+    resolve_layers,
+    text_key_bias,
+)
 
 
 def _forward(transformer, seed=0, frames=3, size=8, text=20):
@@ -61,3 +69,54 @@ def test_layer_and_model_errors(tiny_pipe):
         resolve_layers(tiny_pipe.transformer, [5])
     with pytest.raises(TypeError, match="WanTransformer3DModel"):
         resolve_layers(torch.nn.Linear(2, 2), None)
+
+
+def _padded_text(seed=0, real=(5, 9), total=40):
+    """Text embeddings the way WanPipeline pads them: real rows, then zero rows up to `total`."""
+    gen = torch.Generator().manual_seed(seed)
+    text = torch.zeros(len(real), total, 384)
+    for i, n in enumerate(real):
+        text[i, :n] = torch.randn(n, 384, generator=gen)
+    return text
+
+
+@pytest.mark.parametrize("length", [None, 16, 40])
+def test_collapsed_padding_is_exact(tiny_pipe, length):
+    """Attention over the first rows, with the key bias, equals attention over the whole padded text."""
+    transformer = tiny_pipe.transformer
+    gen = torch.Generator().manual_seed(1)
+    latents, t, text = torch.randn(2, 16, 3, 8, 8, generator=gen), torch.tensor([700, 300]), _padded_text()
+    state = TextBias()
+    processors = [KeyBiasWanAttnProcessor(state) for _ in transformer.blocks]
+    with torch.no_grad():
+        reference = transformer(latents, t, text, return_dict=False)[0]
+        short, state.key_bias = collapse_padding(text, length)
+        assert short.shape[1] == (10 if length is None else length)
+        with text_key_bias(transformer, processors):
+            out = transformer(latents, t, short, return_dict=False)[0]
+        without_bias = transformer(latents, t, short, return_dict=False)[0]
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    assert [type(b.attn2.processor) for b in transformer.blocks] == [WanAttnProcessor] * len(transformer.blocks)
+    if short.shape[1] < text.shape[1]:  # the bias is what makes it exact
+        assert (without_bias - reference).abs().max() > 1e-3
+
+
+def test_recorded_maps_over_collapsed_padding(tiny_pipe):
+    transformer = tiny_pipe.transformer
+    gen = torch.Generator().manual_seed(2)
+    latents, t, text = torch.randn(2, 16, 3, 8, 8, generator=gen), torch.tensor([500, 500]), _padded_text(3)
+    short, bias = collapse_padding(text)
+    with torch.no_grad():
+        with record_maps(transformer, [0, 4], layers=[0]) as full:
+            reference = transformer(latents, t, text, return_dict=False)[0]
+        with record_maps(transformer, [0, 4], layers=[0], key_bias=bias) as collapsed:
+            out = transformer(latents, t, short, return_dict=False)[0]
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(collapsed.stacked(), full.stacked(), rtol=1e-5, atol=1e-7)
+
+
+def test_collapse_refuses_to_cut_text():
+    text = _padded_text(real=(5, 9))
+    assert needed_length(text) == 10 and padded_length(text) == 40
+    with pytest.raises(ValueError, match="the text has 9 rows before its zero padding; they do not fit in 8 keys"):
+        collapse_padding(text, 8)

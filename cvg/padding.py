@@ -1,0 +1,46 @@
+"""Exact collapse of Wan's zero-padded text: cross-attention over a few keys instead of 512.
+
+WanPipeline pads every prompt's embeddings with zero rows to `max_sequence_length` (512) and passes
+no mask, so each video token attends to all the padding. Wan's text keys carry no position and every
+op on the text before the attention is row-wise, so all zero rows give one and the same key and value:
+n identical keys weigh exactly as one of them with `log n` added to its score. `collapse_padding`
+keeps the first `length` rows and returns that additive key bias, spreading the padding's count over
+the zero rows kept; attention with the bias equals attention over the whole padded text.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LENGTH_STEP = 64  # engine text lengths are multiples of this, so most prompts of a model share one engine
+
+
+def needed_length(embeds: torch.Tensor) -> int:
+    """Rows to keep: every row up to the last non-zero one of any batch item, plus one zero row."""
+    nonzero = embeds.ne(0).any(dim=-1).any(dim=0)  # [L]
+    last = int(nonzero.nonzero().max()) if nonzero.any() else -1
+    return min(last + 2, embeds.shape[1])
+
+
+def padded_length(embeds: torch.Tensor) -> int:
+    """`needed_length` rounded up to a multiple of LENGTH_STEP (at most the text length): a static length."""
+    return min(math.ceil(needed_length(embeds) / LENGTH_STEP) * LENGTH_STEP, embeds.shape[1])
+
+
+def collapse_padding(embeds: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[B, L, D]` text embeddings -> (the first `length` rows, `[B, length]` key bias). Default length:
+    `needed_length`. A length that would cut off a non-zero row is an error."""
+    total = embeds.shape[1]
+    length = needed_length(embeds) if length is None else length
+    if length < needed_length(embeds):
+        raise ValueError(
+            f"the text has {needed_length(embeds) - 1} rows before its zero padding; they do not fit in {length} keys"
+        )
+    zero = embeds[:, :length].eq(0).all(dim=-1)  # [B, length]
+    kept = zero.sum(dim=1, keepdim=True)
+    dropped = total - length  # all zero rows, by the check above
+    ratio = (kept + dropped).float() / kept.clamp_min(1).float()
+    bias = torch.where(zero, ratio.log(), 0.0).to(embeds.dtype)
+    return embeds[:, :length], bias

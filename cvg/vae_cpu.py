@@ -1,0 +1,63 @@
+"""Decoding with diffusers' `AutoencoderKLWan` on CPU, around two slow CPU paths; same maths.
+
+- `WanRMS_norm` calls `F.normalize` over the channel dim of `[B, C, T, H, W]` tensors: CPU
+  `linalg_vector_norm` over that strided dim took half of a small VAE's decode. A sum of squares over
+  dim 1 is the same norm and vectorises.
+- With few channels CPU `conv3d` falls back to `slow_conv3d`, whose im2col buffer is `C·k³` times the
+  output (84 MiB for one 4-frame chunk of a 3-channel layer at 256x256). Wan's causal convolutions pad
+  their input themselves and have stride 1, so each is the sum over its temporal taps of a 2D
+  convolution with the frames in the batch (oneDNN, no im2col).
+Results equal diffusers' own decode up to float rounding (tests/test_pipeline.py checks it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import MethodType
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
+
+
+def _conv3d_by_taps(self: WanCausalConv3d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    batch, channels, frames, height, width = x.shape
+    taps = weight.shape[2]
+    out_frames = frames - taps + 1
+    out = None
+    for tap in range(taps):
+        window = x[:, :, tap : tap + out_frames].transpose(1, 2).reshape(-1, channels, height, width)
+        y = F.conv2d(window, weight[:, :, tap], bias if tap == 0 else None)
+        out = y if out is None else out.add_(y)
+    return out.unflatten(0, (batch, out_frames)).transpose(1, 2)
+
+
+def _rms_norm(self: WanRMS_norm, x: torch.Tensor) -> torch.Tensor:
+    wide = x if x.dtype in (torch.float32, torch.float64) else x.float()  # as diffusers: half types in float32
+    norm = wide.square().sum(dim=1, keepdim=True).sqrt().clamp_min(1e-12)  # F.normalize's eps
+    return (wide / norm).to(x.dtype) * self.scale * self.gamma + self.bias
+
+
+def _plain(conv: WanCausalConv3d) -> bool:
+    return conv.stride == (1, 1, 1) and conv.dilation == (1, 1, 1) and conv.groups == 1 and conv.padding == (0, 0, 0)
+
+
+@contextmanager
+def cpu_decoding(vae: torch.nn.Module) -> Iterator[None]:
+    """For the duration, `vae`'s causal convolutions and channel RMS norms take the fast CPU paths (a
+    no-op for a VAE on another device)."""
+    patched: list[tuple[torch.nn.Module, str]] = []
+    if next(vae.parameters()).device.type == "cpu":
+        for module in vae.modules():
+            if isinstance(module, WanCausalConv3d) and _plain(module):
+                module._conv_forward = MethodType(_conv3d_by_taps, module)
+                patched.append((module, "_conv_forward"))
+            elif isinstance(module, WanRMS_norm) and module.channel_first:
+                module.forward = MethodType(_rms_norm, module)
+                patched.append((module, "forward"))
+    try:
+        yield
+    finally:
+        for module, name in patched:
+            delattr(module, name)
