@@ -14,7 +14,7 @@ import torch
 
 from cvg.attention_pool_naive import attention_pool_naive
 from cvg.attention_pool_torch import attention_pool_torch
-from cvg.pooling import make_pool_spec
+from cvg.pooling import PoolSpec, make_pool_spec
 
 BACKENDS = ("auto", "naive", "torch", "triton")
 
@@ -63,6 +63,24 @@ def attention_pool(
     if not math.isfinite(scale):
         raise ValueError(f"attention_pool: scale must be finite, got {scale}")
     spec = make_pool_spec(groups, tokens, num_groups, q.shape[1], keep_heads)
+    return attention_pool_with_spec(q, k, v, spec, scale, key_padding_mask=key_padding_mask, key_bias=key_bias,
+                                    backend=backend)  # fmt: skip
+
+
+def attention_pool_with_spec(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: PoolSpec,
+    scale: float,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_pool` with the pooling made once beforehand (`make_pool_spec`) and inputs already checked:
+    nothing here reads tensor data on the host, so a call makes no host synchronisation and can be
+    captured in a CUDA graph. Recording processors call it with a spec made per video grid."""
     name = resolve_backend(backend, q.device)
     if name == "triton":
         from cvg.kernels.attention_pool import attention_pool_triton

@@ -32,7 +32,8 @@ _MIN_CHUNK_ROWS = 256
 def augment_keys_values(k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """k zero-padded by T columns; v with one-hot columns of `tokens` appended. Both `[B, H, M, D+T]`."""
     batch, heads, keys, _ = v.shape
-    onehot = F.one_hot(tokens, keys).to(v.dtype).T  # [M, T]
+    # [M, T]; not F.one_hot, which checks its indices on the host on CPU: the step stays free of host reads
+    onehot = (torch.arange(keys, device=tokens.device)[:, None] == tokens[None, :]).to(v.dtype)
     v_aug = torch.cat([v, onehot.expand(batch, heads, keys, tokens.numel())], dim=-1)
     return F.pad(k, (0, tokens.numel())), v_aug
 

@@ -160,11 +160,14 @@ class ClassifierObjective:
     def __init__(self, classifier: CompositionClassifier, encoder: LabelEncoder | None = None):
         self.classifier = classifier.eval().requires_grad_(False)
         self.encoder = encoder or LabelEncoder(classifier.config.label_encoder)
+        self._labels: dict[tuple[str, torch.device], torch.Tensor] = {}  # on the maps' device, copied once
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, generator: dict | None = None) -> ClassifierObjective:
         return cls(CompositionClassifier.from_pretrained(directory, generator))
 
     def __call__(self, maps: torch.Tensor, bound: BoundComposition) -> torch.Tensor:
-        logits = self.classifier(bound.entity_maps(maps), self.encoder([label_of(bound.composition)]))
-        return F.softplus(-logits)
+        key = (label_of(bound.composition), maps.device)
+        if key not in self._labels:
+            self._labels[key] = self.encoder([key[0]]).to(maps.device)
+        return F.softplus(-self.classifier(bound.entity_maps(maps), self._labels[key]))

@@ -35,7 +35,9 @@ from cvg.compshapes.grammar import ALL_CATEGORIES
 from cvg.compshapes.world import BACKGROUND, render
 from cvg.files import atomic_path, write_text_atomic
 from cvg.minilm import PACKAGE, load_minilm
+from cvg.padding import collapse_padding
 from cvg.pipeline import MANIFEST
+from cvg.processors import KeyBiasWanAttnProcessor, TextBias, text_key_bias
 
 
 @dataclass(frozen=True)
@@ -234,36 +236,6 @@ def flow_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)
 
 
-def padded_context_bias(embeds: torch.Tensor, context: int) -> torch.Tensor | None:
-    """Attention bias that makes cross-attention over `embeds` equal to attention over `context` tokens.
-
-    Wan pads prompts with zero vectors, and every zero vector becomes the same key and value, so
-    attention over a prompt padded to `context` equals attention over a shorter padding whose pad keys
-    each carry log(pads at `context` / pads here) more logit: the pad keys' total weight is the same.
-    Training at 32 fed tokens then costs 32 keys per query, not 512, for the same model.
-    Returns an additive `[B, 1, 1, L]` bias (None when nothing is cut).
-    """
-    fed = embeds.shape[1]
-    if fed == context:
-        return None
-    real = embeds.abs().amax(-1).gt(0).sum(1)  # [B]: tokens before the zero padding
-    if int(real.max()) >= fed:
-        raise ValueError(f"a prompt fills all {fed} fed text tokens; feed more so that padding remains")
-    bias = torch.log((context - real) / (fed - real).float()).view(-1, 1, 1, 1)
-    is_pad = torch.arange(fed).view(1, 1, 1, -1) >= real.view(-1, 1, 1, 1)
-    return torch.where(is_pad, bias, 0.0)
-
-
-class _BiasedCrossAttention:
-    """Calls a cross-attention processor with an additive bias (Wan's blocks pass no mask to attn2)."""
-
-    def __init__(self, processor):
-        self.processor, self.bias = processor, None
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        return self.processor(attn, hidden_states, encoder_hidden_states, self.bias, rotary_emb)
-
-
 def train_transformer(
     recipe: GeneratorRecipe, latents: dict, stats: tuple[list[float], list[float]], work: Path, report=print
 ) -> WanTransformer3DModel:
@@ -277,40 +249,38 @@ def train_transformer(
     mean, std = (torch.tensor(s).view(1, -1, 1, 1, 1) for s in stats)
     fed = recipe.text_tokens_fed or recipe.text_tokens
     embeds = F.pad(latents["embeds"], (0, 0, 0, fed - latents["embeds"].shape[1]))
-    cross = [_BiasedCrossAttention(block.attn2.processor) for block in model.blocks]
-    for block, processor in zip(model.blocks, cross, strict=True):
-        block.attn2.processor = processor
+    # Attention over `fed` text rows with a key bias equals attention over the full padding (cvg.padding).
+    text_bias = TextBias()
     t0 = time.perf_counter()
-    for step in range(start, recipe.steps):
-        gen = _seeded(recipe.seed, 3, step)
-        idx = torch.randint(0, len(latents["prompt"]), (recipe.batch,), generator=gen)
-        posterior_mean, posterior_std = latents["mean"][idx].float(), latents["std"][idx].float()
-        z = posterior_mean + posterior_std * torch.randn(posterior_mean.shape, generator=gen)
-        z = ((posterior_mean if recipe.target == "mean" else z) - mean) / std
-        prompt = latents["prompt"][idx].masked_fill(torch.rand(recipe.batch, generator=gen) < recipe.text_dropout, 0)
-        for processor in cross:
-            processor.bias = padded_context_bias(embeds[prompt], recipe.text_tokens)
-        sigma = flow_sigmas(torch.rand(recipe.batch, generator=gen), recipe.shift).view(-1, 1, 1, 1, 1)
-        noise = torch.randn(z.shape, generator=gen)
-        noisy = (1 - sigma) * z + sigma * noise
-        pred = model(noisy, sigma.flatten() * 1000, embeds[prompt], return_dict=False)[0]
-        loss = F.mse_loss(pred, noise - z)
-        for group in opt.param_groups:
-            group["lr"] = recipe.lr * _cosine(step, recipe.steps, recipe.warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-                e.lerp_(p, 1 - recipe.ema)
-        log.write(step + 1, loss=loss.item())
-        if (step + 1) % 50 == 0:
-            report(f"transformer step {step + 1}/{recipe.steps} loss {loss.item():.4f} "
-                   f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
-        ckpt.save(step + 1, done=step + 1 == recipe.steps, model=model, ema=ema, opt=opt)
-    for block, processor in zip(model.blocks, cross, strict=True):
-        block.attn2.processor = processor.processor
+    with text_key_bias(model, [KeyBiasWanAttnProcessor(text_bias) for _ in model.blocks]):
+        for step in range(start, recipe.steps):
+            gen = _seeded(recipe.seed, 3, step)
+            idx = torch.randint(0, len(latents["prompt"]), (recipe.batch,), generator=gen)
+            posterior_mean, posterior_std = latents["mean"][idx].float(), latents["std"][idx].float()
+            z = posterior_mean + posterior_std * torch.randn(posterior_mean.shape, generator=gen)
+            z = ((posterior_mean if recipe.target == "mean" else z) - mean) / std
+            dropped = torch.rand(recipe.batch, generator=gen) < recipe.text_dropout
+            prompt = latents["prompt"][idx].masked_fill(dropped, 0)
+            text, text_bias.key_bias = collapse_padding(embeds[prompt], fed, total=recipe.text_tokens)
+            sigma = flow_sigmas(torch.rand(recipe.batch, generator=gen), recipe.shift).view(-1, 1, 1, 1, 1)
+            noise = torch.randn(z.shape, generator=gen)
+            noisy = (1 - sigma) * z + sigma * noise
+            pred = model(noisy, sigma.flatten() * 1000, text, return_dict=False)[0]
+            loss = F.mse_loss(pred, noise - z)
+            for group in opt.param_groups:
+                group["lr"] = recipe.lr * _cosine(step, recipe.steps, recipe.warmup)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+                    e.lerp_(p, 1 - recipe.ema)
+            log.write(step + 1, loss=loss.item())
+            if (step + 1) % 50 == 0:
+                report(f"transformer step {step + 1}/{recipe.steps} loss {loss.item():.4f} "
+                       f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+            ckpt.save(step + 1, done=step + 1 == recipe.steps, model=model, ema=ema, opt=opt)
     return ema
 
 

@@ -17,11 +17,12 @@ import torch
 LENGTH_STEP = 64  # engine text lengths are multiples of this, so most prompts of a model share one engine
 
 
-def needed_length(embeds: torch.Tensor) -> int:
-    """Rows to keep: every row up to the last non-zero one of any batch item, plus one zero row."""
+def needed_length(embeds: torch.Tensor, total: int | None = None) -> int:
+    """Rows to keep: every row up to the last non-zero one of any batch item, plus one zero row to carry
+    the padding (none needed when the text has no padding: `total`, default its length, reached)."""
     nonzero = embeds.ne(0).any(dim=-1).any(dim=0)  # [L]
     last = int(nonzero.nonzero().max()) if nonzero.any() else -1
-    return min(last + 2, embeds.shape[1])
+    return min(last + 2, embeds.shape[1] if total is None else total)
 
 
 def padded_length(embeds: torch.Tensor) -> int:
@@ -29,14 +30,22 @@ def padded_length(embeds: torch.Tensor) -> int:
     return min(math.ceil(needed_length(embeds) / LENGTH_STEP) * LENGTH_STEP, embeds.shape[1])
 
 
-def collapse_padding(embeds: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def collapse_padding(
+    embeds: torch.Tensor, length: int | None = None, total: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`[B, L, D]` text embeddings -> (the first `length` rows, `[B, length]` key bias). Default length:
-    `needed_length`. A length that would cut off a non-zero row is an error."""
-    total = embeds.shape[1]
-    length = needed_length(embeds) if length is None else length
-    if length < needed_length(embeds):
+    `needed_length`. `total` (default L) is the padded length the text stands for: text already cut
+    to L rows then attends as if padded to `total`. A length that would cut off a non-zero row, or keep
+    no zero row for padding that exists, is an error."""
+    total = embeds.shape[1] if total is None else total
+    needed = needed_length(embeds, total)
+    length = needed if length is None else length
+    if length < needed or length > embeds.shape[1]:
         raise ValueError(
-            f"the text has {needed_length(embeds) - 1} rows before its zero padding; they do not fit in {length} keys"
+            f"the text has {needed - 1} rows before its zero padding; with room for its padding they do not fit in "
+            f"{length} keys"
+            if length < needed
+            else f"cannot keep {length} rows of a {embeds.shape[1]}-row text"
         )
     zero = embeds[:, :length].eq(0).all(dim=-1)  # [B, length]
     kept = zero.sum(dim=1, keepdim=True)

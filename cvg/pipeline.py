@@ -20,12 +20,14 @@ from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
 from cvg.composition import BoundComposition, Composition
 from cvg.engine import BACKENDS, StepEngine, StepShape, build_engine, model_key
+from cvg.guided_graph import GuidedStepGraph, graph_key
 from cvg.minilm import PACKAGE, load_minilm
 from cvg.objectives import Objective, objective_for
 from cvg.processors import resolve_layers
 from cvg.sampler import Denoiser, GuidanceConfig, GuidedStep, denoise
 from cvg.vae_cpu import cpu_decoding
 
+MAX_GRAPHS = 8  # guided-step graphs kept per pipeline (shape x composition); each holds its own buffers
 MANIFEST = "generator.json"  # beside a saved WanPipeline: which packaged text encoder it was trained with
 
 
@@ -64,6 +66,23 @@ class CVGPipeline:
             raise ValueError(f"engine must be one of {', '.join(BACKENDS)}, auto or None, got {engine!r}")
         self.engine, self.engine_cache = engine, engine_cache
         self._engines: dict[tuple[str, StepShape], StepEngine] = {}
+        self._graphs: dict[str, GuidedStepGraph] = {}  # guided steps, with the engine; most recent last
+        self._objectives: dict[str, Objective] = {}  # training-free ones per composition kind, kept
+
+    def guided_graph(self, denoiser: Denoiser, objective: Objective, bound: BoundComposition, config: GuidanceConfig,
+                     latents: torch.Tensor, t: torch.Tensor) -> GuidedStepGraph:  # fmt: skip
+        """The guided-step graph for this request's shape and composition: built (captured on CUDA) on first
+        use, else reloaded with this request's text. The `MAX_GRAPHS` most recent are kept."""
+        key = graph_key(denoiser, objective, bound, config, latents)
+        graph = self._graphs.pop(key, None)
+        if graph is None:
+            graph = GuidedStepGraph(denoiser, objective, bound, config, latents, t)
+        else:
+            graph.load(denoiser)
+        self._graphs[key] = graph
+        while len(self._graphs) > MAX_GRAPHS:
+            self._graphs.pop(next(iter(self._graphs)))
+        return graph
 
     def step_engine(self, latents: torch.Tensor, *text_embeds: torch.Tensor) -> StepEngine:
         """The engine for this shape and every given text, built on first use (`cvg export` builds its cache
@@ -132,7 +151,8 @@ class CVGPipeline:
         objective, bound = None, None
         if composition is not None and config.guide_steps > 0:
             bound = self.bind(prompt, composition, max_sequence_length)
-            objective = self.objective or objective_for(bound.composition.kind)
+            kind = bound.composition.kind
+            objective = self.objective or self._objectives.setdefault(kind, objective_for(kind))
 
         device = pipe._execution_device
         do_cfg = guidance_scale > 1.0
@@ -155,6 +175,8 @@ class CVGPipeline:
         if self.engine is not None:
             texts = [e for e in (denoiser.prompt_embeds, denoiser.negative_prompt_embeds) if e is not None]
             denoiser.engine = self.step_engine(latents, *texts)
+            if objective is not None:
+                denoiser.graph = self.guided_graph(denoiser, objective, bound, config, latents, timesteps[0])
 
         def step_done(i, t, x):
             marks.append(time.perf_counter())

@@ -14,6 +14,7 @@ exact (see `cvg.padding`). `record_maps(..., key_bias=...)` does the same for it
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,8 +28,8 @@ from diffusers.models.transformers.transformer_wan import (
     _get_qkv_projections,
 )
 
-from cvg.attention_pool import attention_pool
-from cvg.pooling import grid_groups
+from cvg.attention_pool import attention_pool_with_spec
+from cvg.pooling import PoolSpec, grid_groups, make_pool_spec
 
 WAN_TEXT_LENGTH = 512  # Wan's processors hard-code the text context length for I2V splitting
 
@@ -81,23 +82,48 @@ class MapRecorder(TextBias):
     pool: tuple[int, int, int] = (1, 2, 2)
     keep_heads: bool = False
     backend: str = "auto"
+    heads: int = 1
     grid: tuple[int, int, int] | None = None  # video-token grid of the current forward
     tiles: tuple[int, int, int] | None = None
     maps: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, (H,) G, T]
-    _groups: torch.Tensor | None = None
+    _spec: PoolSpec | None = None
+    _keys_checked: int = 0
+
+    @classmethod
+    def for_transformer(
+        cls,
+        transformer,
+        tokens: torch.Tensor | Sequence[int],
+        pool: int | tuple[int, int, int] = (1, 2, 2),
+        keep_heads: bool = False,
+        backend: str = "auto",
+        key_bias: torch.Tensor | None = None,
+    ) -> MapRecorder:
+        _check_transformer(transformer)
+        device = next(transformer.parameters()).device
+        return cls(key_bias=key_bias, tokens=torch.as_tensor(tokens, dtype=torch.long, device=device),
+                   pool=(pool,) * 3 if isinstance(pool, int) else tuple(pool), keep_heads=keep_heads, backend=backend,
+                   heads=transformer.config.num_attention_heads)  # fmt: skip
 
     def set_grid(self, grid: tuple[int, int, int], device: torch.device) -> None:
-        if grid != self.grid or self._groups is None or self._groups.device != device:
-            self._groups, self.tiles = grid_groups(*grid, self.pool)
-            self._groups = self._groups.to(device)
+        """Start a forward over `grid`; the pooling is made when the grid changes, not every forward."""
+        if grid != self.grid or self._spec is None or self._spec.groups.device != device:
+            groups, self.tiles = grid_groups(*grid, self.pool)
+            self.tokens = self.tokens.to(device)
+            self._spec = make_pool_spec(groups.to(device), self.tokens, math.prod(self.tiles), self.heads,
+                                        self.keep_heads)  # fmt: skip
             self.grid = grid
         self.maps = {}
 
-    @property
-    def groups(self) -> torch.Tensor:
-        if self._groups is None:
+    def spec(self, keys: int) -> PoolSpec:
+        """The pooling of the current grid, for text of `keys` keys (token indices checked once per count)."""
+        if self._spec is None:
             raise RuntimeError("MapRecorder: no video grid yet; run the transformer inside record_maps()")
-        return self._groups
+        if keys != self._keys_checked:
+            if self.tokens.numel() and int(self.tokens.max()) >= keys:
+                raise ValueError(f"recorded token {int(self.tokens.max())} is past the text's {keys} keys")
+            self._keys_checked = keys
+        return self._spec
 
     def stacked(self) -> torch.Tensor:
         """Recorded maps as `[B, layers, tiles_f, tiles_h, tiles_w, T]` (heads averaged)."""
@@ -137,10 +163,10 @@ class PoolingWanAttnProcessor(KeyBiasWanAttnProcessor):
             hidden_states_img = dispatch_attention_fn(query, key_img, value_img, backend=self._attention_backend)
             hidden_states_img = hidden_states_img.flatten(2, 3).type_as(query)
 
-        # Wan passes no text mask: the softmax spans the zero-padded text tokens, as in diffusers.
-        out, pooled = attention_pool(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), recorder.groups,
-            recorder.tokens, key_bias=recorder.key_bias, keep_heads=recorder.keep_heads, backend=recorder.backend,
+        # Wan passes no text mask: the softmax spans the zero-padded text tokens (or their key bias).
+        out, pooled = attention_pool_with_spec(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), recorder.spec(key.shape[1]),
+            query.shape[-1] ** -0.5, key_bias=recorder.key_bias, backend=recorder.backend,
         )  # fmt: skip
         # Keep the first map of each forward: gradient checkpointing re-runs this processor in backward, and
         # holding the re-run's map would keep the whole recomputed block alive.
@@ -181,11 +207,16 @@ def record_maps(
     """Install recording processors on `attn2` of `layers` for the duration of the block. With
     `key_bias` (`[B, M]`, for text from `cvg.padding.collapse_padding`), every block's text attention
     adds it, recorded or not."""
+    recorder = MapRecorder.for_transformer(transformer, tokens, pool, keep_heads, backend, key_bias)
+    with recording(transformer, recorder, layers):
+        yield recorder
+
+
+@contextmanager
+def recording(transformer, recorder: MapRecorder, layers: Sequence[int] | None = None) -> Iterator[None]:
+    """Install `recorder`'s processors (and a hook that reads the video grid) for the block. A recorder
+    kept across calls keeps its pooling: entering this makes no tensor (CUDA-graph capture)."""
     chosen = resolve_layers(transformer, layers)
-    pool = (pool,) * 3 if isinstance(pool, int) else tuple(pool)
-    device = next(transformer.parameters()).device
-    recorder = MapRecorder(key_bias=key_bias, tokens=torch.as_tensor(tokens, dtype=torch.long, device=device),
-                           pool=pool, keep_heads=keep_heads, backend=backend)  # fmt: skip
     patch = transformer.config.patch_size
 
     def read_grid(module, args, kwargs):
@@ -194,14 +225,14 @@ def record_maps(
         recorder.set_grid((frames // patch[0], height // patch[1], width // patch[2]), latents.device)
 
     installed = {i: PoolingWanAttnProcessor(recorder, i) for i in chosen}
-    if key_bias is not None:
+    if recorder.key_bias is not None:
         installed = {i: installed.get(i, KeyBiasWanAttnProcessor(recorder)) for i in range(len(transformer.blocks))}
     originals = {i: transformer.blocks[i].attn2.processor for i in installed}
     hook = transformer.register_forward_pre_hook(read_grid, with_kwargs=True)
     try:
         for i, processor in installed.items():
             transformer.blocks[i].attn2.set_processor(processor)
-        yield recorder
+        yield
     finally:
         hook.remove()
         for i, processor in originals.items():

@@ -20,7 +20,7 @@ import torch
 from cvg.composition import BoundComposition
 from cvg.objectives import Objective
 from cvg.padding import collapse_padding
-from cvg.processors import record_maps, resolve_layers
+from cvg.processors import MapRecorder, recording, resolve_layers
 
 NORMALIZATIONS = ("rms", "max", "none")
 
@@ -48,6 +48,15 @@ class GuidanceConfig:
             raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}")
         if not math.isfinite(self.strength) or self.strength < 0:
             raise ValueError(f"guidance strength must be finite and >= 0, got {self.strength}")
+
+
+@dataclass
+class GuidedInputs:
+    """What guided forwards read besides latents and timestep (`Denoiser.prepare`)."""
+
+    text: torch.Tensor  # prompt embeddings, zero padding collapsed unless the config says not to
+    recorder: MapRecorder  # holds the token indices, pooling and key bias
+    layers: list[int]
 
 
 @dataclass
@@ -88,6 +97,7 @@ class Denoiser:
     guidance_scale: float
     attention_kwargs: dict | None = None
     engine: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # see cvg.engine
+    graph: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None  # guided steps; see cvg.guided_graph
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, step: int, sigma: float, total: int) -> torch.Tensor:
         """The noise prediction of WanPipeline for one step, classifier-free guidance included."""
@@ -106,36 +116,43 @@ class Denoiser:
             return self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds,
                                     attention_kwargs=self.attention_kwargs, return_dict=False)[0]  # fmt: skip
 
+    def prepare(self, bound: BoundComposition, config: GuidanceConfig, text_keys: int | None = None) -> GuidedInputs:
+        """What guided forwards at any latents share: the text (padding collapsed to `text_keys` rows, by
+        default as few as hold it) and a map recorder."""
+        collapse = config.collapse_padding
+        text, key_bias = collapse_padding(self.prompt_embeds, text_keys) if collapse else (self.prompt_embeds, None)
+        recorder = MapRecorder.for_transformer(self.transformer, bound.tokens, config.pool, backend=config.backend,
+                                               key_bias=key_bias)  # fmt: skip
+        return GuidedInputs(text, recorder, resolve_layers(self.transformer, config.layers))
+
     @contextmanager
-    def _recorded(self, latents: torch.Tensor, t: torch.Tensor, bound: BoundComposition, config: GuidanceConfig,
+    def _recorded(self, latents: torch.Tensor, t: torch.Tensor, inputs: GuidedInputs, config: GuidanceConfig,
                   gradient: bool) -> Iterator[torch.Tensor]:  # fmt: skip
         """Inside: the pooled maps `[B, layers, f, h, w, T]` of a forward at `latents`, stopped after the
         last recorded block. Backward belongs inside too: gradient checkpointing recomputes the recorded
         blocks with their recording processors."""
         model = self.transformer
-        layers = resolve_layers(model, config.layers)
-        text, key_bias = collapse_padding(self.prompt_embeds) if config.collapse_padding else (self.prompt_embeds, None)
         with (
             torch.set_grad_enabled(gradient),
-            record_maps(model, bound.tokens, layers, config.pool, backend=config.backend, key_bias=key_bias) as rec,
+            recording(model, inputs.recorder, inputs.layers),
             _checkpointing(model, gradient and config.checkpointing),
             _frozen(model),
         ):
-            stop = _stop_after(model.blocks[layers[-1]])
+            stop = _stop_after(model.blocks[inputs.layers[-1]])
             try:
                 model(hidden_states=latents.to(model.dtype), timestep=t.expand(latents.shape[0]),
-                      encoder_hidden_states=text, return_dict=False)  # fmt: skip
+                      encoder_hidden_states=inputs.text, return_dict=False)  # fmt: skip
             except _StopForward:
                 pass
             finally:
                 stop.remove()
-            yield rec.stacked().float()
+            yield inputs.recorder.stacked().float()
 
     def read_maps(
         self, latents: torch.Tensor, t: torch.Tensor, bound: BoundComposition, config: GuidanceConfig
     ) -> torch.Tensor:
         """The pooled maps of the composition's tokens at `latents` and timestep `t` (no gradient)."""
-        with self._recorded(latents.detach(), t, bound, config, gradient=False) as maps:
+        with self._recorded(latents.detach(), t, self.prepare(bound, config), config, gradient=False) as maps:
             return maps
 
     def score(
@@ -146,10 +163,12 @@ class Denoiser:
         bound: BoundComposition,
         config: GuidanceConfig,
         gradient: bool = False,
+        inputs: GuidedInputs | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Objective `[B]` and maps at `latents`; with `gradient`, also d(sum of the objective)/d latents."""
+        """Objective `[B]` and maps at `latents`; with `gradient`, also d(sum of the objective)/d latents.
+        `inputs` (from `prepare`) may be kept across calls with the same text and composition."""
         latents = latents.detach().requires_grad_(gradient)
-        with self._recorded(latents, t, bound, config, gradient) as maps:
+        with self._recorded(latents, t, inputs or self.prepare(bound, config), config, gradient) as maps:
             loss = objective(maps, bound)
             grad = torch.autograd.grad(loss.sum(), latents)[0] if gradient else None
         return loss.detach(), maps.detach(), grad
@@ -167,13 +186,18 @@ def _frozen(model: torch.nn.Module):
             p.requires_grad_(flag)
 
 
+def _checkpoint_block(block, *args):
+    # Wan's blocks draw no random numbers: no RNG state to stash, which also keeps the step capturable.
+    return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False, preserve_rng_state=False)
+
+
 @contextmanager
 def _checkpointing(model, enable: bool):
     """Gradient checkpointing of the transformer blocks for the duration, restoring the model's own setting."""
     if not enable or model.gradient_checkpointing:
         yield
         return
-    model.enable_gradient_checkpointing()
+    model.enable_gradient_checkpointing(_checkpoint_block)
     try:
         yield
     finally:
@@ -188,16 +212,34 @@ def guided_update(
     bound: BoundComposition,
     config: GuidanceConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step of latent descent: returns (new latents, loss [B], maps, skipped [B])."""
-    loss, maps, grad = denoiser.score(latents, t, objective, bound, config, gradient=True)
-    finite = torch.isfinite(grad).flatten(1).all(dim=1) & torch.isfinite(loss)
-    if not finite.all():
+    """One step of latent descent: returns (new latents, loss [B], maps, skipped [B]). A step of
+    `denoiser.graph` (a `cvg.guided_graph.GuidedStepGraph` for this composition) when it has one."""
+    if denoiser.graph is not None:
+        new, loss, maps, skipped = denoiser.graph(latents, t)
+    else:
+        new, loss, maps, skipped = latent_update(denoiser, latents, t, objective, bound, config)
+    if skipped.any():
         warnings.warn(
-            f"cvg: non-finite guidance gradient for batch items {(~finite).nonzero().flatten().tolist()}; "
+            f"cvg: non-finite guidance gradient for batch items {skipped.nonzero().flatten().tolist()}; "
             "their update is skipped",
             RuntimeWarning,
             stacklevel=2,
         )
+    return new, loss, maps, skipped
+
+
+def latent_update(
+    denoiser: Denoiser,
+    latents: torch.Tensor,
+    t: torch.Tensor,
+    objective: Objective,
+    bound: BoundComposition,
+    config: GuidanceConfig,
+    inputs: GuidedInputs | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`guided_update` without its warning: no host synchronisation, so it can be captured."""
+    loss, maps, grad = denoiser.score(latents, t, objective, bound, config, gradient=True, inputs=inputs)
+    finite = torch.isfinite(grad).flatten(1).all(dim=1) & torch.isfinite(loss)
     mask = finite.view(-1, *([1] * (latents.dim() - 1)))
     step = torch.where(mask, _normalize(torch.nan_to_num(grad), config.normalize), 0.0)
     return (latents - config.strength * step).detach(), loss, maps, ~finite

@@ -148,6 +148,7 @@ def _bad_calls():
     q, k, v, g = _inputs()
     mask_all = torch.zeros(2, 5, dtype=torch.bool)
     mask_all[1] = True
+    bias = mask_all.float()  # [2, 5], zero in batch item 0
     return {
         "4-D tensor": lambda: attention_pool(q[0], k, v, g, [0]),
         "dtypes differ": lambda: attention_pool(q, k.double(), v, g, [0]),
@@ -164,8 +165,8 @@ def _bad_calls():
         "unknown backend": lambda: attention_pool(q, k, v, g, [0], backend="cuda"),
         "scale must be finite": lambda: attention_pool(q, k, v, g, [0], scale=float("nan")),
         "empty input": lambda: attention_pool(q[:, :, :0], k, v, g[:0], [0]),
-        "key_bias must be a float tensor of shape": lambda: attention_pool(q, k, v, g, [0], key_bias=mask_all.float()[0]),
-        "key_bias has non-finite": lambda: attention_pool(q, k, v, g, [0], key_bias=mask_all.float().log()),
+        "key_bias must be a float tensor of shape": lambda: attention_pool(q, k, v, g, [0], key_bias=bias[0]),
+        "key_bias has non-finite": lambda: attention_pool(q, k, v, g, [0], key_bias=bias.log()),
     }
 
 

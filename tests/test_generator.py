@@ -10,7 +10,9 @@ from diffusers import WanPipeline
 from cvg import generator
 from cvg.compshapes.grammar import held_out
 from cvg.generator import GeneratorRecipe, flow_sigmas, train_generator
+from cvg.padding import collapse_padding
 from cvg.pipeline import CVGPipeline, load_wan_pipeline
+from cvg.processors import KeyBiasWanAttnProcessor, TextBias, text_key_bias
 
 TOY = GeneratorRecipe(
     vae_base_dim=4, z_dim=4, vae_steps=3, vae_batch=1, clips=6, heads=2, head_dim=8, layers=1, ffn_dim=16,
@@ -104,15 +106,14 @@ def test_training_on_fewer_padded_tokens_is_exact():
     with torch.no_grad():
         full = model(latent, t, torch.nn.functional.pad(embeds, (0, 0, 0, 480)), return_dict=False)[0]
         short = model(latent, t, embeds, return_dict=False)[0]
-        biased = [generator._BiasedCrossAttention(b.attn2.processor) for b in model.blocks]
-        for block, processor in zip(model.blocks, biased, strict=True):
-            processor.bias = generator.padded_context_bias(embeds, 512)
-            block.attn2.processor = processor
-        fed = model(latent, t, embeds, return_dict=False)[0]
+        state = TextBias()
+        with text_key_bias(model, [KeyBiasWanAttnProcessor(state) for _ in model.blocks]):
+            text, state.key_bias = collapse_padding(embeds, 32, total=512)
+            fed = model(latent, t, text, return_dict=False)[0]
     assert (short - full).abs().max() > 1e-3  # the padding length matters without the bias
     torch.testing.assert_close(fed, full, atol=1e-5, rtol=1e-5)
 
 
 def test_a_prompt_that_fills_the_fed_tokens_is_refused():
-    with pytest.raises(ValueError, match="fills all 4 fed text tokens"):
-        generator.padded_context_bias(torch.ones(1, 4, 8), 512)
+    with pytest.raises(ValueError, match="has 4 rows before its zero padding; with room for its padding they do not"):
+        collapse_padding(torch.ones(1, 4, 8), 4, total=512)
