@@ -243,17 +243,23 @@ def main(argv: list[str] | None = None) -> None:
     if args.write:
         note = (
             "Peak memory is measured above the loaded pipeline, for the denoising phase (text encoding and all "
-            "steps, where guidance differs) and for the VAE decode (the same in every variant) apart; the last "
-            "column compares the larger of the two, which is the decode here: CPU `slow_conv3d` builds an im2col "
-            "buffer for each causal 3D convolution (84 MiB for one 4-frame chunk at 256x256). Guided steps use the "
-            "defaults: every block recorded, gradient checkpointing on, one update per guided step."
+            "steps, where guidance differs) and for the VAE decode (the same code in every variant: "
+            "`cvg.vae_cpu`'s CPU paths) apart; the peak columns compare the larger of the two. naive-guided is "
+            "guidance the way Attend-and-Excite runs it: its processor replaces every attention (self and cross) "
+            "for the whole run and materialises each softmax; naive-cross-guided materialises only the "
+            "cross-attention (a stronger baseline). Guided steps use the defaults: every block recorded, "
+            "gradient checkpointing on, one update per guided step, Wan's zero text padding collapsed (exact; "
+            "the naive baselines attend over all 512 text tokens, as Attend-and-Excite does). The diffusers row "
+            "times `WanPipeline.__call__` with diffusers' own VAE decode."
         )
         write_section(args.write, "cvg_bench", f"Command: `python -m cvg.bench`\n\n{note}\n\n{text}")
         if engines:
             engine_note = (
                 "Step engines (`cvg.engine`): the same guided generation with its gradient-free forwards on each "
-                "backend. First call = the first generation in the process, engine build (export or compile, from "
-                "a cold cache) included; the rest are medians of the timed rounds of the same run."
+                "backend (text attention over 64 kept rows with the padding's key bias instead of 512 tokens) and "
+                "its guided steps through `cvg.guided_graph` (eager on CPU). First call = the first generation in "
+                "the process, engine build (export or compile, from a cold cache) included; the rest are medians "
+                "of the timed rounds of the same run. Speedups are over the guided row: diffusers' eager forward."
             )
             write_section(args.write, "cvg_bench_engines", f"Command: `python -m cvg.bench`\n\n{engine_note}\n\n"
                           f"{text.splitlines()[0]}\n\n{engines}")  # fmt: skip

@@ -70,7 +70,7 @@ class GeneratorRecipe:
     ema: float = 0.995
     text_dropout: float = 0.1
     text_tokens: int = 512  # WanPipeline's default max_sequence_length: the model is trained for it
-    text_tokens_fed: int | None = 32  # fewer keys per step, same maths (`padded_context_bias`); None: all
+    text_tokens_fed: int | None = 32  # fewer keys per step, same maths (`cvg.padding`); None: all
     target: str = "mean"  # "sample" a latent from the VAE posterior, or take its "mean"
     shift: float = 3.0  # flow shift, in training sigmas and in the shipped scheduler
     checkpoint_every: int = 100

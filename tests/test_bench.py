@@ -1,0 +1,22 @@
+"""`python -m cvg.bench` runs end to end at a toy size and records what it claims (no speed is checked here)."""
+
+import json
+
+from cvg.bench import VARIANTS, main
+
+
+def test_bench_records_every_variant_and_phase(tmp_path, capsys):
+    results, table = tmp_path / "bench.json", tmp_path / "RESULTS.md"
+    size = "--height 32 --width 32 --frames 5 --steps 3 --guide-steps 1 --layers 1 --heads 2 --repeats 1"
+    main([*size.split(), "--backends", "torch", "--json", str(results), "--write", str(table)])
+    record = json.loads(results.read_text())
+    assert set(record["times"]) == {*VARIANTS, "guided+torch"}
+    assert set(record["peak_bytes"]) == set(VARIANTS)
+    assert all(m["denoise"] > 0 and m["decode"] > 0 for m in record["peak_bytes"].values())
+    guided = record["times"]["guided"][0]
+    assert guided["guided_steps"] > 0 and guided["unguided_steps"] > 0 and guided["first_call"] > 0
+    text = table.read_text()
+    for variant in (*VARIANTS, "guided+torch"):
+        assert f"| {variant} |" in text
+    assert "<!-- cvg_bench -->" in text and "<!-- cvg_bench_engines -->" in text
+    assert "naive-guided" in capsys.readouterr().out
