@@ -7,9 +7,10 @@ patchify) so that pooling tiles follow the video. Each recorded call appends `[B
 `[B, H, G, T]` with `keep_heads`) for its layer. With no tokens the processor returns exactly what
 diffusers' `WanAttnProcessor` returns.
 
-`text_key_bias(transformer, state)` installs `KeyBiasWanAttnProcessor` on every `attn2`: text
-attention adds `state.key_bias` `[B, M]` to its scores, which makes attention over collapsed padding
-exact (see `cvg.padding`). `record_maps(..., key_bias=...)` does the same for its forward.
+`text_key_bias(transformer, processors)` installs `KeyBiasWanAttnProcessor`s (sharing one `TextBias`)
+on every `attn2`: text attention adds `key_bias` `[B, M]` to its scores, which makes attention over
+collapsed padding exact (see `cvg.padding`). `record_maps(..., key_bias=...)` does the same for its
+forward. `recording(transformer, recorder)` installs a recorder kept across forwards (guided graphs).
 """
 
 from __future__ import annotations
