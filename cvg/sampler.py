@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -204,28 +205,14 @@ def _checkpointing(model, enable: bool):
         model.disable_gradient_checkpointing()
 
 
-def guided_update(
-    denoiser: Denoiser,
-    latents: torch.Tensor,
-    t: torch.Tensor,
-    objective: Objective,
-    bound: BoundComposition,
-    config: GuidanceConfig,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step of latent descent: returns (new latents, loss [B], maps, skipped [B]). A step of
-    `denoiser.graph` (a `cvg.guided_graph.GuidedStepGraph` for this composition) when it has one."""
-    if denoiser.graph is not None:
-        new, loss, maps, skipped = denoiser.graph(latents, t)
-    else:
-        new, loss, maps, skipped = latent_update(denoiser, latents, t, objective, bound, config)
+def _warn_skipped(skipped: torch.Tensor) -> None:
     if skipped.any():
         warnings.warn(
             f"cvg: non-finite guidance gradient for batch items {skipped.nonzero().flatten().tolist()}; "
             "their update is skipped",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    return new, loss, maps, skipped
 
 
 def latent_update(
@@ -237,7 +224,8 @@ def latent_update(
     config: GuidanceConfig,
     inputs: GuidedInputs | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`guided_update` without its warning: no host synchronisation, so it can be captured."""
+    """One step of latent descent: returns (new latents, loss [B], maps, skipped [B]; items with a non-finite
+    gradient keep their latents). No host synchronisation, so it can be captured (`cvg.guided_graph`)."""
     loss, maps, grad = denoiser.score(latents, t, objective, bound, config, gradient=True, inputs=inputs)
     finite = torch.isfinite(grad).flatten(1).all(dim=1) & torch.isfinite(loss)
     mask = finite.view(-1, *([1] * (latents.dim() - 1)))
@@ -260,10 +248,13 @@ def denoise(
     history: list[GuidedStep] = []
     total = len(timesteps)
     steps = progress(enumerate(timesteps), total) if progress else enumerate(timesteps)
+    # A guided-step graph (cvg.guided_graph) stands for `latent_update` with this composition when there is one.
+    update = denoiser.graph or partial(latent_update, denoiser, objective=objective, bound=bound, config=config)
     for i, t in steps:
         if objective is not None and i < config.guide_steps:
             for it in range(config.iterations):
-                latents, loss, maps, skipped = guided_update(denoiser, latents, t, objective, bound, config)
+                latents, loss, maps, skipped = update(latents, t)
+                _warn_skipped(skipped)
                 history.append(GuidedStep(i, it, loss, maps, skipped))
         with torch.no_grad():
             noise = denoiser.predict(latents, t, i, float(scheduler.sigmas[i]), total)

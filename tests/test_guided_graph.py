@@ -40,7 +40,7 @@ def _request(pipe, kind, prompt=None, seed=0):
 
 
 @pytest.mark.parametrize("name", list(OBJECTIVES))
-def test_graph_step_is_the_guided_update(tiny_pipe, name):
+def test_graph_step_is_the_latent_update(tiny_pipe, name):
     kind = "spatial" if name == "classifier" else name
     objective, config = OBJECTIVES[name], GuidanceConfig(strength=0.3)
     denoiser, bound, latents = _request(tiny_pipe, kind)
