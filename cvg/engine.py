@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from cvg.files import atomic_path
-from cvg.padding import collapse_padding, needed_length, padded_length
+from cvg.padding import collapse_padding, padded_length
 from cvg.processors import KeyBiasWanAttnProcessor, TextBias, text_key_bias
 
 BACKENDS = ("torch", "compiled", "onnxruntime", "tensorrt")
@@ -79,11 +79,6 @@ class StepShape:
             raise ValueError(
                 f"this engine serves latents {self.latent_shape} and text {self.text_shape} in {self.dtype}; got "
                 f"latents {got[0]} and text {got[1]} in {got[2]}"
-            )
-        if needed_length(text_embeds) > self.keys:
-            raise ValueError(
-                f"this engine attends to {self.keys} text rows; this text has {needed_length(text_embeds) - 1} "
-                "before its zero padding (a longer prompt needs an engine built for it)"
             )
 
     @property
@@ -146,7 +141,11 @@ class StepEngine:
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         self.shape.check(latents, text_embeds)
-        text, key_bias = collapse_padding(text_embeds, self.shape.keys)
+        try:
+            text, key_bias = collapse_padding(text_embeds, self.shape.keys)
+        except ValueError as e:
+            raise ValueError(f"this engine attends to {self.shape.keys} text rows: {e} (a longer prompt needs an "
+                             "engine built for it)") from None  # fmt: skip
         # A fresh [B] tensor of stride 1 (an expanded scalar keeps stride 0, which compiled code guards on).
         timestep = torch.empty(self.shape.batch, device=latents.device).copy_(timestep.expand(self.shape.batch))
         return self._run(latents, timestep, text.contiguous(), key_bias.contiguous())

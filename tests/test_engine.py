@@ -36,7 +36,7 @@ def test_backend_matches_eager(tiny_pipe, tmp_path, backend):
     for seed, real in ((0, 10), (1, 3), (2, 63)):  # several calls: static buffers are not stale
         x, t, e = _inputs(seed, real)
         assert (engine(x, t, e) - _eager(tiny_pipe, x, t, e)).abs().max() <= 1e-4
-    with pytest.raises(ValueError, match="attends to 64 text rows; this text has 64 before its zero padding"):
+    with pytest.raises(ValueError, match="attends to 64 text rows: the text has 64 rows before its zero padding"):
         engine(x, t, _inputs(3, real=64)[2])
 
 
