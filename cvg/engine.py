@@ -137,18 +137,31 @@ class StepEngine:
     def __init__(self, transformer: torch.nn.Module, shape: StepShape, cache_dir: Path | None = None):
         self.transformer, self.shape = transformer, shape
         self.forward = _Forward(transformer).eval()
+        self._texts: list[tuple[torch.Tensor, int, tuple[torch.Tensor, torch.Tensor]]] = []
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         self.shape.check(latents, text_embeds)
+        text, key_bias = self._collapsed(text_embeds)
+        # A fresh [B] tensor of stride 1 (an expanded scalar keeps stride 0, which compiled code guards on).
+        timestep = torch.empty(self.shape.batch, device=latents.device).copy_(timestep.expand(self.shape.batch))
+        return self._run(latents, timestep, text, key_bias)
+
+    def _collapsed(self, text_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept rows and key bias of `text_embeds`, found once per text: the sampler passes the same
+        conditional and negative tensors every step, and finding the padding reads the text on the host
+        (a sync per forward on a GPU otherwise). A text changed in place is found again."""
+        for source, version, collapsed in self._texts:
+            if source is text_embeds and version == text_embeds._version:
+                return collapsed
         try:
             text, key_bias = collapse_padding(text_embeds, self.shape.keys)
         except ValueError as e:
             raise ValueError(f"this engine attends to {self.shape.keys} text rows: {e} (a longer prompt needs an "
                              "engine built for it)") from None  # fmt: skip
-        # A fresh [B] tensor of stride 1 (an expanded scalar keeps stride 0, which compiled code guards on).
-        timestep = torch.empty(self.shape.batch, device=latents.device).copy_(timestep.expand(self.shape.batch))
-        return self._run(latents, timestep, text.contiguous(), key_bias.contiguous())
+        collapsed = (text.contiguous(), key_bias.contiguous())
+        self._texts = [(text_embeds, text_embeds._version, collapsed), *self._texts[:1]]  # conditional and negative
+        return collapsed
 
     def _run(self, latents, timestep, text, key_bias) -> torch.Tensor:
         with self.forward.biased():

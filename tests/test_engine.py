@@ -40,6 +40,16 @@ def test_backend_matches_eager(tiny_pipe, tmp_path, backend):
         engine(x, t, _inputs(3, real=64)[2])
 
 
+def test_text_is_read_once_but_again_when_changed(tiny_pipe, tmp_path):
+    x, t, e = _inputs()
+    engine = build_engine(tiny_pipe.transformer, StepShape.of(x, e), "torch", tmp_path)
+    first = engine(x, t, e)
+    assert engine._collapsed(e) is engine._collapsed(e)  # the sampler's every step: one look at the text
+    e[:, 0] += 1.0  # the same tensor, changed in place
+    again = engine(x, t, e)
+    assert (again - _eager(tiny_pipe, x, t, e)).abs().max() <= 1e-4 and (again - first).abs().max() > 1e-4
+
+
 def test_auto_picks_onnxruntime_on_cpu(tiny_pipe, tmp_path):
     x, _, e = _inputs()
     assert build_engine(tiny_pipe.transformer, StepShape.of(x, e), "auto", tmp_path).backend == "onnxruntime"
