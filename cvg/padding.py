@@ -17,12 +17,16 @@ import torch
 LENGTH_STEP = 64  # engine text lengths are multiples of this, so most prompts of a model share one engine
 
 
-def needed_length(embeds: torch.Tensor, total: int | None = None) -> int:
-    """Rows to keep: every row up to the last non-zero one of any batch item, plus one zero row to carry
-    the padding (none needed when the text has no padding: `total`, default its length, reached)."""
+def text_rows(embeds: torch.Tensor) -> int:
+    """Rows up to the last non-zero one of any batch item (reads the text on the host)."""
     nonzero = embeds.ne(0).any(dim=-1).any(dim=0)  # [L]
-    last = int(nonzero.nonzero().max()) if nonzero.any() else -1
-    return min(last + 2, embeds.shape[1] if total is None else total)
+    return int(nonzero.nonzero().max()) + 1 if nonzero.any() else 0
+
+
+def needed_length(embeds: torch.Tensor, total: int | None = None) -> int:
+    """Rows to keep: the text's rows plus one zero row to carry the padding (none when the text has no
+    padding: `total`, default its length, reached)."""
+    return min(text_rows(embeds) + 1, embeds.shape[1] if total is None else total)
 
 
 def padded_length(embeds: torch.Tensor) -> int:
@@ -40,13 +44,11 @@ def collapse_padding(
     total = embeds.shape[1] if total is None else total
     needed = needed_length(embeds, total)
     length = needed if length is None else length
-    if length < needed or length > embeds.shape[1]:
-        raise ValueError(
-            f"the text has {needed - 1} rows before its zero padding; with room for its padding they do not fit in "
-            f"{length} keys"
-            if length < needed
-            else f"cannot keep {length} rows of a {embeds.shape[1]}-row text"
-        )
+    if length > embeds.shape[1]:
+        raise ValueError(f"cannot keep {length} rows of a {embeds.shape[1]}-row text")
+    if length < needed:
+        raise ValueError(f"the text has {text_rows(embeds)} rows before its zero padding; with room for its padding "
+                         f"they do not fit in {length} keys")  # fmt: skip
     zero = embeds[:, :length].eq(0).all(dim=-1)  # [B, length]
     kept = zero.sum(dim=1, keepdim=True)
     dropped = total - length  # all zero rows, by the check above

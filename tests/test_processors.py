@@ -121,3 +121,9 @@ def test_collapse_refuses_to_cut_text():
     message = "the text has 9 rows before its zero padding; with room for its padding they do not fit in 8 keys"
     with pytest.raises(ValueError, match=message):
         collapse_padding(text, 8)
+    with pytest.raises(ValueError, match="the text has 4 rows before its zero padding; .* do not fit in 3 keys"):
+        collapse_padding(torch.ones(1, 4, 8), 3)  # no padding at all
+    with pytest.raises(ValueError, match="cannot keep 41 rows of a 40-row text"):
+        collapse_padding(text, 41)
+    short, bias = collapse_padding(torch.ones(1, 4, 8))  # nothing to collapse: all rows, no bias
+    assert short.shape == (1, 4, 8) and not bias.any()
