@@ -54,7 +54,7 @@ def attention_pool(
     Returns:
         `out [B, H, N, D]`, equal to `softmax(q kᵀ·scale + key_bias) v`, and `pooled [B, G, T]` (or
         `[B, H, G, T]`): the mean over heads and over the queries of each tile of
-        `softmax(q kᵀ·scale)[..., tokens]`. Tiles with no query pool to 0. Both are differentiable
+        `softmax(q kᵀ·scale + key_bias)[..., tokens]`. Tiles with no query pool to 0. Both are differentiable
         with respect to q, k and v.
     """
     groups, tokens, num_groups = _check_inputs(q, k, v, groups, tokens, key_padding_mask, key_bias, num_groups)
@@ -82,18 +82,17 @@ def attention_pool_with_spec(
     nothing here reads tensor data on the host, so a call makes no host synchronisation and can be
     captured in a CUDA graph. Recording processors call it with a spec made per video grid."""
     name = resolve_backend(backend, q.device)
-    if name == "triton":
-        from cvg.kernels.attention_pool import attention_pool_triton
-
-        return attention_pool_triton(q, k, v, spec, scale, key_padding_mask, key_bias)
-    bias = None
+    bias = None  # one additive [B, M] score bias: the key bias, -inf at masked keys
     if key_padding_mask is not None or key_bias is not None:
         bias = torch.zeros((q.shape[0], k.shape[2]), dtype=q.dtype, device=q.device)
         bias = bias if key_bias is None else bias + key_bias.detach()
         bias = bias if key_padding_mask is None else bias.masked_fill(key_padding_mask, float("-inf"))
-        bias = bias[:, None, None, :]
+    if name == "triton":
+        from cvg.kernels.attention_pool import attention_pool_triton
+
+        return attention_pool_triton(q, k, v, spec, scale, bias)
     backend_fn = attention_pool_naive if name == "naive" else attention_pool_torch
-    return backend_fn(q, k, v, spec, scale, bias)
+    return backend_fn(q, k, v, spec, scale, None if bias is None else bias[:, None, None, :])
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

@@ -381,20 +381,16 @@ def attention_pool_triton(
     v: torch.Tensor,
     spec: PoolSpec,
     scale: float,
-    key_padding_mask: torch.Tensor | None,
-    key_bias: torch.Tensor | None = None,
+    bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs are checked by `cvg.attention_pool`; this only adapts them to the kernels."""
+    """Inputs are checked by `cvg.attention_pool`; this only adapts them to the kernels. `bias`: the
+    additive `[B, M]` score bias in natural-log units, -inf at masked keys."""
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"attention_pool: backend 'triton' supports float16, bfloat16 and float32, got {q.dtype}")
     if q.shape[-1] > 128:
         raise ValueError(f"attention_pool: backend 'triton' supports head dims up to 128, got {q.shape[-1]}")
-    bias = None
-    if key_padding_mask is not None or key_bias is not None:  # one [B, M] float32 bias in base-2 score units
-        bias = torch.zeros((q.shape[0], k.shape[2]), dtype=torch.float32, device=q.device)
-        bias = bias if key_bias is None else bias + key_bias.detach().float() * LOG2E
-        bias = bias if key_padding_mask is None else bias.masked_fill(key_padding_mask, MASKED_SCORE)
-        bias = bias.contiguous()
+    if bias is not None:  # the kernels' scores are base 2; a finite floor keeps fully masked blocks NaN-free
+        bias = (bias.float() * LOG2E).clamp_min(MASKED_SCORE).contiguous()
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
         # The interpreter's tl.dot multiplies raw bf16 bits: compute in float32 there.
         out, pooled = _TritonAttentionPool.apply(q.float(), k.float(), v.float(), bias, spec, scale)
