@@ -48,7 +48,6 @@ class GuidedStepGraph:
         latents: torch.Tensor,
         t: torch.Tensor,
     ):
-        self.key = graph_key(denoiser, objective, bound, config, latents)
         self.denoiser = replace(denoiser, engine=None, graph=None)  # its transformer; text comes from `inputs`
         self.objective, self.bound, self.config = objective, bound, config
         rows = padded_length(denoiser.prompt_embeds) if config.collapse_padding else None
