@@ -73,6 +73,7 @@ class GeneratorRecipe:
     text_tokens_fed: int | None = 32  # fewer keys per step, same maths (`cvg.padding`); None: all
     target: str = "mean"  # "sample" a latent from the VAE posterior, or take its "mean"
     shift: float = 3.0  # flow shift, in training sigmas and in the shipped scheduler
+    bf16: bool = False  # transformer forward under bfloat16 autocast (weights, loss and optimiser stay float32)
     checkpoint_every: int = 100
 
 
@@ -265,8 +266,9 @@ def train_transformer(
             sigma = flow_sigmas(torch.rand(recipe.batch, generator=gen), recipe.shift).view(-1, 1, 1, 1, 1)
             noise = torch.randn(z.shape, generator=gen)
             noisy = (1 - sigma) * z + sigma * noise
-            pred = model(noisy, sigma.flatten() * 1000, text, return_dict=False)[0]
-            loss = F.mse_loss(pred, noise - z)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+                pred = model(noisy, sigma.flatten() * 1000, text, return_dict=False)[0]
+            loss = F.mse_loss(pred.float(), noise - z)
             for group in opt.param_groups:
                 group["lr"] = recipe.lr * _cosine(step, recipe.steps, recipe.warmup)
             opt.zero_grad(set_to_none=True)
