@@ -27,6 +27,11 @@ def toy_model(tmp_path_factory):
     return out, train_generator(out, TOY, report=lambda _: None)
 
 
+def _transformer_log(directory):
+    rows = [json.loads(line) for line in (directory / ".work" / "log.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["stage"] == "transformer"]
+
+
 def _weights(directory):
     pipe = load_wan_pipeline(directory)
     return {k: v.clone() for k, v in pipe.transformer.state_dict().items()}, pipe
@@ -72,20 +77,14 @@ def test_interrupted_training_resumes_to_the_same_weights(toy_model, tmp_path, m
     assert resumed.keys() == straight.keys()
     for name in straight:
         assert torch.equal(resumed[name], straight[name]), name
-    log = [json.loads(line) for line in (tmp_path / "run" / ".work" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if r["stage"] == "transformer"] == [1, 2, 3]  # rewound, not duplicated
+    assert [r["step"] for r in _transformer_log(tmp_path / "run")] == [1, 2, 3]  # rewound, not duplicated
 
 
 def test_bf16_recipe_runs_the_forward_in_bfloat16_and_keeps_float32_weights(toy_model, tmp_path):
     out, _ = toy_model
     train_generator(tmp_path / "bf16", replace(TOY, bf16=True), report=lambda _: None)
-
-    def first_loss(directory):
-        rows = [json.loads(line) for line in (directory / ".work" / "log.jsonl").read_text().splitlines()]
-        return next(r["loss"] for r in rows if r["stage"] == "transformer")
-
     # Same data, initialisation and noise: the first loss differs only by bfloat16 rounding.
-    full, half = first_loss(out), first_loss(tmp_path / "bf16")
+    full, half = _transformer_log(out)[0]["loss"], _transformer_log(tmp_path / "bf16")[0]["loss"]
     assert half != full and abs(half - full) <= 0.02 * full
     weights, _ = _weights(tmp_path / "bf16")
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
