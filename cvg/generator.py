@@ -59,11 +59,11 @@ class GeneratorRecipe:
     vae_extra_motion: bool = False  # motion every other VAE clip (see VAE_CATEGORIES)
     # transformer
     clips: int = 6000  # training clips encoded to latents
-    heads: int = 4
+    heads: int = 6
     head_dim: int = 32
     layers: int = 4
-    ffn_dim: int = 512
-    steps: int = 5000
+    ffn_dim: int = 768
+    steps: int = 4400
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 100
@@ -73,7 +73,7 @@ class GeneratorRecipe:
     text_tokens_fed: int | None = 32  # fewer keys per step, same maths (`cvg.padding`); None: all
     target: str = "mean"  # "sample" a latent from the VAE posterior, or take its "mean"
     shift: float = 3.0  # flow shift, in training sigmas and in the shipped scheduler
-    bf16: bool = False  # transformer forward under bfloat16 autocast (weights, loss and optimiser stay float32)
+    bf16: bool = True  # transformer forward under bfloat16 autocast (weights, loss and optimiser stay float32)
     checkpoint_every: int = 100
 
 

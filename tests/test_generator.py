@@ -17,7 +17,7 @@ from cvg.processors import KeyBiasWanAttnProcessor, TextBias, text_key_bias
 
 TOY = GeneratorRecipe(
     vae_base_dim=4, z_dim=4, vae_steps=3, vae_batch=1, clips=6, heads=2, head_dim=8, layers=1, ffn_dim=16,
-    steps=3, batch=2, warmup=1, text_tokens=16, checkpoint_every=1,
+    steps=3, batch=2, warmup=1, text_tokens=16, checkpoint_every=1, bf16=False,
 )  # fmt: skip
 
 
