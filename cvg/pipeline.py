@@ -153,6 +153,8 @@ class CVGPipeline:
             bound = self.bind(prompt, composition, max_sequence_length)
             kind = bound.composition.kind
             objective = self.objective or self._objectives.setdefault(kind, objective_for(kind))
+            if config.target_loss is None and config.bounded:  # the objective's own bound, if it has one
+                config = replace(config, target_loss=getattr(objective, "target_loss", None))
 
         device = pipe._execution_device
         do_cfg = guidance_scale > 1.0

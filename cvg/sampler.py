@@ -1,10 +1,13 @@
 """The guided sampler: WanPipeline's denoising loop with CVG guidance in the first steps.
 
-For each of the first `guide_steps` steps, `iterations` times: run the transformer on the latent with
-recording processors (stopping after the last recorded block, since nothing later reaches the loss),
-score the pooled maps with the objective, and move the latent down the normalised gradient. Then the
-step continues as in diffusers: a gradient-free prediction (with classifier-free guidance when on) and
-the scheduler's step. Later steps are unguided. With no guided step this is WanPipeline's loop, op for op.
+For each of the first `guide_steps` steps, up to `iterations` times: run the transformer on the latent
+with recording processors (stopping after the last recorded block, since nothing later reaches the
+loss), score the pooled maps with the objective, and move the latent down the gradient; an item whose
+objective is already at `target_loss` is left where it is (the step is bounded: guidance never pushes
+the objective past what its classifier was trained to be confident of). Then the step continues as in
+diffusers: a gradient-free prediction (with classifier-free guidance when on) and the scheduler's step,
+with solver history that cannot overwrite the guided latent (`guided_solver`). Later steps are
+unguided. With no guided step this is WanPipeline's loop, op for op.
 """
 
 from __future__ import annotations
@@ -23,15 +26,17 @@ from cvg.objectives import Objective
 from cvg.padding import collapse_padding
 from cvg.processors import MapRecorder, recording, resolve_layers
 
-NORMALIZATIONS = ("rms", "max", "none")
+NORMALIZATIONS = ("rms", "max", "none", "polyak")
 
 
 @dataclass
 class GuidanceConfig:
     guide_steps: int = 2
     strength: float = 0.1  # size of one latent update (its RMS, with normalize="rms")
-    iterations: int = 1
-    normalize: str = "rms"  # per-sample gradient normalisation: rms, max or none
+    iterations: int = 1  # at most this many updates per guided step (fewer once target_loss is reached)
+    normalize: str = "rms"  # per-sample step: rms / max of the gradient, none, or polyak (see latent_update)
+    target_loss: float | None = None  # an item whose objective is at or below this is not moved
+    bounded: bool = True  # target_loss None: the objective's own `target_loss` (a classifier's confidence)
     layers: list[int] | None = None  # recorded blocks; None = all
     pool: tuple[int, int, int] = (1, 2, 2)  # pooling of the (frames, h, w) token grid
     backend: str = "auto"  # attention_pool backend
@@ -49,6 +54,8 @@ class GuidanceConfig:
             raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}")
         if not math.isfinite(self.strength) or self.strength < 0:
             raise ValueError(f"guidance strength must be finite and >= 0, got {self.strength}")
+        if self.target_loss is not None and not math.isfinite(self.target_loss):
+            raise ValueError(f"target_loss must be finite or None, got {self.target_loss}")
 
 
 @dataclass
@@ -80,12 +87,23 @@ def _stop_after(block: torch.nn.Module):
     return block.register_forward_hook(hook)
 
 
-def _normalize(grad: torch.Tensor, how: str) -> torch.Tensor:
-    if how == "none":
-        return grad
+def _step(grad: torch.Tensor, loss: torch.Tensor, config: GuidanceConfig) -> torch.Tensor:
+    """The per-item latent step for a descent along `grad`. rms / max: `strength` times the gradient divided
+    by its RMS / largest entry; none: `strength` times the raw gradient; polyak: the first-order step that
+    takes the objective to `target_loss` (0 when unset), `(loss - target) / |grad|² · grad`, its RMS capped
+    at `strength`, so a steep objective (a confident classifier) is moved only as far as it needs."""
     dims = tuple(range(1, grad.dim()))
-    scale = grad.square().mean(dims, keepdim=True).sqrt() if how == "rms" else grad.abs().amax(dims, keepdim=True)
-    return grad / scale.clamp_min(1e-20)
+    shape = (-1, *([1] * (grad.dim() - 1)))
+    if config.normalize == "none":
+        return config.strength * grad
+    if config.normalize == "polyak":
+        excess = (loss - (config.target_loss or 0.0)).clamp_min(0.0).view(shape)
+        step = grad * excess / grad.square().sum(dims, keepdim=True).clamp_min(1e-30)
+        rms = step.square().mean(dims, keepdim=True).sqrt()
+        return step * (config.strength / rms.clamp_min(1e-30)).clamp(max=1.0)
+    rms = config.normalize == "rms"
+    scale = grad.square().mean(dims, keepdim=True).sqrt() if rms else grad.abs().amax(dims, keepdim=True)
+    return config.strength * grad / scale.clamp_min(1e-20)
 
 
 @dataclass
@@ -170,7 +188,7 @@ class Denoiser:
         `inputs` (from `prepare`) may be kept across calls with the same text and composition."""
         latents = latents.detach().requires_grad_(gradient)
         with self._recorded(latents, t, inputs or self.prepare(bound, config), config, gradient) as maps:
-            loss = objective(maps, bound)
+            loss = objective(maps, bound, t)
             grad = torch.autograd.grad(loss.sum(), latents)[0] if gradient else None
         return loss.detach(), maps.detach(), grad
 
@@ -225,12 +243,37 @@ def latent_update(
     inputs: GuidedInputs | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step of latent descent: returns (new latents, loss [B], maps, skipped [B]; items with a non-finite
-    gradient keep their latents). No host synchronisation, so it can be captured (`cvg.guided_graph`)."""
+    gradient keep their latents, and so do items already at `config.target_loss`, which are not counted as
+    skipped). No host synchronisation, so it can be captured (`cvg.guided_graph`)."""
     loss, maps, grad = denoiser.score(latents, t, objective, bound, config, gradient=True, inputs=inputs)
     finite = torch.isfinite(grad).flatten(1).all(dim=1) & torch.isfinite(loss)
-    mask = finite.view(-1, *([1] * (latents.dim() - 1)))
-    step = torch.where(mask, _normalize(torch.nan_to_num(grad), config.normalize), 0.0)
-    return (latents - config.strength * step).detach(), loss, maps, ~finite
+    move = finite if config.target_loss is None else finite & (loss > config.target_loss)
+    step = _step(torch.nan_to_num(grad), torch.nan_to_num(loss), config)
+    step = torch.where(move.view(-1, *([1] * (latents.dim() - 1))), step, 0.0)
+    return (latents - step).detach(), loss, maps, ~finite
+
+
+@contextmanager
+def guided_solver(scheduler, guide_steps: int) -> Iterator[None]:
+    """For the duration, a guided update made before any of the first `guide_steps` steps survives the
+    solver. UniPC (Wan's scheduler) runs a corrector at the start of each step that rebuilds the current
+    sample from the previous step's sample and model outputs: a change made to the latent between two steps
+    is overwritten (with Wan's config only ~1-2% of it survives). The corrector is switched off, through
+    diffusers' own `disable_corrector`, for the steps that start from a guided latent (1 .. guide_steps-1),
+    so those steps run UniPC's predictor from the guided latent, and later steps correct from it. We chose
+    this over re-basing the solver's history on the guided latent: it uses the scheduler's documented knob,
+    is exact for any UniPC order, and costs only the corrector's accuracy on a few early, high-noise steps.
+    Solvers without a corrector (DPM-Solver multistep, flow-match Euler) already step from the latent
+    they are given; tests/test_sampler.py measures survival for all three."""
+    corrector = getattr(scheduler, "disable_corrector", None)
+    if corrector is None or guide_steps < 2:
+        yield
+        return
+    scheduler.disable_corrector = sorted({*corrector, *range(guide_steps - 1)})
+    try:
+        yield
+    finally:
+        scheduler.disable_corrector = corrector
 
 
 def denoise(
@@ -250,15 +293,24 @@ def denoise(
     steps = progress(enumerate(timesteps), total) if progress else enumerate(timesteps)
     # A guided-step graph (cvg.guided_graph) stands for `latent_update` with this composition when there is one.
     update = denoiser.graph or partial(latent_update, denoiser, objective=objective, bound=bound, config=config)
-    for i, t in steps:
-        if objective is not None and i < config.guide_steps:
-            for it in range(config.iterations):
+    guided = config.guide_steps if objective is not None else 0
+    with guided_solver(scheduler, guided):
+        for i, t in steps:
+            for it in range(config.iterations if i < guided else 0):
                 latents, loss, maps, skipped = update(latents, t)
                 _warn_skipped(skipped)
                 history.append(GuidedStep(i, it, loss, maps, skipped))
-        with torch.no_grad():
-            noise = denoiser.predict(latents, t, i, float(scheduler.sigmas[i]), total)
-            latents = scheduler.step(noise, t, latents, return_dict=False)[0]
-        if on_step is not None:
-            on_step(i, t, latents)
+                if config.target_loss is not None and it + 1 < config.iterations and _all_at_target(loss, config):
+                    break
+            with torch.no_grad():
+                noise = denoiser.predict(latents, t, i, float(scheduler.sigmas[i]), total)
+                latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+            if on_step is not None:
+                on_step(i, t, latents)
     return latents, history
+
+
+def _all_at_target(loss: torch.Tensor, config: GuidanceConfig) -> bool:
+    """Whether every item's objective is at the target (one host read per iteration; the update itself
+    stays capturable)."""
+    return bool((loss <= config.target_loss).all())

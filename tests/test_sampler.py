@@ -1,0 +1,127 @@
+"""The guided sampler's loop: guided updates survive every solver; bounded steps stop where they should."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+from cvg.sampler import GuidanceConfig, denoise, guided_solver, latent_update
+
+STEPS, GUIDED = 10, 3
+SHAPE = (1, 4, 3, 4, 4)
+
+
+def _schedulers():
+    flow = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return {
+        "unipc": lambda: UniPCMultistepScheduler(**flow),  # Wan's scheduler, as the shipped generator has it
+        "dpm-multistep": lambda: DPMSolverMultistepScheduler(**flow),
+        "flow-euler": lambda: FlowMatchEulerDiscreteScheduler(shift=3.0),
+    }
+
+
+@dataclass
+class _FixedVelocity:
+    """A denoiser whose prediction ignores the latent (so only the solver decides what survives) and whose
+    guided update adds `delta` at step `at` (the graph slot of `cvg.sampler.Denoiser`)."""
+
+    delta: torch.Tensor
+    at: torch.Tensor
+
+    def predict(self, latents, t, step, sigma, total):
+        return torch.randn(SHAPE, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+
+    def graph(self, latents, t):
+        moved = latents + self.delta if t == self.at else latents
+        return moved, torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.bool)
+
+
+def _after_step(scheduler_factory, perturbed_step: int, delta: torch.Tensor, guided: bool) -> torch.Tensor:
+    scheduler = scheduler_factory()
+    scheduler.set_timesteps(STEPS)
+    scheduler.set_begin_index(0)
+    timesteps = scheduler.timesteps
+    denoiser = _FixedVelocity(delta, timesteps[perturbed_step])
+    start = torch.randn(SHAPE, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
+    seen = {}
+    if guided:
+        denoise(denoiser, scheduler, start, timesteps, object(), None, GuidanceConfig(guide_steps=GUIDED),
+                on_step=lambda i, t, x: seen.setdefault(i, x.clone()))  # fmt: skip
+        return seen[perturbed_step]
+    latents = start  # the loop without guided_solver: diffusers' schedulers as they are
+    for i, t in enumerate(timesteps[: perturbed_step + 1]):
+        latents = denoiser.graph(latents, t)[0]
+        latents = scheduler.step(denoiser.predict(latents, t, i, 0.0, STEPS), t, latents, return_dict=False)[0]
+    return latents
+
+
+def _survival(scheduler_factory, step: int, guided: bool = True) -> float:
+    """The share of a latent perturbation made before `step` that is still in the latent after it."""
+    delta = 0.01 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    moved = _after_step(scheduler_factory, step, delta, guided) - _after_step(scheduler_factory, step, 0 * delta, guided)
+    return float((moved * delta).sum() / delta.square().sum())
+
+
+@pytest.mark.parametrize("name", list(_schedulers()))
+@pytest.mark.parametrize("step", range(GUIDED))
+def test_guided_updates_survive_the_solver(name, step):
+    assert _survival(_schedulers()[name], step) >= 0.95
+
+
+def test_unipc_corrector_discards_updates_without_guided_solver():
+    """Why guided_solver exists: UniPC's corrector rebuilds the sample from the previous step's."""
+    unipc = _schedulers()["unipc"]
+    assert _survival(unipc, 0, guided=False) >= 0.95  # step 0 has no corrector
+    assert all(abs(_survival(unipc, step, guided=False)) < 0.1 for step in (1, 2))
+
+
+def test_guided_solver_restores_the_scheduler():
+    scheduler = UniPCMultistepScheduler(disable_corrector=[5])
+    with guided_solver(scheduler, 3):
+        assert scheduler.disable_corrector == [0, 1, 5]
+    assert scheduler.disable_corrector == [5]
+    with guided_solver(scheduler, 1):  # only step 0 is guided: no corrector stands in its way
+        assert scheduler.disable_corrector == [5]
+
+
+@dataclass
+class _LinearScore:
+    """`Denoiser.score` for the objective loss = <a, x> + c per item (its gradient is `a`)."""
+
+    a: torch.Tensor
+    c: torch.Tensor
+
+    def score(self, latents, t, objective, bound, config, gradient, inputs):
+        loss = (self.a * latents).flatten(1).sum(1) + self.c
+        return loss, torch.zeros(1), self.a.expand_as(latents).clone()
+
+
+def _loss(score: _LinearScore, latents: torch.Tensor) -> torch.Tensor:
+    return (score.a * latents).flatten(1).sum(1) + score.c
+
+
+def test_polyak_step_reaches_the_target_and_no_further():
+    torch.manual_seed(0)
+    score = _LinearScore(torch.randn(3, 4, 2, 2, 2, dtype=torch.float64), torch.tensor([5.0, 0.2, 9.0]))
+    latents = torch.zeros(3, 4, 2, 2, 2, dtype=torch.float64)
+    config = GuidanceConfig(normalize="polyak", target_loss=1.0, strength=10.0)
+    moved, loss, _, skipped = latent_update(score, latents, torch.tensor(999.0), None, None, config)
+    after = _loss(score, moved)
+    assert not skipped.any()
+    torch.testing.assert_close(after[[0, 2]], torch.tensor([1.0, 1.0], dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.equal(moved[1], latents[1])  # already below the target: left where it is
+
+    capped = GuidanceConfig(normalize="polyak", target_loss=1.0, strength=1e-3)
+    moved = latent_update(score, latents, torch.tensor(999.0), None, None, capped)[0]
+    rms = moved.flatten(1).square().mean(1).sqrt()
+    torch.testing.assert_close(rms[[0, 2]], torch.tensor([1e-3, 1e-3], dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_rms_step_stops_at_the_target_loss():
+    score = _LinearScore(torch.ones(2, 4, 2, 2, 2, dtype=torch.float64), torch.tensor([3.0, -1.0]))
+    latents = torch.zeros(2, 4, 2, 2, 2, dtype=torch.float64)
+    config = GuidanceConfig(strength=0.1, target_loss=0.0)
+    moved = latent_update(score, latents, torch.tensor(999.0), None, None, config)[0]
+    torch.testing.assert_close(moved[0], torch.full_like(moved[0], -0.1), rtol=0, atol=1e-15)
+    assert torch.equal(moved[1], latents[1])
