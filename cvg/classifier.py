@@ -15,6 +15,7 @@ grid) and loading it for another generator is a clear error. Training: `cvg.dual
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +41,8 @@ class ClassifierConfig:
     label_dim: int = 384
     hidden_dim: int = 256
     label_encoder: str = PACKAGE  # the frozen backbone: the MiniLM package, or a local transformers directory
+    timestep_conditioned: bool = False  # the map side also sees the step's noise level (see `time_features`)
+    confidence: float = 0.95  # the largest p it was trained to give (label smoothing): guidance stops there
     generator: dict = field(default_factory=dict)  # what it reads: {"transformer": hash, "layers", "pool", ...}
 
     def __post_init__(self) -> None:
@@ -57,7 +60,8 @@ class CompositionClassifier(nn.Module):
         self.config = config
         frames, height, width = config.tiles
         slots = config.layers * frames * config.entities
-        features, hidden = slots * height * width + slots, config.hidden_dim
+        features = slots * height * width + slots + (TIME_FEATURES if config.timestep_conditioned else 0)
+        hidden = config.hidden_dim
         self.map_net = nn.Sequential(nn.Linear(features, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.label_net = nn.Sequential(nn.Linear(config.label_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.bias = nn.Parameter(torch.zeros(()))
@@ -65,8 +69,9 @@ class CompositionClassifier(nn.Module):
             self.register_buffer(f"{name}_mean", torch.zeros(size))
             self.register_buffer(f"{name}_scale", torch.ones(size))
 
-    def features(self, maps: torch.Tensor) -> torch.Tensor:
-        """`[B, layers, F, H, W, E]` entity maps (E ≤ entities) -> `[B, features]`: distributions and log mass."""
+    def features(self, maps: torch.Tensor, timestep: torch.Tensor | None = None) -> torch.Tensor:
+        """`[B, layers, F, H, W, E]` entity maps (E ≤ entities) -> `[B, features]`: distributions and log mass,
+        then the noise level's features when the head is timestep-conditioned (`timestep`: a scalar or `[B]`)."""
         c = self.config
         if maps.dim() != 6 or tuple(maps.shape[1:5]) != (c.layers, *c.tiles) or not 0 < maps.shape[5] <= c.entities:
             raise ValueError(f"classifier expects maps of shape [B, {c.layers}, {', '.join(map(str, c.tiles))}, "
@@ -74,18 +79,29 @@ class CompositionClassifier(nn.Module):
         maps = F.pad(maps, (0, c.entities - maps.shape[5])).movedim(-1, 1)  # [B, E, L, F, H, W]; empty slots 0
         mass = maps.sum(dim=(-2, -1), keepdim=True)
         shape = maps / (mass + _EPS) * (maps.shape[-1] * maps.shape[-2])  # 1 per tile when spread evenly
-        return torch.cat([shape.flatten(1), torch.log(mass + _EPS).flatten(1)], dim=1)
+        parts = [shape.flatten(1), torch.log(mass + _EPS).flatten(1)]
+        if c.timestep_conditioned:
+            if timestep is None:
+                raise ValueError("this classifier is conditioned on the timestep: pass the step's timestep")
+            parts.append(time_features(timestep, maps.shape[0]).to(maps.dtype))
+        return torch.cat(parts, dim=1)
 
     @torch.no_grad()
-    def standardise(self, maps: torch.Tensor, label_embeddings: torch.Tensor) -> None:
-        """Set the input statistics from training maps and the distinct training labels' embeddings."""
-        for name, x in (("feature", self.features(maps)), ("label", label_embeddings)):
+    def standardise(
+        self, maps: torch.Tensor, label_embeddings: torch.Tensor, timesteps: torch.Tensor | None = None
+    ) -> None:
+        """Set the input statistics from training maps (read at `timesteps [B]`) and the distinct training
+        labels' embeddings."""
+        for name, x in (("feature", self.features(maps, timesteps)), ("label", label_embeddings)):
             getattr(self, f"{name}_mean").copy_(x.mean(0))
             getattr(self, f"{name}_scale").copy_(1 / x.std(0).clamp_min(1e-4))
 
-    def forward(self, maps: torch.Tensor, label_embedding: torch.Tensor) -> torch.Tensor:
-        """`maps [B, layers, F, H, W, E]`, `label_embedding [B or 1, label_dim]` -> logits `[B]`."""
-        features = (self.features(maps) - self.feature_mean) * self.feature_scale
+    def forward(
+        self, maps: torch.Tensor, label_embedding: torch.Tensor, timestep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`maps [B, layers, F, H, W, E]`, `label_embedding [B or 1, label_dim]`, the timestep the maps were
+        read at (scalar or `[B]`; needed when timestep-conditioned, else ignored) -> logits `[B]`."""
+        features = (self.features(maps, timestep) - self.feature_mean) * self.feature_scale
         label = (label_embedding.to(features.dtype) - self.label_mean) * self.label_scale
         scores = self.map_net(features) * self.label_net(label).expand(features.shape[0], -1)
         return scores.sum(-1) / self.config.hidden_dim**0.5 + self.bias
@@ -112,6 +128,16 @@ class CompositionClassifier(nn.Module):
         model = cls(config)
         model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
         return model.eval().requires_grad_(False)
+
+
+TIME_FEATURES = 2
+
+
+def time_features(timestep: torch.Tensor, batch: int) -> torch.Tensor:
+    """`[batch, 2]` float32: sigma = timestep / 1000 and log(1 - sigma + 1e-3), which spreads apart the
+    high noise levels the guided steps sit at (sigma 1.0, 0.98, 0.96 -> -6.9, -3.9, -3.3)."""
+    sigma = (torch.as_tensor(timestep).float() / 1000.0).reshape(-1).expand(batch)
+    return torch.stack([sigma, torch.log1p(1e-3 - sigma)], dim=1)
 
 
 class LabelEncoder:
@@ -155,10 +181,13 @@ def label_of(composition: Composition) -> str:
 
 
 class ClassifierObjective:
-    """`-log p(label)` under a `CompositionClassifier`, for the guided sampler."""
+    """`-log p(label)` under a `CompositionClassifier`, for the guided sampler. `target_loss` is
+    `-log confidence`: past the confidence it was trained to, the head's p says nothing more about the
+    video, so a bounded guided step stops there."""
 
     def __init__(self, classifier: CompositionClassifier, encoder: LabelEncoder | None = None):
         self.classifier = classifier.eval().requires_grad_(False)
+        self.target_loss = -math.log(classifier.config.confidence)
         self.encoder = encoder or LabelEncoder(classifier.config.label_encoder)
         self._labels: dict[tuple[str, torch.device], torch.Tensor] = {}  # on the maps' device, copied once
 
@@ -166,8 +195,8 @@ class ClassifierObjective:
     def from_pretrained(cls, directory: str | os.PathLike, generator: dict | None = None) -> ClassifierObjective:
         return cls(CompositionClassifier.from_pretrained(directory, generator))
 
-    def __call__(self, maps: torch.Tensor, bound: BoundComposition) -> torch.Tensor:
+    def __call__(self, maps: torch.Tensor, bound: BoundComposition, timestep: torch.Tensor | None = None):
         key = (label_of(bound.composition), maps.device)
         if key not in self._labels:
             self._labels[key] = self.encoder([key[0]]).to(maps.device)
-        return F.softplus(-self.classifier(bound.entity_maps(maps), self._labels[key]))
+        return F.softplus(-self.classifier(bound.entity_maps(maps), self._labels[key], timestep))

@@ -1,7 +1,8 @@
-"""Objectives over pooled cross-attention maps: one interface, `objective(maps, bound) -> loss [B]`.
+"""Objectives over pooled cross-attention maps: one interface, `objective(maps, bound, timestep) -> loss [B]`.
 
 `maps` is `[B, layers, frames, h, w, T]` (from `MapRecorder.stacked`), `bound` the composition tied to
-the prompts. Lower is better; the guided sampler descends the sum over the batch.
+the prompts, `timestep` the step's timestep (a tensor; None where unknown), which a learned objective may
+be conditioned on. Lower is better; the guided sampler descends the sum over the batch.
 
 Training-free objectives average the layers and turn each entity's maps into per-frame spatial
 distributions; centroids use tile-centre coordinates in [0, 1] (x to the right, y downward).
@@ -20,7 +21,9 @@ _EPS = 1e-12
 
 
 class Objective(Protocol):
-    def __call__(self, maps: torch.Tensor, bound: BoundComposition) -> torch.Tensor: ...
+    def __call__(
+        self, maps: torch.Tensor, bound: BoundComposition, timestep: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
 
 
 def entity_maps(maps: torch.Tensor, bound: BoundComposition) -> torch.Tensor:
@@ -46,7 +49,7 @@ class TokenPresence:
     """Attend-and-Excite style: every entity must hold a strong attention peak in every frame.
     Loss: mean over entities and frames of -log(max over tiles of the entity's attention mass)."""
 
-    def __call__(self, maps: torch.Tensor, bound: BoundComposition) -> torch.Tensor:
+    def __call__(self, maps: torch.Tensor, bound: BoundComposition, timestep: torch.Tensor | None = None):
         peak = entity_maps(maps, bound).flatten(-2).amax(dim=-1)  # [B, E, F]
         return -torch.log(peak + _EPS).mean(dim=(1, 2))
 
@@ -59,7 +62,7 @@ class _CentroidObjective:
     def __init__(self, margin: float, softness: float = 0.05):
         self.margin, self.softness = margin, softness
 
-    def __call__(self, maps: torch.Tensor, bound: BoundComposition) -> torch.Tensor:
+    def __call__(self, maps: torch.Tensor, bound: BoundComposition, timestep: torch.Tensor | None = None):
         comp = bound.composition
         if comp.kind != self.kind:
             raise CompositionError(f"the {self.kind} objective needs a {self.kind} composition, got {comp.kind!r}")
@@ -79,8 +82,8 @@ class SpatialRelation(_CentroidObjective):
     def __init__(self, margin: float = 0.1, softness: float = 0.05):
         super().__init__(margin, softness)
 
-    def __call__(self, maps: torch.Tensor, bound: BoundComposition) -> torch.Tensor:
-        return super().__call__(maps, bound).mean(dim=1)  # mean over frames
+    def __call__(self, maps: torch.Tensor, bound: BoundComposition, timestep: torch.Tensor | None = None):
+        return super().__call__(maps, bound, timestep).mean(dim=1)  # mean over frames
 
     def measure(self, centres: torch.Tensor) -> torch.Tensor:
         return centres[:, 0] - centres[:, 1]  # [B, F]

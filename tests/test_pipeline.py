@@ -99,8 +99,8 @@ def test_guided_batch_records_every_item(tiny_pipe, guidance_scale):
 class _PoisonFirstItem:
     """An objective whose gradient is NaN for batch item 0."""
 
-    def __call__(self, maps, bound):
-        loss = SpatialRelation()(maps, bound)
+    def __call__(self, maps, bound, timestep=None):
+        loss = SpatialRelation()(maps, bound, timestep)
         return loss * torch.tensor([float("nan"), 1.0])
 
 
