@@ -20,7 +20,7 @@ from pathlib import Path
 from cvg.composition import KINDS, CompositionError
 from cvg.compshapes.dataset import SPLITS
 from cvg.compshapes.grammar import CATEGORIES, SINGLE
-from cvg.dual_inversion import TrainingConfig
+from cvg.dual_inversion import ReadingConfig, TrainingConfig
 from cvg.engine import EngineError
 from cvg.sampler import NORMALIZATIONS, GuidanceConfig
 
@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--judge", action="store_true",
                      help="judge the video against the composition with the CompShapes judge")  # fmt: skip
+    gen.add_argument("--compare-seeds", type=int, default=0, metavar="N",
+                     help="also generate seeds SEED..SEED+N-1 unguided and guided, judge each (with --judge) "
+                          "and print the two counts")  # fmt: skip
+    gen.add_argument("--contact-sheet", metavar="PNG",
+                     help="with --compare-seeds: every run side by side, frames across, in one picture")  # fmt: skip
 
     sample = commands.add_parser(
         "sample", help="generate one clip per record of a spec set (resumable)",
@@ -131,7 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     train_cls.add_argument("--heldout-data", metavar="DIR", help="measure on this dataset folder instead")
     train_cls.add_argument("--seed", type=int, default=0, help="seed of clips and initialisation (default 0)")
     train_cls.add_argument("--steps", type=int, default=20, help="sampling steps whose guided steps are read")
-    train_cls.add_argument("--guide-steps", type=int, default=2, help="guided steps read (default 2)")
+    train_cls.add_argument("--guide-steps", type=int, default=ReadingConfig.guide_steps,
+                           help=f"first steps read, where guidance may act (default {ReadingConfig.guide_steps})")
+    train_cls.add_argument("--readings", choices=("trajectory", "inversion"), default=ReadingConfig.source,
+                           help="read the generator's own samples along its sampling trajectory, labelled by the "
+                                "judge (default), or clips inverted to the guided steps' noise levels")
     train_cls.add_argument("--epochs", type=int, default=TrainingConfig.epochs,
                            help=f"epochs of the head (default {TrainingConfig.epochs})")  # fmt: skip
     smoothing = TrainingConfig.label_smoothing
@@ -218,7 +227,45 @@ def generate(args: argparse.Namespace) -> None:
             raise ValueError("--judge needs --composition")
         verdict = judge(to_uint8(out.frames[0]), Composition.parse(args.composition))
         report["verdict"] = {"ok": verdict.ok, "reason": verdict.reason}
+    if args.compare_seeds:
+        report["comparison"] = _compare_seeds(pipe, call, args)
     print(json.dumps(report))
+
+
+def _compare_seeds(pipe, call: dict, args: argparse.Namespace) -> dict:
+    """Seeds SEED..SEED+N-1, each unguided and guided: verdicts (with --judge), counts, a contact sheet."""
+    import torch
+
+    from cvg.composition import Composition
+    from cvg.compshapes.judge import judge
+    from cvg.video import contact_sheet, save_image, to_uint8
+
+    if not args.composition:
+        raise ValueError("--compare-seeds needs --composition")
+    composition = Composition.parse(args.composition)
+    rows, counts, runs = [], {"unguided": 0, "guided": 0}, []
+    for seed in range(args.seed, args.seed + args.compare_seeds):
+        for name, guide_steps in (("unguided", 0), ("guided", None)):
+            out = pipe(args.prompt, args.composition, negative_prompt=args.negative_prompt, **_video_size(args),
+                       generator=torch.Generator().manual_seed(seed), guide_steps=guide_steps, **call)  # fmt: skip
+            frames = to_uint8(out.frames[0])
+            run = {"seed": seed, "run": name}
+            if args.judge:
+                verdict = judge(frames, composition)
+                run.update(ok=verdict.ok, reason=verdict.reason)
+                counts[name] += verdict.ok
+            print(json.dumps(run), file=sys.stderr)
+            runs.append(run)
+            mark = "" if not args.judge else (" ok" if run["ok"] else " not ok")
+            rows.append((f"seed {seed} {name}{mark}", frames))
+    result = {"runs": runs, "seeds": args.compare_seeds}
+    if args.judge:
+        result["counts"] = counts
+        print(f"{args.composition!r}: unguided {counts['unguided']} of {args.compare_seeds} seeds, guided "
+              f"{counts['guided']} of {args.compare_seeds}", file=sys.stderr)  # fmt: skip
+    if args.contact_sheet:
+        result["contact_sheet"] = str(save_image(contact_sheet(rows), args.contact_sheet))
+    return result
 
 
 def sample_set(args: argparse.Namespace) -> None:
@@ -266,9 +313,9 @@ def train_generator(args: argparse.Namespace) -> None:
 
 
 def train_classifier(args: argparse.Namespace) -> None:
-    from cvg.dual_inversion import ReadingConfig, train_and_evaluate
+    from cvg.dual_inversion import train_and_evaluate
 
-    reading = ReadingConfig(num_inference_steps=args.steps, guide_steps=args.guide_steps)
+    reading = ReadingConfig(source=args.readings, num_inference_steps=args.steps, guide_steps=args.guide_steps)
     training = TrainingConfig(epochs=args.epochs, label_smoothing=args.label_smoothing, seed=args.seed)
     summary = train_and_evaluate(args.model, args.out, args.clips, args.heldout, args.seed, reading, training,
                                  lambda line: print(line, file=sys.stderr), args.data, args.heldout_data)  # fmt: skip

@@ -4,6 +4,7 @@ leakage that single readings learn and dual readings do not (on synthetic maps w
 import json
 import math
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,10 @@ from cvg import dual_inversion
 from cvg.compshapes.dataset import split_clip, write_dataset
 from cvg.compshapes.grammar import TRANSFER_WORDINGS
 from cvg.dual_inversion import ReadingConfig, Readings, TrainingConfig, evaluate_readings, train_classifier
+from cvg.compshapes.judge import judge
 from cvg.pipeline import MANIFEST, CVGPipeline, load_wan_pipeline
+from cvg.sampler import Denoiser, GuidanceConfig
+from cvg.video import to_uint8
 
 SIZE = {"frames": 9, "height": 64, "width": 64}
 CONFIG = ReadingConfig(num_inference_steps=10, guide_steps=2, substeps=2, max_sequence_length=64)
@@ -56,6 +60,33 @@ def test_readings_are_cached_and_resumed(tiny_pipe, tmp_path, monkeypatch):
                                   chunk=2, report=lambda _: None)  # fmt: skip
 
 
+def test_a_trajectory_is_read_where_the_sampler_passes(tiny_pipe):
+    """The readings of a generated clip are the maps at the latents the sampler visits (step 0: the noise
+    itself), under its prompt and its counterfactual; the targets are the judge's verdicts on the clip."""
+    clip = _clips(1)[0]
+    config = replace(CONFIG, guide_steps=3)
+    maps, targets = dual_inversion.read_trajectory(tiny_pipe, clip, config, seed=5)
+    layers = len(tiny_pipe.transformer.blocks)
+    assert maps.shape == (2, 3, layers, 3, 2, 2, 2) and targets.dtype == torch.bool and targets.shape == (2,)
+    pipe = CVGPipeline(tiny_pipe)
+    size = {"height": SIZE["height"], "width": SIZE["width"], "num_frames": SIZE["frames"]}
+    visited = []
+    out = pipe(clip.prompt, generator=torch.Generator().manual_seed(5), num_inference_steps=10,
+               max_sequence_length=64, on_step=lambda i, t, x: visited.append(x.clone()), **size)  # fmt: skip
+    frames = to_uint8(out.frames[0])
+    assert targets.tolist() == [judge(frames, clip.composition).ok, judge(frames, clip.counterfactuals[0][1]).ok]
+    embeds = tiny_pipe.encode_prompt(clip.prompt, do_classifier_free_guidance=False, max_sequence_length=64)[0]
+    bound = pipe.bind(clip.prompt, clip.composition, 64)
+    denoiser = Denoiser(tiny_pipe.transformer, embeds, None, 1.0)
+    timesteps = dual_inversion.guided_levels(tiny_pipe, config)[1]
+    noise = tiny_pipe.prepare_latents(1, tiny_pipe.transformer.config.in_channels, SIZE["height"], SIZE["width"],
+                                      SIZE["frames"], torch.float32, "cpu", torch.Generator().manual_seed(5))  # fmt: skip
+    for step, latents in enumerate([noise, visited[0], visited[1]]):
+        expected = bound.entity_maps(denoiser.read_maps(latents, torch.tensor(timesteps[step]), bound,
+                                                        GuidanceConfig(pool=config.pool)))[0]  # fmt: skip
+        torch.testing.assert_close(maps[0, step], expected, rtol=0, atol=0)
+
+
 class _Labels:
     dim = 2
 
@@ -79,7 +110,7 @@ def _leaky_readings(n: int, seed: int) -> Readings:
     maps = maps + 0.3 * torch.rand(maps.shape, generator=g)
     true = ["cube moves left" if c else "cube moves right" for c in clip_left]
     cf = ["cube moves right" if c else "cube moves left" for c in clip_left]
-    return Readings(maps, true, cf, ["motion"] * n)
+    return Readings(maps, true, cf, ["motion"] * n, timesteps=torch.tensor([999.0]))
 
 
 def test_dual_readings_remove_the_leakage_single_readings_learn():
@@ -104,12 +135,13 @@ def test_label_smoothing_keeps_the_head_from_saturating():
         config = TrainingConfig(epochs=60, batch=64, lr=3e-3, hidden_dim=32, label_smoothing=eps)
         model = train_classifier(train, {}, config, _Labels(), report=lambda _: None)
         with torch.no_grad():
-            magnitude[eps] = model(maps, labels).abs().median().item()
+            magnitude[eps] = model(maps, labels, torch.tensor(999.0)).abs().median().item()
     assert magnitude[0.0] > 6.0
     assert abs(magnitude[0.2] - math.log(0.9 / 0.1)) < 0.5
 
 
-def test_train_and_evaluate_saves_three_classifiers_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("source", ["trajectory", "inversion"])
+def test_train_and_evaluate_saves_three_classifiers_and_resumes(tiny_model_dir, tmp_path, monkeypatch, source):
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
     (model / MANIFEST).write_text(json.dumps({"recipe": {"size": SIZE["height"], "frames": SIZE["frames"]}}))
@@ -124,7 +156,8 @@ def test_train_and_evaluate_saves_three_classifiers_and_resumes(tiny_model_dir, 
     out = tmp_path / "classifier"
     held = tmp_path / "held"  # measured on a dataset folder, trained on fresh renders: both sources
     write_dataset(held, 4, 5, ("spatial", "attribute"), SIZE["frames"], SIZE["height"], SIZE["width"], "heldout")
-    run = dict(clips=8, heldout=4, reading=CONFIG, training=training, report=lambda _: None, heldout_data=held)
+    reading = replace(CONFIG, source=source)
+    run = dict(clips=8, heldout=4, reading=reading, training=training, report=lambda _: None, heldout_data=held)
     summary = dual_inversion.train_and_evaluate(model, out, **run)
     assert summary["heldout_data"] == str(held) and summary["clips"] == 8
     assert set(summary["heldout_results"]) == {"dual", "single", "transfer"}
@@ -136,7 +169,8 @@ def test_train_and_evaluate_saves_three_classifiers_and_resumes(tiny_model_dir, 
     pipe = CVGPipeline(load_wan_pipeline(model))
     for directory in (out, out / dual_inversion.SINGLE_READING, out / dual_inversion.LABEL_TRANSFER):
         pipe.load_classifier(directory)  # bound to this generator
-    monkeypatch.setattr(dual_inversion, "read_clip", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
+    reader = "read_trajectory" if source == "trajectory" else "read_clip"
+    monkeypatch.setattr(dual_inversion, reader, lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
     again = dual_inversion.train_and_evaluate(model, out, **run)
     assert again["heldout_results"] == summary["heldout_results"]  # readings reused, training deterministic
     with pytest.raises(ValueError, match="the generator makes 9x64x64 videos"):
