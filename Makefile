@@ -25,7 +25,7 @@ DEMO_CLASSIFIER := models/compshapes-classifier
 demo: $(STAMP)
 	$(VENV)/bin/cvg generate --model $(DEMO_MODEL) --prompt "$(DEMO_PROMPT)" \
 		--composition "$(DEMO_COMPOSITION)" --classifier $(DEMO_CLASSIFIER) --height 64 --width 64 --frames 17 --steps 20 \
-		--out demo/out.mp4 --save-maps demo/maps.png --judge
+		--out demo/out.mp4 --save-maps demo/maps.png --judge --compare-seeds 8 --contact-sheet demo/contact.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -92,6 +92,23 @@ def maps_picture(entity_maps: np.ndarray, frames: np.ndarray, names: list[str], 
     return sheet
 
 
+def contact_sheet(rows: list[tuple[str, np.ndarray]], columns: int = 9, scale: int = 2) -> Image.Image:
+    """One row per labelled clip (`[F, H, W, 3]` uint8 or [0, 1] floats), `columns` frames picked evenly across."""
+    if not rows:
+        raise ValueError("a contact sheet needs at least one clip")
+    height, width = rows[0][1].shape[1:3]
+    cell_h, cell_w, label_w = height * scale, width * scale, 170
+    sheet = Image.new("RGB", (label_w + columns * cell_w, len(rows) * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, frames) in enumerate(rows):
+        frames = to_uint8(frames)
+        draw.text((4, r * cell_h + cell_h // 2 - 6), label[:28], fill="black")
+        for c, index in enumerate(np.linspace(0, len(frames) - 1, columns).round().astype(int)):
+            cell = Image.fromarray(frames[index]).resize((cell_w, cell_h), Image.NEAREST)
+            sheet.paste(cell, (label_w + c * cell_w, r * cell_h))
+    return sheet
+
+
 def save_image(image: Image.Image, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")

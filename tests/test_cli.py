@@ -80,3 +80,18 @@ def test_generate_with_the_judges_verdict(tiny_model_dir, tmp_path, capsys):
                  "--composition", "red cube left of blue ball", "--out", str(out), "--judge", *SMALL]) == 0  # fmt: skip
     verdict = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["verdict"]
     assert verdict["ok"] is False and verdict["reason"]
+
+
+def test_compare_seeds_judges_each_run_and_draws_a_contact_sheet(tiny_model_dir, tmp_path, capsys):
+    sheet = tmp_path / "contact.png"
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "a red cube to the left of a blue ball",
+                 "--composition", "red cube left of blue ball", "--out", str(tmp_path / "out.gif"), "--judge",
+                 "--compare-seeds", "2", "--seed", "3", "--contact-sheet", str(sheet), *SMALL]) == 0  # fmt: skip
+    captured = capsys.readouterr()
+    comparison = json.loads(captured.out.strip().splitlines()[-1])["comparison"]
+    assert [(r["seed"], r["run"]) for r in comparison["runs"]] == [
+        (3, "unguided"), (3, "guided"), (4, "unguided"), (4, "guided")]  # fmt: skip
+    assert comparison["counts"] == {"unguided": 0, "guided": 0}  # a random tiny model draws no red cube
+    assert "unguided 0 of 2 seeds, guided 0 of 2" in captured.err
+    picture = Image.open(sheet)
+    assert picture.height == 4 * 2 * 64 and picture.width == 170 + 9 * 2 * 64  # a row per run, 9 frames across

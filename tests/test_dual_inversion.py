@@ -12,8 +12,8 @@ import torch
 from cvg import dual_inversion
 from cvg.compshapes.dataset import split_clip, write_dataset
 from cvg.compshapes.grammar import TRANSFER_WORDINGS
-from cvg.dual_inversion import ReadingConfig, Readings, TrainingConfig, evaluate_readings, train_classifier
 from cvg.compshapes.judge import judge
+from cvg.dual_inversion import ReadingConfig, Readings, TrainingConfig, evaluate_readings, train_classifier
 from cvg.pipeline import MANIFEST, CVGPipeline, load_wan_pipeline
 from cvg.sampler import Denoiser, GuidanceConfig
 from cvg.video import to_uint8
@@ -79,8 +79,9 @@ def test_a_trajectory_is_read_where_the_sampler_passes(tiny_pipe):
     bound = pipe.bind(clip.prompt, clip.composition, 64)
     denoiser = Denoiser(tiny_pipe.transformer, embeds, None, 1.0)
     timesteps = dual_inversion.guided_levels(tiny_pipe, config)[1]
-    noise = tiny_pipe.prepare_latents(1, tiny_pipe.transformer.config.in_channels, SIZE["height"], SIZE["width"],
-                                      SIZE["frames"], torch.float32, "cpu", torch.Generator().manual_seed(5))  # fmt: skip
+    channels = tiny_pipe.transformer.config.in_channels
+    noise = tiny_pipe.prepare_latents(1, channels, SIZE["height"], SIZE["width"], SIZE["frames"], torch.float32,
+                                      "cpu", torch.Generator().manual_seed(5))  # fmt: skip
     for step, latents in enumerate([noise, visited[0], visited[1]]):
         expected = bound.entity_maps(denoiser.read_maps(latents, torch.tensor(timesteps[step]), bound,
                                                         GuidanceConfig(pool=config.pool)))[0]  # fmt: skip

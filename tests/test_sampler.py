@@ -59,7 +59,8 @@ def _after_step(scheduler_factory, perturbed_step: int, delta: torch.Tensor, gui
 def _survival(scheduler_factory, step: int, guided: bool = True) -> float:
     """The share of a latent perturbation made before `step` that is still in the latent after it."""
     delta = 0.01 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    moved = _after_step(scheduler_factory, step, delta, guided) - _after_step(scheduler_factory, step, 0 * delta, guided)
+    moved = _after_step(scheduler_factory, step, delta, guided)
+    moved = moved - _after_step(scheduler_factory, step, 0 * delta, guided)
     return float((moved * delta).sum() / delta.square().sum())
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from scipy.stats import binomtest
@@ -40,28 +41,38 @@ from cvg.sampler import GuidanceConfig
 from cvg.videoset import generate_set
 
 ROWS = ("unguided", "cvg-2", "cvg-1", "cvg-4", "cvg-all", "single", "training-free", "transfer")
-NAMES = {
-    "unguided": "unguided",
-    "cvg-2": "CVG, first 2 steps (default)",
-    "cvg-1": "CVG, first step",
-    "cvg-4": "CVG, first 4 steps",
-    "cvg-all": "CVG, all steps",
-    "single": "CVG without dual inversion",
-    "training-free": "training-free objectives, first 2 steps",
-    "transfer": "label transfer: unseen wordings, first 2 steps",
-}
+WINDOWS = {"unguided": 0, "cvg-1": 1, "cvg-4": 4}  # guided steps; cvg-all: every step; the rest: the default
+
+
+def _window(row: str, steps: int) -> int:
+    return steps if row == "cvg-all" else WINDOWS.get(row, GuidanceConfig.guide_steps)
+
+
+def row_name(row: str, steps: int) -> str:
+    window = _window(row, steps)
+    default = " (default)" if window == GuidanceConfig.guide_steps else ""
+    return {
+        "unguided": "unguided",
+        "single": "CVG without dual inversion",
+        "training-free": f"training-free objectives, first {window} steps",
+        "transfer": f"label transfer: unseen wordings, first {window} steps",
+    }.get(row, "CVG, all steps" if row == "cvg-all" else f"CVG, first {window} step{'s' * (window > 1)}{default}")
 
 
 def row_pipeline(row: str, base, args: argparse.Namespace) -> tuple[CVGPipeline, int, str]:
-    """The pipeline, guide_steps and output folder name of a row. A classifier row's folder names the
-    classifier's weights, so a retrained classifier never reuses another's clips."""
-    guide_steps = {"unguided": 0, "cvg-1": 1, "cvg-4": 4, "cvg-all": args.steps}.get(row, 2)
-    pipe = CVGPipeline(base, guidance=GuidanceConfig(guide_steps=guide_steps, strength=args.strength))
-    if row in ("unguided", "training-free"):
+    """The pipeline, guide_steps and output folder name of a row: the guidance defaults (`GuidanceConfig`)
+    but for the row's window and `--strength`. The folder names a digest of the guidance settings and of the
+    classifier's weights, so changed defaults or a retrained classifier never reuse another row's clips."""
+    guide_steps = _window(row, args.steps)
+    config = replace(GuidanceConfig(), guide_steps=guide_steps, strength=args.strength)
+    pipe = CVGPipeline(base, guidance=config)
+    if row == "unguided":
         return pipe, guide_steps, row
-    directory = Path(args.classifier) / {"single": SINGLE_READING, "transfer": LABEL_TRANSFER}.get(row, "")
-    pipe.load_classifier(directory)
-    digest = hashlib.sha256(b"".join((directory / name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME)))
+    digest = hashlib.sha256(repr(config).encode())
+    if row != "training-free":
+        directory = Path(args.classifier) / {"single": SINGLE_READING, "transfer": LABEL_TRANSFER}.get(row, "")
+        pipe.load_classifier(directory)
+        digest.update(b"".join((directory / name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME)))
     return pipe, guide_steps, f"{row}-{digest.hexdigest()[:16]}"
 
 
@@ -101,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     parser.add_argument("--strength", type=float, default=GuidanceConfig.strength,
                         help=f"RMS of one guided latent update (default {GuidanceConfig.strength})")  # fmt: skip
+    parser.add_argument("--spec-seed", type=int, default=SPEC_SEED, help=f"seed of the prompts (default {SPEC_SEED})")
+    parser.add_argument("--noise-seed", type=int, default=0, help="clip i's noise seed is this + i (default 0)")
     parser.add_argument("--work", type=Path, default=Path(".cache/experiments/findings"), help="working directory")
     parser.add_argument("--write", type=Path, help="record the table in this Markdown file")
     args = parser.parse_args(argv)
@@ -110,31 +123,37 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     base = load_wan_pipeline(args.model)
     base.set_progress_bar_config(disable=True)
-    suffix = "" if args.split == "heldout" else "-train"  # held-out folders keep their earlier names
+    suffix = "" if args.split == "heldout" else "-train"  # held-out folders of the default seeds keep their names
+    suffix += f"-spec{args.spec_seed}" if args.spec_seed != SPEC_SEED else ""
     specs = args.work / f"specs{suffix}"
-    write_dataset(specs, args.clips, SPEC_SEED, GUIDED_CATEGORIES, split=args.split)
-    work = args.work / f"{model_key(base.vae)}-{model_key(base.transformer)}-strength{args.strength:g}{suffix}"
+    write_dataset(specs, args.clips, args.spec_seed, GUIDED_CATEGORIES, split=args.split)
+    noise = f"-noise{args.noise_seed}" if args.noise_seed else ""
+    work = args.work / f"{model_key(base.vae)}-{model_key(base.transformer)}{suffix}{noise}"
     results, seconds = {}, {}
     for row in rows:
         pipe, guide_steps, folder = row_pipeline(row, base, args)
         row_specs = transfer_specs(specs) if row == "transfer" else specs
-        sampled = generate_set(pipe, row_specs, work / folder, seed=0, guide_steps=guide_steps,
+        sampled = generate_set(pipe, row_specs, work / folder, seed=args.noise_seed, guide_steps=guide_steps,
                                num_inference_steps=args.steps, guidance_scale=5.0, limit=args.clips)  # fmt: skip
-        results[NAMES[row]] = evaluate(work / folder, limit=args.clips)  # a folder may hold more from a bigger run
+        # A folder may hold more clips from a bigger run: judge only the first --clips.
+        results[row_name(row, args.steps)] = evaluate(work / folder, limit=args.clips)
         seconds[row] = sampled["seconds_per_clip"]
         print(f"{row}: done ({sampled['generated']} clips generated now)", flush=True)
     prompts = "held-out clips (prompts never trained on)" if args.split == "heldout" else "clips of training prompts"
     options = f" --strength {args.strength:g}" + (" --split train" if args.split == "train" else "")
+    options += f" --spec-seed {args.spec_seed} --noise-seed {args.noise_seed}"
+    unguided = row_name("unguided", args.steps)
+    pairs = f"Paired with the unguided row:\n\n{paired(results, unguided)}\n\n" if "unguided" in rows else ""
     timing = ", ".join(f"{r} {s:.2f} s" for r, s in seconds.items() if s is not None)
     text = (
         f"Command: `python -m cvg.experiments.findings --model {args.model} --classifier {args.classifier} "
         f"--clips {args.clips} --rows {','.join(rows)}{options}`\n\n"
-        f"{machine_line()}. {args.clips} {prompts}, {', '.join(GUIDED_CATEGORIES)} in turn (spec seed {SPEC_SEED}; "
-        f"noise seed = clip id, the same in every row), {args.steps} steps, CFG 5, guidance strength "
-        f"{args.strength:g}; accuracy with 95% Wilson intervals; Fréchet distance of CompShapes clip features to "
-        f"fresh renders.\n\n{table(results)}\n\n"
-        + (f"Paired with the unguided row:\n\n{paired(results, NAMES['unguided'])}\n\n" if "unguided" in rows else "")
-        + f"Seconds per clip (median, rows generated in this run): {timing or 'all reused'}. "
+        f"{machine_line()}. {args.clips} {prompts}, {', '.join(GUIDED_CATEGORIES)} in turn (spec seed "
+        f"{args.spec_seed}; noise seed = {args.noise_seed} + clip id, the same in every row), {args.steps} steps, "
+        f"CFG 5; guidance: {replace(GuidanceConfig(), strength=args.strength)} but for each row's window; accuracy "
+        f"with 95% Wilson intervals; Fréchet distance of CompShapes clip features to fresh renders.\n\n"
+        f"{table(results)}\n\n{pairs}"
+        f"Seconds per clip (median, rows generated in this run): {timing or 'all reused'}. "
         f"This run took {time.perf_counter() - started:.0f} s."
     )
     publish(text, args.write, "findings")
