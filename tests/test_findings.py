@@ -1,5 +1,8 @@
 """`python -m cvg.experiments.findings` end to end at toy size: every kind of row runs and lands in the table."""
 
+import argparse
+
+import pytest
 import torch
 
 from cvg.classifier import ClassifierConfig, CompositionClassifier
@@ -8,6 +11,7 @@ from cvg.compshapes.grammar import TRANSFER_WORDINGS
 from cvg.dual_inversion import LABEL_TRANSFER, SINGLE_READING
 from cvg.experiments import findings
 from cvg.pipeline import generator_description
+from cvg.sampler import GuidanceConfig
 
 
 def _save_classifier(directory, description, seed=0):
@@ -22,7 +26,8 @@ def test_findings_rows_run_and_are_tabled(tiny_pipe, tmp_path):
     for directory in (classifier, classifier / SINGLE_READING, classifier / LABEL_TRANSFER):
         _save_classifier(directory, description)
     argv = ["--model", str(model), "--classifier", str(classifier), "--clips", "4", "--steps", "3",
-            "--rows", "unguided,cvg-2,cvg-all,single,training-free,transfer", "--work", str(work),
+            "--guidance", "strength=0.2,iterations=2", "--rows", "unguided,cvg-2,cvg-all,single,training-free,transfer",
+            "--work", str(work),
             "--write", str(tmp_path / "findings.md")]  # fmt: skip
     findings.main(argv)
     text = (tmp_path / "findings.md").read_text()
@@ -53,3 +58,12 @@ def test_paired_counts_discordant_clips():
 
     text = findings.paired({"base": report("a", "b", "c", "e"), "row": report("c", "d")}, "base")
     assert "| row | 3 | 1 | 0.62 |" in text  # a, b, e turned right; d turned wrong; P(|X - 2| >= 1), X ~ B(4, 1/2)
+
+
+def test_guidance_settings_parse_over_the_defaults_and_refuse_bad_ones():
+    config = findings.guidance_settings("strength=0.2, normalize=polyak,target_loss=None")
+    assert (config.strength, config.normalize, config.target_loss) == (0.2, "polyak", None)
+    assert config.iterations == GuidanceConfig().iterations
+    for text, message in (("bogus=1", "KEY=VALUE"), ("strength", "KEY=VALUE"), ("iterations=0", "at least 1")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            findings.guidance_settings(text)

@@ -3,11 +3,12 @@
     python -m cvg.experiments.findings --model models/compshapes-wan --classifier models/compshapes-classifier
 
 Every row generates the same held-out prompts (`grammar.held_out`, the four compositional categories in
-turn, spec seed 20261124) with the same noise (seed = clip id), 20 steps, CFG 5; the CompShapes judge
+turn, spec seed 20261124 unless --spec-seed) with the same noise (seed = --noise-seed + clip id), 20
+steps, CFG 5, the guidance settings of `GuidanceConfig` (or --guidance); the CompShapes judge
 scores them (95% Wilson intervals) and the Fréchet distance of CompShapes clip features to fresh renders
 measures quality. Rows (choose with --rows):
   unguided      the generator alone
-  cvg-2         CVG: the classifier's gradient on the first 2 steps (the default)
+  cvg-2         CVG: the classifier's gradient on the default window (`GuidanceConfig.guide_steps`)
   cvg-1, cvg-4  the first 1 or 4 steps
   cvg-all       every step
   single        the classifier trained without dual inversion (readings under the true prompt only)
@@ -20,9 +21,11 @@ Generated sets are kept under WORK per model and row, so a run resumes and rows 
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 from scipy.stats import binomtest
@@ -60,11 +63,11 @@ def row_name(row: str, steps: int) -> str:
 
 
 def row_pipeline(row: str, base, args: argparse.Namespace) -> tuple[CVGPipeline, int, str]:
-    """The pipeline, guide_steps and output folder name of a row: the guidance defaults (`GuidanceConfig`)
-    but for the row's window and `--strength`. The folder names a digest of the guidance settings and of the
+    """The pipeline, guide_steps and output folder name of a row: the `--guidance` settings (by default
+    `GuidanceConfig`'s) but for the row's window. The folder names a digest of those settings and of the
     classifier's weights, so changed defaults or a retrained classifier never reuse another row's clips."""
     guide_steps = _window(row, args.steps)
-    config = replace(GuidanceConfig(), guide_steps=guide_steps, strength=args.strength)
+    config = replace(args.guidance, guide_steps=guide_steps)
     pipe = CVGPipeline(base, guidance=config)
     if row == "unguided":
         return pipe, guide_steps, row
@@ -74,6 +77,25 @@ def row_pipeline(row: str, base, args: argparse.Namespace) -> tuple[CVGPipeline,
         pipe.load_classifier(directory)
         digest.update(b"".join((directory / name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME)))
     return pipe, guide_steps, f"{row}-{digest.hexdigest()[:16]}"
+
+
+def guidance_settings(text: str) -> GuidanceConfig:
+    """`GuidanceConfig` from "key=value,..." over its defaults (values as Python literals, or bare strings)."""
+    fields, settings = {f.name: f for f in dataclass_fields(GuidanceConfig)}, {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, value = item.partition("=")
+        if key not in fields or not value:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
+        try:
+            settings[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            settings[key] = value
+    config = replace(GuidanceConfig(), **settings)
+    try:
+        config.check(num_inference_steps=10**6)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return config
 
 
 def paired(results: dict[str, dict], base: str) -> str:
@@ -110,8 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", choices=("heldout", "train"), default="heldout",
                         help="held-out prompts (the findings) or training ones (for tuning)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    parser.add_argument("--strength", type=float, default=GuidanceConfig.strength,
-                        help=f"RMS of one guided latent update (default {GuidanceConfig.strength})")  # fmt: skip
+    parser.add_argument("--guidance", type=guidance_settings, default=GuidanceConfig(), metavar="KEY=VALUE,...",
+                        help="GuidanceConfig fields other than the defaults, e.g. strength=0.2,iterations=3 "
+                             "(each row's window still sets guide_steps)")  # fmt: skip
     parser.add_argument("--spec-seed", type=int, default=SPEC_SEED, help=f"seed of the prompts (default {SPEC_SEED})")
     parser.add_argument("--noise-seed", type=int, default=0, help="clip i's noise seed is this + i (default 0)")
     parser.add_argument("--work", type=Path, default=Path(".cache/experiments/findings"), help="working directory")
@@ -140,7 +163,9 @@ def main(argv: list[str] | None = None) -> None:
         seconds[row] = sampled["seconds_per_clip"]
         print(f"{row}: done ({sampled['generated']} clips generated now)", flush=True)
     prompts = "held-out clips (prompts never trained on)" if args.split == "heldout" else "clips of training prompts"
-    options = f" --strength {args.strength:g}" + (" --split train" if args.split == "train" else "")
+    changed = {k: v for k, v in asdict(args.guidance).items() if getattr(GuidanceConfig(), k) != v}
+    options = f" --guidance {','.join(f'{k}={v}' for k, v in changed.items())}" if changed else ""
+    options += " --split train" if args.split == "train" else ""
     options += f" --spec-seed {args.spec_seed} --noise-seed {args.noise_seed}"
     unguided = row_name("unguided", args.steps)
     pairs = f"Paired with the unguided row:\n\n{paired(results, unguided)}\n\n" if "unguided" in rows else ""
@@ -150,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         f"--clips {args.clips} --rows {','.join(rows)}{options}`\n\n"
         f"{machine_line()}. {args.clips} {prompts}, {', '.join(GUIDED_CATEGORIES)} in turn (spec seed "
         f"{args.spec_seed}; noise seed = {args.noise_seed} + clip id, the same in every row), {args.steps} steps, "
-        f"CFG 5; guidance: {replace(GuidanceConfig(), strength=args.strength)} but for each row's window; accuracy "
+        f"CFG 5; guidance: {args.guidance} but for each row's window; accuracy "
         f"with 95% Wilson intervals; Fréchet distance of CompShapes clip features to fresh renders.\n\n"
         f"{table(results)}\n\n{pairs}"
         f"Seconds per clip (median, rows generated in this run): {timing or 'all reused'}. "
