@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from cvg.composition import KINDS, CompositionError
@@ -161,11 +162,20 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classifier", metavar="DIR",
                         help="guide with a classifier from cvg train-classifier instead")  # fmt: skip
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    parser.add_argument("--guide-steps", type=int, default=2, help="guided steps at the start (default 2)")
-    parser.add_argument("--strength", type=float, default=0.1, help="size of each latent update (default 0.1)")
-    parser.add_argument("--iterations", type=int, default=1, help="guidance updates per guided step (default 1)")
-    parser.add_argument("--normalize", choices=NORMALIZATIONS, default="rms",
-                        help="gradient normalisation (default rms)")  # fmt: skip
+    default = GuidanceConfig()
+    parser.add_argument("--guide-steps", type=int, default=default.guide_steps,
+                        help=f"guided steps at the start (default {default.guide_steps})")  # fmt: skip
+    parser.add_argument("--strength", type=float, default=default.strength,
+                        help=f"RMS of each latent update, the largest with --normalize polyak (default "
+                             f"{default.strength:g})")  # fmt: skip
+    parser.add_argument("--iterations", type=int, default=default.iterations,
+                        help=f"at most this many guidance updates per guided step (default {default.iterations})")
+    parser.add_argument("--normalize", choices=NORMALIZATIONS, default=default.normalize,
+                        help=f"step rule: rms / max gradient normalisation, none, or polyak (the first-order step "
+                             f"to the target loss) (default {default.normalize})")  # fmt: skip
+    parser.add_argument("--target-loss", type=float, default=default.target_loss,
+                        help="leave an item alone once its objective is this low (default: the classifier's "
+                             "-log confidence; none for the training-free objectives)")  # fmt: skip
     parser.add_argument("--layers", type=_ints, help="blocks whose maps are read, e.g. 0,1,2 (default all)")
     parser.add_argument("--pool", type=lambda t: _ints(t, 3), default=[1, 2, 2],
                         help="pooling of the frames,height,width token grid (default 1,2,2)")  # fmt: skip
@@ -179,9 +189,9 @@ def _load(args: argparse.Namespace):
     from cvg.pipeline import CVGPipeline
 
     pool = args.pool * 3 if len(args.pool) == 1 else args.pool
-    guidance = GuidanceConfig(
-        args.guide_steps, args.strength, args.iterations, args.normalize, args.layers, tuple(pool)
-    )
+    guidance = replace(GuidanceConfig(), guide_steps=args.guide_steps, strength=args.strength,
+                       iterations=args.iterations, normalize=args.normalize, target_loss=args.target_loss,
+                       layers=args.layers, pool=tuple(pool))  # fmt: skip
     objective = None if args.objective == "auto" else objective_for(args.objective)
     pipe = CVGPipeline.from_pretrained(args.model, objective=objective)
     pipe.guidance = guidance

@@ -1,5 +1,7 @@
 """CVGPipeline on tiny Wan pipelines: exact reproduction without guidance, guidance that works, bad input."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -184,3 +186,27 @@ def test_cpu_decoding_is_the_vae_decode(base_dim, dim_mult):
     assert {type(m) for m in patched} == {WanCausalConv3d, WanRMS_norm}
     assert not [m for m in vae.modules() if {"_conv_forward", "forward"} & set(vars(m))]
     assert fast.shape == reference.shape and (fast - reference).abs().max() <= 1e-5
+
+
+class _Satisfied:
+    """A training-free objective that declares itself satisfied at any loss below 1e9 (as a classifier does
+    at its trained confidence)."""
+
+    target_loss = 1e9
+
+    def __call__(self, maps, bound, timestep=None):
+        return SpatialRelation()(maps, bound, timestep)
+
+
+def test_a_bounded_step_leaves_a_satisfied_objective_alone(tiny_pipe):
+    prompt, composition = PROMPTS["spatial"]
+    config = GuidanceConfig(guide_steps=2, iterations=4, pool=(1, 1, 1), strength=0.5)
+    kw = dict(generator=_seeded(0), output_type="latent", **SMALL)
+    bounded = CVGPipeline(tiny_pipe, objective=_Satisfied(), guidance=config)(prompt, composition, **kw)
+    assert [(s.step, s.iteration) for s in bounded.steps] == [(0, 0), (1, 0)]  # stopped: nothing to gain
+    pipe = CVGPipeline(tiny_pipe, objective=_Satisfied(), guidance=config)
+    still = pipe(prompt, composition, guidance_strength=0.0, **{**kw, "generator": _seeded(0)})
+    assert torch.equal(bounded.frames, still.frames)
+    unbounded = CVGPipeline(tiny_pipe, objective=_Satisfied(), guidance=replace(config, bounded=False))
+    free = unbounded(prompt, composition, **{**kw, "generator": _seeded(0)})
+    assert len(free.steps) == 8 and not torch.equal(free.frames, still.frames)
