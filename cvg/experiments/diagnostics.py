@@ -29,6 +29,7 @@ from cvg.composition import Composition
 from cvg.compshapes.dataset import read_index
 from cvg.compshapes.evaluate import auroc, load_frames
 from cvg.compshapes.judge import judge
+from cvg.objectives import Objective, objective_for
 from cvg.pipeline import CVGPipeline
 from cvg.sampler import Denoiser, GuidanceConfig
 
@@ -46,6 +47,11 @@ def _initial(pipe: CVGPipeline, record: dict) -> tuple[Denoiser, object, torch.T
     return Denoiser(wan.transformer, embeds, None, 1.0), bound, noise, wan.scheduler.timesteps[0]
 
 
+def _objective(pipe: CVGPipeline, bound) -> Objective:
+    """The pipeline's objective, else the training-free one of the composition's kind (as guidance picks)."""
+    return pipe.objective or objective_for(bound.composition.kind)
+
+
 def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.square().mean().sqrt().clamp_min(1e-20)
 
@@ -53,11 +59,11 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 def adversarial_ratio(pipe: CVGPipeline, record: dict, strength: float, directions: int = 4) -> dict:
     """Objective drop along the normalised guidance step against random directions of the same RMS."""
     denoiser, bound, noise, t = _initial(pipe, record)
-    config = pipe.guidance
-    loss, _, grad = denoiser.score(noise, t, pipe.objective, bound, config, gradient=True)
-    along = denoiser.score(noise - strength * _unit(grad), t, pipe.objective, bound, config)[0]
+    config, objective = pipe.guidance, _objective(pipe, bound)
+    loss, _, grad = denoiser.score(noise, t, objective, bound, config, gradient=True)
+    along = denoiser.score(noise - strength * _unit(grad), t, objective, bound, config)[0]
     rng = torch.Generator().manual_seed(int(record["id"]))
-    random = [denoiser.score(noise + strength * _unit(torch.randn(noise.shape, generator=rng)), t, pipe.objective,
+    random = [denoiser.score(noise + strength * _unit(torch.randn(noise.shape, generator=rng)), t, objective,
                              bound, config)[0] for _ in range(directions)]  # fmt: skip
     drop = float(loss - along)
     spread = float(np.mean([abs(float(loss - r)) for r in random]))
@@ -67,9 +73,10 @@ def adversarial_ratio(pipe: CVGPipeline, record: dict, strength: float, directio
 
 @torch.no_grad()
 def step0_probability(pipe: CVGPipeline, record: dict) -> float:
-    """exp(-objective) at the record's initial noise: p(label) for a classifier objective."""
+    """exp(-objective) at the record's initial noise: p(label) for a classifier objective (for the
+    training-free ones a score that ranks the same way as their loss)."""
     denoiser, bound, noise, t = _initial(pipe, record)
-    return float(torch.exp(-denoiser.score(noise, t, pipe.objective, bound, pipe.guidance)[0]))
+    return float(torch.exp(-denoiser.score(noise, t, _objective(pipe, bound), bound, pipe.guidance)[0]))
 
 
 def diagnose(pipe: CVGPipeline, unguided: str | Path, clips: int = 400, adversarial_clips: int = 40,
@@ -105,7 +112,8 @@ def diagnose(pipe: CVGPipeline, unguided: str | Path, clips: int = 400, adversar
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="models/compshapes-wan", help="the generator directory")
-    parser.add_argument("--classifier", default="models/compshapes-classifier", help="the head to diagnose")
+    parser.add_argument("--classifier", default="models/compshapes-classifier",
+                        help="the head to diagnose; 'none': the training-free objectives")  # fmt: skip
     parser.add_argument("--unguided", required=True, type=Path, help="the unguided generated set (findings row)")
     parser.add_argument("--clips", type=int, default=400, help="clips for the AUROC (default 400)")
     parser.add_argument("--adversarial-clips", type=int, default=40, help="clips for the ratio (default 40)")
@@ -113,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"RMS of the probe step (default {GuidanceConfig.strength})")  # fmt: skip
     args = parser.parse_args(argv)
     pipe = CVGPipeline.from_pretrained(args.model)
-    pipe.load_classifier(args.classifier)
+    if args.classifier != "none":
+        pipe.load_classifier(args.classifier)
     print(json.dumps(diagnose(pipe, args.unguided, args.clips, args.adversarial_clips, args.strength), indent=1))
 
 
