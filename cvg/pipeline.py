@@ -146,7 +146,13 @@ class CVGPipeline:
         pipe = self.pipe
         overrides = {"guide_steps": guide_steps, "strength": guidance_strength, "iterations": iterations}
         config = replace(self.guidance, **{k: v for k, v in overrides.items() if v is not None})
+        if guide_steps is not None:  # asked for by number: not by noise level
+            config = replace(config, guide_sigma=None)
         config.check(num_inference_steps)
+        device = pipe._execution_device
+        pipe.scheduler.set_timesteps(num_inference_steps, device=device)
+        if config.guide_sigma is not None:  # the window by noise level: every step at or above it
+            config = replace(config, guide_steps=int((pipe.scheduler.sigmas[:-1] >= config.guide_sigma).sum()))
         pipe.check_inputs(prompt, negative_prompt, height, width)
         objective, bound = None, None
         if composition is not None and config.guide_steps > 0:
@@ -156,7 +162,6 @@ class CVGPipeline:
             if config.target_loss is None and config.bounded:  # the objective's own bound, if it has one
                 config = replace(config, target_loss=getattr(objective, "target_loss", None))
 
-        device = pipe._execution_device
         do_cfg = guidance_scale > 1.0
         marks = [time.perf_counter()]  # phase boundaries: start, text encoded, each step done, decoded
         prompt_embeds, negative_embeds = pipe.encode_prompt(
@@ -168,7 +173,6 @@ class CVGPipeline:
         denoiser = Denoiser(pipe.transformer, prompt_embeds.to(dtype),
                             None if negative_embeds is None else negative_embeds.to(dtype), guidance_scale)  # fmt: skip
 
-        pipe.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = pipe.scheduler.timesteps
         batch = prompt_embeds.shape[0]
         latents = pipe.prepare_latents(batch, pipe.transformer.config.in_channels, height, width, num_frames,

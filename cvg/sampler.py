@@ -32,6 +32,7 @@ NORMALIZATIONS = ("rms", "max", "none", "polyak")
 @dataclass
 class GuidanceConfig:
     guide_steps: int = 2
+    guide_sigma: float | None = None  # set: guide every step whose sigma is at least this (sets guide_steps)
     strength: float = 0.1  # size of one latent update (its RMS, with normalize="rms")
     iterations: int = 1  # at most this many updates per guided step (fewer once target_loss is reached)
     normalize: str = "rms"  # per-sample step: rms / max of the gradient, none, or polyak (see latent_update)
@@ -54,6 +55,8 @@ class GuidanceConfig:
             raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}")
         if not math.isfinite(self.strength) or self.strength < 0:
             raise ValueError(f"guidance strength must be finite and >= 0, got {self.strength}")
+        if self.guide_sigma is not None and not 0 < self.guide_sigma <= 1:
+            raise ValueError(f"guide_sigma must be in (0, 1], got {self.guide_sigma}")
         if self.target_loss is not None and not math.isfinite(self.target_loss):
             raise ValueError(f"target_loss must be finite or None, got {self.target_loss}")
 

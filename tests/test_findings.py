@@ -26,13 +26,14 @@ def test_findings_rows_run_and_are_tabled(tiny_pipe, tmp_path):
     for directory in (classifier, classifier / SINGLE_READING, classifier / LABEL_TRANSFER):
         _save_classifier(directory, description)
     argv = ["--model", str(model), "--classifier", str(classifier), "--clips", "4", "--steps", "3",
-            "--guidance", "strength=0.2,iterations=2", "--rows", "unguided,cvg-2,cvg-all,single,training-free,transfer",
-            "--work", str(work),
-            "--write", str(tmp_path / "findings.md")]  # fmt: skip
+            "--guidance", "strength=0.2,iterations=2",
+            "--rows", "unguided,cvg,cvg-1,cvg-all,single,training-free,transfer",
+            "--work", str(work), "--write", str(tmp_path / "findings.md")]  # fmt: skip
     findings.main(argv)
     text = (tmp_path / "findings.md").read_text()
-    for name in ("unguided", "CVG, first 2 steps (default)", "CVG, all steps", "CVG without dual inversion",
-                 "training-free objectives", "label transfer"):  # fmt: skip
+    names = ("unguided", "CVG, first 2 steps (the settings' window)", "CVG, first 1 step |", "CVG, all steps",
+             "CVG without dual inversion, first 2 steps", "training-free objectives", "label transfer")
+    for name in names:
         assert f"| {name}" in text
     assert "| row | attribute | spatial | motion | numeracy | all | Fréchet distance |" in text
     unguided = next(line for line in text.splitlines() if line.startswith("| unguided"))
@@ -48,8 +49,8 @@ def test_findings_rows_run_and_are_tabled(tiny_pipe, tmp_path):
     findings.main(fewer)
     assert "| row | spatial | motion | all | Fréchet distance |" in (tmp_path / "findings.md").read_text()
     _save_classifier(classifier, description, seed=1)  # retrained: its rows are generated again
-    findings.main([*argv[:-6], "--rows", "cvg-2", *argv[-4:]])
-    assert "cvg-2 " in (tmp_path / "findings.md").read_text().split("Seconds per clip")[1]
+    findings.main([*argv[:-6], "--rows", "cvg", *argv[-4:]])
+    assert "cvg " in (tmp_path / "findings.md").read_text().split("Seconds per clip")[1]
 
 
 def test_paired_counts_discordant_clips():

@@ -210,3 +210,19 @@ def test_a_bounded_step_leaves_a_satisfied_objective_alone(tiny_pipe):
     unbounded = CVGPipeline(tiny_pipe, objective=_Satisfied(), guidance=replace(config, bounded=False))
     free = unbounded(prompt, composition, **{**kw, "generator": _seeded(0)})
     assert len(free.steps) == 8 and not torch.equal(free.frames, still.frames)
+
+
+def test_the_window_by_noise_level_guides_every_step_above_it(tiny_pipe):
+    prompt, composition = PROMPTS["spatial"]
+    tiny_pipe.scheduler.set_timesteps(SMALL["num_inference_steps"])
+    sigmas = tiny_pipe.scheduler.sigmas[:-1]
+    threshold = float(sigmas[2])  # steps 0, 1 and 2 lie at or above it
+    config = GuidanceConfig(guide_sigma=threshold, pool=(1, 1, 1))
+    out = CVGPipeline(tiny_pipe, guidance=config)(prompt, composition, generator=_seeded(0), output_type="latent",
+                                                  **SMALL)  # fmt: skip
+    assert [s.step for s in out.steps] == [0, 1, 2]
+    by_number = CVGPipeline(tiny_pipe, guidance=config)(prompt, composition, guide_steps=1, generator=_seeded(0),
+                                                        output_type="latent", **SMALL)  # fmt: skip
+    assert [s.step for s in by_number.steps] == [0]  # an explicit number wins
+    with pytest.raises(ValueError, match="guide_sigma must be in"):
+        CVGPipeline(tiny_pipe, guidance=GuidanceConfig(guide_sigma=1.5))(prompt, composition, **SMALL)

@@ -8,8 +8,8 @@ steps, CFG 5, the guidance settings of `GuidanceConfig` (or --guidance); the Com
 scores them (95% Wilson intervals) and the Fréchet distance of CompShapes clip features to fresh renders
 measures quality. Rows (choose with --rows):
   unguided      the generator alone
-  cvg-2         CVG: the classifier's gradient on the default window (`GuidanceConfig.guide_steps`)
-  cvg-1, cvg-4  the first 1 or 4 steps
+  cvg           CVG: the classifier's gradient on the settings' window (guide_steps or guide_sigma)
+  cvg-1, cvg-2, cvg-4  the first 1, 2 or 4 steps
   cvg-all       every step
   single        the classifier trained without dual inversion (readings under the true prompt only)
   training-free the objectives that need no training (presence, centroid relation, centroid motion)
@@ -43,31 +43,40 @@ from cvg.pipeline import CVGPipeline, load_wan_pipeline
 from cvg.sampler import GuidanceConfig
 from cvg.videoset import generate_set
 
-ROWS = ("unguided", "cvg-2", "cvg-1", "cvg-4", "cvg-all", "single", "training-free", "transfer")
-WINDOWS = {"unguided": 0, "cvg-1": 1, "cvg-4": 4}  # guided steps; cvg-all: every step; the rest: the default
+ROWS = ("unguided", "cvg", "cvg-1", "cvg-2", "cvg-4", "cvg-all", "single", "training-free", "transfer")
+WINDOWS = {"unguided": 0, "cvg-1": 1, "cvg-2": 2, "cvg-4": 4}  # guided steps; cvg-all: all; the rest: --guidance
 
 
-def _window(row: str, steps: int) -> int:
-    return steps if row == "cvg-all" else WINDOWS.get(row, GuidanceConfig.guide_steps)
+def _window(row: str, steps: int) -> int | None:
+    """The row's own number of guided steps, or None for the window of the guidance settings."""
+    return steps if row == "cvg-all" else WINDOWS.get(row)
 
 
-def row_name(row: str, steps: int) -> str:
-    window = _window(row, steps)
-    default = " (default)" if window == GuidanceConfig.guide_steps else ""
+def _describe_window(config: GuidanceConfig) -> str:
+    if config.guide_sigma is not None:
+        return f"steps at sigma >= {config.guide_sigma:g}"
+    return f"first {config.guide_steps} step{'s' * (config.guide_steps > 1)}"
+
+
+def row_name(row: str, steps: int, config: GuidanceConfig) -> str:
+    window = _describe_window(config)
     return {
         "unguided": "unguided",
-        "single": "CVG without dual inversion",
-        "training-free": f"training-free objectives, first {window} steps",
-        "transfer": f"label transfer: unseen wordings, first {window} steps",
-    }.get(row, "CVG, all steps" if row == "cvg-all" else f"CVG, first {window} step{'s' * (window > 1)}{default}")
+        "cvg": f"CVG, {window} (the settings' window)",
+        "cvg-all": "CVG, all steps",
+        "single": f"CVG without dual inversion, {window}",
+        "training-free": f"training-free objectives, {window}",
+        "transfer": f"label transfer: unseen wordings, {window}",
+    }.get(row) or f"CVG, {_describe_window(replace(config, guide_sigma=None, guide_steps=_window(row, steps)))}"
 
 
-def row_pipeline(row: str, base, args: argparse.Namespace) -> tuple[CVGPipeline, int, str]:
-    """The pipeline, guide_steps and output folder name of a row: the `--guidance` settings (by default
-    `GuidanceConfig`'s) but for the row's window. The folder names a digest of those settings and of the
-    classifier's weights, so changed defaults or a retrained classifier never reuse another row's clips."""
+def row_pipeline(row: str, base, args: argparse.Namespace) -> tuple[CVGPipeline, int | None, str]:
+    """The pipeline, guide_steps (None: the settings' window) and output folder name of a row: the
+    `--guidance` settings (by default `GuidanceConfig`'s) but for the row's window. The folder names a
+    digest of those settings and of the classifier's weights, so changed defaults or a retrained classifier
+    never reuse another row's clips."""
     guide_steps = _window(row, args.steps)
-    config = replace(args.guidance, guide_steps=guide_steps)
+    config = args.guidance if guide_steps is None else replace(args.guidance, guide_steps=guide_steps, guide_sigma=None)
     pipe = CVGPipeline(base, guidance=config)
     if row == "unguided":
         return pipe, guide_steps, row
@@ -159,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         sampled = generate_set(pipe, row_specs, work / folder, seed=args.noise_seed, guide_steps=guide_steps,
                                num_inference_steps=args.steps, guidance_scale=5.0, limit=args.clips)  # fmt: skip
         # A folder may hold more clips from a bigger run: judge only the first --clips.
-        results[row_name(row, args.steps)] = evaluate(work / folder, limit=args.clips)
+        results[row_name(row, args.steps, args.guidance)] = evaluate(work / folder, limit=args.clips)
         seconds[row] = sampled["seconds_per_clip"]
         print(f"{row}: done ({sampled['generated']} clips generated now)", flush=True)
     prompts = "held-out clips (prompts never trained on)" if args.split == "heldout" else "clips of training prompts"
@@ -167,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     options = f" --guidance {','.join(f'{k}={v}' for k, v in changed.items())}" if changed else ""
     options += " --split train" if args.split == "train" else ""
     options += f" --spec-seed {args.spec_seed} --noise-seed {args.noise_seed}"
-    unguided = row_name("unguided", args.steps)
+    unguided = row_name("unguided", args.steps, args.guidance)
     pairs = f"Paired with the unguided row:\n\n{paired(results, unguided)}\n\n" if "unguided" in rows else ""
     timing = ", ".join(f"{r} {s:.2f} s" for r, s in seconds.items() if s is not None)
     text = (
