@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "judge (default), or clips inverted to the guided steps' noise levels")
     train_cls.add_argument("--epochs", type=int, default=TrainingConfig.epochs,
                            help=f"epochs of the head (default {TrainingConfig.epochs})")  # fmt: skip
+    train_cls.add_argument("--hidden-dim", type=int, default=TrainingConfig.hidden_dim,
+                           help=f"width of the head's two MLPs (default {TrainingConfig.hidden_dim})")  # fmt: skip
+    train_cls.add_argument("--weight-decay", type=float, default=TrainingConfig.weight_decay,
+                           help=f"AdamW weight decay (default {TrainingConfig.weight_decay:g})")  # fmt: skip
     smoothing = TrainingConfig.label_smoothing
     train_cls.add_argument("--label-smoothing", type=float, default=smoothing,
                            help=f"label smoothing of the head's targets (default {smoothing:g})")  # fmt: skip
@@ -326,7 +330,8 @@ def train_classifier(args: argparse.Namespace) -> None:
     from cvg.dual_inversion import train_and_evaluate
 
     reading = ReadingConfig(source=args.readings, num_inference_steps=args.steps, guide_steps=args.guide_steps)
-    training = TrainingConfig(epochs=args.epochs, label_smoothing=args.label_smoothing, seed=args.seed)
+    training = TrainingConfig(epochs=args.epochs, label_smoothing=args.label_smoothing, seed=args.seed,
+                              hidden_dim=args.hidden_dim, weight_decay=args.weight_decay)  # fmt: skip
     summary = train_and_evaluate(args.model, args.out, args.clips, args.heldout, args.seed, reading, training,
                                  lambda line: print(line, file=sys.stderr), args.data, args.heldout_data)  # fmt: skip
     print(json.dumps({"classifier": args.out, "heldout": summary["heldout_results"]}))
