@@ -100,7 +100,7 @@ def test_a_pipeline_loads_a_classifier_trained_for_its_generator(tiny_pipe, tmp_
     from cvg.pipeline import CVGPipeline, generator_description
     from cvg.tiny import tiny_wan_pipeline
 
-    pipe = CVGPipeline(tiny_pipe, guidance=GuidanceConfig(pool=(1, 1, 1)))
+    pipe = CVGPipeline(tiny_pipe, guidance=GuidanceConfig(pool=(1, 1, 1), guide_steps=2, iterations=1))
     description = generator_description(tiny_pipe.transformer, None, (1, 1, 1))
     assert description["layers"] == [0, 1] and len(description["transformer"]) == 16
     torch.manual_seed(0)

@@ -83,9 +83,11 @@ def test_shipped_classifier_guides_the_shipped_generator():
     assert isinstance(engine.pipe.objective, ClassifierObjective)
     out = engine.generate("a red cube to the left of a blue ball", "red cube left of blue ball", seed=0)
     values = [float(v[0]) for v in out.objective_values]
-    assert len(values) == 2 and all(np.isfinite(values)) and all(v >= 0 for v in values)  # -log p(label)
+    steps = [s.step for s in out.steps]
+    assert steps[0] == 0 and set(steps) <= {0, 1, 2, 3} and len(values) <= 4 * 3  # 4 guided steps, <= 3 updates each
+    assert all(np.isfinite(values)) and all(v >= 0 for v in values)  # -log p(label)
     # Before any update the reading is one like those it trained on, where smoothed labels keep p(label) short
-    # of 1 (the unsmoothed head said 1.2e-10 here); after an update it can be anywhere (docs/classifier.md).
+    # of 1 (the unsmoothed head said 1.2e-10 here); updates stop at the head's confidence (bounded steps).
     assert values[0] > 1e-3, values
     for head in (SINGLE_READING, LABEL_TRANSFER):
         engine.pipe.load_classifier(CLASSIFIER / head)

@@ -40,7 +40,7 @@ struct EngineOptions {
   int width = 0;
   int frames = 0;
   int steps = 20;               // denoising steps
-  int guide_steps = 2;          // guided (gradient) steps at the start
+  int guide_steps = 4;          // guided (gradient) steps at the start (cvg.GuidanceConfig's default)
   float guidance_scale = 5.0f;  // classifier-free guidance
   std::string backend = "auto";  // step engine for the later steps: auto, onnxruntime, compiled, tensorrt, torch,
                                  // or "" for diffusers eager
