@@ -78,24 +78,33 @@ def encode_clip(pipe: WanPipeline, frames) -> torch.Tensor:
     return (pipe.vae.encode(to_pixels([frames])).latent_dist.mean - mean) / std
 
 
+def _entity_readings(pipe: WanPipeline, prompt: str, composition, config: ReadingConfig,
+                     latents: Callable[[Denoiser], list[torch.Tensor]]) -> torch.Tensor:  # fmt: skip
+    """Entity maps `[steps, layers, f, h, w, E]` under `prompt`, read at `latents(denoiser)`: one latent per
+    read step, each at that step's timestep (the denoiser is the prompt's, for latents that depend on it)."""
+    embeds = pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
+                                max_sequence_length=config.max_sequence_length)[0]  # fmt: skip
+    bound = composition.bind(pipe.tokenizer, [prompt_clean(prompt)], config.max_sequence_length)
+    denoiser = Denoiser(pipe.transformer, embeds, None, 1.0)
+    guidance = GuidanceConfig(pool=config.pool, layers=list(config.layers) if config.layers else None)
+    timesteps = guided_levels(pipe, config)[1]
+    maps = [denoiser.read_maps(x, torch.tensor(t), bound, guidance)
+            for x, t in zip(latents(denoiser), timesteps, strict=True)]  # fmt: skip
+    return torch.cat([bound.entity_maps(m) for m in maps])
+
+
 def read_clip(pipe: WanPipeline, clip: Clip, frames, config: ReadingConfig, dual: bool) -> list[torch.Tensor]:
     """Entity maps `[guide_steps, layers, f, h, w, E]` of one clip per reading (true prompt, then counterfactual)."""
     latent = encode_clip(pipe, frames)
-    sigmas, timesteps = guided_levels(pipe, config)
-    guidance = GuidanceConfig(pool=config.pool, layers=list(config.layers) if config.layers else None)
-    readings = [(clip.prompt, clip.composition)] + ([clip.counterfactuals[0]] if dual else [])
-    out = []
-    for prompt, composition in readings:
-        embeds = pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
-                                    max_sequence_length=config.max_sequence_length)[0]  # fmt: skip
-        bound = composition.bind(pipe.tokenizer, [prompt_clean(prompt)], config.max_sequence_length)
-        denoiser = Denoiser(pipe.transformer, embeds, None, 1.0)
+    sigmas = guided_levels(pipe, config)[0]
+
+    def inverted(denoiser: Denoiser) -> list[torch.Tensor]:  # under the reading's own prompt
         rising = sorted(sigmas)  # inversion climbs; the guided steps descend
         climbed = dict(zip(rising, invert(denoiser, latent, rising, config.substeps), strict=True))
-        noisy = [climbed[s] for s in sigmas]
-        maps = [denoiser.read_maps(x, torch.tensor(t), bound, guidance) for x, t in zip(noisy, timesteps, strict=True)]
-        out.append(torch.cat([bound.entity_maps(m) for m in maps]))
-    return out
+        return [climbed[s] for s in sigmas]
+
+    readings = [(clip.prompt, clip.composition)] + ([clip.counterfactuals[0]] if dual else [])
+    return [_entity_readings(pipe, prompt, composition, config, inverted) for prompt, composition in readings]
 
 
 @dataclass
@@ -218,17 +227,8 @@ def read_trajectory(
     frames = to_uint8(out.frames[0])
     cf_prompt, cf_composition = clip.counterfactuals[0]
     targets = torch.tensor([judge(frames, clip.composition).ok, judge(frames, cf_composition).ok])
-    _, timesteps = guided_levels(pipe, config)
-    guidance = GuidanceConfig(pool=config.pool, layers=list(config.layers) if config.layers else None)
-    readings = []
-    for prompt, composition in ((clip.prompt, clip.composition), (cf_prompt, cf_composition)):
-        embeds = pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
-                                    max_sequence_length=config.max_sequence_length)[0]  # fmt: skip
-        bound = composition.bind(pipe.tokenizer, [prompt_clean(prompt)], config.max_sequence_length)
-        denoiser = Denoiser(pipe.transformer, embeds, None, 1.0)
-        maps = [denoiser.read_maps(x, torch.tensor(t), bound, guidance)
-                for x, t in zip(visited, timesteps, strict=True)]  # fmt: skip
-        readings.append(torch.cat([bound.entity_maps(m) for m in maps]))
+    readings = [_entity_readings(pipe, prompt, composition, config, lambda _: visited)
+                for prompt, composition in ((clip.prompt, clip.composition), (cf_prompt, cf_composition))]  # fmt: skip
     return _two_slots(readings), targets
 
 
