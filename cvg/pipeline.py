@@ -148,6 +148,8 @@ class CVGPipeline:
         config = replace(self.guidance, **{k: v for k, v in overrides.items() if v is not None})
         if guide_steps is not None:  # asked for by number: not by noise level
             config = replace(config, guide_sigma=None)
+        else:  # the configured window, on a schedule shorter than it: every step
+            config = replace(config, guide_steps=min(config.guide_steps, num_inference_steps))
         config.check(num_inference_steps)
         device = pipe._execution_device
         pipe.scheduler.set_timesteps(num_inference_steps, device=device)

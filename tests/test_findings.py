@@ -26,7 +26,7 @@ def test_findings_rows_run_and_are_tabled(tiny_pipe, tmp_path):
     for directory in (classifier, classifier / SINGLE_READING, classifier / LABEL_TRANSFER):
         _save_classifier(directory, description)
     argv = ["--model", str(model), "--classifier", str(classifier), "--clips", "4", "--steps", "3",
-            "--guidance", "strength=0.2,iterations=2",
+            "--guidance", "strength=0.2,iterations=2,guide_steps=2",
             "--rows", "unguided,cvg,cvg-1,cvg-all,single,training-free,transfer",
             "--work", str(work), "--write", str(tmp_path / "findings.md")]  # fmt: skip
     findings.main(argv)
