@@ -69,7 +69,9 @@ int main(int argc, char** argv) {
   };
   std::vector<cvg::Video> sequential;
   for (const auto& r : requests) sequential.push_back(engine.generate(r.prompt, r.composition, r.seed));
-  check(sequential[0].objective_values.size() == 2 && sequential[3].objective_values.empty(),
+  // At least one update per guided step (up to GuidanceConfig.iterations each), none without a composition.
+  check(sequential[0].objective_values.size() >= static_cast<size_t>(options.guide_steps) &&
+            sequential[3].objective_values.empty(),
         "objective values per guided step, none without a composition");
   check(sequential[0].pixels != sequential[1].pixels, "different requests give different videos");
 
