@@ -167,8 +167,9 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
                         help="guide with a classifier from cvg train-classifier instead")  # fmt: skip
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     default = GuidanceConfig()
-    parser.add_argument("--guide-steps", type=int, default=default.guide_steps,
-                        help=f"guided steps at the start (default {default.guide_steps})")  # fmt: skip
+    parser.add_argument("--guide-steps", type=int, default=None,
+                        help=f"guided steps at the start (default {default.guide_steps}, or every step of a "
+                             f"shorter schedule)")  # fmt: skip
     parser.add_argument("--strength", type=float, default=default.strength,
                         help=f"RMS of each latent update, the largest with --normalize polyak (default "
                              f"{default.strength:g})")  # fmt: skip
@@ -193,7 +194,7 @@ def _load(args: argparse.Namespace):
     from cvg.pipeline import CVGPipeline
 
     pool = args.pool * 3 if len(args.pool) == 1 else args.pool
-    guidance = replace(GuidanceConfig(), guide_steps=args.guide_steps, strength=args.strength,
+    guidance = replace(GuidanceConfig(), strength=args.strength,
                        iterations=args.iterations, normalize=args.normalize, target_loss=args.target_loss,
                        layers=args.layers, pool=tuple(pool))  # fmt: skip
     objective = None if args.objective == "auto" else objective_for(args.objective)
@@ -203,6 +204,8 @@ def _load(args: argparse.Namespace):
         pipe.load_classifier(args.classifier)
     call = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale,
             "max_sequence_length": args.max_sequence_length}  # fmt: skip
+    if args.guide_steps is not None:  # asked for: checked against the steps, never shortened
+        call["guide_steps"] = args.guide_steps
     return pipe, call
 
 

@@ -89,7 +89,7 @@ def test_guidance_lowers_the_objective(tiny_pipe, name):
 @pytest.mark.parametrize("guidance_scale", [1.0, 5.0])
 def test_guided_batch_records_every_item(tiny_pipe, guidance_scale):
     prompts = ["a red cube to the left of a blue ball", "a red cube sits left of a blue ball"]
-    cvg = CVGPipeline(tiny_pipe, guidance=GuidanceConfig(iterations=2, pool=(1, 1, 1)))
+    cvg = CVGPipeline(tiny_pipe, guidance=GuidanceConfig(guide_steps=2, iterations=2, pool=(1, 1, 1)))
     out = cvg(prompts, "red cube left of blue ball", guidance_scale=guidance_scale, generator=_seeded(0),
               num_videos_per_prompt=2, output_type="np", **SMALL)  # fmt: skip
     assert out.frames.shape == (4, 9, 64, 64, 3)
@@ -217,7 +217,7 @@ def test_the_window_by_noise_level_guides_every_step_above_it(tiny_pipe):
     tiny_pipe.scheduler.set_timesteps(SMALL["num_inference_steps"])
     sigmas = tiny_pipe.scheduler.sigmas[:-1]
     threshold = float(sigmas[2])  # steps 0, 1 and 2 lie at or above it
-    config = GuidanceConfig(guide_sigma=threshold, pool=(1, 1, 1))
+    config = GuidanceConfig(guide_sigma=threshold, iterations=1, pool=(1, 1, 1))
     out = CVGPipeline(tiny_pipe, guidance=config)(prompt, composition, generator=_seeded(0), output_type="latent",
                                                   **SMALL)  # fmt: skip
     assert [s.step for s in out.steps] == [0, 1, 2]

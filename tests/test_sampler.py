@@ -122,7 +122,7 @@ def test_polyak_step_reaches_the_target_and_no_further():
 def test_rms_step_stops_at_the_target_loss():
     score = _LinearScore(torch.ones(2, 4, 2, 2, 2, dtype=torch.float64), torch.tensor([3.0, -1.0]))
     latents = torch.zeros(2, 4, 2, 2, 2, dtype=torch.float64)
-    config = GuidanceConfig(strength=0.1, target_loss=0.0)
+    config = GuidanceConfig(strength=0.1, target_loss=0.0, normalize="rms")
     moved = latent_update(score, latents, torch.tensor(999.0), None, None, config)[0]
     torch.testing.assert_close(moved[0], torch.full_like(moved[0], -0.1), rtol=0, atol=1e-15)
     assert torch.equal(moved[1], latents[1])
