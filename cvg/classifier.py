@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cvg.composition import BoundComposition, Composition
-from cvg.files import atomic_path, write_text_atomic
+from cvg.files import atomic_path, read_json_object, write_text_atomic
 from cvg.minilm import PACKAGE
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -119,14 +119,23 @@ class CompositionClassifier(nn.Module):
         directory = Path(directory)
         if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(f"no classifier in {directory}: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
-        config = ClassifierConfig(**json.loads((directory / CONFIG_NAME).read_text()))
+        fields = read_json_object(directory / CONFIG_NAME)
+        if unknown := set(fields) - set(ClassifierConfig.__dataclass_fields__):
+            raise ValueError(f"{directory / CONFIG_NAME}: unknown fields {', '.join(sorted(unknown))}")
+        try:
+            config = ClassifierConfig(**fields)
+        except TypeError as e:  # a field missing
+            raise ValueError(f"{directory / CONFIG_NAME}: {e}") from None
         if generator is not None:
             differs = {k: (config.generator.get(k), v) for k, v in generator.items() if config.generator.get(k) != v}
             if differs:
                 detail = "; ".join(f"{k}: trained for {a}, given {b}" for k, (a, b) in differs.items())
                 raise ValueError(f"classifier in {directory} was trained for another generator ({detail})")
         model = cls(config)
-        model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        try:
+            model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        except Exception as e:  # torn or foreign weights (safetensors' own error type, shape mismatches)
+            raise ValueError(f"cannot load {directory / WEIGHTS_NAME}: {type(e).__name__}: {e}") from e
         return model.eval().requires_grad_(False)
 
 

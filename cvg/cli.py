@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -26,18 +27,53 @@ from cvg.engine import EngineError
 from cvg.sampler import NORMALIZATIONS, GuidanceConfig
 
 
-def _ints(text: str, count: int | None = None) -> list[int]:
+def _ints(text: str, count: int | None = None, low: int = 0) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if count is not None and len(values) not in (1, count):
-        raise argparse.ArgumentTypeError(f"expected 1 or {count} comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text[:80]!r}") from None
+    if not values or (count is not None and len(values) not in (1, count)):
+        expected = "1 or more" if count is None else f"1 or {count}"
+        raise argparse.ArgumentTypeError(f"expected {expected} comma-separated integers, got {text[:80]!r}")
+    if min(values) < low:
+        raise argparse.ArgumentTypeError(f"every value must be at least {low}, got {text[:80]!r}")
     return values
 
 
+def _number(kind: type, low: float | None = None, high: float | None = None):
+    """An argparse type: an int or a finite float within [low, high], else a one-line error naming the range."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") \
+                from None  # fmt: skip
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+
+    return parse
+
+
+POSITIVE, COUNT = _number(int, 1), _number(int, 0)
+SEED = _number(int, 0, 2**63 - 1)
+STEPS = _number(int, 1, 1000)  # the schedulers' training timesteps
+TEXT_TOKENS = _number(int, 1, 512)  # Wan's text length
+FINITE, NON_NEGATIVE = _number(float), _number(float, 0)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line, like every other cvg error (argparse would print the usage first)."""
+        self.exit(2, f"cvg: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cvg", description="Compositional guidance for text-to-video diffusion.")
+    parser = _Parser(prog="cvg", description="Compositional guidance for text-to-video diffusion.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = commands.add_parser("generate", help="generate a video with compositional guidance",
@@ -50,16 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="output: .mp4, .gif, or a folder for PNG frames")
     gen.add_argument("--save-maps", metavar="PNG", help="also draw the pooled maps of each composition entity")
     gen.add_argument("--negative-prompt", default=None, help="negative prompt for classifier-free guidance")
-    gen.add_argument("--height", type=int, help="video height in pixels (default: the size a cvg-trained model was "
-                     "trained at, else 480)")  # fmt: skip
-    gen.add_argument("--width", type=int, help="video width in pixels (default: as --height, else 832)")
-    gen.add_argument("--frames", type=int, help="video frames, 4k+1 (default: as --height, else 81)")
-    gen.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
-    gen.add_argument("--fps", type=int, default=16, help="frames per second of .mp4/.gif output (default 16)")
+    gen.add_argument("--height", type=POSITIVE, help="video height in pixels (default: the size a cvg-trained "
+                     "model was trained at, else 480)")  # fmt: skip
+    gen.add_argument("--width", type=POSITIVE, help="video width in pixels (default: as --height, else 832)")
+    gen.add_argument("--frames", type=POSITIVE, help="video frames, 4k+1 (default: as --height, else 81)")
+    gen.add_argument("--seed", type=SEED, default=0, help="seed of the initial noise (default 0)")
+    gen.add_argument("--fps", type=_number(int, 1, 240), default=16,
+                     help="frames per second of .mp4/.gif output (default 16)")  # fmt: skip
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("--judge", action="store_true",
                      help="judge the video against the composition with the CompShapes judge")  # fmt: skip
-    gen.add_argument("--compare-seeds", type=int, default=0, metavar="N",
+    gen.add_argument("--compare-seeds", type=_number(int, 0, 1000), default=0, metavar="N",
                      help="also generate seeds SEED..SEED+N-1 unguided and guided, judge each (with --judge) "
                           "and print the two counts")  # fmt: skip
     gen.add_argument("--contact-sheet", metavar="PNG",
@@ -73,34 +110,35 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(sample)
     sample.add_argument("--specs", required=True, help="dataset directory or index JSONL with prompts and compositions")
     sample.add_argument("--out", required=True, help="output directory (index.jsonl + clips/)")
-    sample.add_argument("--limit", type=int, help="only the first LIMIT records")
-    sample.add_argument("--seed", type=int, default=0, help="base seed; record i uses SEED + i (default 0)")
+    sample.add_argument("--limit", type=COUNT, help="only the first LIMIT records")
+    sample.add_argument("--seed", type=SEED, default=0, help="base seed; record i uses SEED + i (default 0)")
 
     export = commands.add_parser("export", help="build a step engine's cached artefacts ahead of serving",
                                  description="Export/compile the transformer for one video shape so that "
                                              "serving starts warm (see cvg.engine).")  # fmt: skip
     export.add_argument("--model", required=True, help="local diffusers WanPipeline directory")
-    export.add_argument("--shape", required=True, type=lambda t: _ints(t.replace("x", ","), 3),
+    export.add_argument("--shape", required=True, type=lambda t: _ints(t.replace("x", ","), 3, low=1),
                         help="HEIGHTxWIDTHxFRAMES of the video, e.g. 64x64x17")  # fmt: skip
     export.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt", "compiled"), default="auto",
                         help="engine backend (default auto)")  # fmt: skip
-    export.add_argument("--batch", type=int, default=1, help="videos per call (default 1)")
-    export.add_argument("--max-sequence-length", type=int, default=512, help="text tokens (default 512)")
+    export.add_argument("--batch", type=_number(int, 1, 64), default=1, help="videos per call (default 1)")
+    export.add_argument("--max-sequence-length", type=TEXT_TOKENS, default=512, help="text tokens (default 512)")
     export.add_argument("--cache", help="cache directory (default $CVG_CACHE/engines or ~/.cache/cvg/engines)")
 
     train_gen = commands.add_parser("train-generator", help="train the CompShapes Wan generator here (resumable)")
     train_gen.add_argument("--out", required=True, help="directory for the WanPipeline (checkpoints in OUT/.work)")
-    train_gen.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and noise (default 0)")
-    train_gen.add_argument("--vae-steps", type=int, help="VAE training steps (default: the shipped recipe's)")
-    train_gen.add_argument("--steps", type=int, help="transformer training steps (default: the shipped recipe's)")
-    train_gen.add_argument("--clips", type=int, help="clips encoded for the transformer (default: the recipe's)")
+    train_gen.add_argument("--seed", type=SEED, default=0, help="seed of data, initialisation and noise (default 0)")
+    train_gen.add_argument("--vae-steps", type=COUNT, help="VAE training steps (default: the shipped recipe's)")
+    train_gen.add_argument("--steps", type=COUNT, help="transformer training steps (default: the shipped recipe's)")
+    train_gen.add_argument("--clips", type=POSITIVE, help="clips encoded for the transformer (default: the recipe's)")
 
     data = commands.add_parser("compshapes-dataset", help="render a CompShapes dataset (resumable)")
     data.add_argument("--out", required=True, help="dataset directory (index.jsonl + clips/)")
-    data.add_argument("--count", type=int, required=True, help="number of clips; categories take turns")
-    data.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
-    data.add_argument("--frames", type=int, default=17, help="frames per clip (default 17)")
-    data.add_argument("--size", type=int, default=64, help="clip height and width in pixels (default 64)")
+    data.add_argument("--count", type=COUNT, required=True, help="number of clips; categories take turns")
+    data.add_argument("--seed", type=SEED, default=0, help="dataset seed (default 0)")
+    data.add_argument("--frames", type=POSITIVE, default=17, help="frames per clip (default 17)")
+    data.add_argument("--size", type=_number(int, 8, 4096), default=64,
+                      help="clip height and width in pixels (default 64)")  # fmt: skip
     data.add_argument(
         "--categories",
         type=lambda t: tuple(t.split(",")),
@@ -119,9 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     encoder = commands.add_parser("train-encoder", help="train the CompShapes clip encoder for the Fréchet score")
     encoder.add_argument("--out", required=True, help="directory for model.safetensors + config.json")
-    encoder.add_argument("--clips", type=int, default=1600, help="training renders (default 1600)")
-    encoder.add_argument("--epochs", type=int, default=6, help="epochs (default 6)")
-    encoder.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    encoder.add_argument("--clips", type=POSITIVE, default=1600, help="training renders (default 1600)")
+    encoder.add_argument("--epochs", type=POSITIVE, default=6, help="epochs (default 6)")
+    encoder.add_argument("--seed", type=SEED, default=0, help="seed (default 0)")
 
     train_cls = commands.add_parser(
         "train-classifier", help="train the compositional classifier by dual inversion (resumable)",
@@ -130,31 +168,31 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     train_cls.add_argument("--model", required=True, help="the generator (a local WanPipeline directory)")
     train_cls.add_argument("--out", required=True, help="directory for the classifier (readings cached in OUT/.work)")
-    train_cls.add_argument("--clips", type=int, default=2000, help="training clips (default 2000)")
-    train_cls.add_argument("--heldout", type=int, default=200, help="held-out clips measured (default 200)")
+    train_cls.add_argument("--clips", type=POSITIVE, default=2000, help="training clips (default 2000)")
+    train_cls.add_argument("--heldout", type=COUNT, default=200, help="held-out clips measured (default 200)")
     train_cls.add_argument("--data", metavar="DIR", help="train on this dataset folder (index.jsonl + clips/, "
                            "e.g. from cvg compshapes-dataset) instead of fresh CompShapes renders")  # fmt: skip
     train_cls.add_argument("--heldout-data", metavar="DIR", help="measure on this dataset folder instead")
-    train_cls.add_argument("--seed", type=int, default=0, help="seed of clips and initialisation (default 0)")
-    train_cls.add_argument("--steps", type=int, default=20, help="sampling steps whose guided steps are read")
-    train_cls.add_argument("--guide-steps", type=int, default=ReadingConfig.guide_steps,
+    train_cls.add_argument("--seed", type=SEED, default=0, help="seed of clips and initialisation (default 0)")
+    train_cls.add_argument("--steps", type=STEPS, default=20, help="sampling steps whose guided steps are read")
+    train_cls.add_argument("--guide-steps", type=POSITIVE, default=ReadingConfig.guide_steps,
                            help=f"first steps read, where guidance may act (default {ReadingConfig.guide_steps})")
     train_cls.add_argument("--readings", choices=("trajectory", "inversion"), default=ReadingConfig.source,
                            help="read the generator's own samples along its sampling trajectory, labelled by the "
                                 "judge (default), or clips inverted to the guided steps' noise levels")
-    train_cls.add_argument("--epochs", type=int, default=TrainingConfig.epochs,
+    train_cls.add_argument("--epochs", type=POSITIVE, default=TrainingConfig.epochs,
                            help=f"epochs of the head (default {TrainingConfig.epochs})")  # fmt: skip
-    train_cls.add_argument("--hidden-dim", type=int, default=TrainingConfig.hidden_dim,
+    train_cls.add_argument("--hidden-dim", type=POSITIVE, default=TrainingConfig.hidden_dim,
                            help=f"width of the head's two MLPs (default {TrainingConfig.hidden_dim})")  # fmt: skip
-    train_cls.add_argument("--weight-decay", type=float, default=TrainingConfig.weight_decay,
+    train_cls.add_argument("--weight-decay", type=NON_NEGATIVE, default=TrainingConfig.weight_decay,
                            help=f"AdamW weight decay (default {TrainingConfig.weight_decay:g})")  # fmt: skip
     smoothing = TrainingConfig.label_smoothing
-    train_cls.add_argument("--label-smoothing", type=float, default=smoothing,
+    train_cls.add_argument("--label-smoothing", type=_number(float, 0, 0.99), default=smoothing,
                            help=f"label smoothing of the head's targets (default {smoothing:g})")  # fmt: skip
 
     tiny = commands.add_parser("make-tiny-model", help="save a random tiny Wan pipeline (real text encoder)")
     tiny.add_argument("directory", help="where to save the pipeline")
-    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    tiny.add_argument("--seed", type=SEED, default=0, help="seed of the random weights (default 0)")
     return parser
 
 
@@ -165,27 +203,27 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
                         help="guidance objective; auto picks the one for the composition's kind")  # fmt: skip
     parser.add_argument("--classifier", metavar="DIR",
                         help="guide with a classifier from cvg train-classifier instead")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    parser.add_argument("--steps", type=STEPS, default=50, help="denoising steps (default 50)")
     default = GuidanceConfig()
-    parser.add_argument("--guide-steps", type=int, default=None,
+    parser.add_argument("--guide-steps", type=COUNT, default=None,
                         help=f"guided steps at the start (default {default.guide_steps}, or every step of a "
                              f"shorter schedule)")  # fmt: skip
-    parser.add_argument("--strength", type=float, default=default.strength,
+    parser.add_argument("--strength", type=NON_NEGATIVE, default=default.strength,
                         help=f"RMS of each latent update, the largest with --normalize polyak (default "
                              f"{default.strength:g})")  # fmt: skip
-    parser.add_argument("--iterations", type=int, default=default.iterations,
+    parser.add_argument("--iterations", type=_number(int, 1, 100), default=default.iterations,
                         help=f"at most this many guidance updates per guided step (default {default.iterations})")
     parser.add_argument("--normalize", choices=NORMALIZATIONS, default=default.normalize,
                         help=f"step rule: rms / max gradient normalisation, none, or polyak (the first-order step "
                              f"to the target loss) (default {default.normalize})")  # fmt: skip
-    parser.add_argument("--target-loss", type=float, default=default.target_loss,
+    parser.add_argument("--target-loss", type=NON_NEGATIVE, default=default.target_loss,
                         help="leave an item alone once its objective is this low (default: the classifier's "
                              "-log confidence; none for the training-free objectives)")  # fmt: skip
     parser.add_argument("--layers", type=_ints, help="blocks whose maps are read, e.g. 0,1,2 (default all)")
-    parser.add_argument("--pool", type=lambda t: _ints(t, 3), default=[1, 2, 2],
+    parser.add_argument("--pool", type=lambda t: _ints(t, 3, low=1), default=[1, 2, 2],
                         help="pooling of the frames,height,width token grid (default 1,2,2)")  # fmt: skip
-    parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
-    parser.add_argument("--max-sequence-length", type=int, default=512, help="text tokens (Wan pads to this)")
+    parser.add_argument("--guidance-scale", type=FINITE, default=5.0, help="classifier-free guidance scale (default 5)")
+    parser.add_argument("--max-sequence-length", type=TEXT_TOKENS, default=512, help="text tokens (Wan pads to this)")
 
 
 def _load(args: argparse.Namespace):
@@ -218,8 +256,13 @@ def _video_size(args: argparse.Namespace) -> dict[str, int]:
 def generate(args: argparse.Namespace) -> None:
     import torch
 
-    from cvg.video import maps_picture, save_frames, save_image
+    from cvg.files import check_writable
+    from cvg.video import check_output, maps_picture, save_frames, save_image
 
+    check_output(args.out)  # before any work: a refused output costs no generation
+    for flag, picture in (("--save-maps", args.save_maps), ("--contact-sheet", args.contact_sheet)):
+        if picture is not None:
+            check_writable(picture, flag)
     pipe, call = _load(args)
     pipe.pipe.set_progress_bar_config(disable=args.quiet)
     out = pipe(
@@ -404,8 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, CompositionError, EngineError) as e:
-        print(f"cvg: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, FloatingPointError, CompositionError, EngineError) as e:
+        print(f"cvg: error: {' '.join(str(e).split())[:500]}", file=sys.stderr)  # one line, whatever raised it
         return 2
     return 0
 

@@ -54,6 +54,12 @@ class Composition:
     label: str = ""  # free-text label, e.g. for the learned classifier
 
     def __post_init__(self) -> None:
+        for name in ("kind", "subject", "relation", "object", "direction", "label"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise CompositionError(f"composition {name} must be a string, got {type(value).__name__}")
+        if self.count is not None and (isinstance(self.count, bool) or not isinstance(self.count, int)):
+            raise CompositionError(f"composition count must be an integer, got {type(self.count).__name__}")
         if self.kind not in KINDS:
             raise CompositionError(f"composition kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if not self.subject or not self.subject.strip():
@@ -63,6 +69,9 @@ class Composition:
                 raise CompositionError(f"spatial relation must be one of {sorted(RELATIONS)}, got {self.relation!r}")
             if not self.object:
                 raise CompositionError("a spatial composition needs an object")
+        if self.object and " ".join(self.object.lower().split()) == " ".join(self.subject.lower().split()):
+            raise CompositionError(f"the composition names {self.subject!r} twice; its entities must differ "
+                                   "(the maps of one entity give no gradient against themselves)")  # fmt: skip
         if self.count is not None and (self.kind != "presence" or self.object or self.count < 1):
             raise CompositionError("a count needs a presence composition with a single subject and count >= 1")
         if self.kind == "motion" and self.direction not in DIRECTIONS:
@@ -113,10 +122,10 @@ class Composition:
         if motion:
             return cls("motion", motion["subject"], direction=motion["dir"])
         parts = [p.strip() for p in re.split(r"\s+and\s+|,", lowered) if p.strip()]
-        if len(parts) > 2:
+        if not 1 <= len(parts) <= 2:
             raise CompositionError(f"a presence composition names one or two entities, got {len(parts)}")
         first, _, rest = parts[0].partition(" ")
-        if len(parts) == 1 and rest and (first in NUMBERS or first.isdigit()):
+        if len(parts) == 1 and rest and (first in NUMBERS or (first.isascii() and first.isdigit())):
             return cls("presence", rest, count=NUMBERS.get(first) or int(first))
         return cls("presence", parts[0], object=parts[1] if len(parts) == 2 else None)
 
@@ -153,6 +162,10 @@ class Composition:
     def bind(self, tokenizer, prompts: list[str], max_length: int) -> BoundComposition:
         """Tie the composition to a batch of prompts: one shared token list and per-prompt columns."""
         per_prompt = [self.entity_tokens(tokenizer, p, max_length) for p in prompts]
+        for prompt, entities in zip(prompts, per_prompt, strict=True):
+            if len(entities) == 2 and set(entities[0]) & set(entities[1]):  # their maps could not part
+                raise CompositionError(f"{self.subject!r} and {self.object!r} share prompt tokens in {prompt!r} (each "
+                                       "entity binds to its first mention); name each by words of its own")  # fmt: skip
         tokens = sorted({i for entities in per_prompt for indices in entities for i in indices})
         column = {token: c for c, token in enumerate(tokens)}
         columns = tuple(tuple([column[i] for i in indices] for indices in entities) for entities in per_prompt)

@@ -8,7 +8,7 @@ out.frames, out.maps, out.objective_values
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -20,6 +20,7 @@ from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
 from cvg.composition import BoundComposition, Composition
 from cvg.engine import BACKENDS, StepEngine, StepShape, build_engine, model_key
+from cvg.files import read_json_object
 from cvg.guided_graph import GuidedStepGraph, graph_key
 from cvg.minilm import PACKAGE, load_minilm
 from cvg.objectives import Objective, objective_for
@@ -27,6 +28,8 @@ from cvg.processors import resolve_layers
 from cvg.sampler import Denoiser, GuidanceConfig, GuidedStep, denoise
 from cvg.vae_cpu import cpu_decoding
 
+MAX_STEPS = 1000  # the schedulers' training timesteps: a longer schedule repeats timesteps
+MAX_TEXT_TOKENS = 512  # Wan's text length (UMT5's positions)
 MAX_GRAPHS = 8  # guided-step graphs kept per pipeline (shape x composition); each holds its own buffers
 MANIFEST = "generator.json"  # beside a saved WanPipeline: which packaged text encoder it was trained with
 
@@ -101,10 +104,14 @@ class CVGPipeline:
         index = path / "model_index.json"
         if not index.is_file():
             raise ValueError(f"{str(path)!r} is not a diffusers pipeline directory (no model_index.json)")
-        class_name = json.loads(index.read_text()).get("_class_name")
+        class_name = read_json_object(index).get("_class_name")
         if class_name != "WanPipeline":
             raise ValueError(f"{str(path)!r} holds a {class_name}, not a WanPipeline")
-        return cls(load_wan_pipeline(path, **kwargs), objective)
+        try:
+            pipe = load_wan_pipeline(path, **kwargs)
+        except Exception as e:  # a torn weight file, a config that misses fields, ...: say which, in one line
+            raise ValueError(f"cannot load the Wan pipeline in {str(path)!r}: {type(e).__name__}: {e}") from e
+        return cls(pipe, objective)
 
     def load_classifier(self, directory: str | Path) -> None:
         """Guide with a trained compositional classifier (`cvg train-classifier`) from now on; it must have
@@ -155,9 +162,12 @@ class CVGPipeline:
         pipe.scheduler.set_timesteps(num_inference_steps, device=device)
         if config.guide_sigma is not None:  # the window by noise level: every step at or above it
             config = replace(config, guide_steps=int((pipe.scheduler.sigmas[:-1] >= config.guide_sigma).sum()))
-        pipe.check_inputs(prompt, negative_prompt, height, width)
+        guided = composition is not None and config.guide_steps > 0
+        self.check_inputs(prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
+                          num_videos_per_prompt, max_sequence_length, latents,
+                          config.pool if guided else None)  # fmt: skip
         objective, bound = None, None
-        if composition is not None and config.guide_steps > 0:
+        if guided:
             bound = self.bind(prompt, composition, max_sequence_length)
             kind = bound.composition.kind
             objective = self.objective or self._objectives.setdefault(kind, objective_for(kind))
@@ -188,6 +198,9 @@ class CVGPipeline:
 
         def step_done(i, t, x):
             marks.append(time.perf_counter())
+            if not torch.isfinite(x).all():  # one sync a step: a NaN never reaches the video unnoticed
+                raise FloatingPointError(f"the latents became non-finite at denoising step {i} (timestep "
+                                         f"{float(t):g}); nothing was decoded")  # fmt: skip
             if on_step is not None:
                 on_step(i, t, x)
 
@@ -205,6 +218,41 @@ class CVGPipeline:
         }
         return CVGOutput(frames, [s.maps for s in history], [s.loss for s in history], history, bound, timings)
 
+    def check_inputs(self, prompt, negative_prompt, height: int, width: int, num_frames: int, num_inference_steps: int,
+                     guidance_scale: float, num_videos_per_prompt: int, max_sequence_length: int,
+                     latents: torch.Tensor | None, pool: tuple[int, int, int] | None = None) -> None:  # fmt: skip
+        """WanPipeline's checks, and what it lets through silently: sizes of zero or of the wrong multiple,
+        frame counts the VAE rounds down, absurd step counts, non-finite scales, non-finite latents, and
+        (guided) pooling tiles wider than the token grid, whose maps could not say where anything is."""
+        pipe = self.pipe
+        pipe.check_inputs(prompt, negative_prompt, height, width)
+        spatial = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value < spatial or value % spatial:
+                raise ValueError(f"{name} must be a positive multiple of {spatial}, got {value}")
+        temporal = pipe.vae_scale_factor_temporal
+        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % temporal:
+            raise ValueError(f"num_frames must be {temporal}k+1 (1, {temporal + 1}, {2 * temporal + 1}, ...), "
+                             f"got {num_frames}")  # fmt: skip
+        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= MAX_STEPS:
+            raise ValueError(f"num_inference_steps must be between 1 and {MAX_STEPS}, got {num_inference_steps}")
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
+            raise ValueError(f"num_videos_per_prompt must be at least 1, got {num_videos_per_prompt}")
+        limit = pipe.tokenizer.model_max_length if pipe.tokenizer is not None else MAX_TEXT_TOKENS
+        if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= min(limit, MAX_TEXT_TOKENS):
+            raise ValueError(f"max_sequence_length must be between 1 and {min(limit, MAX_TEXT_TOKENS)}, "
+                             f"got {max_sequence_length}")  # fmt: skip
+        if latents is not None and not torch.isfinite(latents).all():
+            raise ValueError("latents contain non-finite values")
+        if pool is not None:
+            grid = (((num_frames - 1) // temporal + 1) // pipe.transformer.config.patch_size[0], height // spatial,
+                    width // spatial)  # fmt: skip
+            for axis, size, factor in zip(("frames", "height", "width"), grid, pool, strict=True):
+                if factor > size:
+                    raise ValueError(f"pool {tuple(pool)} is wider than the token grid {grid} along {axis}")
+
     def _progress(self, iterable, total: int):
         with self.pipe.progress_bar(total=total) as bar:
             for item in iterable:
@@ -217,7 +265,7 @@ def load_wan_pipeline(path: str | Path, **kwargs) -> WanPipeline:
     directory's `generator.json` names it in place of a saved text encoder (cvg's trained generators)."""
     path = Path(path)
     manifest = path / MANIFEST
-    if manifest.is_file() and json.loads(manifest.read_text()).get("text_encoder") == PACKAGE:
+    if manifest.is_file() and read_json_object(manifest).get("text_encoder") == PACKAGE:
         if "text_encoder" not in kwargs:
             kwargs["tokenizer"], kwargs["text_encoder"] = load_minilm()
     return WanPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
@@ -245,11 +293,11 @@ def video_size(path: str | Path, height: int | None = None, width: int | None = 
                num_frames: int | None = None) -> dict[str, int]:  # fmt: skip
     """The size asked for, else the size a cvg-trained model's manifest records, else Wan's 480x832x81."""
     manifest = Path(path) / MANIFEST
-    recipe = json.loads(manifest.read_text()).get("recipe", {}) if manifest.is_file() else {}
+    recipe = read_json_object(manifest).get("recipe", {}) if manifest.is_file() else {}
     return {
-        "height": height or recipe.get("size", 480),
-        "width": width or recipe.get("size", 832),
-        "num_frames": num_frames or recipe.get("frames", 81),
+        "height": recipe.get("size", 480) if height is None else height,
+        "width": recipe.get("size", 832) if width is None else width,
+        "num_frames": recipe.get("frames", 81) if num_frames is None else num_frames,
     }
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-import shutil
+import re
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cvg.files import atomic_path
+from cvg.files import atomic_path, check_writable
 from cvg.native import native
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
@@ -35,9 +35,36 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return (np.clip(frames, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
 
 
+FRAME_FILE = re.compile(r"frame_\d{4}\.png")
+
+
+def check_output(path: str | os.PathLike) -> Path:
+    """Refuse, before any work, an output `save_frames` would not write safely: a video suffix other than
+    .mp4/.gif, or a frames folder that holds anything but the frames of an earlier write."""
+    path = check_writable(path)
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_SUFFIXES:
+        if path.is_dir():
+            raise ValueError(f"output {path} is a directory, not a {suffix} file")
+        return path
+    if path.is_file():
+        raise ValueError(f"output {path} is a file; give .mp4, .gif, or a folder for PNG frames")
+    if suffix and not path.exists():
+        raise ValueError(f"output {path}: unknown video format {suffix!r} (use .mp4, .gif, or a folder name)")
+    if path.is_dir() and (others := [p.name for p in path.iterdir() if not FRAME_FILE.fullmatch(p.name)]):
+        raise ValueError(f"output folder {path} is not empty ({others[0]!r} and {len(others) - 1} more are not "
+                         f"frames of an earlier run); give a new or empty folder")  # fmt: skip
+    return path
+
+
 def save_frames(frames: np.ndarray, path: str | os.PathLike, fps: int = 16) -> Path:
-    """Write `[F, H, W, 3]` frames to `.mp4`, `.gif`, or (any other path) a folder of PNG frames."""
-    path = Path(path)
+    """Write `[F, H, W, 3]` frames to `.mp4`, `.gif`, or (a path without suffix) a folder of PNG frames.
+
+    A frames folder may be new, empty, or hold only the frames of an earlier write (replaced as a whole);
+    any other content is refused (`check_output`), so no file of the user's is ever removed."""
+    path = check_output(path)
+    if fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
     frames = to_uint8(frames)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() in VIDEO_SUFFIXES:
@@ -51,11 +78,24 @@ def save_frames(frames: np.ndarray, path: str | os.PathLike, fps: int = 16) -> P
                 images[0].save(tmp, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
         return path
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    for i, frame in enumerate(frames):
-        Image.fromarray(frame).save(tmp_dir / f"frame_{i:04d}.png")
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp_dir, path)
+    try:
+        for i, frame in enumerate(frames):
+            Image.fromarray(frame).save(tmp_dir / f"frame_{i:04d}.png")
+        if path.exists():  # only earlier frames (checked above): set them aside, then drop them
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp_dir, path)
+            for frame in (old / path.name).iterdir():
+                frame.unlink()
+            (old / path.name).rmdir()
+            old.rmdir()
+        else:
+            os.replace(tmp_dir, path)
+    finally:
+        if tmp_dir.exists():
+            for frame in tmp_dir.iterdir():
+                frame.unlink()
+            tmp_dir.rmdir()
     return path
 
 

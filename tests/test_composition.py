@@ -1,7 +1,11 @@
 """Composition specs: parsing, validation, and mapping words to prompt tokens."""
 
+import json
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cvg.composition import Composition, CompositionError
 
@@ -48,6 +52,8 @@ def test_axis_and_sign():
         ("ball moves sideways", "direction must be one of"),
         ('{"kind": "motion", "subject": "x", "direction": "up", "speed": 3}', "unknown fields: speed"),
         ("a, b, c", "one or two entities"),
+        ("red cube left of red cube", "names 'red cube' twice"),
+        ("Red  Cube and red cube", "twice"),
     ],
 )
 def test_bad_compositions_get_one_line_errors(text, message):
@@ -86,3 +92,41 @@ def test_word_past_the_token_limit(tiny_pipe):
     prompt = "a " * 40 + "red cube left of blue ball"
     with pytest.raises(CompositionError, match="past the first 16"):
         Composition.parse("red cube left of blue ball").bind(tiny_pipe.tokenizer, [prompt], 16)
+
+
+def test_the_same_words_for_two_entities_are_refused(tiny_pipe):
+    """"cube" and "red cube" both find the first "red cube" of this prompt: no gradient could part them."""
+    composition = Composition.parse("red cube left of cube")
+    with pytest.raises(CompositionError, match="share prompt tokens"):
+        composition.bind(tiny_pipe.tokenizer, ["a red cube left of a cube"], 64)
+
+
+SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+JSON_VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8),
+                           inner, max_size=3), max_leaves=6)  # fmt: skip
+WORDS = st.sampled_from(["red", "cube", "left", "of", "and", "moves", "two", "²", "0", "{", "}", ",", "above", " "])
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(st.one_of(st.text(max_size=60), st.lists(WORDS, max_size=8).map(" ".join)))
+def test_any_text_parses_or_gets_a_composition_error(text):
+    try:
+        composition = Composition.parse(text)
+    except CompositionError as e:
+        assert "\n" not in str(e)
+        return
+    assert Composition.from_dict(composition.to_dict()) == composition
+    assert Composition.parse(json.dumps(composition.to_dict())) == composition
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.dictionaries(st.sampled_from(["kind", "subject", "relation", "object", "direction", "count", "label"]),
+                       JSON_VALUES | st.sampled_from(["spatial", "motion", "presence", "left of", "up", "x"]),
+                       max_size=7))  # fmt: skip
+def test_any_json_object_is_a_composition_or_a_composition_error(data):
+    try:
+        composition = Composition.parse(json.dumps(data))
+    except CompositionError as e:
+        assert "\n" not in str(e)
+        return
+    assert Composition.from_dict(composition.to_dict()) == composition
