@@ -2,13 +2,16 @@
 
 The output is what `cvg eval` reads (index.jsonl + clips/*.npz), so generated sets are judged like renders.
 Each record's clip uses seed `seed + record id`, so rows of an experiment share their initial noise.
-Resumable: clips already in the output index are not generated again.
+Resumable: clips already in the output index are not generated again; a resume with other settings
+(seed, spec set, call arguments, guidance) is refused (`ClipWriter`).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,7 +38,10 @@ def generate_set(
         raise FileNotFoundError(f"no records in {specs}")
     records = records[:limit]
     seconds = []
-    with ClipWriter(out) as writer:
+    params = {"specs": str(Path(specs).resolve()), "seed": seed, "call": call}
+    if call.get("guide_steps") != 0:  # guided: its settings too (unguided rows share one folder across them)
+        params.update(guidance=asdict(pipe.guidance), objective=type(pipe.objective).__name__)
+    with ClipWriter(out, params) as writer:
         for position, record in enumerate(records):
             key = int(record.get("id", position))
             if key in writer.done:

@@ -1,11 +1,13 @@
 """`cvg sample`: a generated video set in the dataset format, resumable, seeds shared across runs."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from cvg.cli import main
-from cvg.compshapes.dataset import read_frames, read_index, write_dataset
+from cvg.compshapes.dataset import DatasetError, read_frames, read_index, write_dataset
 from cvg.compshapes.evaluate import evaluate
 from cvg.pipeline import CVGPipeline
 from cvg.videoset import generate_set
@@ -42,3 +44,18 @@ def test_sample_command(tiny_model_dir, tmp_path, capsys):
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["generated"] == 2 and len(read_index(tmp_path / "gen")) == 2
+
+
+def test_a_resume_is_refused_when_what_decides_the_clips_changed(tiny_pipe, tmp_path):
+    """Guided sets record their guidance; an unguided set does not depend on it, so rows share it."""
+    specs = tmp_path / "specs"
+    write_dataset(specs, 2, seed=5, frames=5, height=32, width=32)
+    pipe = CVGPipeline(tiny_pipe)
+    generate_set(pipe, specs, tmp_path / "unguided", seed=1, limit=1, guide_steps=0, **FAST)
+    generate_set(pipe, specs, tmp_path / "guided", seed=1, limit=1, guide_steps=1, **FAST)
+    pipe.guidance = replace(pipe.guidance, strength=0.3)
+    assert generate_set(pipe, specs, tmp_path / "unguided", seed=1, guide_steps=0, **FAST)["generated"] == 1
+    for out, call in (("guided", {"guide_steps": 1}), ("unguided", {"guide_steps": 0, "seed": 2})):
+        with pytest.raises(DatasetError, match="resume with the same settings"):
+            generate_set(pipe, specs, tmp_path / out, **{"seed": 1, **call, **FAST})
+    assert len(read_index(tmp_path / "guided")) == 1

@@ -18,7 +18,7 @@ import numpy as np
 
 from cvg.compshapes.grammar import CATEGORIES, Clip, held_out, sample_clip
 from cvg.compshapes.world import render
-from cvg.files import atomic_path, write_text_atomic
+from cvg.files import atomic_path, read_json_object, write_text_atomic
 
 INDEX = "index.jsonl"
 
@@ -44,18 +44,33 @@ def split_clip(seed: int, index: int, category: str, split: str = "all", **size)
     raise RuntimeError(f"no {split} prompt in 1000 draws of category {category!r}")
 
 
+class DatasetError(ValueError):
+    """A dataset directory that cannot be read or written as asked (one-line message naming the problem)."""
+
+
 def read_index(location: str | os.PathLike) -> list[dict]:
-    """Records of a dataset directory (or of an index file); a torn last line (an interrupted write) is ignored."""
+    """Records of a dataset directory (or of an index file). Only a torn last line (an interrupted write: no
+    newline after it) is dropped; any other line that is not a JSON record is an error naming it."""
     path = Path(location)
     path = path / INDEX if path.is_dir() else path
     if not path.exists():
         return []
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")
     records = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines):  # the last line, without its newline: a write cut short
+                break
+            raise DatasetError(f"{path}:{number}: not a JSON record ({e.msg}); mend or remove that line "
+                               f"(no record after it is dropped)") from None  # fmt: skip
+        if not isinstance(record, dict):
+            raise DatasetError(f"{path}:{number}: a record must be a JSON object, not {type(record).__name__}")
+        records.append(record)
     return records
 
 
@@ -65,29 +80,78 @@ def write_index(directory: str | os.PathLike, records: list[dict]) -> None:
 
 
 def read_frames(directory: str | os.PathLike, record: dict) -> np.ndarray:
-    with np.load(Path(directory) / record["file"]) as data:
+    path = Path(directory) / record["file"]
+    if not path.is_file():
+        raise DatasetError(f"{directory}: record {record.get('id', '?')} names {record['file']}, which is missing")
+    with np.load(path) as data:
         return data["frames"]
+
+
+PARAMS = "dataset.json"  # what the set was written with: a resume must ask for the same
+LOCK = ".lock"
 
 
 class ClipWriter:
     """Adds clips to a dataset directory: each clip file written atomically, its index line only after it.
 
-    Opening it drops a torn last index line; `done` holds the ids already there, so callers resume.
+    Entering it takes the directory's lock (a second writer is refused, not interleaved), checks that
+    `params` (seed, size, ... of the set) are the ones it was started with, drops a torn last index line and
+    records whose clip file is missing (written again) and a killed writer's temporary files, and fills
+    `done` with the ids already there.
     """
 
-    def __init__(self, directory: str | os.PathLike):
-        self.directory = Path(directory)
-        (self.directory / "clips").mkdir(parents=True, exist_ok=True)
-        records = read_index(self.directory)
-        write_index(self.directory, records)
-        self.done = {r["id"] for r in records}
+    def __init__(self, directory: str | os.PathLike, params: dict | None = None):
+        self.directory, self.params = Path(directory), params
 
     def __enter__(self) -> ClipWriter:
+        import fcntl
+
+        (self.directory / "clips").mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.directory / LOCK, "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "?"
+            self._lock.close()
+            raise DatasetError(f"{self.directory} is being written by another process (pid {holder}); wait for "
+                               "it or write elsewhere") from None  # fmt: skip
+        self._lock.truncate(0)
+        self._lock.write(str(os.getpid()))
+        self._lock.flush()
+        try:
+            self._check_params()
+            records = read_index(self.directory)
+            if malformed := [r for r in records if not {"id", "file"} <= r.keys()]:
+                raise DatasetError(f"{self.directory / INDEX}: a record lacks its id or file: {malformed[0]}")
+            records = [r for r in records if (self.directory / r["file"]).is_file()]
+            for stale in (self.directory / "clips").glob(".*.tmp.npz"):  # a killed writer's; the lock is ours
+                stale.unlink()
+            write_index(self.directory, records)
+        except BaseException:
+            self._lock.close()
+            raise
+        self.done = {r["id"] for r in records}
         self._index = open(self.directory / INDEX, "a")
         return self
 
+    def _check_params(self) -> None:
+        if self.params is None:
+            return
+        params = json.loads(json.dumps(self.params, default=str))  # as stored: tuples become lists
+        path = self.directory / PARAMS
+        if path.is_file():
+            stored = read_json_object(path)
+            if differs := sorted(k for k in {*stored, *params} if stored.get(k) != params.get(k)):
+                detail = ", ".join(f"{k}={stored.get(k)!r} (asked {params.get(k)!r})" for k in differs)
+                raise DatasetError(f"{self.directory} was written with {detail}; resume with the same settings "
+                                   "or write elsewhere")  # fmt: skip
+        else:
+            write_text_atomic(path, json.dumps(params, indent=1))
+
     def __exit__(self, *exc) -> None:
         self._index.close()
+        self._lock.close()  # closing releases the lock (as a killed process's does)
 
     def add(self, key: int, frames: np.ndarray, record: dict) -> None:
         name = f"clips/{key:06d}.npz"
@@ -114,7 +178,9 @@ def write_dataset(
         raise ValueError(f"count must be >= 0, got {count}")
     written = 0
     size = {"frames": frames, "height": height, "width": width}
-    with ClipWriter(directory) as writer:
+    params = {"seed": seed, "categories": list(categories), "frames": frames, "height": height, "width": width,
+              "split": split}  # fmt: skip
+    with ClipWriter(directory, params) as writer:
         for i in range(count):
             if i not in writer.done:
                 clip = split_clip(seed, i, categories[i % len(categories)], split, **size)

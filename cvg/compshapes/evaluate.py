@@ -73,6 +73,8 @@ def evaluate(
     failures, features, counts = [], [], np.zeros(4)
     for record in records:
         path = directory / record["file"]
+        if not path.resolve().is_relative_to(directory.resolve()):  # an index names clips, never other files
+            raise ValueError(f"clip {record['file']!r} listed in the index lies outside {directory}")
         if not path.is_file():
             raise FileNotFoundError(f"clip {record['file']!r} listed in the index is missing from {directory}")
         frames = load_frames(path)
