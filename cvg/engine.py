@@ -16,8 +16,9 @@ Every backend drops Wan's zero text padding first, exactly (`cvg.padding`): the 
 `text_keys` keys (a multiple of 64) with an additive key bias instead of 512 keys. Prompts whose text
 does not fit get a clear error; a longer-prompt shape builds its own engine.
 `auto` tries tensorrt (CUDA only), onnxruntime, then torch; a backend that cannot load says why in one
-line (a warning) and the next one is tried. A cached file that fails to load is rebuilt, and cache keys
-hash the weights, so a changed model never reuses a stale file.
+line (a warning) and the next one is tried. Cache keys hash the weights, so a changed model never reuses
+a stale file; each cached file's SHA-256 is recorded beside it when written, and a file whose content no
+longer matches (torn, or bytes changed in place) is rebuilt, never run.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cvg.files import atomic_path
+from cvg.files import atomic_path, record_digest, verified
 from cvg.padding import collapse_padding, padded_length
 from cvg.processors import KeyBiasWanAttnProcessor, TextBias, text_key_bias
 
@@ -217,13 +218,12 @@ def export_onnx(transformer: torch.nn.Module, shape: StepShape, cache_dir: Path 
     cache_dir = Path(cache_dir or default_cache_dir())
     path = cache_dir / f"{type(transformer).__name__}-{model_key(transformer)}-{shape.key()}-opset{OPSET}.onnx"
     if path.is_file():
-        try:
-            onnx.checker.check_model(str(path), full_check=False)
+        if verified(path):
             return path
-        except Exception as e:  # a torn or corrupt file: rebuild it
-            warnings.warn(f"cvg: cached ONNX file {path.name} is invalid ({type(e).__name__}); re-exporting",
-                          RuntimeWarning, stacklevel=2)  # fmt: skip
-            path.unlink()
+        # Torn, or changed after it was written (flipped weight bytes pass onnx's structural check): rebuild.
+        warnings.warn(f"cvg: cached ONNX file {path.name} is invalid (its content is not the one exported); "
+                      "re-exporting", RuntimeWarning, stacklevel=2)  # fmt: skip
+        path.unlink()
     engine = StepEngine(transformer, shape)
     with (
         atomic_path(path) as tmp,
@@ -236,6 +236,7 @@ def export_onnx(transformer: torch.nn.Module, shape: StepShape, cache_dir: Path 
                           output_names=["noise"], dynamo=True, opset_version=OPSET, verbose=False,
                           external_data=False)  # fmt: skip
         onnx.checker.check_model(str(tmp), full_check=False)
+    record_digest(path)
     return path
 
 
@@ -303,11 +304,13 @@ class TensorRTEngine(StepEngine):
         plan_path = onnx_path.with_suffix(".plan")
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
-        engine = runtime.deserialize_cuda_engine(plan_path.read_bytes()) if plan_path.is_file() else None
+        # A plan is deserialised as code: only the bytes this process family wrote (their digest) are trusted.
+        engine = runtime.deserialize_cuda_engine(plan_path.read_bytes()) if verified(plan_path) else None
         if engine is None:  # no plan yet, or a stale/corrupt one (deserialisation returns None)
             plan = self._build(onnx_path, logger)
             with atomic_path(plan_path) as tmp:
                 tmp.write_bytes(plan)
+            record_digest(plan_path)
             engine = runtime.deserialize_cuda_engine(plan)
         self.engine, self.context = engine, engine.create_execution_context()
         with torch.no_grad():
