@@ -1,7 +1,13 @@
 """cvg: inference-time compositional guidance for frozen text-to-video diffusion models."""
 
-from cvg.attention_pool import BACKENDS, attention_pool
-from cvg.pooling import grid_groups
+from cvg import threads
+
+threads.prepare_environment()  # before torch loads libgomp (cvg.threads)
+
+from cvg.attention_pool import BACKENDS, attention_pool  # noqa: E402
+from cvg.pooling import grid_groups  # noqa: E402
+
+threads.apply_thread_count()
 
 
 def __getattr__(name: str):

@@ -20,6 +20,7 @@ import torch
 from cvg.composition import Composition
 from cvg.pipeline import CVGOutput, CVGPipeline, video_size
 from cvg.sampler import GuidanceConfig
+from cvg.threads import pinned_threads, thread_count
 
 WARMUP_PROMPT, WARMUP_COMPOSITION = "a red cube to the left of a blue ball", "red cube left of blue ball"
 
@@ -51,10 +52,12 @@ class Engine:
         classifier: str | Path | None = None,
         backend: str | None = "auto",
         cache_dir: str | Path | None = None,
+        threads: int | None = None,
     ):
         """The size defaults to the one a cvg-trained model records (`cvg.pipeline.video_size`); `classifier`
         (a `cvg train-classifier` directory) guides with the learned classifier instead of the training-free
-        objectives."""
+        objectives. Each request runs with `threads` intra-op threads (default `cvg.threads.thread_count()`),
+        whichever thread calls it, so a request's pixels equal the sequential run's."""
         pipe = model if isinstance(model, CVGPipeline) else CVGPipeline.from_pretrained(model)
         self.pipe = CVGPipeline(pipe.pipe, pipe.objective, guidance or pipe.guidance, backend, cache_dir)
         self.pipe.pipe.set_progress_bar_config(disable=True)  # a server's stderr is for its own logs
@@ -64,6 +67,7 @@ class Engine:
         self.config = EngineConfig(size["height"], size["width"], size["num_frames"], num_inference_steps,
                                    guidance_scale, max_sequence_length, max_composition_tokens)  # fmt: skip
         self._lock = threading.Lock()
+        self.threads = threads or thread_count()  # every request splits its sums the same way
         start = time.perf_counter()
         self.generate(WARMUP_PROMPT, WARMUP_COMPOSITION, seed=0)
         self.build_seconds = time.perf_counter() - start
@@ -84,7 +88,7 @@ class Engine:
             if len(bound.tokens) > c.max_composition_tokens:
                 raise ValueError(f"the composition needs {len(bound.tokens)} prompt tokens; this engine was built "
                                  f"for at most {c.max_composition_tokens}")  # fmt: skip
-        with self._lock:
+        with self._lock, pinned_threads(self.threads):
             return self.pipe(prompt, composition, height=c.height, width=c.width, num_frames=c.num_frames,
                              num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
                              max_sequence_length=c.max_sequence_length, output_type=output_type,

@@ -1,0 +1,73 @@
+"""How cvg shares a machine's cores with other processes (serving replicas, CI beside a build, an
+experiment beside a test).
+
+Two torch processes on a 2-core machine each spin their OpenMP workers while waiting for work (libgomp's
+default active wait) and steal each other's cores: one CompShapes clip took 2.2 s alone and 15.4 s each
+with a second process running. So cvg:
+
+- sets `OMP_WAIT_POLICY=PASSIVE` unless the environment says otherwise: idle workers sleep. libgomp reads
+  it once, when it is loaded, so `import cvg` must come before `import torch` for it to take effect
+  (`python -m cvg` and `cvg` do); otherwise set it yourself.
+- sizes torch's intra-op pool to the cores this process is given (its CPU affinity and its cgroup's CPU
+  quota), never more. `CVG_NUM_THREADS=N` (the knob) sets it outright; `OMP_NUM_THREADS` is respected.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+KNOB = "CVG_NUM_THREADS"
+
+
+def prepare_environment() -> None:
+    """Run before torch is imported: the OpenMP settings that libgomp reads when it loads."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def available_cores() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (containers)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def thread_count() -> int:
+    """The intra-op threads cvg runs with: CVG_NUM_THREADS, else OMP_NUM_THREADS, else the available cores."""
+    if text := os.environ.get(KNOB, "").strip():
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError(f"{KNOB} must be a positive integer, got {text!r}")
+        return int(text)
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(omp) if omp.isdigit() and int(omp) > 0 else available_cores()
+
+
+def apply_thread_count() -> None:
+    """At `import cvg`: the knob if set, else never more intra-op threads than `thread_count()` (torch counts
+    the machine's CPUs, not the container's quota); a smaller count someone chose is kept."""
+    import torch
+
+    if os.environ.get(KNOB) or torch.get_num_threads() > thread_count():
+        torch.set_num_threads(thread_count())
+
+
+@contextmanager
+def pinned_threads(count: int) -> Iterator[None]:
+    """Run a block with exactly `count` intra-op threads, whichever thread calls it: reductions split the
+    same way, so a request's result does not depend on the thread or the moment it ran in."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
