@@ -83,8 +83,9 @@ def attention_pool_with_spec(
     captured in a CUDA graph. Recording processors call it with a spec made per video grid."""
     name = resolve_backend(backend, q.device)
     bias = None  # one additive [B, M] score bias: the key bias, -inf at masked keys
-    if key_padding_mask is not None or key_bias is not None:
-        bias = torch.zeros((q.shape[0], k.shape[2]), dtype=q.dtype, device=q.device)
+    if key_padding_mask is not None or key_bias is not None:  # float32 at least: log-count biases stay exact
+        bias = torch.zeros((q.shape[0], k.shape[2]), dtype=torch.promote_types(q.dtype, torch.float32),
+                           device=q.device)  # fmt: skip
         bias = bias if key_bias is None else bias + key_bias.detach()
         bias = bias if key_padding_mask is None else bias.masked_fill(key_padding_mask, float("-inf"))
     if name == "triton":

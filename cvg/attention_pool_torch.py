@@ -49,11 +49,14 @@ def _query_chunks(batch: int, heads: int, queries: int, width: int) -> Iterator[
 def selected_probs(
     q: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor, bias: torch.Tensor | None, lse: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """`P[..., tokens]` from the log-sum-exp of each query row: `[B, H, N, T]`, no [N, M] tensor."""
-    scores = (q @ k[:, :, tokens].transpose(-1, -2)) * scale
+    """`P[..., tokens]` from the log-sum-exp of each query row: `[B, H, N, T]` in float32 (or float64), no
+    [N, M] tensor. The scores are formed in float32 as the fused kernel forms them: a half-precision score
+    of size 1e3 is off by up to 4 (bf16), and exp() of that error is no probability at all."""
+    wide = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(wide) @ k[:, :, tokens].to(wide).transpose(-1, -2)) * scale
     if bias is not None:
         scores = scores + bias[..., tokens]
-    return torch.exp(scores - lse[..., None])
+    return torch.exp(scores - lse[..., None].to(wide))
 
 
 class _FusedCPUAttentionPool(torch.autograd.Function):
@@ -61,10 +64,10 @@ class _FusedCPUAttentionPool(torch.autograd.Function):
     def forward(ctx, q, k, v, bias, spec: PoolSpec, scale: float):
         # Forward needs no augmented width: the fused kernel's log-sum-exp gives the selected columns.
         out, lse = _FLASH_CPU(q, k, v, attn_mask=bias, scale=scale)
-        rows = selected_probs(q, k, spec.tokens, bias, lse, scale).to(q.dtype)
+        rows = selected_probs(q, k, spec.tokens, bias, lse, scale)
         ctx.save_for_backward(q, k, v, out, lse, bias)
         ctx.spec, ctx.scale = spec, scale
-        return out, pool_rows(rows, spec)
+        return out, pool_rows(rows, spec).to(q.dtype)  # pooled in float32, rounded once
 
     @staticmethod
     def backward(ctx, dout, dpooled):
@@ -122,5 +125,6 @@ def attention_pool_sdpa(
     dim = q.shape[-1]
     k_aug, v_aug = augment_keys_values(k, v, spec.tokens)
     q_aug = F.pad(q, (0, spec.num_tokens))
+    bias = None if bias is None else bias.to(q.dtype)  # SDPA takes a mask of the query's dtype
     o = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, attn_mask=bias, scale=scale)
     return o[..., :dim], pool_rows(o[..., dim:], spec)
