@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=SEED, default=0, help="seed of the initial noise (default 0)")
     gen.add_argument("--fps", type=_number(int, 1, 240), default=16,
                      help="frames per second of .mp4/.gif output (default 16)")  # fmt: skip
-    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("--quiet", action="store_true", help="no progress bars (loading or denoising)")
     gen.add_argument("--judge", action="store_true",
                      help="judge the video against the composition with the CompShapes judge")  # fmt: skip
     gen.add_argument("--compare-seeds", type=_number(int, 0, 1000), default=0, metavar="N",
@@ -263,6 +263,12 @@ def generate(args: argparse.Namespace) -> None:
     for flag, picture in (("--save-maps", args.save_maps), ("--contact-sheet", args.contact_sheet)):
         if picture is not None:
             check_writable(picture, flag)
+    if args.quiet:  # loading bars too: stderr then holds only what went wrong
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     pipe, call = _load(args)
     pipe.pipe.set_progress_bar_config(disable=args.quiet)
     out = pipe(
@@ -329,8 +335,10 @@ def _compare_seeds(pipe, call: dict, args: argparse.Namespace) -> dict:
 
 
 def sample_set(args: argparse.Namespace) -> None:
+    from cvg.files import check_writable
     from cvg.videoset import generate_set
 
+    check_writable(Path(args.out) / "index.jsonl", "--out")
     pipe, call = _load(args)
     result = generate_set(pipe, args.specs, args.out, args.seed, args.limit,
                           report=lambda line: print(line, file=sys.stderr), **call)  # fmt: skip
@@ -401,7 +409,10 @@ def compshapes_dataset(args: argparse.Namespace) -> None:
 
 def evaluate_videos(args: argparse.Namespace) -> None:
     from cvg.compshapes.evaluate import evaluate
+    from cvg.files import check_writable, write_text_atomic
 
+    if args.json:
+        check_writable(args.json, "--json")
     report = evaluate(args.videos, args.specs, args.reference, quality=not args.no_quality)
     for category, entry in report["categories"].items():
         low, high = entry["ci95"]
@@ -418,8 +429,6 @@ def evaluate_videos(args: argparse.Namespace) -> None:
             f"empty frames {q['empty_frames']:.3f}  colour bleeding {q['colour_bleeding']:.3f}"
         )
     if args.json:
-        from cvg.files import write_text_atomic
-
         write_text_atomic(args.json, json.dumps(report, indent=1))
 
 

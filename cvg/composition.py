@@ -39,6 +39,11 @@ NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
 _MOTION = re.compile(r"^(?P<subject>.+?)\s+(?:moves|moving|goes|going|travels|travelling)\s+(?P<dir>\w+)$")
 
 
+def _clip(text: str, limit: int = 80) -> str:
+    """`repr(text)`, cut short: a 10 KB prompt in an error line would bury the error."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
 class CompositionError(ValueError):
     """A composition that is malformed or does not fit the prompt (one-line message)."""
 
@@ -151,7 +156,7 @@ class Composition:
         for entity in self.entities:
             match = re.search(rf"(?<!\w){re.escape(entity)}(?!\w)", prompt, flags=re.IGNORECASE)
             if match is None:
-                raise CompositionError(f"composition word {entity!r} is not in the prompt {prompt!r}")
+                raise CompositionError(f"composition word {_clip(entity)} is not in the prompt {_clip(prompt)}")
             start, end = match.span()
             indices = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
             if not indices:

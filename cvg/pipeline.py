@@ -225,7 +225,6 @@ class CVGPipeline:
         frame counts the VAE rounds down, absurd step counts, non-finite scales, non-finite latents, and
         (guided) pooling tiles wider than the token grid, whose maps could not say where anything is."""
         pipe = self.pipe
-        pipe.check_inputs(prompt, negative_prompt, height, width)
         spatial = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value < spatial or value % spatial:
@@ -246,6 +245,7 @@ class CVGPipeline:
                              f"got {max_sequence_length}")  # fmt: skip
         if latents is not None and not torch.isfinite(latents).all():
             raise ValueError("latents contain non-finite values")
+        pipe.check_inputs(prompt, negative_prompt, height, width)
         if pool is not None:
             grid = (((num_frames - 1) // temporal + 1) // pipe.transformer.config.patch_size[0], height // spatial,
                     width // spatial)  # fmt: skip
