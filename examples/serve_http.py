@@ -9,7 +9,9 @@ POST /generate takes a JSON object {"prompt": str, "composition": str | null, "s
 RGB bytes. GET /health answers the engine's shape and backend. A malformed request gets 400, a request
 the model cannot take (a composition word absent from the prompt) 422, and a request beyond the limit
 of requests in flight gets 503 with Retry-After at once rather than queueing without bound. Every error
-body is {"error": "<one line>"}. The engine runs one request at a time; the limit bounds the queue.
+body is {"error": "<one line>"}; a 500 says no more than that (the detail goes to the server's log).
+The engine runs one request at a time; the limit bounds the queue. A client has READ_TIMEOUT seconds
+to send its request, and at most MAX_CONNECTIONS connections are open at once (more are closed).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from cvg.embedding import generate, video_shape
 from cvg.serving import Engine
 
 MAX_BODY = 64 * 1024
+READ_TIMEOUT = 10.0  # seconds a client may take to send its request: a stalled one cannot hold a thread
+MAX_CONNECTIONS = 64  # open connections; more are closed at once
 MAX_PROMPT = 2000
 FIELDS = {"prompt", "composition", "seed"}
 
@@ -37,8 +41,8 @@ def parse_request(body: bytes) -> tuple[str, str, int]:
     """(prompt, composition or "", seed) from a request body, or BadRequest naming the problem."""
     try:
         request = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BadRequest(f"the body is not JSON: {error}") from None
+    except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, nested too deep, a 5000-digit number
+        raise BadRequest(f"the body is not JSON we take: {type(error).__name__}") from None
     if not isinstance(request, dict):
         raise BadRequest("the body must be a JSON object")
     if unknown := sorted(set(request) - FIELDS):
@@ -56,14 +60,29 @@ def parse_request(body: bytes) -> tuple[str, str, int]:
 class Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], engine: Engine, max_inflight: int):
+    def __init__(self, address: tuple[str, int], engine: Engine, max_inflight: int,
+                 max_connections: int = MAX_CONNECTIONS):  # fmt: skip
         super().__init__(address, Handler)
         self.engine = engine
         self.slots = threading.BoundedSemaphore(max_inflight)  # requests waiting or running
+        self.connections = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request, client_address) -> None:
+        if not self.connections.acquire(blocking=False):  # over the cap: no thread for it
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
 
 
 class Handler(BaseHTTPRequestHandler):
     server: Server
+    timeout = READ_TIMEOUT  # socket timeout of each connection (StreamRequestHandler)
 
     def _reply(self, status: HTTPStatus, body: dict, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()
@@ -103,8 +122,8 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError as error:  # the engine's one-line messages: absent words, too many tokens, ...
             return self._reply(HTTPStatus.UNPROCESSABLE_ENTITY, {"error": str(error)})
         except Exception as error:  # a failure of the server's own: the client still gets a one-line answer
-            self.log_error("generate failed: %r", error)
-            return self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(error).__name__}: {error}"})
+            self.log_error("generate failed: %r", error)  # the detail stays in the server's log
+            return self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error; see the server log"})
         finally:
             self.server.slots.release()
         count, height, width, _ = frames.shape

@@ -104,3 +104,28 @@ def test_a_recorded_digest_verifies_only_the_content_written(tmp_path):
     data[4096:8192] = bytes(b ^ 0xFF for b in data[4096:8192])  # same size, bytes flipped
     path.write_bytes(bytes(data))
     assert not verified(path)
+
+
+def test_nothing_is_unpickled():
+    """Every torch.load passes weights_only=True, np.load never allow_pickle, and no module imports pickle."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    offences = []
+    for path in [*root.glob("cvg/**/*.py"), *root.glob("kernels/*.py"), *root.glob("examples/*.py"),
+                 *root.glob("benchmarks/*.py")]:  # fmt: skip
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                offences += [f"{path.name}: imports {n}" for n in names if n.split(".")[0] in ("pickle", "dill")]
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                keywords = {k.arg: k.value for k in node.keywords}
+                owner = getattr(node.func.value, "id", "")
+                if (owner, node.func.attr) == ("torch", "load"):
+                    safe = keywords.get("weights_only")
+                    if not (isinstance(safe, ast.Constant) and safe.value is True):
+                        offences.append(f"{path.name}:{node.lineno}: torch.load without weights_only=True")
+                if (owner, node.func.attr) == ("np", "load") and "allow_pickle" in keywords:
+                    offences.append(f"{path.name}:{node.lineno}: np.load with allow_pickle")
+    assert not offences, offences

@@ -80,6 +80,9 @@ def test_concurrent_requests_all_succeed(server):
     ("payload", "status", "message"),
     [
         (b"{not json", 400, "the body is not JSON"),
+        (b"[" * 30_000 + b"]" * 30_000, 400, "the body is not JSON we take: RecursionError"),
+        (b'{"prompt": "a", "seed": ' + b"9" * 5000 + b"}", 400, "the body is not JSON we take: ValueError"),
+        (b"\xff\xfe{}", 400, "the body is not JSON"),
         ([1, 2], 400, "the body must be a JSON object"),
         ({"prompt": ""}, 400, "prompt must be a non-empty string"),
         ({"prompt": PROMPT, "seed": -1}, 400, "seed must be an integer"),
@@ -116,3 +119,45 @@ def test_requests_beyond_the_limit_are_turned_away(server):
 def test_oversized_and_unknown_paths(server):
     assert _post(server, b"x" * (serve_http.MAX_BODY + 1))[0] == 413
     assert _request(server, "GET", "/nothing")[0] == 404
+
+
+def test_a_stalled_client_times_out_and_a_500_tells_nothing_inside(server, monkeypatch):
+    import socket
+    import time
+
+    monkeypatch.setattr(serve_http.Handler, "timeout", 0.5)
+    stalled = socket.create_connection(("127.0.0.1", server.server_port))
+    stalled.sendall(b"POST /generate HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")  # then nothing
+    start = time.monotonic()
+    stalled.settimeout(30)
+    assert stalled.recv(1024) == b""  # the server closed it
+    assert time.monotonic() - start < 10
+    stalled.close()
+
+    def broken(*args):
+        raise RuntimeError("secret path /srv/weights")
+
+    monkeypatch.setattr(serve_http, "generate", broken)
+    status, body, _ = _post(server, {"prompt": PROMPT})
+    assert status == 500 and body == {"error": "internal error; see the server log"}
+
+
+def test_connections_beyond_the_cap_are_closed():
+    import socket
+
+    engine = Engine.__new__(Engine)  # no generation happens: a stand-in that only /health reads
+    engine.config = type("C", (), {"num_frames": 1, "height": 8, "width": 8})()
+    server = serve_http.Server(("127.0.0.1", 0), engine, max_inflight=1, max_connections=2)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        held = [socket.create_connection(("127.0.0.1", server.server_port)) for _ in range(2)]
+        extra = socket.create_connection(("127.0.0.1", server.server_port))
+        extra.settimeout(10)
+        assert extra.recv(1024) == b""  # closed without an answer
+        for s in (*held, extra):
+            s.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
