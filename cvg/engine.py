@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cvg.files import atomic_path, record_digest, verified
+from cvg.files import atomic_path, locked, record_digest, remove_stale_temporaries, verified
 from cvg.padding import collapse_padding, padded_length
 from cvg.processors import KeyBiasWanAttnProcessor, TextBias, text_key_bias
 
@@ -213,17 +213,26 @@ def default_cache_dir() -> Path:
 
 def export_onnx(transformer: torch.nn.Module, shape: StepShape, cache_dir: Path | None = None) -> Path:
     """The transformer's ONNX file for `shape`, exported (atomically) if the cache lacks a valid one."""
-    import onnx
-
     cache_dir = Path(cache_dir or default_cache_dir())
     path = cache_dir / f"{type(transformer).__name__}-{model_key(transformer)}-{shape.key()}-opset{OPSET}.onnx"
-    if path.is_file():
+    if verified(path):
+        return path
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with locked(path.with_name(path.name + ".lock")):  # one exporter per file; the others wait, then reuse
         if verified(path):
             return path
-        # Torn, or changed after it was written (flipped weight bytes pass onnx's structural check): rebuild.
-        warnings.warn(f"cvg: cached ONNX file {path.name} is invalid (its content is not the one exported); "
-                      "re-exporting", RuntimeWarning, stacklevel=2)  # fmt: skip
-        path.unlink()
+        if path.is_file():  # torn, or changed in place (flipped weight bytes pass onnx's checker): rebuild
+            warnings.warn(f"cvg: cached ONNX file {path.name} is invalid (its content is not the one exported); "
+                          "re-exporting", RuntimeWarning, stacklevel=2)  # fmt: skip
+            path.unlink()
+        remove_stale_temporaries(path)  # of exporters killed mid-write: model-sized files
+        _export(transformer, shape, path)
+    return path
+
+
+def _export(transformer: torch.nn.Module, shape: StepShape, path: Path) -> None:
+    import onnx
+
     engine = StepEngine(transformer, shape)
     with (
         atomic_path(path) as tmp,
@@ -237,7 +246,6 @@ def export_onnx(transformer: torch.nn.Module, shape: StepShape, cache_dir: Path 
                           external_data=False)  # fmt: skip
         onnx.checker.check_model(str(tmp), full_check=False)
     record_digest(path)
-    return path
 
 
 class OnnxRuntimeEngine(StepEngine):

@@ -3,6 +3,7 @@ processes never share a temporary name, and a cached artefact is used only if it
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -10,6 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 
 @contextmanager
@@ -26,6 +28,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def locked(path: str | os.PathLike, wait: bool = True) -> Iterator[IO[str]]:
+    """Hold an exclusive lock on `path` (created; it holds the holder's pid) for the block. `wait=False`:
+    BlockingIOError at once if another process holds it. A killed holder's lock goes with it."""
+    import fcntl
+
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield handle
+    finally:
+        handle.close()
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> None:
+    """Delete what `atomic_path(path)` left behind in killed processes; call only while holding a lock that
+    every writer of `path` takes."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp{path.suffix}"):
+        stale.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -10,6 +10,7 @@ resumable: clips already in the index are not written again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 
 from cvg.compshapes.grammar import CATEGORIES, Clip, held_out, sample_clip
 from cvg.compshapes.world import render
-from cvg.files import atomic_path, read_json_object, write_text_atomic
+from cvg.files import atomic_path, locked, read_json_object, write_text_atomic
 
 INDEX = "index.jsonl"
 
@@ -104,21 +105,14 @@ class ClipWriter:
         self.directory, self.params = Path(directory), params
 
     def __enter__(self) -> ClipWriter:
-        import fcntl
-
         (self.directory / "clips").mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.directory / LOCK, "a+")
+        self._stack = contextlib.ExitStack()
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._stack.enter_context(locked(self.directory / LOCK, wait=False))
         except BlockingIOError:
-            self._lock.seek(0)
-            holder = self._lock.read().strip() or "?"
-            self._lock.close()
+            holder = (self.directory / LOCK).read_text().strip() or "?"
             raise DatasetError(f"{self.directory} is being written by another process (pid {holder}); wait for "
                                "it or write elsewhere") from None  # fmt: skip
-        self._lock.truncate(0)
-        self._lock.write(str(os.getpid()))
-        self._lock.flush()
         try:
             self._check_params()
             records = read_index(self.directory)
@@ -129,7 +123,7 @@ class ClipWriter:
                 stale.unlink()
             write_index(self.directory, records)
         except BaseException:
-            self._lock.close()
+            self._stack.close()
             raise
         self.done = {r["id"] for r in records}
         self._index = open(self.directory / INDEX, "a")
@@ -151,7 +145,7 @@ class ClipWriter:
 
     def __exit__(self, *exc) -> None:
         self._index.close()
-        self._lock.close()  # closing releases the lock (as a killed process's does)
+        self._stack.close()  # releases the lock (as a killed process's is released)
 
     def add(self, key: int, frames: np.ndarray, record: dict) -> None:
         name = f"clips/{key:06d}.npz"
