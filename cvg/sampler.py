@@ -31,13 +31,14 @@ NORMALIZATIONS = ("rms", "max", "none", "polyak")
 
 @dataclass
 class GuidanceConfig:
-    """Defaults chosen on training prompts (docs/classifier.md): the first 4 steps, up to 3 Polyak-sized
-    updates each, no update larger than RMS 0.1, none past the objective's own target."""
+    """Defaults chosen on held-out prompts (docs/classifier.md): the first 4 steps, one Polyak-sized update
+    each, no update larger than RMS 0.1, none past the objective's own target. Three updates a step won on
+    60 training prompts and lost on held-out ones (Fréchet distance 63% worse); one a step improved both."""
 
     guide_steps: int = 4
     guide_sigma: float | None = None  # set: guide every step whose sigma is at least this (sets guide_steps)
     strength: float = 0.1  # size of one latent update (its RMS; with normalize="polyak" its largest RMS)
-    iterations: int = 3  # at most this many updates per guided step (fewer once target_loss is reached)
+    iterations: int = 1  # at most this many updates per guided step (fewer once target_loss is reached)
     normalize: str = "polyak"  # per-sample step: rms / max of the gradient, none, or polyak (see latent_update)
     target_loss: float | None = None  # an item whose objective is at or below this is not moved
     bounded: bool = True  # target_loss None: the objective's own `target_loss` (a classifier's confidence)
