@@ -3,6 +3,7 @@ capture (no host synchronisation, no tensor made from host data) in the step its
 
 import pytest
 import torch
+from tolerance import ulps
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cvg.classifier import ClassifierConfig, ClassifierObjective, CompositionClassifier
@@ -66,10 +67,10 @@ def test_load_refills_another_requests_text(tiny_pipe):
     want = latent_update(second, latents, torch.tensor(900.0), objective, bound, config)
     # The graph and the eager call sum in different orders: allow 64 float32 ulps of the latents' scale,
     # far below what another request's text changes (checked next).
-    ulps = 64 * torch.finfo(torch.float32).eps * latents.abs().max().item()
-    torch.testing.assert_close(got[0], want[0], rtol=0, atol=ulps)
+    tolerance = ulps(latents)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=tolerance)
     other = latent_update(first, latents, torch.tensor(900.0), objective, bound, config)[0]
-    assert (got[0] - other).abs().max() > 100 * ulps
+    assert (got[0] - other).abs().max() > 100 * tolerance
 
 
 class _HostTraffic(TorchDispatchMode):
