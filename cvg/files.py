@@ -7,7 +7,7 @@ import glob
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,9 +20,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     concurrent writers never clash) that replaces `path` when the block succeeds and is removed when it fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(handle)
-    tmp = Path(name)
+    # Named, not created (mkstemp would make it 0600): the writer creates it with the usual permissions.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)

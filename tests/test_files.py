@@ -129,3 +129,14 @@ def test_nothing_is_unpickled():
                 if (owner, node.func.attr) == ("np", "load") and "allow_pickle" in keywords:
                     offences.append(f"{path.name}:{node.lineno}: np.load with allow_pickle")
     assert not offences, offences
+
+
+def test_written_files_keep_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "clip.npz") as tmp:
+            np.savez_compressed(tmp, frames=FRAMES)
+        save_frames(FRAMES, tmp_path / "clip.gif")
+    finally:
+        os.umask(umask)
+    assert {oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {"0o644"}
