@@ -1,0 +1,58 @@
+"""What guidance costs: the shipped generator and classifier at 64x64x17, 20 steps, CFG 5, unguided and
+guided at the `GuidanceConfig` defaults, clip by clip in turn in one process (same prompts, same seeds).
+
+    python benchmarks/guided_cost.py --write benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from cvg.bench import machine_line, publish
+from cvg.compshapes.dataset import split_clip
+from cvg.compshapes.grammar import CATEGORIES
+from cvg.pipeline import CVGPipeline
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clips", type=int, default=8, help="timed clips per variant (default 8)")
+    parser.add_argument("--write", type=Path, help="record the table in this Markdown file")
+    args = parser.parse_args()
+    pipe = CVGPipeline.from_pretrained(MODELS / "compshapes-wan")
+    pipe.load_classifier(MODELS / "compshapes-classifier")
+    pipe.pipe.set_progress_bar_config(disable=True)
+    seconds: dict[str, list[float]] = {"unguided": [], "guided": []}
+    phases: list[dict] = []
+    for i in range(args.clips + 1):  # clip 0 warms up
+        clip = split_clip(20_261_124, i, CATEGORIES[i % len(CATEGORIES)], "heldout")
+        for name, guide_steps in (("unguided", 0), ("guided", None)):
+            start = time.perf_counter()
+            out = pipe(clip.prompt, clip.composition, height=64, width=64, num_frames=17, num_inference_steps=20,
+                       guide_steps=guide_steps, generator=torch.Generator().manual_seed(i))  # fmt: skip
+            if i:
+                seconds[name].append(time.perf_counter() - start)
+                if name == "guided":
+                    phases.append(out.timings)
+    unguided, guided = (statistics.median(seconds[n]) for n in ("unguided", "guided"))
+    guided_steps = statistics.median(p["guided_steps"] for p in phases)
+    config = pipe.guidance
+    lines = [f"Guided against unguided generation, {machine_line()}: the shipped generator and classifier, "
+             f"64x64x17, 20 steps, CFG 5; guided = the defaults ({config.guide_steps} steps, {config.iterations} "
+             f"update each, normalize {config.normalize}); medians of {args.clips} held-out prompts, each "
+             "variant in turn.", "",
+             "| variant | s per clip | guided steps (s) | / unguided |", "|---|---|---|---|",
+             f"| unguided | {unguided:.2f} | - | 1.00 |",
+             f"| guided (defaults) | {guided:.2f} | {guided_steps:.2f} | {guided / unguided:.2f} |"]  # fmt: skip
+    publish("Command: `python benchmarks/guided_cost.py`\n\n" + "\n".join(lines), args.write, "guided_cost")
+
+
+if __name__ == "__main__":
+    main()
