@@ -226,3 +226,42 @@ def test_the_window_by_noise_level_guides_every_step_above_it(tiny_pipe):
     assert [s.step for s in by_number.steps] == [0]  # an explicit number wins
     with pytest.raises(ValueError, match="guide_sigma must be in"):
         CVGPipeline(tiny_pipe, guidance=GuidanceConfig(guide_sigma=1.5))(prompt, composition, **SMALL)
+
+
+def test_non_finite_values_never_reach_the_video(tiny_pipe, monkeypatch):
+    pipe = CVGPipeline(tiny_pipe)
+    latents = torch.randn(1, 16, 3, 8, 8, generator=_seeded(0))
+    latents[0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="latents contain non-finite values"):
+        pipe("a red cube", latents=latents, **SMALL)
+    forward = tiny_pipe.transformer.forward
+    calls = []
+
+    def poisoned(*args, **kwargs):  # the third forward answers NaN, as a broken kernel would
+        out = forward(*args, **kwargs)
+        calls.append(1)
+        return (out[0] * float("nan"),) if len(calls) == 3 else out
+
+    monkeypatch.setattr(tiny_pipe.transformer, "forward", poisoned)
+    decoded = []
+    monkeypatch.setattr("cvg.pipeline.decode_latents", lambda *a, **k: decoded.append(1))
+    with pytest.raises(FloatingPointError, match="non-finite at denoising step 2 .* nothing was decoded"):
+        pipe("a red cube", guidance_scale=1.0, generator=_seeded(0), **SMALL)
+    assert not decoded
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        ({"height": 0}, "height must be a positive multiple of 16, got 0"),
+        ({"width": 72}, "width must be a positive multiple of 16, got 72"),
+        ({"num_frames": 2}, r"num_frames must be 4k\+1 \(1, 5, 9, ...\), got 2"),
+        ({"num_inference_steps": 0}, "num_inference_steps must be between 1 and 1000"),
+        ({"guidance_scale": float("nan")}, "guidance_scale must be finite"),
+        ({"max_sequence_length": 0}, "max_sequence_length must be between 1 and"),
+        ({"num_videos_per_prompt": 0}, "num_videos_per_prompt must be at least 1"),
+    ],
+)
+def test_call_arguments_are_checked_by_name(tiny_pipe, call, message):
+    with pytest.raises(ValueError, match=message):
+        CVGPipeline(tiny_pipe)("a red cube", **{**SMALL, "guide_steps": 0, **call})
