@@ -7,7 +7,8 @@ with a second process running. So cvg:
 
 - sets `OMP_WAIT_POLICY=PASSIVE` unless the environment says otherwise: idle workers sleep. libgomp reads
   it once, when it is loaded, so `import cvg` must come before `import torch` for it to take effect
-  (`python -m cvg` and `cvg` do); otherwise set it yourself.
+  (`python -m cvg` and `cvg` do); otherwise set it yourself. Sleeping workers wake later: a process
+  alone ran 20-40% slower (benchmarks/RESULTS.md), so one with the machine to itself may set ACTIVE.
 - sizes torch's intra-op pool to the cores this process is given (its CPU affinity and its cgroup's CPU
   quota), never more. `CVG_NUM_THREADS=N` (the knob) sets it outright; `OMP_NUM_THREADS` is respected.
 """
