@@ -24,9 +24,10 @@ def _status_kib(field: str) -> int:
 
 
 def peak_extra_bytes(work: Callable[[], _R]) -> tuple[_R, int]:
-    """Run `work()`; return its result and the peak resident memory above the level before it."""
+    """Run `work()`; return its result and the peak resident memory above the level before it (0 when the
+    work's buffers fit in memory already mapped: the kernel may even reclaim pages meanwhile)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the high-water mark to the current resident size
     before = _status_kib("VmRSS")
     result = work()
-    return result, (_status_kib("VmHWM") - before) * 1024
+    return result, max(0, _status_kib("VmHWM") - before) * 1024

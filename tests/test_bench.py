@@ -12,7 +12,9 @@ def test_bench_records_every_variant_and_phase(tmp_path, capsys):
     record = json.loads(results.read_text())
     assert set(record["times"]) == {*VARIANTS, "guided+torch"}
     assert set(record["peak_bytes"]) == set(VARIANTS)
-    assert all(m["denoise"] > 0 and m["decode"] > 0 for m in record["peak_bytes"].values())
+    # Denoising always maps new memory (the text encoder's activations); a toy decode may fit in what is
+    # mapped already, so 0 is a true answer for it (it failed CI once as -0.0 MiB: pages reclaimed).
+    assert all(m["denoise"] > 0 and m["decode"] >= 0 for m in record["peak_bytes"].values())
     guided = record["times"]["guided"][0]
     assert guided["guided_steps"] > 0 and guided["unguided_steps"] > 0 and guided["first_call"] > 0
     text = table.read_text()
