@@ -24,6 +24,7 @@ longer matches (torn, or bytes changed in place) is rebuilt, never run.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
@@ -225,7 +226,7 @@ def export_onnx(transformer: torch.nn.Module, shape: StepShape, cache_dir: Path 
             warnings.warn(f"cvg: cached ONNX file {path.name} is invalid (its content is not the one exported); "
                           "re-exporting", RuntimeWarning, stacklevel=2)  # fmt: skip
             path.unlink()
-        remove_stale_temporaries(path)  # of exporters killed mid-write: model-sized files
+        remove_stale_temporaries(path.parent, glob.escape(path.name))  # killed exporters': model-sized files
         _export(transformer, shape, path)
     return path
 

@@ -3,10 +3,10 @@ processes never share a temporary name, and a cached artefact is used only if it
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,12 +46,15 @@ def locked(path: str | os.PathLike, wait: bool = True) -> Iterator[IO[str]]:
         handle.close()
 
 
-def remove_stale_temporaries(path: str | os.PathLike) -> None:
-    """Delete what `atomic_path(path)` left behind in killed processes; call only while holding a lock that
-    every writer of `path` takes."""
-    path = Path(path)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp{path.suffix}"):
-        stale.unlink(missing_ok=True)
+_TEMPORARY = re.compile(r"\..+\.\d+-[0-9a-f]{12}\.tmp(\.\w+)?")  # atomic_path's names, and only them
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, name_glob: str = "*") -> None:
+    """Delete the temporaries `atomic_path` left in `directory` for files matching `name_glob` when their
+    writers were killed; call only while holding a lock that every writer there takes."""
+    for stale in Path(directory).glob(f".{name_glob}.*.tmp*"):
+        if _TEMPORARY.fullmatch(stale.name):
+            stale.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

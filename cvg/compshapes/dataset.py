@@ -19,7 +19,7 @@ import numpy as np
 
 from cvg.compshapes.grammar import CATEGORIES, Clip, held_out, sample_clip
 from cvg.compshapes.world import render
-from cvg.files import atomic_path, locked, read_json_object, write_text_atomic
+from cvg.files import atomic_path, locked, read_json_object, remove_stale_temporaries, write_text_atomic
 
 INDEX = "index.jsonl"
 
@@ -119,8 +119,7 @@ class ClipWriter:
             if malformed := [r for r in records if not {"id", "file"} <= r.keys()]:
                 raise DatasetError(f"{self.directory / INDEX}: a record lacks its id or file: {malformed[0]}")
             records = [r for r in records if (self.directory / r["file"]).is_file()]
-            for stale in (self.directory / "clips").glob(".*.tmp.npz"):  # a killed writer's; the lock is ours
-                stale.unlink()
+            remove_stale_temporaries(self.directory / "clips")  # a killed writer's; the lock is ours
             write_index(self.directory, records)
         except BaseException:
             self._stack.close()
