@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_cls.add_argument("--steps", type=STEPS, default=20, help="sampling steps whose guided steps are read")
     train_cls.add_argument("--guide-steps", type=POSITIVE, default=ReadingConfig.guide_steps,
                            help=f"first steps read, where guidance may act (default {ReadingConfig.guide_steps})")
+    train_cls.add_argument("--chunk", type=POSITIVE, default=25,
+                           help="clips per cached file of readings: the most a killed run loses (default 25)")
     train_cls.add_argument("--readings", choices=("trajectory", "inversion"), default=ReadingConfig.source,
                            help="read the generator's own samples along its sampling trajectory, labelled by the "
                                 "judge (default), or clips inverted to the guided steps' noise levels")
@@ -387,7 +389,8 @@ def train_classifier(args: argparse.Namespace) -> None:
     training = TrainingConfig(epochs=args.epochs, label_smoothing=args.label_smoothing, seed=args.seed,
                               hidden_dim=args.hidden_dim, weight_decay=args.weight_decay)  # fmt: skip
     summary = train_and_evaluate(args.model, args.out, args.clips, args.heldout, args.seed, reading, training,
-                                 lambda line: print(line, file=sys.stderr), args.data, args.heldout_data)  # fmt: skip
+                                 lambda line: print(line, file=sys.stderr), args.data, args.heldout_data,
+                                 args.chunk)  # fmt: skip
     print(json.dumps({"classifier": args.out, "heldout": summary["heldout_results"]}))
 
 

@@ -34,7 +34,7 @@ from cvg.compshapes.evaluate import auroc
 from cvg.compshapes.grammar import Clip, seen_wording, transfer_wording
 from cvg.compshapes.judge import judge
 from cvg.compshapes.world import render
-from cvg.files import atomic_path, write_text_atomic
+from cvg.files import atomic_path, locked, remove_stale_temporaries, write_text_atomic
 from cvg.generator import to_pixels
 from cvg.inversion import invert
 from cvg.pipeline import CVGPipeline, generator_description, latent_normalisation, load_wan_pipeline, video_size
@@ -44,6 +44,7 @@ from cvg.video import to_uint8
 GUIDED_CATEGORIES = ("spatial", "motion", "attribute", "numeracy")
 SINGLE_READING = "ablation-single-reading"  # beside the classifier: the one trained without dual inversion
 LABEL_TRANSFER = "label-transfer"  # beside it too: trained on labels without the held-out transfer wordings
+LOCK = ".lock"  # in the output directory: held by its one trainer
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ def _cached_chunks(
     """`read(batch)` of each `chunk` items, cached as WORK/000000.pt...; a cached chunk is reused only when
     `describe(batch)` (which clips it holds) matches what it recorded."""
     work.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(work, "*.pt")  # a killed trainer's; callers hold the output's lock
     parts, batch, index = [], [], 0
     start = time.perf_counter()
 
@@ -402,16 +404,27 @@ def train_and_evaluate(
     report: Callable[[str], None] = print,
     data: str | Path | None = None,
     heldout_data: str | Path | None = None,
+    chunk: int = 25,
 ) -> dict:
     """Read training and held-out clips with `model` (CompShapes renders, or the dataset-format folders
     `data` / `heldout_data`), train the dual-inversion classifier (saved to `out`), the single-reading
     ablation (`out/ablation-single-reading`) and the label-transfer classifier (`out/label-transfer`: dual,
     trained without the transfer wordings, measured with labels phrased only in them), and measure them on
-    the held-out clips (`out/training.json`)."""
+    the held-out clips (`out/training.json`). Readings are cached `chunk` clips a file, so a killed run
+    loses at most one chunk; one trainer per `out` at a time (a second is refused)."""
 
     if reading.source not in ("trajectory", "inversion"):
         raise ValueError(f"reading source must be trajectory or inversion, got {reading.source!r}")
-    out, started = Path(out), time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with locked(out / LOCK, wait=False):  # LockedError, naming the holder's pid, if another trainer runs
+        return _train_and_evaluate(model, out, clips, heldout, seed, reading, training, report, data, heldout_data,
+                                   chunk)  # fmt: skip
+
+
+def _train_and_evaluate(model, out: Path, clips, heldout, seed, reading, training, report, data, heldout_data,
+                        chunk) -> dict:  # fmt: skip
+    started = time.perf_counter()
     pipe = load_wan_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     size = video_size(model)
@@ -434,10 +447,10 @@ def train_and_evaluate(
         if reading.source == "trajectory":  # only the clips' prompts: the generator makes the videos
             if folder is None:
                 return read_trajectories(pipe, compshapes_clips(seed, stream, count, split, frames, height), reading,
-                                         where, report=report)  # fmt: skip
+                                         where, chunk, report)  # fmt: skip
             return read_trajectories(pipe, (c for c, _ in source(folder, stream, count, split)), reading, where,
-                                     report=report)  # fmt: skip
-        readings = read_clips(pipe, source(folder, stream, count, split), reading, where, report=report)
+                                     chunk, report)  # fmt: skip
+        readings = read_clips(pipe, source(folder, stream, count, split), reading, where, chunk, report)
         return replace(readings, timesteps=torch.tensor(guided_levels(pipe, reading)[1]))
 
     train_set, held_set = read(data, 10, clips, "train"), read(heldout_data, 11, heldout, "heldout")

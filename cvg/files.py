@@ -29,15 +29,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+class LockedError(OSError):
+    """Another process holds the lock `locked(wait=False)` asked for; `holder` is its pid as it wrote it."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"{path} is held by another process (pid {holder})")
+        self.holder = holder
+
+
 @contextmanager
 def locked(path: str | os.PathLike, wait: bool = True) -> Iterator[IO[str]]:
     """Hold an exclusive lock on `path` (created; it holds the holder's pid) for the block. `wait=False`:
-    BlockingIOError at once if another process holds it. A killed holder's lock goes with it."""
+    LockedError at once if another process holds it. A killed holder's lock goes with it."""
     import fcntl
 
     handle = open(path, "a+")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise LockedError(Path(path), Path(path).read_text().strip() or "?") from None
         handle.truncate(0)
         handle.write(str(os.getpid()))
         handle.flush()

@@ -2,13 +2,12 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
+from processes import kill_when
 
 from cvg.compshapes.dataset import INDEX, ClipWriter, DatasetError, read_frames, read_index, write_dataset
 
@@ -81,13 +80,7 @@ def test_a_resume_with_other_settings_is_refused(tmp_path):
 
 def _kill_after(argv: list[str], out, records: int, extra: float) -> int:
     """Run `argv`, SIGKILL it `extra` seconds after `out` holds `records` records; the records it left."""
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while len(read_index(out)) < records and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(extra)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(argv, lambda: len(read_index(out)) >= records, extra, timeout=120)
     return len(read_index(out))
 
 

@@ -3,17 +3,23 @@ leakage that single readings learn and dual readings do not (on synthetic maps w
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
+from processes import kill_when
 
 from cvg import dual_inversion
 from cvg.compshapes.dataset import split_clip, write_dataset
 from cvg.compshapes.grammar import TRANSFER_WORDINGS
 from cvg.compshapes.judge import judge
 from cvg.dual_inversion import ReadingConfig, Readings, TrainingConfig, evaluate_readings, train_classifier
+from cvg.files import LockedError, locked
 from cvg.pipeline import MANIFEST, CVGPipeline, load_wan_pipeline
 from cvg.sampler import Denoiser, GuidanceConfig
 from cvg.video import to_uint8
@@ -177,3 +183,46 @@ def test_train_and_evaluate_saves_three_classifiers_and_resumes(tiny_model_dir, 
     with pytest.raises(ValueError, match="the generator makes 9x64x64 videos"):
         write_dataset(tmp_path / "small", 1, 0, ("spatial",), 9, 32, 32)
         dual_inversion.train_and_evaluate(model, out, **{**run, "heldout_data": tmp_path / "small"})
+
+
+def _model_with_manifest(tiny_model_dir, directory):
+    shutil.copytree(tiny_model_dir, directory)
+    (directory / MANIFEST).write_text(json.dumps({"recipe": {"size": SIZE["height"], "frames": SIZE["frames"]}}))
+    return directory
+
+
+def test_a_killed_trainer_resumes_with_every_reading_once(tiny_model_dir, tmp_path):
+    """`cvg train-classifier` killed at drawn moments while it reads, then run to the end: the readings and
+    the three heads are those of one uninterrupted run, and no killed writer's temporary is left."""
+    model = _model_with_manifest(tiny_model_dir, tmp_path / "model")
+    argv = [sys.executable, "-m", "cvg", "train-classifier", "--model", str(model), "--clips", "4", "--heldout", "1",
+            "--chunk", "1", "--steps", "4", "--guide-steps", "2", "--epochs", "2", "--hidden-dim", "16"]  # fmt: skip
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert subprocess.run([*argv, "--out", str(whole)], capture_output=True).returncode == 0
+
+    def readings(out):
+        return sorted(p.relative_to(out) for p in (out / ".work").glob("*/readings-*/*.pt"))
+
+    rng = np.random.default_rng(0)
+    for count in (1, 3):
+        extra = float(rng.uniform(0, 0.3))
+        kill_when([*argv, "--out", str(killed)], lambda count=count: len(readings(killed)) >= count, extra)
+        assert 0 < len(readings(killed)) < 5  # killed mid-job
+    done = subprocess.run([*argv, "--out", str(killed)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert readings(killed) == readings(whole) and len(readings(whole)) == 5  # 4 training and 1 held-out chunks
+    for name in readings(whole):
+        ours, theirs = torch.load(killed / name, weights_only=True), torch.load(whole / name, weights_only=True)
+        assert ours.keys() == theirs.keys() and torch.equal(ours["maps"], theirs["maps"])
+        assert torch.equal(ours["targets"], theirs["targets"]) and ours["seeds"] == theirs["seeds"]
+    assert not list((killed / ".work").rglob(".*.tmp*"))
+    results = [json.loads((out / "training.json").read_text())["heldout_results"] for out in (whole, killed)]
+    assert results[0] == results[1]
+
+
+def test_a_second_trainer_on_one_output_is_refused(tiny_model_dir, tmp_path):
+    out = tmp_path / "classifier"
+    out.mkdir()
+    with locked(out / dual_inversion.LOCK), pytest.raises(LockedError, match=rf"pid {os.getpid()}\)"):
+        dual_inversion.train_and_evaluate(tiny_model_dir, out, clips=1, heldout=0, report=lambda _: None)
+    assert sorted(p.name for p in out.iterdir()) == [dual_inversion.LOCK]  # nothing read or written

@@ -208,21 +208,16 @@ def test_model_key_survives_save_and_load_and_follows_the_weights(tiny_pipe, tmp
 
 def test_a_killed_export_leaves_no_file_that_is_used(tiny_model_dir, tmp_path):
     """Killed while the ONNX file is being written, then run again: one verified export, built anew."""
-    import signal
     import subprocess
     import sys
-    import time
+
+    from processes import kill_when
 
     from cvg.files import verified
 
     argv = [sys.executable, "-m", "cvg", "export", "--model", str(tiny_model_dir), "--shape", "64x64x9", "--backend",
             "onnxruntime", "--max-sequence-length", "32", "--cache", str(tmp_path)]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not list(tmp_path.glob(".*.tmp.onnx")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(argv, lambda: bool(list(tmp_path.glob(".*.tmp.onnx"))))
     assert list(tmp_path.glob(".*.tmp.onnx")) and not list(tmp_path.glob("[!.]*.onnx"))  # killed mid-write
     done = subprocess.run(argv, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

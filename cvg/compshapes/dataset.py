@@ -19,7 +19,7 @@ import numpy as np
 
 from cvg.compshapes.grammar import CATEGORIES, Clip, held_out, sample_clip
 from cvg.compshapes.world import render
-from cvg.files import atomic_path, locked, read_json_object, remove_stale_temporaries, write_text_atomic
+from cvg.files import LockedError, atomic_path, locked, read_json_object, remove_stale_temporaries, write_text_atomic
 
 INDEX = "index.jsonl"
 
@@ -109,9 +109,8 @@ class ClipWriter:
         self._stack = contextlib.ExitStack()
         try:
             self._stack.enter_context(locked(self.directory / LOCK, wait=False))
-        except BlockingIOError:
-            holder = (self.directory / LOCK).read_text().strip() or "?"
-            raise DatasetError(f"{self.directory} is being written by another process (pid {holder}); wait for "
+        except LockedError as e:
+            raise DatasetError(f"{self.directory} is being written by another process (pid {e.holder}); wait for "
                                "it or write elsewhere") from None  # fmt: skip
         try:
             self._check_params()
