@@ -28,7 +28,7 @@ demo: $(STAMP)
 		--out demo/out.mp4 --save-maps demo/maps.png --judge --compare-seeds 8 --contact-sheet demo/contact.png
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
