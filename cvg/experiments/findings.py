@@ -176,8 +176,12 @@ def main(argv: list[str] | None = None) -> None:
     options = f" --guidance {','.join(f'{k}={v}' for k, v in changed.items())}" if changed else ""
     options += " --split train" if args.split == "train" else ""
     options += f" --spec-seed {args.spec_seed} --noise-seed {args.noise_seed}"
-    unguided = row_name("unguided", args.steps, args.guidance)
-    pairs = f"Paired with the unguided row:\n\n{paired(results, unguided)}\n\n" if "unguided" in rows else ""
+    # Paired with the unguided row (does guidance help?) and with the CVG row (does it beat the other guides?).
+    pairs = "".join(
+        f"Paired with the {base} row:\n\n{paired(results, row_name(base, args.steps, args.guidance))}\n\n"
+        for base in ("unguided", "cvg")
+        if base in rows and len(rows) > 1
+    )
     timing = ", ".join(f"{r} {s:.2f} s" for r, s in seconds.items() if s is not None)
     text = (
         f"Command: `python -m cvg.experiments.findings --model {args.model} --classifier {args.classifier} "
