@@ -5,7 +5,7 @@
 
 from setuptools import setup
 
-try:  # the optional native extension cvg._C (csrc/); cvg works without it (see cvg/native.py)
+try:  # the optional native extension cvg._C (csrc/); cvg works without it (see cvg/io/native.py)
     from pybind11.setup_helpers import Pybind11Extension
 
     ext_modules = [
@@ -26,7 +26,8 @@ setup(
     version="0.1.0",
     description="Inference-time compositional guidance for frozen text-to-video diffusion models",
     python_requires=">=3.10",
-    packages=["cvg", "cvg.kernels", "cvg.compshapes", "cvg.experiments"],
+    packages=["cvg", "cvg.kernels", "cvg.io", "cvg.ops", "cvg.models", "cvg.guidance", "cvg.runtime", "cvg.serving",
+              "cvg.training", "cvg.compshapes", "cvg.experiments", "cvg.cli"],
     package_dir={"cvg": "cvg", "cvg.kernels": "kernels"},
     install_requires=[
         "torch>=2.5",
@@ -45,7 +46,7 @@ setup(
     entry_points={"console_scripts": ["cvg = cvg.cli:main"]},
     extras_require={
         "triton": ["triton>=3.2"],
-        # Step engines (cvg.engine): ONNX export and ONNX Runtime; GPU users install onnxruntime-gpu instead.
+        # Step engines (cvg.runtime): ONNX export and ONNX Runtime; GPU users install onnxruntime-gpu instead.
         "onnx": ["onnx", "onnxscript", "onnxruntime"],
         # Native TensorRT plans: from NVIDIA's package index, CUDA only; never installed on cvg's CI.
         "tensorrt": ["tensorrt>=10"],

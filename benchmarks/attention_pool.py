@@ -3,7 +3,7 @@
     python benchmarks/attention_pool.py [--quick] [--write benchmarks/RESULTS.md]
 
 Times: per pass, one process runs every backend in turn for `--repeats` rounds after a warm-up and
-reports medians. Memory: each (backend, pass) in its own fresh process (see cvg.memory), the peak
+reports medians. Memory: each (backend, pass) in its own fresh process (see cvg.experiments.memory), the peak
 above the inputs of one run after a warm-up. Ratios compare backends of the same invocation, since
 this machine is shared and noisy.
 """
@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from cvg import attention_pool
-from cvg.bench import json_child, write_section
-from cvg.files import write_text_atomic
-from cvg.memory import ISOLATED_ENV, peak_extra_bytes
+from cvg.experiments.memory import ISOLATED_ENV, peak_extra_bytes
+from cvg.experiments.report import json_child, write_section
+from cvg.io.files import write_text_atomic
 
 FULL = dict(B=1, H=12, N=16384, M=512, D=64, T=8)
 QUICK = dict(B=1, H=12, N=4096, M=512, D=64, T=8)

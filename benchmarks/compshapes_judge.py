@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from cvg.bench import write_section
 from cvg.compshapes.grammar import CATEGORIES, sample_clip
 from cvg.compshapes.judge import detect, judge_detections
 from cvg.compshapes.world import render
+from cvg.experiments.report import write_section
 
 CORRUPTIONS = [
     (0.0, 0.0),

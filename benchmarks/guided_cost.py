@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from cvg.bench import machine_line, publish
 from cvg.compshapes.dataset import split_clip
 from cvg.compshapes.grammar import CATEGORIES
+from cvg.experiments.report import machine_line, publish
 from cvg.pipeline import CVGPipeline
 
 MODELS = Path(__file__).resolve().parent.parent / "models"

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from cvg.bench import machine_line, publish
-from cvg.native import MISSING, native
+from cvg.experiments.report import machine_line, publish
+from cvg.io.native import MISSING, native
 
 SIZES = {"CompShapes 17x64x64": (17, 64, 64, 3), "Wan 81x480x832": (81, 480, 832, 3)}
 
 
 def numpy_pack(frames: np.ndarray) -> np.ndarray:
-    """`cvg.video.to_uint8`'s numpy path: the finiteness check, then the conversion."""
+    """`cvg.io.video.to_uint8`'s numpy path: the finiteness check, then the conversion."""
     if not np.isfinite(frames).all():
         raise ValueError("non-finite frames")
     return (np.clip(frames, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)

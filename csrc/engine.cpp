@@ -77,8 +77,8 @@ auto with_python(F&& f) -> decltype(f()) {
 }  // namespace
 
 struct Engine::Impl {
-  py::object engine;    // cvg.serving.Engine
-  py::object generate;  // cvg.embedding.generate
+  py::object engine;    // cvg.serving.service.Engine
+  py::object generate;  // cvg.serving.cpp_api.generate
   int frames = 0, height = 0, width = 0;
   std::string backend;
 
@@ -92,7 +92,7 @@ struct Engine::Impl {
 Engine::Engine(const std::string& model_dir, const EngineOptions& options) {
   start_python(options.python);
   impl_ = with_python([&] {
-    py::module_ embedding = py::module_::import("cvg.embedding");
+    py::module_ embedding = py::module_::import("cvg.serving.cpp_api");
     py::dict opts;
     opts["height"] = options.height;
     opts["width"] = options.width;

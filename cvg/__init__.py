@@ -1,27 +1,50 @@
-"""cvg: inference-time compositional guidance for frozen text-to-video diffusion models."""
+"""cvg: inference-time compositional guidance for frozen text-to-video diffusion models.
+
+The package is in layers; each imports only those below it (checked by import-linter, `.importlinter`):
+
+    cli, bench          the command line and the benchmark driver
+    experiments         findings, diagnostics and memory measurements
+    training            the CompShapes generator and the classifier (dual inversion)
+    compshapes, serving the synthetic world and its judge; the serving engine and its C++ bridge
+    pipeline            CVGPipeline: a diffusers WanPipeline with compositional guidance
+    runtime             step engines for the later steps; the guided step as one graph
+    guidance            compositions, objectives, the classifier, the guided sampler, inversion
+    models              what knows diffusers' model internals: Wan loading, processors, VAE decode
+    ops                 the attention-pool op and its backends (Triton kernels in cvg.kernels)
+    io, threads         files, videos, the native extension; how cvg shares the machine's cores
+
+`import cvg` loads nothing heavy: the public names below load on first use.
+"""
 
 from cvg import threads
 
 threads.prepare_environment()  # before torch loads libgomp (cvg.threads)
 
-from cvg.attention_pool import BACKENDS, attention_pool  # noqa: E402
-from cvg.pooling import grid_groups  # noqa: E402
-
-threads.apply_thread_count()
+_PUBLIC = {
+    "attention_pool": "cvg.ops.attention_pool",
+    "BACKENDS": "cvg.ops.attention_pool",
+    "grid_groups": "cvg.ops.pooling",
+    "Composition": "cvg.guidance.composition",
+    "GuidanceConfig": "cvg.guidance.sampler",
+    "CVGPipeline": "cvg.pipeline",
+    "CVGOutput": "cvg.pipeline",
+    "Engine": "cvg.serving",
+}
 
 
 def __getattr__(name: str):
-    # The diffusers integration loads lazily: `import cvg` for the op alone stays light.
-    if name == "CVGPipeline":
-        from cvg.pipeline import CVGPipeline
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'cvg' has no attribute {name!r}")
+    import importlib
 
-        return CVGPipeline
-    if name == "Composition":
-        from cvg.composition import Composition
-
-        return Composition
-    raise AttributeError(f"module 'cvg' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
 
 
-__all__ = ["BACKENDS", "CVGPipeline", "Composition", "attention_pool", "grid_groups"]
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])
+
+
+__all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"

@@ -13,7 +13,7 @@ Variants, all on the same tiny Wan pipeline (random weights, real MiniLM text en
 
 Times: every variant in turn in one process (with TIMING_ENV), `--repeats` rounds after a warm-up,
 medians. Peak memory:
-each variant in a fresh process (see cvg.memory), above the loaded pipeline, for the denoising phase
+each variant in a fresh process (see cvg.experiments.memory), above the loaded pipeline, for the denoising phase
 (text encoding and every step) and for the VAE decode apart. Ratios come from one run.
 """
 
@@ -21,11 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -33,8 +29,9 @@ from pathlib import Path
 
 import torch
 
-from cvg.files import write_text_atomic
-from cvg.memory import ISOLATED_ENV, peak_extra_bytes
+from cvg.experiments.memory import ISOLATED_ENV, peak_extra_bytes
+from cvg.experiments.report import json_child, machine_line, write_section
+from cvg.io.files import write_text_atomic
 
 VARIANTS = ("diffusers", "unguided", "guided", "naive-guided", "naive-cross-guided")
 PHASES = ("text_encoding", "guided_steps", "unguided_steps", "vae_decode")
@@ -72,10 +69,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _runner(variant: str, args: argparse.Namespace):
     """`run(output_type)` generating once with `variant` and returning (phase timings, output), and the pipeline."""
+    from cvg.guidance.config import GuidanceConfig
+    from cvg.models.processors import record_maps
+    from cvg.models.tiny import tiny_wan_pipeline
     from cvg.pipeline import CVGPipeline
-    from cvg.processors import record_maps
-    from cvg.sampler import GuidanceConfig
-    from cvg.tiny import tiny_wan_pipeline
 
     pipe = tiny_wan_pipeline(0, args.layers, args.heads, args.head_dim, args.ffn_dim)
     common = dict(height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
@@ -120,7 +117,7 @@ def measure_times(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]
 
 def _memory_child(variant: str, args: argparse.Namespace) -> dict[str, int]:
     """Peak bytes above the loaded pipeline: denoising (text encoding and all steps), then VAE decode."""
-    from cvg.pipeline import decode_latents
+    from cvg.models.wan import decode_latents
 
     run, pipe = _runner(variant, args)
     run()  # warm-up
@@ -140,10 +137,6 @@ def _size_argv(args: argparse.Namespace) -> list[str]:
     keys = ("height", "width", "frames", "steps", "guide_steps", "text_tokens", "layers", "heads", "head_dim",
             "ffn_dim", "guidance_scale")  # fmt: skip
     return [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
-
-
-def machine_line() -> str:
-    return f"CPU ({os.cpu_count()} cores, torch {torch.__version__}, {platform.machine()})"
 
 
 def table(times: dict, memory: dict, args: argparse.Namespace) -> str:
@@ -194,33 +187,6 @@ def engine_table(times: dict, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def publish(text: str, path: Path | None, name: str) -> None:
-    """Print a results text and, with `path`, record it as the marked section `name` of that Markdown file."""
-    print(text)
-    if path is not None:
-        write_section(path, name, text)
-
-
-def write_section(path: Path, name: str, body: str) -> None:
-    """Replace (or append) the marked section `name` of a Markdown file, atomically."""
-    begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{begin}\n{body}\n{end}"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    write_text_atomic(path, text)
-
-
-def json_child(argv: list[str], env: dict[str, str], what: str) -> dict:
-    """Run `python argv...` with extra environment; its last stdout line is JSON. One-line error if it fails."""
-    proc = subprocess.run([sys.executable, *argv], env={**os.environ, **env}, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{what} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.memory:
@@ -244,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         note = (
             "Peak memory is measured above the loaded pipeline, for the denoising phase (text encoding and all "
             "steps, where guidance differs) and for the VAE decode (the same code in every variant: "
-            "`cvg.vae_cpu`'s CPU paths) apart; the peak columns compare the larger of the two. naive-guided is "
+            "`cvg.models.vae_cpu`'s CPU paths) apart; the peak columns compare the larger of the two. naive-guided is "
             "guidance the way Attend-and-Excite runs it: its processor replaces every attention (self and cross) "
             "for the whole run and materialises each softmax; naive-cross-guided materialises only the "
             "cross-attention (a stronger baseline). Guided steps use the defaults: every block recorded, "
@@ -255,11 +221,12 @@ def main(argv: list[str] | None = None) -> None:
         write_section(args.write, "cvg_bench", f"Command: `python -m cvg.bench`\n\n{note}\n\n{text}")
         if engines:
             engine_note = (
-                "Step engines (`cvg.engine`): the same guided generation with its gradient-free forwards on each "
-                "backend (text attention over 64 kept rows with the padding's key bias instead of 512 tokens) and "
-                "its guided steps through `cvg.guided_graph` (eager on CPU). First call = the first generation in "
-                "the process, engine build (export or compile, from a cold cache) included; the rest are medians "
-                "of the timed rounds of the same run. Speedups are over the guided row: diffusers' eager forward."
+                "Step engines (`cvg.runtime.step_engine`): the same guided generation with its gradient-free "
+                "forwards on each backend (text attention over 64 kept rows with the padding's key bias instead of "
+                "512 tokens) and its guided steps through `cvg.runtime.guided_graph` (eager on CPU). First call = "
+                "the first generation in the process, engine build (export or compile, from a cold cache) "
+                "included; the rest are medians of the timed rounds of the same run. Speedups are over the guided "
+                "row: diffusers' eager forward."
             )
             write_section(args.write, "cvg_bench_engines", f"Command: `python -m cvg.bench`\n\n{engine_note}\n\n"
                           f"{text.splitlines()[0]}\n\n{engines}")  # fmt: skip

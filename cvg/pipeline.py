@@ -18,20 +18,19 @@ import torch
 from diffusers import WanPipeline
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-from cvg.composition import BoundComposition, Composition
-from cvg.engine import BACKENDS, StepEngine, StepShape, build_engine, model_key
-from cvg.files import read_json_object
-from cvg.guided_graph import GuidedStepGraph, graph_key
-from cvg.minilm import PACKAGE, load_minilm
-from cvg.objectives import Objective, objective_for
-from cvg.processors import resolve_layers
-from cvg.sampler import Denoiser, GuidanceConfig, GuidedStep, denoise
-from cvg.vae_cpu import cpu_decoding
+from cvg.guidance.binding import BoundComposition
+from cvg.guidance.composition import Composition
+from cvg.guidance.config import GuidanceConfig
+from cvg.guidance.objectives import Objective, objective_for
+from cvg.guidance.sampler import Denoiser, GuidedStep, denoise
+from cvg.io.files import read_json_object
+from cvg.models.wan import decode_latents, generator_description, load_wan_pipeline
+from cvg.runtime.guided_graph import GuidedStepGraph, graph_key
+from cvg.runtime.step_engine import BACKENDS, StepEngine, StepShape, build_engine
 
 MAX_STEPS = 1000  # the schedulers' training timesteps: a longer schedule repeats timesteps
 MAX_TEXT_TOKENS = 512  # Wan's text length (UMT5's positions)
 MAX_GRAPHS = 8  # guided-step graphs kept per pipeline (shape x composition); each holds its own buffers
-MANIFEST = "generator.json"  # beside a saved WanPipeline: which packaged text encoder it was trained with
 
 
 @dataclass
@@ -55,7 +54,7 @@ class CVGPipeline:
         engine: str | None = None,
         engine_cache: str | Path | None = None,
     ):
-        """`engine` runs the gradient-free transformer forwards on a `cvg.engine` backend ("auto",
+        """`engine` runs the gradient-free transformer forwards on a `cvg.runtime.step_engine` backend ("auto",
         "onnxruntime", ...), built once per shape and kept; None runs them in eager diffusers."""
         if not isinstance(pipe, WanPipeline):
             raise TypeError(f"CVGPipeline wraps a diffusers WanPipeline, got {type(pipe).__name__}")
@@ -116,7 +115,7 @@ class CVGPipeline:
     def load_classifier(self, directory: str | Path) -> None:
         """Guide with a trained compositional classifier (`cvg train-classifier`) from now on; it must have
         been trained on this generator's maps, recorded as `self.guidance` records them."""
-        from cvg.classifier import ClassifierObjective
+        from cvg.guidance.classifier import ClassifierObjective
 
         description = generator_description(self.pipe.transformer, self.guidance.layers, self.guidance.pool)
         self.objective = ClassifierObjective.from_pretrained(directory, description)
@@ -258,50 +257,3 @@ class CVGPipeline:
             for item in iterable:
                 yield item
                 bar.update()
-
-
-def load_wan_pipeline(path: str | Path, **kwargs) -> WanPipeline:
-    """`WanPipeline.from_pretrained` on a local directory, with the packaged MiniLM put back where the
-    directory's `generator.json` names it in place of a saved text encoder (cvg's trained generators)."""
-    path = Path(path)
-    manifest = path / MANIFEST
-    if manifest.is_file() and read_json_object(manifest).get("text_encoder") == PACKAGE:
-        if "text_encoder" not in kwargs:
-            kwargs["tokenizer"], kwargs["text_encoder"] = load_minilm()
-    return WanPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
-
-
-def latent_normalisation(vae) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (mean, std) `[1, C, 1, 1, 1]` by which WanPipeline normalises the VAE's latents."""
-    shape = (1, vae.config.z_dim, 1, 1, 1)
-    return torch.tensor(vae.config.latents_mean).view(shape), torch.tensor(vae.config.latents_std).view(shape)
-
-
-@torch.no_grad()
-def decode_latents(pipe: WanPipeline, latents: torch.Tensor, output_type: str):
-    """WanPipeline's decode: un-normalise the latents, VAE decode (fast CPU paths: `cvg.vae_cpu`),
-    post-process to `output_type`."""
-    vae = pipe.vae
-    latents = latents.to(vae.device, vae.dtype)
-    mean, std = (x.to(latents.device, latents.dtype) for x in latent_normalisation(vae))
-    with cpu_decoding(vae):
-        video = vae.decode(latents / (1.0 / std) + mean, return_dict=False)[0]  # WanPipeline's own arithmetic
-    return pipe.video_processor.postprocess_video(video, output_type=output_type)
-
-
-def video_size(path: str | Path, height: int | None = None, width: int | None = None,
-               num_frames: int | None = None) -> dict[str, int]:  # fmt: skip
-    """The size asked for, else the size a cvg-trained model's manifest records, else Wan's 480x832x81."""
-    manifest = Path(path) / MANIFEST
-    recipe = read_json_object(manifest).get("recipe", {}) if manifest.is_file() else {}
-    return {
-        "height": recipe.get("size", 480) if height is None else height,
-        "width": recipe.get("size", 832) if width is None else width,
-        "num_frames": recipe.get("frames", 81) if num_frames is None else num_frames,
-    }
-
-
-def generator_description(transformer: torch.nn.Module, layers: list[int] | None, pool: tuple[int, int, int]) -> dict:
-    """What a classifier trained on this generator's maps is bound to: its weights, recorded layers, pooling."""
-    return {"transformer": model_key(transformer), "layers": list(resolve_layers(transformer, layers)),
-            "pool": list(pool)}  # fmt: skip

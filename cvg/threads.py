@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,8 +26,15 @@ KNOB = "CVG_NUM_THREADS"
 
 
 def prepare_environment() -> None:
-    """Run before torch is imported: the OpenMP settings that libgomp reads when it loads."""
+    """At `import cvg`: the OpenMP settings libgomp reads when it loads, so torch starts with
+    `thread_count()` intra-op threads; if torch is already loaded, its thread count is set instead."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "torch" not in sys.modules and (os.environ.get(KNOB) or not os.environ.get("OMP_NUM_THREADS")):
+        os.environ["OMP_NUM_THREADS"] = str(thread_count())
+    # torch caps OMP_NUM_THREADS at the core count when it loads: more threads than cores (the knob's
+    # choice) need torch loaded now; so does a torch that was loaded before cvg.
+    if "torch" in sys.modules or thread_count() > available_cores():
+        apply_thread_count()
 
 
 def available_cores() -> int:
@@ -52,7 +60,7 @@ def thread_count() -> int:
 
 
 def apply_thread_count() -> None:
-    """At `import cvg`: the knob if set, else never more intra-op threads than `thread_count()` (torch counts
+    """With torch loaded: the knob if set, else never more intra-op threads than `thread_count()` (torch counts
     the machine's CPUs, not the container's quota); a smaller count someone chose is kept."""
     import torch
 

@@ -1,4 +1,4 @@
-"""Serving `cvg.serving.Engine` over HTTP with the standard library only: validation and a concurrency limit.
+"""Serving `cvg.serving.service.Engine` over HTTP with the standard library only: validation and a concurrency limit.
 
     python examples/serve_http.py --model models/compshapes-wan --port 8000
     curl -s localhost:8000/generate -d '{"prompt": "a red cube to the left of a blue ball",
@@ -23,8 +23,8 @@ import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from cvg.embedding import generate, video_shape
-from cvg.serving import Engine
+from cvg.serving.cpp_api import generate, video_shape
+from cvg.serving.service import Engine
 
 MAX_BODY = 64 * 1024
 READ_TIMEOUT = 10.0  # seconds a client may take to send its request: a stalled one cannot hold a thread

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cvg.pooling import PoolSpec
+from cvg.ops.pooling import PoolSpec
 
 MASKED_SCORE = -1.0e30
 NEG_BIG = tl.constexpr(MASKED_SCORE)  # jit functions may only read constexpr globals
@@ -383,7 +383,7 @@ def attention_pool_triton(
     scale: float,
     bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs are checked by `cvg.attention_pool`; this only adapts them to the kernels. `bias`: the
+    """Inputs are checked by `cvg.ops.attention_pool`; this only adapts them to the kernels. `bias`: the
     additive `[B, M]` score bias in natural-log units, -inf at masked keys."""
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"attention_pool: backend 'triton' supports float16, bfloat16 and float32, got {q.dtype}")

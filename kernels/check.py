@@ -26,7 +26,7 @@ from cvg.kernels import attention_pool as ap
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 
-from cvg.files import write_text_atomic
+from cvg.io.files import write_text_atomic
 
 _TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 # Argument kinds by name: pointers get the 16-byte alignment the runtime sees for torch allocations.

@@ -26,7 +26,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_pipe():
     """A random tiny WanPipeline with the real MiniLM text encoder (shared: tests must not modify it)."""
-    from cvg.tiny import tiny_wan_pipeline
+    from cvg.models.tiny import tiny_wan_pipeline
 
     return tiny_wan_pipeline(seed=0)
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import strategies as st
 
 from cvg import attention_pool
-from cvg.pooling import make_pool_spec, unpool_rows
+from cvg.ops.pooling import make_pool_spec, unpool_rows
 
 
 @dataclass

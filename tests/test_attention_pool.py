@@ -9,9 +9,9 @@ from reference import assert_key_bias_counts_copies, assert_matches_reference, m
 from tolerance import ulps
 
 from cvg import attention_pool
-from cvg.attention_pool import resolve_backend
-from cvg.attention_pool_torch import attention_pool_sdpa
-from cvg.pooling import make_pool_spec
+from cvg.ops.attention_pool import resolve_backend
+from cvg.ops.attention_pool_torch import attention_pool_sdpa
+from cvg.ops.pooling import make_pool_spec
 
 
 @settings(max_examples=60)

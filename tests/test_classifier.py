@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from cvg.classifier import ClassifierConfig, ClassifierObjective, CompositionClassifier, LabelEncoder, label_of
-from cvg.composition import BoundComposition, Composition
-from cvg.sampler import GuidanceConfig
+from cvg.guidance.binding import BoundComposition
+from cvg.guidance.classifier import ClassifierConfig, ClassifierObjective, CompositionClassifier, LabelEncoder, label_of
+from cvg.guidance.composition import Composition
+from cvg.guidance.config import GuidanceConfig
 
 GENERATOR = {"transformer": "0123abcd", "layers": [0, 1], "pool": [1, 1, 1]}
 
@@ -97,8 +98,9 @@ def test_label_encoder_is_frozen_normalised_and_cached():
 
 
 def test_a_pipeline_loads_a_classifier_trained_for_its_generator(tiny_pipe, tmp_path):
-    from cvg.pipeline import CVGPipeline, generator_description
-    from cvg.tiny import tiny_wan_pipeline
+    from cvg.models.tiny import tiny_wan_pipeline
+    from cvg.models.wan import generator_description
+    from cvg.pipeline import CVGPipeline
 
     pipe = CVGPipeline(tiny_pipe, guidance=GuidanceConfig(pool=(1, 1, 1), guide_steps=2, iterations=1))
     description = generator_description(tiny_pipe.transformer, None, (1, 1, 1))

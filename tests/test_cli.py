@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from cvg.cli import build_parser, main
-from cvg.sampler import GuidanceConfig
+from cvg.guidance.config import GuidanceConfig
 
 SMALL = ["--height", "64", "--width", "64", "--frames", "9", "--steps", "4", "--pool", "1", "--quiet",
          "--max-sequence-length", "64"]  # fmt: skip
@@ -22,6 +22,15 @@ def test_help_documents_every_flag():
     for name, command in build_parser()._subparsers._group_actions[0].choices.items():
         undocumented = [a.dest for a in command._actions if not a.help]
         assert not undocumented, f"cvg {name}: flags without help: {undocumented}"
+
+
+def test_the_parser_loads_no_model_stack():
+    """`cvg --help` and argument errors answer without torch or diffusers (the commands load them)."""
+    code = ("import sys, cvg.cli; cvg.cli.build_parser().parse_args(['generate', '--model', 'm', '--prompt', 'p', "
+            "'--out', 'o.mp4']); print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
 
 
 def test_generate_mp4_and_maps(tiny_model_dir, tmp_path, capsys):

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cvg.composition import Composition, CompositionError
+from cvg.guidance.composition import Composition, CompositionError
 
 
 @pytest.mark.parametrize(

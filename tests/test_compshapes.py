@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from cvg.cli import main
-from cvg.composition import Composition
 from cvg.compshapes.dataset import clip_seed, read_frames, read_index, split_clip, write_dataset
 from cvg.compshapes.evaluate import evaluate, wilson_interval
 from cvg.compshapes.grammar import (
@@ -23,6 +22,7 @@ from cvg.compshapes.grammar import (
 )
 from cvg.compshapes.judge import detect, entity_colour_shape, judge_detections
 from cvg.compshapes.world import Scene, Thing, render
+from cvg.guidance.composition import Composition
 
 
 def test_rendering_is_deterministic_by_seed():
@@ -165,7 +165,7 @@ def test_encoder_training_is_deterministic(tmp_path):
 
 def test_eval_reads_mp4_videos(tmp_path):
     """Generated videos come as mp4: the same index format, decoded with imageio."""
-    from cvg.video import save_frames
+    from cvg.io.video import save_frames
 
     write_dataset(tmp_path, 4, seed=9)
     records = read_index(tmp_path)
@@ -181,7 +181,7 @@ def test_eval_reads_mp4_videos(tmp_path):
 
 
 def test_a_failed_write_leaves_nothing(tmp_path):
-    from cvg.files import atomic_path
+    from cvg.io.files import atomic_path
 
     with pytest.raises(RuntimeError), atomic_path(tmp_path / "clip.npz") as tmp:
         tmp.write_bytes(b"partial")

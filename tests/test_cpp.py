@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cvg.serving import Engine
+from cvg.serving.service import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "compshapes-wan"

@@ -4,13 +4,13 @@ import math
 
 import torch
 
-from cvg.classifier import ClassifierConfig, ClassifierObjective, CompositionClassifier
 from cvg.compshapes.dataset import read_index, write_dataset
 from cvg.compshapes.evaluate import auroc
+from cvg.compshapes.videoset import generate_set
 from cvg.experiments import diagnostics
+from cvg.guidance.classifier import ClassifierConfig, ClassifierObjective, CompositionClassifier
+from cvg.guidance.config import GuidanceConfig
 from cvg.pipeline import CVGPipeline
-from cvg.sampler import GuidanceConfig
-from cvg.videoset import generate_set
 
 
 def test_auroc_counts_ranked_pairs_and_ties():

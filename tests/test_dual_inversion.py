@@ -14,15 +14,19 @@ import pytest
 import torch
 from processes import kill_when
 
-from cvg import dual_inversion
 from cvg.compshapes.dataset import split_clip, write_dataset
 from cvg.compshapes.grammar import TRANSFER_WORDINGS
 from cvg.compshapes.judge import judge
-from cvg.dual_inversion import ReadingConfig, Readings, TrainingConfig, evaluate_readings, train_classifier
-from cvg.files import LockedError, locked
-from cvg.pipeline import MANIFEST, CVGPipeline, load_wan_pipeline
-from cvg.sampler import Denoiser, GuidanceConfig
-from cvg.video import to_uint8
+from cvg.guidance.config import GuidanceConfig
+from cvg.guidance.sampler import Denoiser
+from cvg.io.files import LockedError, locked
+from cvg.io.video import to_uint8
+from cvg.models.wan import MANIFEST, load_wan_pipeline
+from cvg.pipeline import CVGPipeline
+from cvg.training import dual_inversion, readings
+from cvg.training.config import ReadingConfig, TrainingConfig
+from cvg.training.dual_inversion import evaluate_readings, train_classifier
+from cvg.training.readings import Readings
 
 SIZE = {"frames": 9, "height": 64, "width": 64}
 CONFIG = ReadingConfig(num_inference_steps=10, guide_steps=2, substeps=2, max_sequence_length=64)
@@ -33,37 +37,37 @@ def _clips(count, category="spatial"):
 
 
 def test_guided_levels_follow_the_pipelines_scheduler(tiny_pipe):
-    sigmas, timesteps = dual_inversion.guided_levels(tiny_pipe, CONFIG)
+    sigmas, timesteps = readings.guided_levels(tiny_pipe, CONFIG)
     scheduler = type(tiny_pipe.scheduler).from_config(tiny_pipe.scheduler.config)
     scheduler.set_timesteps(10)
     assert sigmas == scheduler.sigmas[:2].tolist() and timesteps == scheduler.timesteps[:2].tolist()
 
 
 def test_a_clip_is_read_under_its_prompt_and_its_counterfactual(tiny_pipe):
-    clip, frames = next(iter(dual_inversion.rendered(_clips(1))))
-    true, counterfactual = dual_inversion.read_clip(tiny_pipe, clip, frames, CONFIG, dual=True)
+    clip, frames = next(iter(readings.rendered(_clips(1))))
+    true, counterfactual = readings.read_clip(tiny_pipe, clip, frames, CONFIG, dual=True)
     layers = len(tiny_pipe.transformer.blocks)
     assert true.shape == counterfactual.shape == (2, layers, 3, 2, 2, 2)  # steps, layers, tiles f/h/w, entities
     assert not torch.allclose(true, counterfactual)  # another prompt, another inversion and reading
     assert (true > 0).all() and torch.isfinite(true).all()
-    (single,) = dual_inversion.read_clip(tiny_pipe, clip, frames, CONFIG, dual=False)
+    (single,) = readings.read_clip(tiny_pipe, clip, frames, CONFIG, dual=False)
     torch.testing.assert_close(single, true)
 
 
 def test_readings_are_cached_and_resumed(tiny_pipe, tmp_path, monkeypatch):
     clips = _clips(3, "motion")  # one entity: the second slot stays empty
-    first = dual_inversion.read_clips(tiny_pipe, dual_inversion.rendered(clips), CONFIG, tmp_path, chunk=2,
-                                      report=lambda _: None)  # fmt: skip
+    first = readings.read_clips(tiny_pipe, readings.rendered(clips), CONFIG, tmp_path, chunk=2,
+                                report=lambda _: None)  # fmt: skip
     assert first.maps.shape[:3] == (3, 2, 2) and first.maps[..., 1].abs().max() == 0
     assert first.true_labels[0] == clips[0].composition.label
     assert first.counterfactual_labels[0] == clips[0].counterfactuals[0][1].label
-    monkeypatch.setattr(dual_inversion, "read_clip", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
-    again = dual_inversion.read_clips(tiny_pipe, dual_inversion.rendered(clips), CONFIG, tmp_path, chunk=2,
-                                      report=lambda _: None)  # fmt: skip
+    monkeypatch.setattr(readings, "read_clip", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
+    again = readings.read_clips(tiny_pipe, readings.rendered(clips), CONFIG, tmp_path, chunk=2,
+                                report=lambda _: None)  # fmt: skip
     assert torch.equal(again.maps, first.maps) and again.true_labels == first.true_labels
     with pytest.raises(AssertionError, match="re-read"):  # other clips in the same place are read, not reused
-        dual_inversion.read_clips(tiny_pipe, dual_inversion.rendered(_clips(3, "spatial")), CONFIG, tmp_path,
-                                  chunk=2, report=lambda _: None)  # fmt: skip
+        readings.read_clips(tiny_pipe, readings.rendered(_clips(3, "spatial")), CONFIG, tmp_path,
+                            chunk=2, report=lambda _: None)  # fmt: skip
 
 
 def test_a_trajectory_is_read_where_the_sampler_passes(tiny_pipe):
@@ -71,7 +75,7 @@ def test_a_trajectory_is_read_where_the_sampler_passes(tiny_pipe):
     itself), under its prompt and its counterfactual; the targets are the judge's verdicts on the clip."""
     clip = _clips(1)[0]
     config = replace(CONFIG, guide_steps=3)
-    maps, targets = dual_inversion.read_trajectory(tiny_pipe, clip, config, seed=5)
+    maps, targets = readings.read_trajectory(tiny_pipe, clip, config, seed=5)
     layers = len(tiny_pipe.transformer.blocks)
     assert maps.shape == (2, 3, layers, 3, 2, 2, 2) and targets.dtype == torch.bool and targets.shape == (2,)
     pipe = CVGPipeline(tiny_pipe)
@@ -84,7 +88,7 @@ def test_a_trajectory_is_read_where_the_sampler_passes(tiny_pipe):
     embeds = tiny_pipe.encode_prompt(clip.prompt, do_classifier_free_guidance=False, max_sequence_length=64)[0]
     bound = pipe.bind(clip.prompt, clip.composition, 64)
     denoiser = Denoiser(tiny_pipe.transformer, embeds, None, 1.0)
-    timesteps = dual_inversion.guided_levels(tiny_pipe, config)[1]
+    timesteps = readings.guided_levels(tiny_pipe, config)[1]
     channels = tiny_pipe.transformer.config.in_channels
     noise = tiny_pipe.prepare_latents(1, channels, SIZE["height"], SIZE["width"], SIZE["frames"], torch.float32,
                                       "cpu", torch.Generator().manual_seed(5))  # fmt: skip
@@ -177,7 +181,7 @@ def test_train_and_evaluate_saves_three_classifiers_and_resumes(tiny_model_dir, 
     for directory in (out, out / dual_inversion.SINGLE_READING, out / dual_inversion.LABEL_TRANSFER):
         pipe.load_classifier(directory)  # bound to this generator
     reader = "read_trajectory" if source == "trajectory" else "read_clip"
-    monkeypatch.setattr(dual_inversion, reader, lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
+    monkeypatch.setattr(readings, reader, lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
     again = dual_inversion.train_and_evaluate(model, out, **run)
     assert again["heldout_results"] == summary["heldout_results"]  # readings reused, training deterministic
     with pytest.raises(ValueError, match="the generator makes 9x64x64 videos"):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from cvg.engine import BACKENDS, StepShape, build_engine, export_onnx
 from cvg.pipeline import CVGPipeline
+from cvg.runtime.step_engine import BACKENDS, StepShape, build_engine, export_onnx
 
 LATENTS, TEXT = (1, 16, 3, 8, 8), (1, 80, 384)  # text longer than 64 rows: the engine drops padding
 
@@ -81,7 +81,7 @@ def test_changed_model_never_reuses_a_stale_export(tiny_pipe, tmp_path):
     x, t, e = _inputs()
     shape = StepShape.of(x, e)
     first = export_onnx(tiny_pipe.transformer, shape, tmp_path)
-    from cvg.tiny import tiny_wan_pipeline
+    from cvg.models.tiny import tiny_wan_pipeline
 
     other = tiny_wan_pipeline(seed=1)  # same config, other weights
     second = export_onnx(other.transformer, shape, tmp_path)
@@ -138,7 +138,7 @@ def test_bad_backend_name(tiny_pipe):
     "(tensorrt's libraries come only from NVIDIA's index)",
 )
 def test_tensorrt_matches_eager(tmp_path):  # pragma: no cover - runs only where TensorRT and CUDA exist
-    from cvg.tiny import tiny_wan_pipeline
+    from cvg.models.tiny import tiny_wan_pipeline
 
     pipe = tiny_wan_pipeline(seed=0).to("cuda")
     x, t, e = (v.cuda() for v in _inputs())
@@ -148,7 +148,7 @@ def test_tensorrt_matches_eager(tmp_path):  # pragma: no cover - runs only where
 
 
 def test_tensorrt_says_why_it_cannot_load_here(tiny_pipe, tmp_path):
-    from cvg.engine import EngineError
+    from cvg.runtime import EngineError
 
     x, _, e = _inputs()
     with pytest.raises(EngineError, match="tensorrt backend: "):
@@ -174,7 +174,7 @@ def test_export_command_builds_the_cache_once(tiny_model_dir, tmp_path, capsys):
 def test_serving_engine_is_thread_safe(tiny_pipe, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from cvg.serving import Engine
+    from cvg.serving.service import Engine
 
     engine = Engine(CVGPipeline(tiny_pipe), 64, 64, 9, num_inference_steps=3, max_sequence_length=32,
                     backend="onnxruntime", cache_dir=tmp_path)  # fmt: skip
@@ -196,7 +196,7 @@ def test_serving_engine_is_thread_safe(tiny_pipe, tmp_path):
 def test_model_key_survives_save_and_load_and_follows_the_weights(tiny_pipe, tmp_path):
     from diffusers import WanTransformer3DModel
 
-    from cvg.engine import model_key
+    from cvg.models.wan import model_key
 
     tiny_pipe.transformer.save_pretrained(str(tmp_path))
     loaded = WanTransformer3DModel.from_pretrained(str(tmp_path))
@@ -213,7 +213,7 @@ def test_a_killed_export_leaves_no_file_that_is_used(tiny_model_dir, tmp_path):
 
     from processes import kill_when
 
-    from cvg.files import verified
+    from cvg.io.files import verified
 
     argv = [sys.executable, "-m", "cvg", "export", "--model", str(tiny_model_dir), "--shape", "64x64x9", "--backend",
             "onnxruntime", "--max-sequence-length", "32", "--cache", str(tmp_path)]  # fmt: skip

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cvg.files import atomic_path, check_writable, record_digest, verified
-from cvg.video import check_output, save_frames
+from cvg.io.files import atomic_path, check_writable, record_digest, verified
+from cvg.io.video import check_output, save_frames
 
 FRAMES = np.random.default_rng(0).random((5, 16, 16, 3)).astype(np.float32)
 

@@ -5,13 +5,13 @@ import argparse
 import pytest
 import torch
 
-from cvg.classifier import ClassifierConfig, CompositionClassifier
 from cvg.compshapes.dataset import read_index
 from cvg.compshapes.grammar import TRANSFER_WORDINGS
-from cvg.dual_inversion import LABEL_TRANSFER, SINGLE_READING
 from cvg.experiments import findings
-from cvg.pipeline import generator_description
-from cvg.sampler import GuidanceConfig
+from cvg.guidance.classifier import ClassifierConfig, CompositionClassifier
+from cvg.guidance.config import GuidanceConfig
+from cvg.models.wan import generator_description
+from cvg.training.dual_inversion import LABEL_TRANSFER, SINGLE_READING
 
 
 def _save_classifier(directory, description, seed=0):

@@ -8,13 +8,14 @@ import pytest
 import torch
 from diffusers import WanPipeline
 
-from cvg import generator
 from cvg.compshapes.grammar import held_out
-from cvg.generator import GeneratorRecipe, flow_sigmas, train_generator
-from cvg.padding import collapse_padding
-from cvg.pipeline import CVGPipeline, load_wan_pipeline
-from cvg.processors import KeyBiasWanAttnProcessor, TextBias, text_key_bias
-from cvg.sampler import GuidanceConfig
+from cvg.guidance.config import GuidanceConfig
+from cvg.models.padding import collapse_padding
+from cvg.models.processors import KeyBiasWanAttnProcessor, TextBias, text_key_bias
+from cvg.models.wan import load_wan_pipeline
+from cvg.pipeline import CVGPipeline
+from cvg.training import generator
+from cvg.training.generator import GeneratorRecipe, flow_sigmas, train_generator
 
 TOY = GeneratorRecipe(
     vae_base_dim=4, z_dim=4, vae_steps=3, vae_batch=1, clips=6, heads=2, head_dim=8, layers=1, ffn_dim=16,

@@ -6,11 +6,12 @@ import torch
 from tolerance import ulps
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cvg.classifier import ClassifierConfig, ClassifierObjective, CompositionClassifier
-from cvg.guided_graph import GuidedStepGraph
-from cvg.objectives import MotionDirection, SpatialRelation, TokenPresence
+from cvg.guidance.classifier import ClassifierConfig, ClassifierObjective, CompositionClassifier
+from cvg.guidance.config import GuidanceConfig
+from cvg.guidance.objectives import MotionDirection, SpatialRelation, TokenPresence
+from cvg.guidance.sampler import Denoiser, latent_update
 from cvg.pipeline import CVGPipeline
-from cvg.sampler import Denoiser, GuidanceConfig, latent_update
+from cvg.runtime.guided_graph import GuidedStepGraph
 
 PROMPTS = {
     "spatial": ("a red cube to the left of a blue ball", "red cube left of blue ball"),
@@ -110,7 +111,7 @@ def test_pipeline_keeps_one_graph_per_composition(tiny_pipe, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA GPU; cvg's CI has none")
 def test_cuda_graph_replay_matches_eager(tiny_pipe):  # pragma: no cover - runs only where CUDA exists
-    from cvg.tiny import tiny_wan_pipeline
+    from cvg.models.tiny import tiny_wan_pipeline
 
     pipe = tiny_wan_pipeline(seed=0).to("cuda")
     denoiser, bound, latents = _request(pipe, "spatial")

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from cvg.inversion import invert, regenerate
-from cvg.sampler import Denoiser
+from cvg.guidance.inversion import invert, regenerate
+from cvg.guidance.sampler import Denoiser
 
 
 class _Field:

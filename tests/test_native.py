@@ -5,8 +5,8 @@ import shutil
 import numpy as np
 import pytest
 
-from cvg.native import MISSING, native
-from cvg.video import to_uint8
+from cvg.io.native import MISSING, native
+from cvg.io.video import to_uint8
 
 pytestmark = pytest.mark.skipif(native is None and shutil.which("c++") is None, reason=f"no C++ compiler: {MISSING}")
 

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from cvg.composition import BoundComposition, Composition
-from cvg.objectives import MotionDirection, SpatialRelation, TokenPresence, centroids, objective_for
+from cvg.guidance.binding import BoundComposition
+from cvg.guidance.composition import Composition
+from cvg.guidance.objectives import MotionDirection, SpatialRelation, TokenPresence, centroids, objective_for
 
 
 def _bound(text):

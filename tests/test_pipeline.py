@@ -7,11 +7,12 @@ import pytest
 import torch
 from diffusers import UniPCMultistepScheduler, WanPipeline
 
-from cvg.classifier import ClassifierConfig, ClassifierObjective, CompositionClassifier
-from cvg.composition import CompositionError
-from cvg.objectives import MotionDirection, SpatialRelation, TokenPresence
+from cvg.guidance.classifier import ClassifierConfig, ClassifierObjective, CompositionClassifier
+from cvg.guidance.composition import CompositionError
+from cvg.guidance.config import GuidanceConfig
+from cvg.guidance.objectives import MotionDirection, SpatialRelation, TokenPresence
+from cvg.guidance.sampler import Denoiser
 from cvg.pipeline import CVGPipeline
-from cvg.sampler import Denoiser, GuidanceConfig
 
 SMALL = dict(height=64, width=64, num_frames=9, num_inference_steps=6, max_sequence_length=64)
 PROMPTS = {
@@ -169,7 +170,7 @@ def test_cpu_decoding_is_the_vae_decode(base_dim, dim_mult):
     from diffusers import AutoencoderKLWan
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
 
-    from cvg.vae_cpu import cpu_decoding
+    from cvg.models.vae_cpu import cpu_decoding
 
     torch.manual_seed(0)
     vae = AutoencoderKLWan(base_dim=base_dim, z_dim=16, dim_mult=dim_mult, num_res_blocks=1,

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cvg import grid_groups
-from cvg.pooling import make_pool_spec, pool_rows, unpool_rows
+from cvg.ops.pooling import make_pool_spec, pool_rows, unpool_rows
 
 
 @given(

@@ -5,8 +5,8 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from tolerance import ulps
 
-from cvg.padding import collapse_padding, needed_length, padded_length
-from cvg.processors import (
+from cvg.models.padding import collapse_padding, needed_length, padded_length
+from cvg.models.processors import (
     KeyBiasWanAttnProcessor,
     PoolingWanAttnProcessor,
     TextBias,

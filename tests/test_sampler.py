@@ -6,7 +6,8 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-from cvg.sampler import GuidanceConfig, denoise, guided_solver, latent_update
+from cvg.guidance.config import GuidanceConfig
+from cvg.guidance.sampler import denoise, guided_solver, latent_update
 
 STEPS, GUIDED = 10, 3
 SHAPE = (1, 4, 3, 4, 4)
@@ -24,7 +25,7 @@ def _schedulers():
 @dataclass
 class _FixedVelocity:
     """A denoiser whose prediction ignores the latent (so only the solver decides what survives) and whose
-    guided update adds `delta` at step `at` (the graph slot of `cvg.sampler.Denoiser`)."""
+    guided update adds `delta` at step `at` (the graph slot of `cvg.guidance.sampler.Denoiser`)."""
 
     delta: torch.Tensor
     at: torch.Tensor

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cvg.serving import Engine
+from cvg.serving.service import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = importlib.util.spec_from_file_location("serve_http", ROOT / "examples" / "serve_http.py")

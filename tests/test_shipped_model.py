@@ -7,9 +7,9 @@ import torch
 
 from cvg.compshapes.dataset import split_clip
 from cvg.compshapes.judge import detect, judge
-from cvg.dual_inversion import LABEL_TRANSFER, SINGLE_READING
+from cvg.io.video import to_uint8
 from cvg.pipeline import CVGPipeline
-from cvg.video import to_uint8
+from cvg.training.dual_inversion import LABEL_TRANSFER, SINGLE_READING
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "compshapes-wan"
 CLASSIFIER = MODEL.parent / "compshapes-classifier"
@@ -42,8 +42,8 @@ def test_shipped_model_draws_the_asked_object():
 
 
 def test_step_engine_matches_eager_on_the_shipped_model(tmp_path):
-    from cvg.engine import StepShape, build_engine
-    from cvg.pipeline import load_wan_pipeline
+    from cvg.models.wan import load_wan_pipeline
+    from cvg.runtime.step_engine import StepShape, build_engine
 
     transformer = load_wan_pipeline(MODEL).transformer
     g = torch.Generator().manual_seed(0)
@@ -76,8 +76,8 @@ def test_generate_takes_the_video_size_from_the_model(tmp_path, capsys):
 def test_shipped_classifier_guides_the_shipped_generator():
     """It loads against the shipped generator (weights hash, layers, pooling match), its ablation and
     label-transfer heads too, and scores requests without saturating (smoothed labels keep a gradient)."""
-    from cvg.classifier import ClassifierObjective
-    from cvg.serving import Engine
+    from cvg.guidance.classifier import ClassifierObjective
+    from cvg.serving.service import Engine
 
     engine = Engine(MODEL, num_inference_steps=4, backend=None, classifier=CLASSIFIER)
     assert isinstance(engine.pipe.objective, ClassifierObjective)

@@ -9,8 +9,8 @@ import pytest
 from cvg.cli import main
 from cvg.compshapes.dataset import DatasetError, read_frames, read_index, write_dataset
 from cvg.compshapes.evaluate import evaluate
+from cvg.compshapes.videoset import generate_set
 from cvg.pipeline import CVGPipeline
-from cvg.videoset import generate_set
 
 FAST = {"num_inference_steps": 2, "max_sequence_length": 32}
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from cvg.compshapes.grammar import CATEGORIES, Clip, held_out, sample_clip
 from cvg.compshapes.world import render
-from cvg.files import LockedError, atomic_path, locked, read_json_object, remove_stale_temporaries, write_text_atomic
+from cvg.io.files import LockedError, atomic_path, locked, read_json_object, remove_stale_temporaries, write_text_atomic
 
 INDEX = "index.jsonl"
 

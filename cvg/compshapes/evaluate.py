@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import rankdata
 
-from cvg.composition import Composition
 from cvg.compshapes.dataset import INDEX, read_index
 from cvg.compshapes.grammar import CATEGORIES, sample_clip
 from cvg.compshapes.judge import detect, judge_detections
 from cvg.compshapes.world import render
+from cvg.guidance.composition import Composition
 
 REFERENCE_SEED = 987_654_321  # fresh renders to compare against when no reference set is given
 

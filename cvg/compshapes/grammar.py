@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from cvg.composition import NUMBERS, Composition
 from cvg.compshapes.world import COLOURS, PLURALS, SHAPE_WORDS, SHAPES, Scene, Thing
+from cvg.guidance.composition import NUMBERS, Composition
 
 CATEGORIES = ("attribute", "spatial", "motion", "numeracy")  # the compositional ones, after T2V-CompBench
 SINGLE = "object"  # one static object ("a red cube"): does a generator draw what it is told at all?

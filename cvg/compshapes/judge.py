@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from cvg.composition import Composition, CompositionError
 from cvg.compshapes.world import BACKGROUND, COLOURS, PLURALS, SHAPE_WORDS
+from cvg.guidance.composition import Composition, CompositionError
 
 _PALETTE = np.asarray(list(COLOURS.values()), np.float32)
 _NAMES = list(COLOURS)

@@ -21,7 +21,7 @@ from torch import nn
 from cvg.compshapes.grammar import CATEGORIES, sample_clip
 from cvg.compshapes.judge import detect
 from cvg.compshapes.world import BACKGROUND, COLOURS, MOTIONS, SHAPES, render
-from cvg.files import atomic_path, write_text_atomic
+from cvg.io.files import atomic_path, write_text_atomic
 
 DEFAULT_ENCODER = Path(__file__).parent / "assets" / "encoder"
 _MOTIONS = list(MOTIONS)

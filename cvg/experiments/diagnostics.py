@@ -12,7 +12,7 @@
   direction as a smooth function would; a ratio in the hundreds with p jumping to ~1 is the signature
   of an adversarial direction: the head is fooled, the video is not changed.
 
-`--unguided` is a generated set (`cvg.videoset.generate_set` with seed 0, as the findings' unguided row):
+`--unguided` is a generated set (`cvg.compshapes.videoset.generate_set` with seed 0, as the findings' unguided row):
 each record's noise seed is its id.
 """
 
@@ -25,13 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cvg.composition import Composition
 from cvg.compshapes.dataset import read_index
 from cvg.compshapes.evaluate import auroc, load_frames
 from cvg.compshapes.judge import judge
-from cvg.objectives import Objective, objective_for
+from cvg.guidance.composition import Composition
+from cvg.guidance.config import GuidanceConfig
+from cvg.guidance.objectives import Objective, objective_for
+from cvg.guidance.sampler import Denoiser
 from cvg.pipeline import CVGPipeline
-from cvg.sampler import Denoiser, GuidanceConfig
 
 
 def _initial(pipe: CVGPipeline, record: dict) -> tuple[Denoiser, object, torch.Tensor, torch.Tensor]:

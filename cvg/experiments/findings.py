@@ -30,18 +30,18 @@ from pathlib import Path
 
 from scipy.stats import binomtest
 
-from cvg.bench import machine_line, publish
-from cvg.classifier import CONFIG_NAME, WEIGHTS_NAME, label_of
-from cvg.composition import Composition
 from cvg.compshapes.dataset import read_index, write_dataset, write_index
 from cvg.compshapes.evaluate import evaluate
 from cvg.compshapes.grammar import transfer_wording
-from cvg.dual_inversion import GUIDED_CATEGORIES, LABEL_TRANSFER, SINGLE_READING
-from cvg.engine import model_key
+from cvg.compshapes.videoset import generate_set
 from cvg.experiments.generator import SPEC_SEED, table
-from cvg.pipeline import CVGPipeline, load_wan_pipeline
-from cvg.sampler import GuidanceConfig
-from cvg.videoset import generate_set
+from cvg.experiments.report import machine_line, publish
+from cvg.guidance.classifier import CONFIG_NAME, WEIGHTS_NAME, label_of
+from cvg.guidance.composition import Composition
+from cvg.guidance.config import GuidanceConfig
+from cvg.models.wan import load_wan_pipeline, model_key
+from cvg.pipeline import CVGPipeline
+from cvg.training.dual_inversion import GUIDED_CATEGORIES, LABEL_TRANSFER, SINGLE_READING
 
 ROWS = ("unguided", "cvg", "cvg-1", "cvg-2", "cvg-4", "cvg-all", "single", "training-free", "transfer")
 WINDOWS = {"unguided": 0, "cvg-1": 1, "cvg-2": 2, "cvg-4": 4}  # guided steps; cvg-all: all; the rest: --guidance

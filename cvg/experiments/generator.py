@@ -17,15 +17,14 @@ from pathlib import Path
 
 import torch
 
-from cvg.bench import machine_line, publish
 from cvg.compshapes.dataset import ClipWriter, read_frames, read_index, write_dataset
 from cvg.compshapes.evaluate import evaluate, wilson_interval
 from cvg.compshapes.grammar import ALL_CATEGORIES
-from cvg.engine import model_key
-from cvg.generator import to_pixels
-from cvg.pipeline import CVGPipeline, load_wan_pipeline
-from cvg.video import to_uint8
-from cvg.videoset import generate_set
+from cvg.compshapes.videoset import generate_set
+from cvg.experiments.report import machine_line, publish
+from cvg.io.video import to_uint8
+from cvg.models.wan import load_wan_pipeline, model_key, to_pixels
+from cvg.pipeline import CVGPipeline
 
 SPEC_SEED = 20_261_124  # the held-out prompt set; fixed so every row and every run judges the same clips
 

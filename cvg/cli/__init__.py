@@ -1,0 +1,44 @@
+"""The `cvg` command line.
+
+    cvg generate --model DIR --prompt "a red cube to the left of a blue ball" \\
+                 --composition "red cube left of blue ball" --out out.mp4 --save-maps maps.png
+    cvg compshapes-dataset --out DIR --count 2000    # render CompShapes clips with their compositions
+    cvg sample --model DIR --specs DATASET --out DIR # generate one clip per record, for `cvg eval`
+    cvg train-generator --out DIR                    # train the CompShapes Wan generator on this CPU
+    cvg export --model DIR --shape 64x64x17          # build a step engine (ONNX Runtime, ...) ahead of serving
+    cvg eval --videos DIR                            # judge clips against their compositions
+    cvg make-tiny-model DIR     # a random tiny Wan pipeline with a real text encoder, for trying things out
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cvg.cli import data, generation, training
+from cvg.cli.arguments import Parser
+from cvg.guidance.composition import CompositionError
+from cvg.runtime import EngineError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every command's flags; building it imports nothing heavy (`cvg --help` answers at once)."""
+    parser = Parser(prog="cvg", description="Compositional guidance for text-to-video diffusion.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in (generation, data, training):
+        group.add_parsers(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, TypeError, OSError, FloatingPointError, CompositionError, EngineError) as e:
+        print(f"cvg: error: {' '.join(str(e).split())[:500]}", file=sys.stderr)  # one line, whatever raised it
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

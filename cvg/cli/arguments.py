@@ -1,0 +1,51 @@
+"""Argument types of the command line: numbers range-checked before any work, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def ints(text: str, count: int | None = None, low: int = 0) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text[:80]!r}") from None
+    if not values or (count is not None and len(values) not in (1, count)):
+        expected = "1 or more" if count is None else f"1 or {count}"
+        raise argparse.ArgumentTypeError(f"expected {expected} comma-separated integers, got {text[:80]!r}")
+    if min(values) < low:
+        raise argparse.ArgumentTypeError(f"every value must be at least {low}, got {text[:80]!r}")
+    return values
+
+
+def number(kind: type, low: float | None = None, high: float | None = None):
+    """An argparse type: an int or a finite float within [low, high], else a one-line error naming the range."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") \
+                from None  # fmt: skip
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+
+    return parse
+
+
+POSITIVE, COUNT = number(int, 1), number(int, 0)
+SEED = number(int, 0, 2**63 - 1)
+STEPS = number(int, 1, 1000)  # the schedulers' training timesteps
+TEXT_TOKENS = number(int, 1, 512)  # Wan's text length
+FINITE, NON_NEGATIVE = number(float), number(float, 0)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line, like every other cvg error (argparse would print the usage first)."""
+        self.exit(2, f"cvg: error: {message} (see {self.prog} --help)\n")

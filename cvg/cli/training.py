@@ -1,0 +1,102 @@
+"""`cvg train-generator`, `cvg train-classifier`, `cvg train-encoder` and `cvg make-tiny-model`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cvg.cli.arguments import COUNT, NON_NEGATIVE, POSITIVE, SEED, STEPS, number
+from cvg.training.config import ReadingConfig, TrainingConfig
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    train_gen = commands.add_parser("train-generator", help="train the CompShapes Wan generator here (resumable)")
+    train_gen.add_argument("--out", required=True, help="directory for the WanPipeline (checkpoints in OUT/.work)")
+    train_gen.add_argument("--seed", type=SEED, default=0, help="seed of data, initialisation and noise (default 0)")
+    train_gen.add_argument("--vae-steps", type=COUNT, help="VAE training steps (default: the shipped recipe's)")
+    train_gen.add_argument("--steps", type=COUNT, help="transformer training steps (default: the shipped recipe's)")
+    train_gen.add_argument("--clips", type=POSITIVE, help="clips encoded for the transformer (default: the recipe's)")
+    train_gen.set_defaults(run=train_generator)
+
+    train_cls = commands.add_parser(
+        "train-classifier", help="train the compositional classifier by dual inversion (resumable)",
+        description="Read CompShapes clips with a generator by dual inversion, train the classifier head, and "
+                    "measure accuracy and composition leakage on held-out clips, with and without dual inversion.",
+    )  # fmt: skip
+    train_cls.add_argument("--model", required=True, help="the generator (a local WanPipeline directory)")
+    train_cls.add_argument("--out", required=True, help="directory for the classifier (readings cached in OUT/.work)")
+    train_cls.add_argument("--clips", type=POSITIVE, default=2000, help="training clips (default 2000)")
+    train_cls.add_argument("--heldout", type=COUNT, default=200, help="held-out clips measured (default 200)")
+    train_cls.add_argument("--data", metavar="DIR", help="train on this dataset folder (index.jsonl + clips/, "
+                           "e.g. from cvg compshapes-dataset) instead of fresh CompShapes renders")  # fmt: skip
+    train_cls.add_argument("--heldout-data", metavar="DIR", help="measure on this dataset folder instead")
+    train_cls.add_argument("--seed", type=SEED, default=0, help="seed of clips and initialisation (default 0)")
+    train_cls.add_argument("--steps", type=STEPS, default=20, help="sampling steps whose guided steps are read")
+    train_cls.add_argument("--guide-steps", type=POSITIVE, default=ReadingConfig.guide_steps,
+                           help=f"first steps read, where guidance may act (default {ReadingConfig.guide_steps})")
+    train_cls.add_argument("--chunk", type=POSITIVE, default=25,
+                           help="clips per cached file of readings: the most a killed run loses (default 25)")
+    train_cls.add_argument("--readings", choices=("trajectory", "inversion"), default=ReadingConfig.source,
+                           help="read the generator's own samples along its sampling trajectory, labelled by the "
+                                "judge (default), or clips inverted to the guided steps' noise levels")
+    train_cls.add_argument("--epochs", type=POSITIVE, default=TrainingConfig.epochs,
+                           help=f"epochs of the head (default {TrainingConfig.epochs})")  # fmt: skip
+    train_cls.add_argument("--hidden-dim", type=POSITIVE, default=TrainingConfig.hidden_dim,
+                           help=f"width of the head's two MLPs (default {TrainingConfig.hidden_dim})")  # fmt: skip
+    train_cls.add_argument("--weight-decay", type=NON_NEGATIVE, default=TrainingConfig.weight_decay,
+                           help=f"AdamW weight decay (default {TrainingConfig.weight_decay:g})")  # fmt: skip
+    smoothing = TrainingConfig.label_smoothing
+    train_cls.add_argument("--label-smoothing", type=number(float, 0, 0.99), default=smoothing,
+                           help=f"label smoothing of the head's targets (default {smoothing:g})")  # fmt: skip
+    train_cls.set_defaults(run=train_classifier)
+
+    encoder = commands.add_parser("train-encoder", help="train the CompShapes clip encoder for the Fréchet score")
+    encoder.add_argument("--out", required=True, help="directory for model.safetensors + config.json")
+    encoder.add_argument("--clips", type=POSITIVE, default=1600, help="training renders (default 1600)")
+    encoder.add_argument("--epochs", type=POSITIVE, default=6, help="epochs (default 6)")
+    encoder.add_argument("--seed", type=SEED, default=0, help="seed (default 0)")
+    encoder.set_defaults(run=train_encoder)
+
+    tiny = commands.add_parser("make-tiny-model", help="save a random tiny Wan pipeline (real text encoder)")
+    tiny.add_argument("directory", help="where to save the pipeline")
+    tiny.add_argument("--seed", type=SEED, default=0, help="seed of the random weights (default 0)")
+    tiny.set_defaults(run=make_tiny_model)
+
+
+def train_generator(args: argparse.Namespace) -> None:
+    from cvg.training.generator import GeneratorRecipe
+    from cvg.training.generator import train_generator as train
+
+    sizes = {"vae_steps": args.vae_steps, "steps": args.steps, "clips": args.clips}
+    recipe = GeneratorRecipe(seed=args.seed, **{k: v for k, v in sizes.items() if v is not None})
+    manifest = train(args.out, recipe, report=lambda line: print(line, file=sys.stderr))
+    print(json.dumps({"model": args.out, "timings": manifest["timings"]}))
+
+
+def train_classifier(args: argparse.Namespace) -> None:
+    from cvg.training.dual_inversion import train_and_evaluate
+
+    reading = ReadingConfig(source=args.readings, num_inference_steps=args.steps, guide_steps=args.guide_steps)
+    training = TrainingConfig(epochs=args.epochs, label_smoothing=args.label_smoothing, seed=args.seed,
+                              hidden_dim=args.hidden_dim, weight_decay=args.weight_decay)  # fmt: skip
+    summary = train_and_evaluate(args.model, args.out, args.clips, args.heldout, args.seed, reading, training,
+                                 lambda line: print(line, file=sys.stderr), args.data, args.heldout_data,
+                                 args.chunk)  # fmt: skip
+    print(json.dumps({"classifier": args.out, "heldout": summary["heldout_results"]}))
+
+
+def train_encoder(args: argparse.Namespace) -> None:
+    from cvg.compshapes.quality import train_encoder as train
+
+    config = train(args.out, args.clips, args.epochs, args.seed)
+    print(json.dumps({"encoder": args.out, "log": config["log"]}))
+
+
+def make_tiny_model(args: argparse.Namespace) -> None:
+    from cvg.models.tiny import tiny_wan_pipeline
+
+    directory = Path(args.directory)
+    tiny_wan_pipeline(seed=args.seed).save_pretrained(str(directory))
+    print(json.dumps({"model": str(directory)}))

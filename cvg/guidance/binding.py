@@ -1,0 +1,44 @@
+"""`BoundComposition`: a composition tied to a batch of tokenized prompts, and the entity maps it reads
+from pooled attention maps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from cvg.guidance.composition import Composition
+
+
+@dataclass(frozen=True)
+class BoundComposition:
+    """A composition tied to a batch of prompts: the key tokens to record, and for each prompt which of
+    the recorded map columns belong to each entity."""
+
+    composition: Composition
+    tokens: torch.Tensor  # [T] token indices into the text sequence
+    columns: tuple[tuple[list[int], ...], ...]  # [prompt][entity] -> columns among the T maps
+    _weights: dict = field(default_factory=dict, compare=False, repr=False)  # (device, dtype, batch) -> [B, T, E]
+
+    @classmethod
+    def of(cls, composition: Composition, tokens: list[int], columns: tuple) -> BoundComposition:
+        return cls(composition, torch.tensor(tokens), columns)
+
+    def entity_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """`[B, ..., T]` maps -> `[B, ..., entities]`: an entity's map is the mean of its tokens' maps."""
+        if maps.shape[0] % len(self.columns):
+            raise ValueError(f"maps batch {maps.shape[0]} is not a multiple of the {len(self.columns)} prompts")
+        return torch.einsum("b...t,bte->b...e", maps, self._averaging(maps.shape[0], maps.device, maps.dtype))
+
+    def _averaging(self, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """`[B, T, E]`: 1/|columns| at each entity's columns. Made once per device: a guided step that
+        reuses it copies nothing from the host (CUDA-graph capture)."""
+        key = (device, dtype, batch)
+        if key not in self._weights:
+            repeat = batch // len(self.columns)  # num_videos_per_prompt copies, prompt-major
+            weights = torch.zeros(batch, self.tokens.numel(), len(self.columns[0]), dtype=torch.float64)
+            for b in range(batch):
+                for e, cols in enumerate(self.columns[b // repeat]):
+                    weights[b, cols, e] = 1.0 / len(cols)
+            self._weights[key] = weights.to(device, dtype)
+        return self._weights[key]

@@ -1,0 +1,212 @@
+"""The learned compositional classifier: pooled entity maps + a composition label -> p(label holds).
+
+`CompositionClassifier(maps, label_embedding) -> logit [B]`. The map side sees, for each entity slot,
+recorded layer and frame, where the entity's attention lies (its spatial distribution) and how much of
+it there is (log mass): shape and strength apart, since attention to a few prompt tokens is tiny. The
+label side is a frozen text backbone (`LabelEncoder`: all-MiniLM-L6-v2 by default, any local
+`transformers` encoder otherwise), so related labels ("left of" / "to the left of", "ball" / "sphere")
+land near each other and share what was learned; only the small head trains.
+
+`ClassifierObjective` makes it the guided sampler's loss `-log p(label)`. Stored as `model.safetensors`
++ `config.json`; the config records the generator it reads (weights hash, recorded layers, pooling, tile
+grid) and loading it for another generator is a clear error. Training: `cvg.training.dual_inversion`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cvg.guidance.binding import BoundComposition
+from cvg.guidance.composition import Composition
+from cvg.io.files import atomic_path, read_json_object, write_text_atomic
+from cvg.models.minilm import PACKAGE
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+_EPS = 1e-12
+
+
+@dataclass
+class ClassifierConfig:
+    layers: int  # recorded layers the maps come from
+    tiles: tuple[int, int, int]  # pooled (frames, height, width) grid
+    entities: int = 2  # entity slots; compositions with fewer leave the rest empty
+    label_dim: int = 384
+    hidden_dim: int = 256
+    label_encoder: str = PACKAGE  # the frozen backbone: the MiniLM package, or a local transformers directory
+    timestep_conditioned: bool = False  # the map side also sees the step's noise level (see `time_features`)
+    confidence: float = 0.95  # the largest p it was trained to give (label smoothing): guidance stops there
+    generator: dict = field(default_factory=dict)  # what it reads: {"transformer": hash, "layers", "pool", ...}
+
+    def __post_init__(self) -> None:
+        self.tiles = tuple(self.tiles)
+
+
+class CompositionClassifier(nn.Module):
+    """Map features and the label embedding, each through a small MLP, scored by their inner product: the
+    label decides which map patterns count as evidence. Both inputs are standardised with statistics of
+    the training set (buffers saved with the weights), because labels that differ in one word ("left" /
+    "right") have embeddings that differ little, and raw map features have very different scales."""
+
+    def __init__(self, config: ClassifierConfig):
+        super().__init__()
+        self.config = config
+        frames, height, width = config.tiles
+        slots = config.layers * frames * config.entities
+        features = slots * height * width + slots + (TIME_FEATURES if config.timestep_conditioned else 0)
+        hidden = config.hidden_dim
+        self.map_net = nn.Sequential(nn.Linear(features, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.label_net = nn.Sequential(nn.Linear(config.label_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.bias = nn.Parameter(torch.zeros(()))
+        for name, size in (("feature", features), ("label", config.label_dim)):
+            self.register_buffer(f"{name}_mean", torch.zeros(size))
+            self.register_buffer(f"{name}_scale", torch.ones(size))
+
+    def features(self, maps: torch.Tensor, timestep: torch.Tensor | None = None) -> torch.Tensor:
+        """`[B, layers, F, H, W, E]` entity maps (E ≤ entities) -> `[B, features]`: distributions and log mass,
+        then the noise level's features when the head is timestep-conditioned (`timestep`: a scalar or `[B]`)."""
+        c = self.config
+        if maps.dim() != 6 or tuple(maps.shape[1:5]) != (c.layers, *c.tiles) or not 0 < maps.shape[5] <= c.entities:
+            raise ValueError(f"classifier expects maps of shape [B, {c.layers}, {', '.join(map(str, c.tiles))}, "
+                             f"1..{c.entities}], got {list(maps.shape)}")  # fmt: skip
+        maps = F.pad(maps, (0, c.entities - maps.shape[5])).movedim(-1, 1)  # [B, E, L, F, H, W]; empty slots 0
+        mass = maps.sum(dim=(-2, -1), keepdim=True)
+        shape = maps / (mass + _EPS) * (maps.shape[-1] * maps.shape[-2])  # 1 per tile when spread evenly
+        parts = [shape.flatten(1), torch.log(mass + _EPS).flatten(1)]
+        if c.timestep_conditioned:
+            if timestep is None:
+                raise ValueError("this classifier is conditioned on the timestep: pass the step's timestep")
+            parts.append(time_features(timestep, maps.shape[0]).to(maps.dtype))
+        return torch.cat(parts, dim=1)
+
+    @torch.no_grad()
+    def standardise(
+        self, maps: torch.Tensor, label_embeddings: torch.Tensor, timesteps: torch.Tensor | None = None
+    ) -> None:
+        """Set the input statistics from training maps (read at `timesteps [B]`) and the distinct training
+        labels' embeddings."""
+        for name, x in (("feature", self.features(maps, timesteps)), ("label", label_embeddings)):
+            getattr(self, f"{name}_mean").copy_(x.mean(0))
+            getattr(self, f"{name}_scale").copy_(1 / x.std(0).clamp_min(1e-4))
+
+    def forward(
+        self, maps: torch.Tensor, label_embedding: torch.Tensor, timestep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`maps [B, layers, F, H, W, E]`, `label_embedding [B or 1, label_dim]`, the timestep the maps were
+        read at (scalar or `[B]`; needed when timestep-conditioned, else ignored) -> logits `[B]`."""
+        features = (self.features(maps, timestep) - self.feature_mean) * self.feature_scale
+        label = (label_embedding.to(features.dtype) - self.label_mean) * self.label_scale
+        scores = self.map_net(features) * self.label_net(label).expand(features.shape[0], -1)
+        return scores.sum(-1) / self.config.hidden_dim**0.5 + self.bias
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(self.state_dict(), str(tmp))
+        write_text_atomic(directory / CONFIG_NAME, json.dumps(asdict(self.config), indent=1))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, generator: dict | None = None) -> CompositionClassifier:
+        """Load; with `generator`, fail unless the stored generator description matches it."""
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"no classifier in {directory}: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
+        fields = read_json_object(directory / CONFIG_NAME)
+        if unknown := set(fields) - set(ClassifierConfig.__dataclass_fields__):
+            raise ValueError(f"{directory / CONFIG_NAME}: unknown fields {', '.join(sorted(unknown))}")
+        try:
+            config = ClassifierConfig(**fields)
+        except TypeError as e:  # a field missing
+            raise ValueError(f"{directory / CONFIG_NAME}: {e}") from None
+        if generator is not None:
+            differs = {k: (config.generator.get(k), v) for k, v in generator.items() if config.generator.get(k) != v}
+            if differs:
+                detail = "; ".join(f"{k}: trained for {a}, given {b}" for k, (a, b) in differs.items())
+                raise ValueError(f"classifier in {directory} was trained for another generator ({detail})")
+        model = cls(config)
+        try:
+            model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        except Exception as e:  # torn or foreign weights (safetensors' own error type, shape mismatches)
+            raise ValueError(f"cannot load {directory / WEIGHTS_NAME}: {type(e).__name__}: {e}") from e
+        return model.eval().requires_grad_(False)
+
+
+TIME_FEATURES = 2
+
+
+def time_features(timestep: torch.Tensor, batch: int) -> torch.Tensor:
+    """`[batch, 2]` float32: sigma = timestep / 1000 and log(1 - sigma + 1e-3), which spreads apart the
+    high noise levels the guided steps sit at (sigma 1.0, 0.98, 0.96 -> -6.9, -3.9, -3.3)."""
+    sigma = (torch.as_tensor(timestep).float() / 1000.0).reshape(-1).expand(batch)
+    return torch.stack([sigma, torch.log1p(1e-3 - sigma)], dim=1)
+
+
+class LabelEncoder:
+    """A frozen text backbone: labels -> mean-pooled, L2-normalised embeddings, cached per label."""
+
+    def __init__(self, source: str = PACKAGE):
+        if source == PACKAGE:
+            from cvg.models.minilm import load_minilm
+
+            self.tokenizer, self.model = load_minilm()
+        else:
+            from transformers import AutoModel, AutoTokenizer
+
+            if not Path(source).is_dir():
+                raise FileNotFoundError(f"label encoder directory {source!r} does not exist")
+            self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+            self.model = AutoModel.from_pretrained(source, local_files_only=True).eval()
+        self.model.requires_grad_(False)
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @torch.no_grad()
+    def __call__(self, labels: list[str]) -> torch.Tensor:
+        """`[len(labels), dim]` float32 embeddings."""
+        missing = sorted({label for label in labels if label not in self._cache})
+        if missing:
+            batch = self.tokenizer(missing, padding=True, return_tensors="pt")
+            states = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+            pooled = F.normalize((states * mask).sum(1) / mask.sum(1), dim=-1).float()
+            self._cache.update(zip(missing, pooled, strict=True))
+        return torch.stack([self._cache[label] for label in labels])
+
+
+def label_of(composition: Composition) -> str:
+    """The text the classifier scores: the composition's free-text label, else its canonical description."""
+    return composition.label or composition.describe()
+
+
+class ClassifierObjective:
+    """`-log p(label)` under a `CompositionClassifier`, for the guided sampler. `target_loss` is
+    `-log confidence`: past the confidence it was trained to, the head's p says nothing more about the
+    video, so a bounded guided step stops there."""
+
+    def __init__(self, classifier: CompositionClassifier, encoder: LabelEncoder | None = None):
+        self.classifier = classifier.eval().requires_grad_(False)
+        self.target_loss = -math.log(classifier.config.confidence)
+        self.encoder = encoder or LabelEncoder(classifier.config.label_encoder)
+        self._labels: dict[tuple[str, torch.device], torch.Tensor] = {}  # on the maps' device, copied once
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, generator: dict | None = None) -> ClassifierObjective:
+        return cls(CompositionClassifier.from_pretrained(directory, generator))
+
+    def __call__(self, maps: torch.Tensor, bound: BoundComposition, timestep: torch.Tensor | None = None):
+        key = (label_of(bound.composition), maps.device)
+        if key not in self._labels:
+            self._labels[key] = self.encoder([key[0]]).to(maps.device)
+        return F.softplus(-self.classifier(bound.entity_maps(maps), self._labels[key], timestep))

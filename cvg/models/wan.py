@@ -1,0 +1,84 @@
+"""Wan in diffusers: loading a local pipeline directory (with cvg's generator manifest), the latent
+normalisation and VAE decode WanPipeline applies, the video size a model was trained for, and keys that
+name a model's weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import WanPipeline
+
+from cvg.io.files import read_json_object
+from cvg.models.minilm import PACKAGE, load_minilm
+from cvg.models.processors import resolve_layers
+from cvg.models.vae_cpu import cpu_decoding
+
+MANIFEST = "generator.json"  # beside a saved WanPipeline: which packaged text encoder it was trained with
+
+
+def load_wan_pipeline(path: str | Path, **kwargs) -> WanPipeline:
+    """`WanPipeline.from_pretrained` on a local directory, with the packaged MiniLM put back where the
+    directory's `generator.json` names it in place of a saved text encoder (cvg's trained generators)."""
+    path = Path(path)
+    manifest = path / MANIFEST
+    if manifest.is_file() and read_json_object(manifest).get("text_encoder") == PACKAGE:
+        if "text_encoder" not in kwargs:
+            kwargs["tokenizer"], kwargs["text_encoder"] = load_minilm()
+    return WanPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
+
+
+def latent_normalisation(vae) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, std) `[1, C, 1, 1, 1]` by which WanPipeline normalises the VAE's latents."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    return torch.tensor(vae.config.latents_mean).view(shape), torch.tensor(vae.config.latents_std).view(shape)
+
+
+@torch.no_grad()
+def decode_latents(pipe: WanPipeline, latents: torch.Tensor, output_type: str):
+    """WanPipeline's decode: un-normalise the latents, VAE decode (fast CPU paths: `cvg.models.vae_cpu`),
+    post-process to `output_type`."""
+    vae = pipe.vae
+    latents = latents.to(vae.device, vae.dtype)
+    mean, std = (x.to(latents.device, latents.dtype) for x in latent_normalisation(vae))
+    with cpu_decoding(vae):
+        video = vae.decode(latents / (1.0 / std) + mean, return_dict=False)[0]  # WanPipeline's own arithmetic
+    return pipe.video_processor.postprocess_video(video, output_type=output_type)
+
+
+def video_size(path: str | Path, height: int | None = None, width: int | None = None,
+               num_frames: int | None = None) -> dict[str, int]:  # fmt: skip
+    """The size asked for, else the size a cvg-trained model's manifest records, else Wan's 480x832x81."""
+    manifest = Path(path) / MANIFEST
+    recipe = read_json_object(manifest).get("recipe", {}) if manifest.is_file() else {}
+    return {
+        "height": recipe.get("size", 480) if height is None else height,
+        "width": recipe.get("size", 832) if width is None else width,
+        "num_frames": recipe.get("frames", 81) if num_frames is None else num_frames,
+    }
+
+
+def generator_description(transformer: torch.nn.Module, layers: list[int] | None, pool: tuple[int, int, int]) -> dict:
+    """What a classifier trained on this generator's maps is bound to: its weights, recorded layers, pooling."""
+    return {"transformer": model_key(transformer), "layers": list(resolve_layers(transformer, layers)),
+            "pool": list(pool)}  # fmt: skip
+
+
+def to_pixels(frames: list[np.ndarray]) -> torch.Tensor:
+    """uint8 [F, H, W, 3] clips as the VAE's input: float [B, 3, F, H, W] in [-1, 1]."""
+    return torch.from_numpy(np.stack(frames)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+
+
+def model_key(transformer: torch.nn.Module) -> str:
+    """A hash of the transformer's config and weights: cache entries of a changed model are never reused.
+    Private config entries (`_name_or_path`, `_diffusers_version`, ...) say where a model was loaded from,
+    not what it computes, and are left out: a saved and reloaded model keeps its key."""
+    config = {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in transformer.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,177 @@
+"""The portable backend: stock fused attention, no [B, H, N, M] tensor in forward or backward.
+
+Pooled maps are attention whose values are one-hot columns of the selected tokens, so one attention
+call over `v_aug = [v | onehot(tokens)]` returns `[out | P[..., tokens]]`. q and k are zero-padded to
+the same width because SDPA's fused CPU and flash kernels need equal head dims.
+
+On CPU, a custom op (`cvg::attention_pool_cpu`, its autograd registered beside it) calls the fused
+kernel's forward, which also returns the log-sum-exp, so the selected columns come from one small
+[N, T] product and forward needs no augmented width; its backward op (`cvg::attention_pool_cpu_backward`)
+calls the fused kernel's backward on the augmented tensors chunk by chunk of queries. Saved for
+backward: q, k, v, out and the log-sum-exp. torch.compile and torch.export see the two ops, not their
+insides (`register_fake` gives their shapes).
+
+Elsewhere, autograd through one augmented `scaled_dot_product_attention` call keeps the
+O(B·H·N·(D+T)) bound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from cvg.ops.pooling import PoolSpec, pool_rows, unpool_rows
+
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+# Elements of one [B, H, rows, D+T] chunk: bounds the transient augmented copies of backward (1 MB fp32).
+_CHUNK_ELEMENTS = 1 << 18
+_MIN_CHUNK_ROWS = 256
+
+
+def augment_keys_values(k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k zero-padded by T columns; v with one-hot columns of `tokens` appended. Both `[B, H, M, D+T]`."""
+    batch, heads, keys, _ = v.shape
+    # [M, T]; not F.one_hot, which checks its indices on the host on CPU: the step stays free of host reads
+    onehot = (torch.arange(keys, device=tokens.device)[:, None] == tokens[None, :]).to(v.dtype)
+    v_aug = torch.cat([v, onehot.expand(batch, heads, keys, tokens.numel())], dim=-1)
+    return F.pad(k, (0, tokens.numel())), v_aug
+
+
+def _query_chunks(batch: int, heads: int, queries: int, width: int) -> Iterator[slice]:
+    """Query ranges of about `_CHUNK_ELEMENTS` elements over all batch items and heads: the fused CPU
+    backward parallelises over (batch, head), so every call keeps all of them."""
+    rows = max(_MIN_CHUNK_ROWS, _CHUNK_ELEMENTS // (batch * heads * width))
+    for start in range(0, queries, rows):
+        yield slice(start, min(start + rows, queries))
+
+
+def selected_probs(
+    q: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor, bias: torch.Tensor | None, lse: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """`P[..., tokens]` from the log-sum-exp of each query row: `[B, H, N, T]` in float32 (or float64), no
+    [N, M] tensor. The scores are formed in float32 as the fused kernel forms them: a half-precision score
+    of size 1e3 is off by up to 4 (bf16), and exp() of that error is no probability at all."""
+    wide = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(wide) @ k[:, :, tokens].to(wide).transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias[..., tokens]
+    return torch.exp(scores - lse[..., None].to(wide))
+
+
+# The fused CPU path as two torch.library custom ops over plain tensors and ints (flash-attention's
+# pattern): torch.compile and torch.export see one op each way, with fake shapes, instead of tracing into
+# the kernel calls. Autograd is registered on the forward op; the backward op is what it calls.
+
+
+@torch.library.custom_op("cvg::attention_pool_cpu", mutates_args=(), device_types="cpu")
+def attention_pool_cpu(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, groups: torch.Tensor,
+    tokens: torch.Tensor, query_weight: torch.Tensor, num_groups: int, keep_heads: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(out [B, H, N, D], pooled [B, G, T] or [B, H, G, T], lse [B, H, N])`; bias `[B, 1, 1, M]` or None."""
+    spec = PoolSpec(groups, tokens, query_weight, num_groups, q.shape[1], keep_heads)
+    # Forward needs no augmented width: the fused kernel's log-sum-exp gives the selected columns.
+    out, lse = _FLASH_CPU(q, k, v, attn_mask=bias, scale=scale)
+    rows = selected_probs(q, k, tokens, bias, lse, scale)
+    return out, pool_rows(rows, spec).to(q.dtype), lse  # pooled in float32, rounded once
+
+
+@attention_pool_cpu.register_fake
+def _(q, k, v, bias, groups, tokens, query_weight, num_groups, keep_heads, scale):
+    batch, heads, queries, _ = q.shape
+    pooled = (batch, heads, num_groups, tokens.shape[0]) if keep_heads else (batch, num_groups, tokens.shape[0])
+    # The fused kernel writes the log-sum-exp query-major: [B, N, H] memory seen as [B, H, N].
+    lse = q.new_empty((batch, queries, heads), dtype=torch.promote_types(q.dtype, torch.float32)).transpose(1, 2)
+    return torch.empty_like(q), q.new_empty(pooled), lse
+
+
+@torch.library.custom_op("cvg::attention_pool_cpu_backward", mutates_args=(), device_types="cpu")
+def attention_pool_cpu_backward(
+    dout: torch.Tensor, dpooled: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, bias: torch.Tensor | None, groups: torch.Tensor, tokens: torch.Tensor,
+    query_weight: torch.Tensor, num_groups: int, keep_heads: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(dq, dk, dv)`: the fused kernel's backward on the augmented tensors, chunk by chunk of queries."""
+    spec = PoolSpec(groups, tokens, query_weight, num_groups, q.shape[1], keep_heads)
+    batch, heads, queries, dim = q.shape
+    n_tok = spec.num_tokens
+    k_aug, v_aug = augment_keys_values(k, v, tokens)
+    drows = unpool_rows(dpooled, spec).to(q.dtype)
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for n in _query_chunks(batch, heads, queries, dim + n_tok):
+        q_n, lse_n = q[:, :, n], lse[:, :, n]
+        rows = selected_probs(q_n, k, tokens, bias, lse_n, scale).to(q.dtype)
+        gq, gk, gv = _FLASH_CPU_BACKWARD(
+            torch.cat([dout[:, :, n], drows[:, :, n].expand_as(rows)], dim=-1),
+            F.pad(q_n, (0, n_tok)),
+            k_aug,
+            v_aug,
+            torch.cat([out[:, :, n], rows], dim=-1),
+            lse_n,
+            0.0,
+            False,
+            attn_mask=bias,
+            scale=scale,
+        )
+        dq[:, :, n] = gq[..., :dim]
+        dk += gk[..., :dim]
+        dv += gv[..., :dim]
+        del gq, gk, gv, rows  # free before the next chunk's call, not after it
+    return dq, dk, dv
+
+
+@attention_pool_cpu_backward.register_fake
+def _(dout, dpooled, q, k, v, out, lse, bias, groups, tokens, query_weight, num_groups, keep_heads, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, bias, groups, tokens, query_weight, num_groups, keep_heads, scale = inputs
+    out, _, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, bias, groups, tokens, query_weight)
+    ctx.num_groups, ctx.keep_heads, ctx.scale = num_groups, keep_heads, scale
+
+
+def _backward(ctx, dout, dpooled, _dlse):
+    q, k, v, out, lse, bias, groups, tokens, query_weight = ctx.saved_tensors
+    dq, dk, dv = attention_pool_cpu_backward(dout, dpooled, q, k, v, out, lse, bias, groups, tokens, query_weight,
+                                             ctx.num_groups, ctx.keep_heads, ctx.scale)  # fmt: skip
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+attention_pool_cpu.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention_pool_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: PoolSpec,
+    scale: float,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.device.type == "cpu":
+        out, pooled, _ = attention_pool_cpu(q, k, v, bias, spec.groups, spec.tokens, spec.query_weight,
+                                            spec.num_groups, spec.keep_heads, scale)  # fmt: skip
+        return out, pooled
+    return attention_pool_sdpa(q, k, v, spec, scale, bias)
+
+
+def attention_pool_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: PoolSpec,
+    scale: float,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Any device: one augmented SDPA call, autograd through it."""
+    dim = q.shape[-1]
+    k_aug, v_aug = augment_keys_values(k, v, spec.tokens)
+    q_aug = F.pad(q, (0, spec.num_tokens))
+    bias = None if bias is None else bias.to(q.dtype)  # SDPA takes a mask of the query's dtype
+    o = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, attn_mask=bias, scale=scale)
+    return o[..., :dim], pool_rows(o[..., dim:], spec)

@@ -1,0 +1,96 @@
+"""`Engine`: a model served at one video shape, built once, then called per request from any thread.
+
+    engine = Engine("models/compshapes-wan", backend="auto")  # at the 64x64x17 the model was trained for
+    video = engine.generate("a red cube to the left of a blue ball", "red cube left of blue ball", seed=0)
+
+Building exports or loads the step engine for the shape (see `cvg.runtime.step_engine`) and runs one guided warm-up
+generation, so the first request pays no build cost. Requests are serialised by a lock: the pipeline's
+scheduler and the step engine's buffers are shared state, and interleaving them would corrupt both.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cvg.guidance.composition import Composition
+from cvg.guidance.config import GuidanceConfig
+from cvg.models.wan import video_size
+from cvg.pipeline import CVGOutput, CVGPipeline
+from cvg.threads import pinned_threads, thread_count
+
+WARMUP_PROMPT, WARMUP_COMPOSITION = "a red cube to the left of a blue ball", "red cube left of blue ball"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    height: int
+    width: int
+    num_frames: int
+    num_inference_steps: int = 20
+    guidance_scale: float = 5.0
+    max_sequence_length: int = 512
+    max_composition_tokens: int = 16  # per request; more is refused rather than silently truncated
+
+
+class Engine:
+    def __init__(
+        self,
+        model: str | Path | CVGPipeline,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        *,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 5.0,
+        max_sequence_length: int = 512,
+        max_composition_tokens: int = 16,
+        guidance: GuidanceConfig | None = None,
+        classifier: str | Path | None = None,
+        backend: str | None = "auto",
+        cache_dir: str | Path | None = None,
+        threads: int | None = None,
+    ):
+        """The size defaults to the one a cvg-trained model records (`cvg.pipeline.video_size`); `classifier`
+        (a `cvg train-classifier` directory) guides with the learned classifier instead of the training-free
+        objectives. Each request runs with `threads` intra-op threads (default `cvg.threads.thread_count()`),
+        whichever thread calls it, so a request's pixels equal the sequential run's."""
+        pipe = model if isinstance(model, CVGPipeline) else CVGPipeline.from_pretrained(model)
+        self.pipe = CVGPipeline(pipe.pipe, pipe.objective, guidance or pipe.guidance, backend, cache_dir)
+        self.pipe.pipe.set_progress_bar_config(disable=True)  # a server's stderr is for its own logs
+        if classifier is not None:
+            self.pipe.load_classifier(classifier)
+        size = video_size(pipe.pipe.config.get("_name_or_path", ""), height, width, num_frames)
+        self.config = EngineConfig(size["height"], size["width"], size["num_frames"], num_inference_steps,
+                                   guidance_scale, max_sequence_length, max_composition_tokens)  # fmt: skip
+        self._lock = threading.Lock()
+        self.threads = threads or thread_count()  # every request splits its sums the same way
+        start = time.perf_counter()
+        self.generate(WARMUP_PROMPT, WARMUP_COMPOSITION, seed=0)
+        self.build_seconds = time.perf_counter() - start
+
+    @property
+    def backend(self) -> str:
+        engines = list(self.pipe._engines.values())
+        return engines[0].backend if engines else "torch (diffusers eager)"
+
+    def generate(self, prompt: str, composition: Composition | str | None = None, seed: int = 0,
+                 output_type: str = "np") -> CVGOutput:  # fmt: skip
+        """One video at the engine's shape; safe to call from several threads (calls run one at a time)."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("prompt must be a non-empty string")
+        c = self.config
+        if composition is not None:
+            bound = self.pipe.bind(prompt, composition, c.max_sequence_length)  # bad words fail here, unlocked
+            if len(bound.tokens) > c.max_composition_tokens:
+                raise ValueError(f"the composition needs {len(bound.tokens)} prompt tokens; this engine was built "
+                                 f"for at most {c.max_composition_tokens}")  # fmt: skip
+        with self._lock, pinned_threads(self.threads):
+            return self.pipe(prompt, composition, height=c.height, width=c.width, num_frames=c.num_frames,
+                             num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
+                             max_sequence_length=c.max_sequence_length, output_type=output_type,
+                             generator=torch.Generator().manual_seed(seed))  # fmt: skip

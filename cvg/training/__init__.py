@@ -1,0 +1,2 @@
+"""Training the CompShapes generator and the compositional classifier (dual inversion): resumable, chunked,
+one writer per output."""

@@ -1,0 +1,370 @@
+"""The CompShapes generator: a small Wan VAE and Wan transformer trained here, on CPU, from CompShapes renders.
+
+    cvg train-generator --out models/compshapes-wan --seed 0
+
+Three stages, each checkpointed under OUT/.work so an interrupted run resumes where it stopped and ends
+where an uninterrupted one would (every step draws its data from (seed, stage, step)):
+  1. VAE: `AutoencoderKLWan` with 4x spatial and 4x temporal compression, on whole clips;
+  2. latents: training clips encoded once (posterior mean and std), prompts encoded by MiniLM;
+  3. transformer: `WanTransformer3DModel`, flow matching (rectified flow, shifted sigmas as Wan's scheduler
+     uses them), text dropped 10% of the time for classifier-free guidance, EMA weights kept.
+Prompts that `grammar.held_out` marks are never trained on. The result is a standard diffusers
+`WanPipeline` directory without the text encoder: its 90 MB are not copied, `generator.json` names the
+package that holds it and `cvg.pipeline.load_wan_pipeline` puts it back (`WanPipeline.from_pretrained(path,
+text_encoder=..., tokenizer=...)` does the same by hand).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+from cvg.compshapes.dataset import split_clip
+from cvg.compshapes.grammar import ALL_CATEGORIES
+from cvg.compshapes.world import BACKGROUND, render
+from cvg.io.files import atomic_path, write_text_atomic
+from cvg.models.minilm import PACKAGE, load_minilm
+from cvg.models.padding import collapse_padding
+from cvg.models.processors import KeyBiasWanAttnProcessor, TextBias, text_key_bias
+from cvg.models.wan import MANIFEST, to_pixels
+
+
+@dataclass(frozen=True)
+class GeneratorRecipe:
+    """Everything that decides the trained generator, saved beside it."""
+
+    seed: int = 0
+    frames: int = 17
+    size: int = 64
+    # VAE
+    vae_base_dim: int = 16
+    z_dim: int = 8
+    vae_steps: int = 2400
+    vae_batch: int = 2
+    vae_window: int = 17  # frames per training window: whole clips, so later chunks learn the causal cache
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-5  # small: a sharp posterior; Wan normalises the latent scale anyway
+    object_weight: float = 10.0  # object pixels count this many times a background pixel
+    vae_extra_motion: bool = False  # motion every other VAE clip (see VAE_CATEGORIES)
+    # transformer
+    clips: int = 6000  # training clips encoded to latents
+    heads: int = 6
+    head_dim: int = 32
+    layers: int = 4
+    ffn_dim: int = 768
+    steps: int = 4400
+    batch: int = 32
+    lr: float = 1e-3
+    warmup: int = 100
+    ema: float = 0.995
+    text_dropout: float = 0.1
+    text_tokens: int = 512  # WanPipeline's default max_sequence_length: the model is trained for it
+    text_tokens_fed: int | None = 32  # fewer keys per step, same maths (`cvg.models.padding`); None: all
+    target: str = "mean"  # "sample" a latent from the VAE posterior, or take its "mean"
+    shift: float = 3.0  # flow shift, in training sigmas and in the shipped scheduler
+    bf16: bool = True  # transformer forward under bfloat16 autocast (weights, loss and optimiser stay float32)
+    checkpoint_every: int = 100
+
+
+def _seeded(*parts: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(parts)).generate_state(1)[0]))
+
+
+def build_vae(recipe: GeneratorRecipe) -> AutoencoderKLWan:
+    return AutoencoderKLWan(
+        base_dim=recipe.vae_base_dim, z_dim=recipe.z_dim, dim_mult=[1, 2, 2], num_res_blocks=1,
+        temperal_downsample=[True, True], latents_mean=[0.0] * recipe.z_dim, latents_std=[1.0] * recipe.z_dim,
+        scale_factor_temporal=4, scale_factor_spatial=4,
+    )  # fmt: skip
+
+
+def build_transformer(recipe: GeneratorRecipe) -> WanTransformer3DModel:
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=recipe.heads, attention_head_dim=recipe.head_dim,
+        in_channels=recipe.z_dim, out_channels=recipe.z_dim, text_dim=384, freq_dim=256, ffn_dim=recipe.ffn_dim,
+        num_layers=recipe.layers, rope_max_seq_len=64,
+    )  # fmt: skip
+
+
+# With `vae_extra_motion` the VAE sees motion every other clip: four of five categories are static, and a
+# causal video VAE trained on them learns to copy the previous frame, so fast-moving objects stay put when
+# decoded. (Measured: it fixes motion but, at z_dim 16 and this budget, shifted red to orange; see docs.)
+VAE_CATEGORIES = tuple(c for other in ALL_CATEGORIES if other != "motion" for c in ("motion", other))
+
+
+def training_clips(recipe: GeneratorRecipe, stage: int, first: int, count: int, categories=ALL_CATEGORIES):
+    """Clips `first..first+count-1` of a stage's stream, categories in turn, training prompts only."""
+    size = {"frames": recipe.frames, "height": recipe.size, "width": recipe.size}
+    return [
+        split_clip(recipe.seed * 1000 + stage, i, categories[i % len(categories)], "train", **size)
+        for i in range(first, first + count)
+    ]
+
+
+class _Checkpoint:
+    """A stage's resumable state (step, modules, optimiser) in one file, written atomically."""
+
+    def __init__(self, path: Path, every: int):
+        self.path, self.every = path, every
+
+    def load(self, **states) -> int:
+        if not self.path.is_file():
+            return 0
+        saved = torch.load(self.path, weights_only=True)
+        for name, obj in states.items():
+            obj.load_state_dict(saved[name])
+        return saved["step"]
+
+    def save(self, step: int, done: bool = False, **states) -> None:
+        if done or step % self.every == 0:
+            with atomic_path(self.path) as tmp:
+                torch.save({"step": step, **{k: v.state_dict() for k, v in states.items()}}, tmp)
+
+
+class _Log:
+    """Loss log (JSON lines) that a resumed stage rewinds to its checkpoint."""
+
+    def __init__(self, path: Path, stage: str):
+        self.path, self.stage = path, stage
+
+    def rewind(self, step: int) -> None:
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        rows = [json.loads(line) for line in lines]
+        kept = [r for r in rows if r["stage"] != self.stage or r["step"] <= step]
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, step: int, **values: float) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"stage": self.stage, "step": step, **values}) + "\n")
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_vae(recipe: GeneratorRecipe, work: Path, report: Callable[[str], None] = print) -> AutoencoderKLWan:
+    torch.manual_seed(recipe.seed)
+    vae = build_vae(recipe).train()
+    opt = torch.optim.AdamW(vae.parameters(), recipe.vae_lr, weight_decay=0.0)
+    ckpt, log = _Checkpoint(work / "vae.pt", recipe.checkpoint_every), _Log(work / "log.jsonl", "vae")
+    start = ckpt.load(vae=vae, opt=opt)
+    log.rewind(start)
+    background = torch.tensor(BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1, 1) / 127.5 - 1
+    categories = VAE_CATEGORIES if recipe.vae_extra_motion else ALL_CATEGORIES
+    t0 = time.perf_counter()
+    for step in range(start, recipe.vae_steps):
+        gen = _seeded(recipe.seed, 1, step)
+        clips = training_clips(recipe, 1, step * recipe.vae_batch, recipe.vae_batch, categories)
+        offset = int(torch.randint(0, recipe.frames - recipe.vae_window + 1, (), generator=gen))
+        x = to_pixels([render(c.scene)[offset : offset + recipe.vae_window] for c in clips])
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        recon = vae.decode(z).sample
+        # Objects are a few percent of the pixels; weigh them up so the background does not win.
+        weight = 1 + (recipe.object_weight - 1) * ((x - background).abs().amax(1, keepdim=True) > 0.05).float()
+        rec = (weight * (recon - x).abs()).mean()
+        kl = 0.5 * (posterior.mean**2 + posterior.var - 1 - posterior.logvar).mean()
+        loss = rec + recipe.kl_weight * kl
+        for group in opt.param_groups:
+            group["lr"] = recipe.vae_lr * _cosine(step, recipe.vae_steps, 50)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        log.write(step + 1, loss=rec.item(), kl=kl.item())
+        if (step + 1) % 50 == 0:
+            report(f"vae step {step + 1}/{recipe.vae_steps} recon {rec.item():.4f} ({time.perf_counter() - t0:.0f} s)")
+        ckpt.save(step + 1, done=step + 1 == recipe.vae_steps, vae=vae, opt=opt)
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(
+    recipe: GeneratorRecipe, vae: AutoencoderKLWan, text: WanPipeline, work: Path, report=print, chunk: int = 100
+) -> dict:
+    """Posterior mean/std of every training clip and MiniLM embeddings of their prompts, in resumable chunks."""
+    parts = []
+    for first in range(0, recipe.clips, chunk):
+        path = work / "latents" / f"{first:06d}.pt"
+        if not path.is_file():
+            clips = training_clips(recipe, 2, first, min(chunk, recipe.clips - first))
+            posterior = vae.encode(to_pixels([render(c.scene) for c in clips])).latent_dist
+            with atomic_path(path) as tmp:
+                torch.save({"mean": posterior.mean, "std": posterior.std, "prompts": [c.prompt for c in clips]}, tmp)
+            report(f"latents {first + len(clips)}/{recipe.clips}")
+        parts.append(torch.load(path, weights_only=True))
+    prompts = [p for part in parts for p in part["prompts"]]
+    unique = ["", *sorted(set(prompts))]  # "" is the unconditional (negative) prompt
+    position = {p: i for i, p in enumerate(unique)}
+    embeds = [text.encode_prompt(unique[i : i + 64], do_classifier_free_guidance=False, max_sequence_length=32)[0]
+              for i in range(0, len(unique), 64)]  # fmt: skip
+    # MiniLM with an attention mask gives the real tokens the same states at any padded length; Wan pads with zeros.
+    embeds = torch.cat(embeds)
+    return {
+        "mean": torch.cat([p["mean"] for p in parts]),
+        "std": torch.cat([p["std"] for p in parts]),
+        "prompt": torch.tensor([position[p] for p in prompts]),
+        "embeds": embeds,
+    }
+
+
+def latent_stats(latents: dict) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the training latents: the VAE config's latents_mean/std (Wan normalises by them)."""
+    z = latents["mean"].transpose(0, 1).flatten(1)
+    return z.mean(1).tolist(), z.std(1).tolist()
+
+
+def flow_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """Uniform draws mapped as Wan's flow-matching schedulers shift their sigmas."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def train_transformer(
+    recipe: GeneratorRecipe, latents: dict, stats: tuple[list[float], list[float]], work: Path, report=print
+) -> WanTransformer3DModel:
+    torch.manual_seed(recipe.seed + 1)
+    model = build_transformer(recipe).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), recipe.lr, weight_decay=0.01)
+    ckpt, log = _Checkpoint(work / "transformer.pt", recipe.checkpoint_every), _Log(work / "log.jsonl", "transformer")
+    start = ckpt.load(model=model, ema=ema, opt=opt)
+    log.rewind(start)
+    mean, std = (torch.tensor(s).view(1, -1, 1, 1, 1) for s in stats)
+    fed = recipe.text_tokens_fed or recipe.text_tokens
+    embeds = F.pad(latents["embeds"], (0, 0, 0, fed - latents["embeds"].shape[1]))
+    # Attention over `fed` text rows with a key bias equals attention over the full padding (cvg.models.padding).
+    text_bias = TextBias()
+    t0 = time.perf_counter()
+    with text_key_bias(model, [KeyBiasWanAttnProcessor(text_bias) for _ in model.blocks]):
+        for step in range(start, recipe.steps):
+            gen = _seeded(recipe.seed, 3, step)
+            idx = torch.randint(0, len(latents["prompt"]), (recipe.batch,), generator=gen)
+            posterior_mean, posterior_std = latents["mean"][idx].float(), latents["std"][idx].float()
+            z = posterior_mean + posterior_std * torch.randn(posterior_mean.shape, generator=gen)
+            z = ((posterior_mean if recipe.target == "mean" else z) - mean) / std
+            dropped = torch.rand(recipe.batch, generator=gen) < recipe.text_dropout
+            prompt = latents["prompt"][idx].masked_fill(dropped, 0)
+            text, text_bias.key_bias = collapse_padding(embeds[prompt], fed, total=recipe.text_tokens)
+            sigma = flow_sigmas(torch.rand(recipe.batch, generator=gen), recipe.shift).view(-1, 1, 1, 1, 1)
+            noise = torch.randn(z.shape, generator=gen)
+            noisy = (1 - sigma) * z + sigma * noise
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+                pred = model(noisy, sigma.flatten() * 1000, text, return_dict=False)[0]
+            loss = F.mse_loss(pred.float(), noise - z)
+            for group in opt.param_groups:
+                group["lr"] = recipe.lr * _cosine(step, recipe.steps, recipe.warmup)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+                    e.lerp_(p, 1 - recipe.ema)
+            log.write(step + 1, loss=loss.item())
+            if (step + 1) % 50 == 0:
+                report(f"transformer step {step + 1}/{recipe.steps} loss {loss.item():.4f} "
+                       f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+            ckpt.save(step + 1, done=step + 1 == recipe.steps, model=model, ema=ema, opt=opt)
+    return ema
+
+
+def assemble(recipe: GeneratorRecipe, vae: AutoencoderKLWan, transformer: WanTransformer3DModel, tokenizer=None,
+             text_encoder=None) -> WanPipeline:  # fmt: skip
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=recipe.shift
+    )
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae.eval(), transformer=transformer.eval(),
+                       scheduler=scheduler)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def train_generator(out: str | os.PathLike, recipe: GeneratorRecipe = GeneratorRecipe(), report=print) -> dict:
+    """Train (or resume) all three stages and save the pipeline to `out`; returns the manifest."""
+    out = Path(out)
+    work = out / ".work"
+    (work / "latents").mkdir(parents=True, exist_ok=True)
+    recipe_path = work / "recipe.json"
+    if recipe_path.is_file() and json.loads(recipe_path.read_text()) != asdict(recipe):
+        raise ValueError(f"{work} holds a run with another recipe; remove it or train into another directory")
+    write_text_atomic(recipe_path, json.dumps(asdict(recipe), indent=1))
+    tokenizer, text_encoder = load_minilm()
+    timings = {}
+    t = time.perf_counter()
+    vae = train_vae(recipe, work, report).requires_grad_(False)
+    timings["vae_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    text = assemble(recipe, vae, build_transformer(recipe), tokenizer, text_encoder)
+    latents = encode_latents(recipe, vae, text, work, report)
+    stats = latent_stats(latents)
+    timings["latents_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    transformer = train_transformer(recipe, latents, stats, work, report)
+    timings["transformer_s"] = time.perf_counter() - t
+    vae.register_to_config(latents_mean=stats[0], latents_std=stats[1])
+    save_generator(assemble(recipe, vae, transformer), out, {"recipe": asdict(recipe), "timings": timings,
+                   "training_prompts": len(latents["embeds"]) - 1})  # fmt: skip
+    plot_losses(work / "log.jsonl", out / "loss.png")
+    return json.loads((out / MANIFEST).read_text())
+
+
+def save_generator(pipe: WanPipeline, out: Path, manifest: dict) -> None:
+    """Save without the text encoder and tokenizer; the manifest names the package that holds them."""
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=pipe.vae, transformer=pipe.transformer,
+                       scheduler=pipe.scheduler)  # fmt: skip
+    pipe.save_pretrained(str(out))
+    write_text_atomic(out / MANIFEST, json.dumps({"text_encoder": PACKAGE, **manifest}, indent=1))
+
+
+def plot_losses(log: Path, out: Path, width: int = 640, height: int = 240) -> None:
+    """Training losses per stage (log10, raw and smoothed, one panel each) as a PNG."""
+    from PIL import Image, ImageDraw
+
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    stages = [s for s in ("vae", "transformer") if any(r["stage"] == s for r in rows)]
+    image = Image.new("RGB", (width, height * len(stages)), "white")
+    draw = ImageDraw.Draw(image)
+    for panel, stage in enumerate(stages):
+        steps = np.array([r["step"] for r in rows if r["stage"] == stage], float)
+        loss = np.log10(np.array([r["loss"] for r in rows if r["stage"] == stage], float))
+        window = max(1, len(loss) // 100)
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        box = (50, panel * height + 20, width - 20, panel * height + height - 30)
+        scale = _Scale(box, float(steps[-1]), float(loss.min()), float(loss.max()))
+        draw.rectangle(box, outline="black")
+        draw.line(scale(steps, loss), fill=(190, 190, 230))
+        draw.line(scale(steps[window - 1 :], smooth), fill=(30, 30, 160), width=2)
+        draw.text((box[0], box[1] - 16), f"{stage}: log10 loss vs step (0..{int(steps[-1])})", fill="black")
+        draw.text((4, box[1]), f"{scale.hi:.2f}", fill="black")
+        draw.text((4, box[3] - 10), f"{scale.lo:.2f}", fill="black")
+    with atomic_path(out) as tmp:
+        image.save(tmp)
+
+
+@dataclass(frozen=True)
+class _Scale:
+    """Data (step, value) to pixel coordinates inside a box."""
+
+    box: tuple[int, int, int, int]
+    last_step: float
+    lo: float
+    hi: float
+
+    def __call__(self, steps: np.ndarray, values: np.ndarray) -> list[tuple[float, float]]:
+        left, top, right, bottom = self.box
+        xs = left + (right - left) * steps / self.last_step
+        ys = top + (bottom - top) * (self.hi - values) / max(self.hi - self.lo, 1e-9)
+        return list(zip(xs.tolist(), ys.tolist(), strict=True))

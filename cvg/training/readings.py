@@ -1,0 +1,239 @@
+"""Classifier readings: pooled entity maps of clips under their true and counterfactual prompts, at the
+noise levels guidance acts on, from the generator's own trajectories or from inverted clips; cached in
+resumable chunks (one file per chunk, written atomically)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import WanPipeline
+from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+from cvg.compshapes.dataset import read_frames, read_index
+from cvg.compshapes.grammar import Clip
+from cvg.compshapes.judge import judge
+from cvg.compshapes.world import render
+from cvg.guidance.classifier import label_of
+from cvg.guidance.config import GuidanceConfig
+from cvg.guidance.inversion import invert
+from cvg.guidance.sampler import Denoiser
+from cvg.io.files import atomic_path, remove_stale_temporaries
+from cvg.io.video import to_uint8
+from cvg.models.wan import latent_normalisation, to_pixels
+from cvg.pipeline import CVGPipeline
+from cvg.training.config import ReadingConfig
+
+
+def guided_levels(pipe: WanPipeline, config: ReadingConfig) -> tuple[list[float], list[float]]:
+    """(sigmas, timesteps) of the guided steps under the pipeline's own scheduler."""
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(config.num_inference_steps)
+    steps = range(config.guide_steps)
+    return [float(scheduler.sigmas[i]) for i in steps], [float(scheduler.timesteps[i]) for i in steps]
+
+
+@torch.no_grad()
+def encode_clip(pipe: WanPipeline, frames) -> torch.Tensor:
+    """uint8 `[F, H, W, 3]` -> the normalised latent WanPipeline denoises, `[1, C, f, h, w]`."""
+    mean, std = latent_normalisation(pipe.vae)
+    return (pipe.vae.encode(to_pixels([frames])).latent_dist.mean - mean) / std
+
+
+def _entity_readings(pipe: WanPipeline, prompt: str, composition, config: ReadingConfig,
+                     latents: Callable[[Denoiser], list[torch.Tensor]]) -> torch.Tensor:  # fmt: skip
+    """Entity maps `[steps, layers, f, h, w, E]` under `prompt`, read at `latents(denoiser)`: one latent per
+    read step, each at that step's timestep (the denoiser is the prompt's, for latents that depend on it)."""
+    embeds = pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
+                                max_sequence_length=config.max_sequence_length)[0]  # fmt: skip
+    bound = composition.bind(pipe.tokenizer, [prompt_clean(prompt)], config.max_sequence_length)
+    denoiser = Denoiser(pipe.transformer, embeds, None, 1.0)
+    guidance = GuidanceConfig(pool=config.pool, layers=list(config.layers) if config.layers else None)
+    timesteps = guided_levels(pipe, config)[1]
+    maps = [denoiser.read_maps(x, torch.tensor(t), bound, guidance)
+            for x, t in zip(latents(denoiser), timesteps, strict=True)]  # fmt: skip
+    return torch.cat([bound.entity_maps(m) for m in maps])
+
+
+def read_clip(pipe: WanPipeline, clip: Clip, frames, config: ReadingConfig, dual: bool) -> list[torch.Tensor]:
+    """Entity maps `[guide_steps, layers, f, h, w, E]` of one clip per reading (true prompt, then counterfactual)."""
+    latent = encode_clip(pipe, frames)
+    sigmas = guided_levels(pipe, config)[0]
+
+    def inverted(denoiser: Denoiser) -> list[torch.Tensor]:  # under the reading's own prompt
+        rising = sorted(sigmas)  # inversion climbs; the guided steps descend
+        climbed = dict(zip(rising, invert(denoiser, latent, rising, config.substeps), strict=True))
+        return [climbed[s] for s in sigmas]
+
+    readings = [(clip.prompt, clip.composition)] + ([clip.counterfactuals[0]] if dual else [])
+    return [_entity_readings(pipe, prompt, composition, config, inverted) for prompt, composition in readings]
+
+
+@dataclass
+class Readings:
+    """Maps of many clips: `maps [N, readings, steps, layers, f, h, w, 2]`, true and counterfactual labels.
+
+    `targets [N, 2]`: whether the clip shows its true and its counterfactual label (None: renders, which
+    show the true one and not the other); `timesteps [steps]`: where each step was read (None: unknown)."""
+
+    maps: torch.Tensor
+    true_labels: list[str]
+    counterfactual_labels: list[str]
+    categories: list[str]
+    targets: torch.Tensor | None = None
+    timesteps: torch.Tensor | None = None
+
+    def reworded(self, wording: Callable[[str], str]) -> Readings:
+        """The same readings with every label rewritten by `wording`."""
+        return replace(self, true_labels=[wording(t) for t in self.true_labels],
+                       counterfactual_labels=[wording(t) for t in self.counterfactual_labels])  # fmt: skip
+
+    def label_targets(self) -> torch.Tensor:
+        """`[N, 2]` float: does the clip show its true label, its counterfactual label."""
+        if self.targets is not None:
+            return self.targets.float()
+        return torch.tensor([[1.0, 0.0]]).expand(len(self.true_labels), 2)
+
+
+def _cached_chunks(
+    items: Iterable, work: Path, chunk: int, describe: Callable[[list], dict], read: Callable[[list], dict],
+    report: Callable[[str], None],
+) -> list[dict]:  # fmt: skip
+    """`read(batch)` of each `chunk` items, cached as WORK/000000.pt...; a cached chunk is reused only when
+    `describe(batch)` (which clips it holds) matches what it recorded."""
+    work.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(work, "*.pt")  # a killed trainer's; callers hold the output's lock
+    parts, batch, index = [], [], 0
+    start = time.perf_counter()
+
+    def flush():
+        path, which = work / f"{index:06d}.pt", describe(batch)
+        record = torch.load(path, weights_only=True) if path.is_file() else None
+        if record is None or any(record.get(k, v) != v for k, v in which.items()):  # other clips' chunk
+            record = {**read(batch), **which}
+            with atomic_path(path) as tmp:
+                torch.save(record, tmp)
+            report(f"read {index + len(batch)} clips ({time.perf_counter() - start:.0f} s)")
+        parts.append(record)
+
+    for item in items:
+        batch.append(item)
+        if len(batch) == chunk:
+            flush()
+            index, batch = index + chunk, []
+    if batch:
+        flush()
+    return parts
+
+
+def _clips_described(clips: list[Clip]) -> dict:
+    return {"true": [label_of(c.composition) for c in clips], "seeds": [c.seed for c in clips]}
+
+
+def _readings(parts: list[dict]) -> Readings:
+    has_targets = all("targets" in p for p in parts)
+    return Readings(
+        torch.cat([p["maps"] for p in parts]),
+        [x for p in parts for x in p["true"]],
+        [x for p in parts for x in p["counterfactual"]],
+        [x for p in parts for x in p["categories"]],
+        torch.cat([p["targets"] for p in parts]) if has_targets else None,
+        parts[0].get("timesteps") if parts else None,
+    )
+
+
+def _two_slots(maps: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([F.pad(m, (0, 2 - m.shape[-1])) for m in maps])
+
+
+def read_clips(
+    pipe: WanPipeline,
+    clips: Iterable[tuple[Clip, object]],
+    config: ReadingConfig,
+    work: Path,
+    chunk: int = 50,
+    report: Callable[[str], None] = print,
+) -> Readings:
+    """Dual readings (true and counterfactual prompt) of `(clip, frames)` pairs, cached in chunks under `work`."""
+
+    def read(batch):
+        maps = _two_slots([torch.stack(read_clip(pipe, clip, frames, config, dual=True)) for clip, frames in batch])
+        return {"maps": maps, "counterfactual": [label_of(c.counterfactuals[0][1]) for c, _ in batch],
+                "categories": [c.category for c, _ in batch]}  # fmt: skip
+
+    parts = _cached_chunks(clips, work, chunk, lambda batch: _clips_described([c for c, _ in batch]), read, report)
+    return _readings(parts)
+
+
+@torch.no_grad()
+def read_trajectory(
+    pipe: WanPipeline, clip: Clip, config: ReadingConfig, seed: int, guidance_scale: float = 5.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Readings where guidance acts: the generator samples `clip.prompt` from the noise of `seed` as the
+    guided sampler does (unguided), and the latents it passes through at the first `config.guide_steps`
+    steps are read under the true and the counterfactual prompt. The CompShapes judge, on the decoded
+    clip, says which of the two labels it shows. Returns (maps `[2, steps, layers, f, h, w, 2]`,
+    targets `[2]`: true label shown, counterfactual label shown)."""
+    scene = clip.scene
+    size = {"height": scene.height, "width": scene.width, "num_frames": scene.frames}
+    noise = pipe.prepare_latents(1, pipe.transformer.config.in_channels, *size.values(), torch.float32,
+                                 pipe._execution_device, torch.Generator().manual_seed(seed))  # fmt: skip
+    visited = [noise]
+
+    def keep(i, t, latents):
+        if len(visited) < config.guide_steps:
+            visited.append(latents.clone())
+
+    out = CVGPipeline(pipe)(clip.prompt, latents=noise.clone(), num_inference_steps=config.num_inference_steps,
+                            guidance_scale=guidance_scale, max_sequence_length=config.max_sequence_length,
+                            on_step=keep, **size)  # fmt: skip
+    frames = to_uint8(out.frames[0])
+    cf_prompt, cf_composition = clip.counterfactuals[0]
+    targets = torch.tensor([judge(frames, clip.composition).ok, judge(frames, cf_composition).ok])
+    readings = [_entity_readings(pipe, prompt, composition, config, lambda _: visited)
+                for prompt, composition in ((clip.prompt, clip.composition), (cf_prompt, cf_composition))]  # fmt: skip
+    return _two_slots(readings), targets
+
+
+def read_trajectories(
+    pipe: WanPipeline,
+    clips: Iterable[Clip],
+    config: ReadingConfig,
+    work: Path,
+    chunk: int = 25,
+    report: Callable[[str], None] = print,
+) -> Readings:
+    """`read_trajectory` of each clip (noise seed = the clip's seed), cached in chunks under `work`."""
+
+    def read(batch):
+        read = [read_trajectory(pipe, clip, config, clip.seed) for clip in batch]
+        return {"maps": torch.stack([m for m, _ in read]), "targets": torch.stack([t for _, t in read]),
+                "timesteps": torch.tensor(guided_levels(pipe, config)[1]),
+                "counterfactual": [label_of(c.counterfactuals[0][1]) for c in batch],
+                "categories": [c.category for c in batch]}  # fmt: skip
+
+    return _readings(_cached_chunks(clips, work, chunk, _clips_described, read, report))
+
+
+def rendered(clips: Iterable[Clip]) -> Iterable[tuple[Clip, object]]:
+    """CompShapes clips with their frames rendered on the fly."""
+    for clip in clips:
+        yield clip, render(clip.scene)
+
+
+def dataset_clips(directory: str | Path, shape: tuple[int, int, int]) -> Iterable[tuple[Clip, object]]:
+    """The clips of a dataset-format folder (index.jsonl + clips/) with their frames, which must be
+    `shape` (frames, height, width): the size the generator makes and its classifier reads."""
+    records = read_index(directory)
+    if not records:
+        raise FileNotFoundError(f"no clips in {directory} (expected index.jsonl and clips/)")
+    for record in records:
+        frames = read_frames(directory, record)
+        if tuple(frames.shape[:3]) != shape:
+            raise ValueError(f"{directory}: clip {record.get('id')} is {'x'.join(map(str, frames.shape[:3]))}; "
+                             f"the generator makes {'x'.join(map(str, shape))} videos")  # fmt: skip
+        yield Clip.from_record(record), frames
