@@ -24,6 +24,7 @@ from cvg.guidance.binding import BoundComposition
 from cvg.guidance.config import GuidanceConfig
 from cvg.guidance.objectives import Objective
 from cvg.models.padding import collapse_padding
+from cvg.models.patching import swapped
 from cvg.models.processors import MapRecorder, recording, resolve_layers
 
 
@@ -162,16 +163,9 @@ class Denoiser:
         return loss.detach(), maps.detach(), grad
 
 
-@contextmanager
 def _frozen(model: torch.nn.Module):
     """No parameter gradients: the forward then saves only what the latent's gradient needs."""
-    flags = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(flag)
+    return swapped((p, "requires_grad", False) for p in model.parameters())
 
 
 def _checkpoint_block(block, *args):
@@ -179,17 +173,15 @@ def _checkpoint_block(block, *args):
     return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False, preserve_rng_state=False)
 
 
-@contextmanager
-def _checkpointing(model, enable: bool):
-    """Gradient checkpointing of the transformer blocks for the duration, restoring the model's own setting."""
+def _checkpointing(model: torch.nn.Module, enable: bool):
+    """Gradient checkpointing of the transformer blocks for the duration (the switches diffusers'
+    `enable_gradient_checkpointing` sets), then the model's own setting back; a model that checkpoints
+    already keeps its own function."""
     if not enable or model.gradient_checkpointing:
-        yield
-        return
-    model.enable_gradient_checkpointing(_checkpoint_block)
-    try:
-        yield
-    finally:
-        model.disable_gradient_checkpointing()
+        return swapped(())
+    modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    return swapped([(m, "gradient_checkpointing", True) for m in modules]
+                   + [(m, "_gradient_checkpointing_func", _checkpoint_block) for m in modules])  # fmt: skip
 
 
 def _warn_skipped(skipped: torch.Tensor) -> None:

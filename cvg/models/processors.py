@@ -29,6 +29,7 @@ from diffusers.models.transformers.transformer_wan import (
     _get_qkv_projections,
 )
 
+from cvg.models.patching import swapped
 from cvg.ops.attention_pool import attention_pool_with_spec
 from cvg.ops.pooling import PoolSpec, grid_groups, make_pool_spec
 
@@ -65,14 +66,8 @@ def text_key_bias(transformer, processors: Sequence[KeyBiasWanAttnProcessor]) ->
     blocks = transformer.blocks
     if len(processors) != len(blocks):
         raise ValueError(f"text key bias: {len(processors)} processors for {len(blocks)} blocks")
-    originals = [block.attn2.processor for block in blocks]
-    try:
-        for block, processor in zip(blocks, processors, strict=True):
-            block.attn2.set_processor(processor)
+    with swapped((block.attn2, "processor", processor) for block, processor in zip(blocks, processors, strict=True)):
         yield
-    finally:
-        for block, processor in zip(blocks, originals, strict=True):
-            block.attn2.set_processor(processor)
 
 
 @dataclass
@@ -228,13 +223,6 @@ def recording(transformer, recorder: MapRecorder, layers: Sequence[int] | None =
     installed = {i: PoolingWanAttnProcessor(recorder, i) for i in chosen}
     if recorder.key_bias is not None:
         installed = {i: installed.get(i, KeyBiasWanAttnProcessor(recorder)) for i in range(len(transformer.blocks))}
-    originals = {i: transformer.blocks[i].attn2.processor for i in installed}
-    hook = transformer.register_forward_pre_hook(read_grid, with_kwargs=True)
-    try:
-        for i, processor in installed.items():
-            transformer.blocks[i].attn2.set_processor(processor)
+    with transformer.register_forward_pre_hook(read_grid, with_kwargs=True), \
+            swapped((transformer.blocks[i].attn2, "processor", processor) for i, processor in installed.items()):
         yield
-    finally:
-        hook.remove()
-        for i, processor in originals.items():
-            transformer.blocks[i].attn2.set_processor(processor)

@@ -12,13 +12,13 @@ Results equal diffusers' own decode up to float rounding (tests/test_pipeline.py
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from types import MethodType
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
+
+from cvg.models.patching import Swap, swapped
 
 
 def _conv3d_by_taps(self: WanCausalConv3d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -43,21 +43,14 @@ def _plain(conv: WanCausalConv3d) -> bool:
     return conv.stride == (1, 1, 1) and conv.dilation == (1, 1, 1) and conv.groups == 1 and conv.padding == (0, 0, 0)
 
 
-@contextmanager
-def cpu_decoding(vae: torch.nn.Module) -> Iterator[None]:
+def cpu_decoding(vae: torch.nn.Module):
     """For the duration, `vae`'s causal convolutions and channel RMS norms take the fast CPU paths (a
     no-op for a VAE on another device)."""
-    patched: list[tuple[torch.nn.Module, str]] = []
+    swaps: list[Swap] = []
     if next(vae.parameters()).device.type == "cpu":
         for module in vae.modules():
             if isinstance(module, WanCausalConv3d) and _plain(module):
-                module._conv_forward = MethodType(_conv3d_by_taps, module)
-                patched.append((module, "_conv_forward"))
+                swaps.append((module, "_conv_forward", MethodType(_conv3d_by_taps, module)))
             elif isinstance(module, WanRMS_norm) and module.channel_first:
-                module.forward = MethodType(_rms_norm, module)
-                patched.append((module, "forward"))
-    try:
-        yield
-    finally:
-        for module, name in patched:
-            delattr(module, name)
+                swaps.append((module, "forward", MethodType(_rms_norm, module)))
+    return swapped(swaps)
