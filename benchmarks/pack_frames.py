@@ -43,8 +43,12 @@ def main() -> None:
     args = parser.parse_args()
     if native is None:
         raise SystemExit(MISSING)
-    lines = [f"Frame packing, {machine_line()}, median of {args.repeats}", "",
-             "| size | numpy (ms) | cvg._C (ms) | numpy / cvg._C |", "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"Frame packing, {machine_line()}, median of {args.repeats}",
+        "",
+        "| size | numpy (ms) | cvg._C (ms) | numpy / cvg._C |",
+        "|---|---|---|---|",
+    ]
     for name, shape in SIZES.items():
         frames = np.random.default_rng(0).uniform(-0.1, 1.1, shape).astype(np.float32)
         out = np.empty(shape, np.uint8)

@@ -40,8 +40,9 @@ POLICIES = {"cvg (passive, sized)": {}, "active waiting": {"OMP_WAIT_POLICY": "A
 def run(processes: int, clips: int, env: dict[str, str]) -> list[dict]:
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "CVG_NUM_THREADS")}
     argv = [sys.executable, "-c", CHILD, str(MODEL), str(clips)]
-    children = [subprocess.Popen(argv, env={**base, **env}, stdout=subprocess.PIPE, text=True)
-                for _ in range(processes)]  # fmt: skip
+    children = [
+        subprocess.Popen(argv, env={**base, **env}, stdout=subprocess.PIPE, text=True) for _ in range(processes)
+    ]
     results = []
     for child in children:
         out, _ = child.communicate()
@@ -56,16 +57,22 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=4, help="timed clips per process (default 4)")
     parser.add_argument("--write", type=Path, help="record the table in this Markdown file")
     args = parser.parse_args()
-    lines = [f"Two cvg processes, {machine_line()}; per-clip medians over {args.clips} clips each", "",
-             "| policy | threads each | alone (s/clip) | side by side (s/clip, each) | slowdown | throughput "
-             "side by side / one after the other |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"Two cvg processes, {machine_line()}; per-clip medians over {args.clips} clips each",
+        "",
+        "| policy | threads each | alone (s/clip) | side by side (s/clip, each) | slowdown | throughput "
+        "side by side / one after the other |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, env in POLICIES.items():
         alone = run(1, args.clips, env)[0]
         pair = run(2, args.clips, env)
         t_alone = statistics.median(alone["seconds"])
         t_pair = statistics.median(s for r in pair for s in r["seconds"])
-        lines.append(f"| {name} | {alone['threads']} | {t_alone:.2f} | {t_pair:.2f} | {t_pair / t_alone:.2f}x | "
-                     f"{2 * t_alone / t_pair:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {alone['threads']} | {t_alone:.2f} | {t_pair:.2f} | {t_pair / t_alone:.2f}x | "
+            f"{2 * t_alone / t_pair:.2f} |"
+        )
     publish("Command: `python benchmarks/shared_cores.py`\n\n" + "\n".join(lines), args.write, "shared_cores")
 
 

@@ -56,10 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     size.add_argument("--ffn-dim", type=int, default=384, help="feed-forward width (default 384)")
     parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance (default 5)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
-    parser.add_argument("--backends", type=lambda t: [b for b in t.split(",") if b],
-                        default=["onnxruntime", "compiled"],
-                        help="step-engine backends timed for guided generation (default onnxruntime,compiled; "
-                             "'' for none)")  # fmt: skip
+    parser.add_argument(
+        "--backends",
+        type=lambda t: [b for b in t.split(",") if b],
+        default=["onnxruntime", "compiled"],
+        help="step-engine backends timed for guided generation (default onnxruntime,compiled; '' for none)",
+    )
     parser.add_argument("--json", type=Path, help="write the raw results here")
     parser.add_argument("--write", type=Path, help="record the table in this Markdown file")
     parser.add_argument("--memory", choices=VARIANTS, help=argparse.SUPPRESS)  # child process modes
@@ -75,15 +77,22 @@ def _runner(variant: str, args: argparse.Namespace):
     from cvg.pipeline import CVGPipeline
 
     pipe = tiny_wan_pipeline(0, args.layers, args.heads, args.head_dim, args.ffn_dim)
-    common = dict(height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance_scale, max_sequence_length=args.text_tokens)  # fmt: skip
+    common = dict(
+        height=args.height,
+        width=args.width,
+        num_frames=args.frames,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        max_sequence_length=args.text_tokens,
+    )
     naive = variant.startswith("naive")
     if variant == "naive-guided":
         for block in pipe.transformer.blocks:
             block.attn1.set_attention_backend("_native_math")
     # The naive baselines attend over the whole padded text, as Attend-and-Excite does.
-    config = GuidanceConfig(guide_steps=args.guide_steps, backend="naive" if naive else "auto",
-                            collapse_padding=not naive)  # fmt: skip
+    config = GuidanceConfig(
+        guide_steps=args.guide_steps, backend="naive" if naive else "auto", collapse_padding=not naive
+    )
     engine = variant.split("+")[1] if "+" in variant else None  # "guided+onnxruntime": a step engine
     cache = tempfile.mkdtemp(prefix="cvg-bench-engines-") if engine else None  # cold: the build is timed
     cvg = CVGPipeline(pipe, guidance=config, engine=engine, engine_cache=cache)
@@ -97,8 +106,13 @@ def _runner(variant: str, args: argparse.Namespace):
             return {"total": time.perf_counter() - start}, frames
         store = record_maps(pipe.transformer, tokens, pool=config.pool, backend="naive") if naive else nullcontext()
         with store:
-            out = cvg(PROMPT, None if variant == "unguided" else COMPOSITION, generator=generator,
-                      output_type=output_type, **common)  # fmt: skip
+            out = cvg(
+                PROMPT,
+                None if variant == "unguided" else COMPOSITION,
+                generator=generator,
+                output_type=output_type,
+                **common,
+            )
         return {**out.timings, "total": sum(out.timings.values())}, out.frames
 
     return run, pipe
@@ -134,8 +148,19 @@ def measure_memory(variant: str, args: argparse.Namespace) -> dict[str, int]:
 
 
 def _size_argv(args: argparse.Namespace) -> list[str]:
-    keys = ("height", "width", "frames", "steps", "guide_steps", "text_tokens", "layers", "heads", "head_dim",
-            "ffn_dim", "guidance_scale")  # fmt: skip
+    keys = (
+        "height",
+        "width",
+        "frames",
+        "steps",
+        "guide_steps",
+        "text_tokens",
+        "layers",
+        "heads",
+        "head_dim",
+        "ffn_dim",
+        "guidance_scale",
+    )
     return [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
 
 
@@ -195,8 +220,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.times:
         print(json.dumps(measure_times(args)))
         return
-    argv = ["-m", "cvg.bench", *_size_argv(args), "--repeats", str(args.repeats), "--backends",
-            ",".join(args.backends), "--times"]  # fmt: skip
+    argv = [
+        "-m",
+        "cvg.bench",
+        *_size_argv(args),
+        "--repeats",
+        str(args.repeats),
+        "--backends",
+        ",".join(args.backends),
+        "--times",
+    ]
     times = json_child(argv, TIMING_ENV, "timing run")
     memory = {v: measure_memory(v, args) for v in VARIANTS}
     text = table({v: times[v] for v in VARIANTS}, memory, args)
@@ -228,8 +261,11 @@ def main(argv: list[str] | None = None) -> None:
                 "included; the rest are medians of the timed rounds of the same run. Speedups are over the guided "
                 "row: diffusers' eager forward."
             )
-            write_section(args.write, "cvg_bench_engines", f"Command: `python -m cvg.bench`\n\n{engine_note}\n\n"
-                          f"{text.splitlines()[0]}\n\n{engines}")  # fmt: skip
+            write_section(
+                args.write,
+                "cvg_bench_engines",
+                f"Command: `python -m cvg.bench`\n\n{engine_note}\n\n{text.splitlines()[0]}\n\n{engines}",
+            )
 
 
 if __name__ == "__main__":

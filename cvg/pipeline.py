@@ -71,8 +71,15 @@ class CVGPipeline:
         self._graphs: dict[str, GuidedStepGraph] = {}  # guided steps, with the engine; most recent last
         self._objectives: dict[str, Objective] = {}  # training-free ones per composition kind, kept
 
-    def guided_graph(self, denoiser: Denoiser, objective: Objective, bound: BoundComposition, config: GuidanceConfig,
-                     latents: torch.Tensor, t: torch.Tensor) -> GuidedStepGraph:  # fmt: skip
+    def guided_graph(
+        self,
+        denoiser: Denoiser,
+        objective: Objective,
+        bound: BoundComposition,
+        config: GuidanceConfig,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+    ) -> GuidedStepGraph:
         """The guided-step graph for this request's shape and composition: built (captured on CUDA) on first
         use, else reloaded with this request's text. The `MAX_GRAPHS` most recent are kept."""
         key = graph_key(denoiser, objective, bound, config, latents)
@@ -162,9 +169,19 @@ class CVGPipeline:
         if config.guide_sigma is not None:  # the window by noise level: every step at or above it
             config = replace(config, guide_steps=int((pipe.scheduler.sigmas[:-1] >= config.guide_sigma).sum()))
         guided = composition is not None and config.guide_steps > 0
-        self.check_inputs(prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
-                          num_videos_per_prompt, max_sequence_length, latents,
-                          config.pool if guided else None)  # fmt: skip
+        self.check_inputs(
+            prompt,
+            negative_prompt,
+            height,
+            width,
+            num_frames,
+            num_inference_steps,
+            guidance_scale,
+            num_videos_per_prompt,
+            max_sequence_length,
+            latents,
+            config.pool if guided else None,
+        )
         objective, bound = None, None
         if guided:
             bound = self.bind(prompt, composition, max_sequence_length)
@@ -176,18 +193,35 @@ class CVGPipeline:
         do_cfg = guidance_scale > 1.0
         marks = [time.perf_counter()]  # phase boundaries: start, text encoded, each step done, decoded
         prompt_embeds, negative_embeds = pipe.encode_prompt(
-            prompt=prompt, negative_prompt=negative_prompt, do_classifier_free_guidance=do_cfg,
-            num_videos_per_prompt=num_videos_per_prompt, max_sequence_length=max_sequence_length, device=device,
-        )  # fmt: skip
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            do_classifier_free_guidance=do_cfg,
+            num_videos_per_prompt=num_videos_per_prompt,
+            max_sequence_length=max_sequence_length,
+            device=device,
+        )
         marks.append(time.perf_counter())
         dtype = pipe.transformer.dtype
-        denoiser = Denoiser(pipe.transformer, prompt_embeds.to(dtype),
-                            None if negative_embeds is None else negative_embeds.to(dtype), guidance_scale)  # fmt: skip
+        denoiser = Denoiser(
+            pipe.transformer,
+            prompt_embeds.to(dtype),
+            None if negative_embeds is None else negative_embeds.to(dtype),
+            guidance_scale,
+        )
 
         timesteps = pipe.scheduler.timesteps
         batch = prompt_embeds.shape[0]
-        latents = pipe.prepare_latents(batch, pipe.transformer.config.in_channels, height, width, num_frames,
-                                       torch.float32, device, generator, latents)  # fmt: skip
+        latents = pipe.prepare_latents(
+            batch,
+            pipe.transformer.config.in_channels,
+            height,
+            width,
+            num_frames,
+            torch.float32,
+            device,
+            generator,
+            latents,
+        )
         pipe.scheduler.set_begin_index(0)
         if self.engine is not None:
             texts = [e for e in (denoiser.prompt_embeds, denoiser.negative_prompt_embeds) if e is not None]
@@ -198,13 +232,23 @@ class CVGPipeline:
         def step_done(i, t, x):
             marks.append(time.perf_counter())
             if not torch.isfinite(x).all():  # one sync a step: a NaN never reaches the video unnoticed
-                raise FloatingPointError(f"the latents became non-finite at denoising step {i} (timestep "
-                                         f"{float(t):g}); nothing was decoded")  # fmt: skip
+                raise FloatingPointError(
+                    f"the latents became non-finite at denoising step {i} (timestep {float(t):g}); nothing was decoded"
+                )
             if on_step is not None:
                 on_step(i, t, x)
 
-        latents, history = denoise(denoiser, pipe.scheduler, latents, timesteps, objective, bound, config,
-                                   on_step=step_done, progress=self._progress)  # fmt: skip
+        latents, history = denoise(
+            denoiser,
+            pipe.scheduler,
+            latents,
+            timesteps,
+            objective,
+            bound,
+            config,
+            on_step=step_done,
+            progress=self._progress,
+        )
         frames = latents if output_type == "latent" else decode_latents(pipe, latents, output_type)
         marks.append(time.perf_counter())
         pipe.maybe_free_model_hooks()
@@ -217,9 +261,20 @@ class CVGPipeline:
         }
         return CVGOutput(frames, [s.maps for s in history], [s.loss for s in history], history, bound, timings)
 
-    def check_inputs(self, prompt, negative_prompt, height: int, width: int, num_frames: int, num_inference_steps: int,
-                     guidance_scale: float, num_videos_per_prompt: int, max_sequence_length: int,
-                     latents: torch.Tensor | None, pool: tuple[int, int, int] | None = None) -> None:  # fmt: skip
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt,
+        height: int,
+        width: int,
+        num_frames: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        num_videos_per_prompt: int,
+        max_sequence_length: int,
+        latents: torch.Tensor | None,
+        pool: tuple[int, int, int] | None = None,
+    ) -> None:
         """WanPipeline's checks, and what it lets through silently: sizes of zero or of the wrong multiple,
         frame counts the VAE rounds down, absurd step counts, non-finite scales, non-finite latents, and
         (guided) pooling tiles wider than the token grid, whose maps could not say where anything is."""
@@ -230,8 +285,9 @@ class CVGPipeline:
                 raise ValueError(f"{name} must be a positive multiple of {spatial}, got {value}")
         temporal = pipe.vae_scale_factor_temporal
         if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % temporal:
-            raise ValueError(f"num_frames must be {temporal}k+1 (1, {temporal + 1}, {2 * temporal + 1}, ...), "
-                             f"got {num_frames}")  # fmt: skip
+            raise ValueError(
+                f"num_frames must be {temporal}k+1 (1, {temporal + 1}, {2 * temporal + 1}, ...), got {num_frames}"
+            )
         if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= MAX_STEPS:
             raise ValueError(f"num_inference_steps must be between 1 and {MAX_STEPS}, got {num_inference_steps}")
         if not math.isfinite(guidance_scale):
@@ -240,14 +296,18 @@ class CVGPipeline:
             raise ValueError(f"num_videos_per_prompt must be at least 1, got {num_videos_per_prompt}")
         limit = pipe.tokenizer.model_max_length if pipe.tokenizer is not None else MAX_TEXT_TOKENS
         if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= min(limit, MAX_TEXT_TOKENS):
-            raise ValueError(f"max_sequence_length must be between 1 and {min(limit, MAX_TEXT_TOKENS)}, "
-                             f"got {max_sequence_length}")  # fmt: skip
+            raise ValueError(
+                f"max_sequence_length must be between 1 and {min(limit, MAX_TEXT_TOKENS)}, got {max_sequence_length}"
+            )
         if latents is not None and not torch.isfinite(latents).all():
             raise ValueError("latents contain non-finite values")
         pipe.check_inputs(prompt, negative_prompt, height, width)
         if pool is not None:
-            grid = (((num_frames - 1) // temporal + 1) // pipe.transformer.config.patch_size[0], height // spatial,
-                    width // spatial)  # fmt: skip
+            grid = (
+                ((num_frames - 1) // temporal + 1) // pipe.transformer.config.patch_size[0],
+                height // spatial,
+                width // spatial,
+            )
             for axis, size, factor in zip(("frames", "height", "width"), grid, pool, strict=True):
                 if factor > size:
                     raise ValueError(f"pool {tuple(pool)} is wider than the token grid {grid} along {axis}")

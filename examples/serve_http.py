@@ -60,8 +60,9 @@ def parse_request(body: bytes) -> tuple[str, str, int]:
 class Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], engine: Engine, max_inflight: int,
-                 max_connections: int = MAX_CONNECTIONS):  # fmt: skip
+    def __init__(
+        self, address: tuple[str, int], engine: Engine, max_inflight: int, max_connections: int = MAX_CONNECTIONS
+    ):
         super().__init__(address, Handler)
         self.engine = engine
         self.slots = threading.BoundedSemaphore(max_inflight)  # requests waiting or running
@@ -98,8 +99,10 @@ class Handler(BaseHTTPRequestHandler):
         if self.path != "/health":
             return self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path!r}"})
         frames, height, width = video_shape(self.server.engine)
-        self._reply(HTTPStatus.OK, {"status": "ok", "backend": self.server.engine.backend, "frames": frames,
-                                    "height": height, "width": width})  # fmt: skip
+        self._reply(
+            HTTPStatus.OK,
+            {"status": "ok", "backend": self.server.engine.backend, "frames": frames, "height": height, "width": width},
+        )
 
     def do_POST(self) -> None:  # noqa: N802
         if self.path != "/generate":
@@ -115,8 +118,11 @@ class Handler(BaseHTTPRequestHandler):
         except BadRequest as error:
             return self._reply(HTTPStatus.BAD_REQUEST, {"error": str(error)})
         if not self.server.slots.acquire(blocking=False):
-            return self._reply(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "too many requests in flight; retry later"},
-                               {"Retry-After": "1"})  # fmt: skip
+            return self._reply(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                {"error": "too many requests in flight; retry later"},
+                {"Retry-After": "1"},
+            )
         try:
             frames, objective = generate(self.server.engine, prompt, composition, seed)
         except ValueError as error:  # the engine's one-line messages: absent words, too many tokens, ...
@@ -127,8 +133,16 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             self.server.slots.release()
         count, height, width, _ = frames.shape
-        self._reply(HTTPStatus.OK, {"frames": count, "height": height, "width": width, "objective": objective,
-                                    "pixels": base64.b64encode(frames.tobytes()).decode()})  # fmt: skip
+        self._reply(
+            HTTPStatus.OK,
+            {
+                "frames": count,
+                "height": height,
+                "width": width,
+                "objective": objective,
+                "pixels": base64.b64encode(frames.tobytes()).decode(),
+            },
+        )
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
         pass  # a real deployment logs through its own logger; the example stays quiet

@@ -58,15 +58,29 @@ def default_configs(head_dim_padded: int, dtype: torch.dtype) -> dict[str, Kerne
 
 @triton.jit
 def _selected_probs(
-    q, K, Tok, Bias, k_base, bias_base, lse2, stride_kn, qk_scale, offs_d, d_valid,
-    T: tl.constexpr, T_PAD: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
+    q,
+    K,
+    Tok,
+    Bias,
+    k_base,
+    bias_base,
+    lse2,
+    stride_kn,
+    qk_scale,
+    offs_d,
+    d_valid,
+    T: tl.constexpr,
+    T_PAD: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """P[rows, tokens[t]] for one query block, from its base-2 log-sum-exp: [BLOCK_N, T_PAD]."""
     offs_t = tl.arange(0, T_PAD)
     t_valid = offs_t < T
     tok = tl.load(Tok + offs_t, mask=t_valid, other=0)
-    k_sel = tl.load(K + k_base + tok[:, None] * stride_kn + offs_d[None, :],
-                    mask=t_valid[:, None] & d_valid[None, :], other=0.0)  # fmt: skip
+    k_sel = tl.load(
+        K + k_base + tok[:, None] * stride_kn + offs_d[None, :], mask=t_valid[:, None] & d_valid[None, :], other=0.0
+    )
     s = tl.dot(q, tl.trans(k_sel), input_precision=DOT_PRECISION) * qk_scale
     if HAS_MASK:
         s += tl.load(Bias + bias_base + tok, mask=t_valid, other=NEG_BIG)[None, :]
@@ -95,14 +109,23 @@ def _onehot_tokens(Tok, cols, T: tl.constexpr, T_PAD: tl.constexpr):
 
 @triton.jit
 def _pooled_grad_rows(
-    DPooled, Groups, QWeight, offs_n, n_valid, dpooled_base, offs_t,
+    DPooled,
+    Groups,
+    QWeight,
+    offs_n,
+    n_valid,
+    dpooled_base,
+    offs_t,
     T: tl.constexpr,
-):  # fmt: skip
+):
     """G[i, t] = dpooled[g(i), t] · w_i for one query block: [BLOCK_N, T_PAD] float32."""
     g = tl.load(Groups + offs_n, mask=n_valid, other=0)
     w = tl.load(QWeight + offs_n, mask=n_valid, other=0.0)
-    rows = tl.load(DPooled + dpooled_base + g[:, None] * T + offs_t[None, :],
-                   mask=n_valid[:, None] & (offs_t[None, :] < T), other=0.0)  # fmt: skip
+    rows = tl.load(
+        DPooled + dpooled_base + g[:, None] * T + offs_t[None, :],
+        mask=n_valid[:, None] & (offs_t[None, :] < T),
+        other=0.0,
+    )
     return rows * w[:, None]
 
 
@@ -122,13 +145,37 @@ def _block(base, rows, stride_row, length, offs_d, d_valid):
 
 @triton.jit
 def _attn_pool_fwd(
-    Q, K, V, Bias, Tok, Groups, QWeight, Out, Lse, Pooled,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    H, N, M, G, qk_scale,
-    D: tl.constexpr, D_PAD: tl.constexpr, T: tl.constexpr, T_PAD: tl.constexpr,
-    KEEP_HEADS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    Bias,
+    Tok,
+    Groups,
+    QWeight,
+    Out,
+    Lse,
+    Pooled,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    H,
+    N,
+    M,
+    G,
+    qk_scale,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    T: tl.constexpr,
+    T_PAD: tl.constexpr,
+    KEEP_HEADS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -166,8 +213,23 @@ def _attn_pool_fwd(
     tl.store(Out + q_offs, out.to(Out.dtype.element_ty), mask=q_mask)
     tl.store(Lse + pid_bh * N + offs_n, lse2, mask=n_valid)
 
-    p_sel = _selected_probs(q, K, Tok, Bias, k_base, bias_base, lse2, stride_kn, qk_scale, offs_d, d_valid,
-                            T, T_PAD, HAS_MASK, DOT_PRECISION)  # fmt: skip
+    p_sel = _selected_probs(
+        q,
+        K,
+        Tok,
+        Bias,
+        k_base,
+        bias_base,
+        lse2,
+        stride_kn,
+        qk_scale,
+        offs_d,
+        d_valid,
+        T,
+        T_PAD,
+        HAS_MASK,
+        DOT_PRECISION,
+    )
     g = tl.load(Groups + offs_n, mask=n_valid, other=0)
     w = tl.load(QWeight + offs_n, mask=n_valid, other=0.0)
     offs_t = tl.arange(0, T_PAD)
@@ -178,13 +240,37 @@ def _attn_pool_fwd(
 
 @triton.jit
 def _attn_pool_bwd_delta(
-    Q, K, Bias, Tok, Groups, QWeight, Out, DOut, Lse, DPooled, Delta,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    H, N, M, G, qk_scale,
-    D: tl.constexpr, D_PAD: tl.constexpr, T: tl.constexpr, T_PAD: tl.constexpr,
-    KEEP_HEADS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Q,
+    K,
+    Bias,
+    Tok,
+    Groups,
+    QWeight,
+    Out,
+    DOut,
+    Lse,
+    DPooled,
+    Delta,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    H,
+    N,
+    M,
+    G,
+    qk_scale,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    T: tl.constexpr,
+    T_PAD: tl.constexpr,
+    KEEP_HEADS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
-):  # fmt: skip
+):
     """delta_i = rowsum(dout ∘ out)_i + Σ_t P[i, tokens[t]] G[i, t]."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -200,8 +286,23 @@ def _attn_pool_bwd_delta(
     do = tl.load(DOut + q_offs, mask=q_mask, other=0.0).to(tl.float32)
     q = tl.load(Q + q_offs, mask=q_mask, other=0.0)
     lse2 = tl.load(Lse + pid_bh * N + offs_n, mask=n_valid, other=0.0)
-    p_sel = _selected_probs(q, K, Tok, Bias, b * stride_kb + h * stride_kh, b * M, lse2, stride_kn, qk_scale,
-                            offs_d, d_valid, T, T_PAD, HAS_MASK, DOT_PRECISION)  # fmt: skip
+    p_sel = _selected_probs(
+        q,
+        K,
+        Tok,
+        Bias,
+        b * stride_kb + h * stride_kh,
+        b * M,
+        lse2,
+        stride_kn,
+        qk_scale,
+        offs_d,
+        d_valid,
+        T,
+        T_PAD,
+        HAS_MASK,
+        DOT_PRECISION,
+    )
     dpooled_base = _pooled_base(pid_bh, b, G, T, KEEP_HEADS)
     g_rows = _pooled_grad_rows(DPooled, Groups, QWeight, offs_n, n_valid, dpooled_base, offs_t, T)
     delta = tl.sum(o * do, 1) + tl.sum(p_sel * g_rows, 1)
@@ -210,13 +311,41 @@ def _attn_pool_bwd_delta(
 
 @triton.jit
 def _attn_pool_bwd_dkdv(
-    Q, K, V, Bias, Tok, Groups, QWeight, DOut, Lse, DPooled, Delta, DK, DV,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    H, N, M, G, qk_scale, scale,
-    D: tl.constexpr, D_PAD: tl.constexpr, T: tl.constexpr, T_PAD: tl.constexpr,
-    KEEP_HEADS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    Bias,
+    Tok,
+    Groups,
+    QWeight,
+    DOut,
+    Lse,
+    DPooled,
+    Delta,
+    DK,
+    DV,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    H,
+    N,
+    M,
+    G,
+    qk_scale,
+    scale,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    T: tl.constexpr,
+    T_PAD: tl.constexpr,
+    KEEP_HEADS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """One key block: dv = Pᵀ dout, dk = scale · dSᵀ q, looping over all query blocks."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -258,13 +387,40 @@ def _attn_pool_bwd_dkdv(
 
 @triton.jit
 def _attn_pool_bwd_dq(
-    Q, K, V, Bias, Tok, Groups, QWeight, DOut, Lse, DPooled, Delta, DQ,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    H, N, M, G, qk_scale, scale,
-    D: tl.constexpr, D_PAD: tl.constexpr, T: tl.constexpr, T_PAD: tl.constexpr,
-    KEEP_HEADS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    Bias,
+    Tok,
+    Groups,
+    QWeight,
+    DOut,
+    Lse,
+    DPooled,
+    Delta,
+    DQ,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    H,
+    N,
+    M,
+    G,
+    qk_scale,
+    scale,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    T: tl.constexpr,
+    T_PAD: tl.constexpr,
+    KEEP_HEADS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """One query block: dq = scale · dS k, looping over all key blocks."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -339,9 +495,16 @@ class _Launch:
         blocks = {"BLOCK_N": cfg.block_n} if name == "bwd_delta" else {"BLOCK_N": cfg.block_n, "BLOCK_M": cfg.block_m}
         rows, block = (self.keys, cfg.block_m) if over_keys else (self.queries, cfg.block_n)
         kernel[(triton.cdiv(rows, block), self.batch_heads)](
-            *head, *self.index_args, *tail, *self.shape_args, *scales,
-            **self.meta, **blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
+            *head,
+            *self.index_args,
+            *tail,
+            *self.shape_args,
+            *scales,
+            **self.meta,
+            **blocks,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
 
 
 class _TritonAttentionPool(torch.autograd.Function):
@@ -352,8 +515,9 @@ class _TritonAttentionPool(torch.autograd.Function):
         launch = _Launch(q, k, spec, bias, scale)
         out = torch.empty_like(q)
         lse = q.new_empty(batch, heads, queries, dtype=torch.float32)
-        pooled = q.new_zeros(batch * heads if spec.keep_heads else batch, spec.num_groups, spec.num_tokens,
-                             dtype=torch.float32)  # fmt: skip
+        pooled = q.new_zeros(
+            batch * heads if spec.keep_heads else batch, spec.num_groups, spec.num_tokens, dtype=torch.float32
+        )
         launch(_attn_pool_fwd, "fwd", (q, k, v), (out, lse, pooled), (launch.qk_scale,))
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.launch = launch

@@ -125,8 +125,9 @@ def compile_kernel(
     regs, spills, static_shared, hgmma = _resources(compiled.asm["cubin"])
     shared = static_shared + compiled.metadata.shared  # Triton's operand buffers are dynamic shared memory
     block_m = 0 if name == "bwd_delta" else cfg.block_m
-    return KernelReport(name, arch, head_dim, dtype, cfg.block_n, block_m, cfg.num_warps, cfg.num_stages,
-                        regs, spills, shared, hgmma)  # fmt: skip
+    return KernelReport(
+        name, arch, head_dim, dtype, cfg.block_n, block_m, cfg.num_warps, cfg.num_stages, regs, spills, shared, hgmma
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,9 +67,16 @@ def run(problem: Problem, backend: str, dtype: torch.dtype) -> dict[str, torch.T
     p = problem
     q, k, v = (t.to(dtype).requires_grad_() for t in (p.q, p.k, p.v))
     out, pooled = attention_pool(
-        q, k, v, p.groups, p.tokens, key_padding_mask=p.mask, keep_heads=p.keep_heads, num_groups=p.num_groups,
+        q,
+        k,
+        v,
+        p.groups,
+        p.tokens,
+        key_padding_mask=p.mask,
+        keep_heads=p.keep_heads,
+        num_groups=p.num_groups,
         backend=backend,
-    )  # fmt: skip
+    )
     dout, dpooled = _output_gradients(out.shape, pooled.shape)
     dq, dk, dv = torch.autograd.grad((out, pooled), (q, k, v), (dout.to(dtype), dpooled.to(dtype)))
     return {name: t.detach().double() for name, t in zip(NAMES, (out, pooled, dq, dk, dv), strict=True)}
@@ -80,8 +87,10 @@ NAMES = ("out", "pooled", "dq", "dk", "dv")
 
 def _output_gradients(out_shape, pooled_shape) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1234)
-    return (torch.randn(out_shape, generator=gen, dtype=torch.float64),
-            torch.randn(pooled_shape, generator=gen, dtype=torch.float64))  # fmt: skip
+    return (
+        torch.randn(out_shape, generator=gen, dtype=torch.float64),
+        torch.randn(pooled_shape, generator=gen, dtype=torch.float64),
+    )
 
 
 def summed_term_scales(p: Problem, pooled_shape) -> dict[str, float]:
@@ -100,8 +109,10 @@ def summed_term_scales(p: Problem, pooled_shape) -> dict[str, float]:
     dprobs = dout @ p.v.transpose(-1, -2) + torch.zeros_like(probs).index_add_(-1, p.tokens, rows)
     delta = (probs * dprobs).sum(-1, keepdim=True)
     terms = probs * (dprobs.abs() + delta.abs())
-    return {"dq": scale * (terms @ p.k.abs()).max().item(),
-            "dk": scale * (terms.transpose(-1, -2) @ p.q.abs()).max().item()}  # fmt: skip
+    return {
+        "dq": scale * (terms @ p.k.abs()).max().item(),
+        "dk": scale * (terms.transpose(-1, -2) @ p.q.abs()).max().item(),
+    }
 
 
 def relative_errors(actual: dict, expected: dict, term_scales: dict[str, float] | None = None) -> dict[str, float]:
@@ -137,8 +148,17 @@ def assert_key_bias_counts_copies(backend: str, dtype: torch.dtype, tol: float, 
     runs = []
     for keys, values, mask, key_bias in ((repeat_last(k), repeat_last(v), mask_full, None), (k, v, p.mask, bias)):
         qq, kk, vv = (t.clone().requires_grad_() for t in (q, keys, values))
-        out, pooled = attention_pool(qq, kk, vv, p.groups, p.tokens % 8, key_padding_mask=mask, key_bias=key_bias,
-                                     num_groups=p.num_groups, backend=backend)  # fmt: skip
+        out, pooled = attention_pool(
+            qq,
+            kk,
+            vv,
+            p.groups,
+            p.tokens % 8,
+            key_padding_mask=mask,
+            key_bias=key_bias,
+            num_groups=p.num_groups,
+            backend=backend,
+        )
         dq, dk, dv = torch.autograd.grad(out.square().sum() + pooled.sum() * 5, (qq, kk, vv))
         dk, dv = (torch.cat([d[:, :, :8], d[:, :, 8:].sum(2, keepdim=True)], dim=2) for d in (dk, dv))
         runs.append((out, pooled, dq, dk, dv))

@@ -54,9 +54,16 @@ def _loop_reference(p):
 def test_naive_backend_matches_definition(keep_heads, masked):
     p = make_problem(B=2, H=3, N=29, M=13, D=8, T=4, G=6, masked=masked, keep_heads=keep_heads, seed=5)
     out, pooled = attention_pool(
-        p.q, p.k, p.v, p.groups, p.tokens, key_padding_mask=p.mask, keep_heads=keep_heads, num_groups=6,
+        p.q,
+        p.k,
+        p.v,
+        p.groups,
+        p.tokens,
+        key_padding_mask=p.mask,
+        keep_heads=keep_heads,
+        num_groups=6,
         backend="naive",
-    )  # fmt: skip
+    )
     ref_out, ref_pooled = _loop_reference(p)
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(pooled, ref_pooled, rtol=1e-12, atol=1e-12)
@@ -77,9 +84,16 @@ def test_torch_backend_gradcheck(masked, keep_heads):
 
     def fn(q, k, v):
         return attention_pool(
-            q, k, v, p.groups, p.tokens, key_padding_mask=p.mask, keep_heads=keep_heads, num_groups=4,
+            q,
+            k,
+            v,
+            p.groups,
+            p.tokens,
+            key_padding_mask=p.mask,
+            keep_heads=keep_heads,
+            num_groups=4,
             backend="torch",
-        )  # fmt: skip
+        )
 
     assert torch.autograd.gradcheck(fn, inputs)
 
@@ -95,8 +109,17 @@ def test_portable_sdpa_path_matches_naive(problem):
     q, k, v = (t.clone().requires_grad_() for t in (p.q, p.k, p.v))
     scale = p.q.shape[-1] ** -0.5
     got = attention_pool_sdpa(q, k, v, spec, scale, bias)
-    want = attention_pool(q, k, v, p.groups, p.tokens, key_padding_mask=p.mask, keep_heads=p.keep_heads,
-                          num_groups=p.num_groups, backend="naive")  # fmt: skip
+    want = attention_pool(
+        q,
+        k,
+        v,
+        p.groups,
+        p.tokens,
+        key_padding_mask=p.mask,
+        keep_heads=p.keep_heads,
+        num_groups=p.num_groups,
+        backend="naive",
+    )
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     grads = [torch.autograd.grad(sum(t.sum() * (i + 1) for i, t in enumerate(r)), (q, k, v)) for r in (got, want)]
@@ -199,7 +222,7 @@ def test_strided_inputs_as_attention_processors_pass_them(backend):
     st.floats(1.0, 1e4),
     st.floats(0.0, 60.0),
     st.integers(0, 2**31 - 1),
-)  # fmt: skip
+)
 def test_torch_backend_half_precision_at_large_logits_and_biases(dtype, logit, bias_size, seed):
     """Scores up to ±1e4 and key biases up to ±60: the pooled maps (probabilities) stay within the dtype's own
     rounding (eps) of float64 on the same rounded inputs; forming the scores in half precision missed by up
@@ -211,7 +234,8 @@ def test_torch_backend_half_precision_at_large_logits_and_biases(dtype, logit, b
     groups, tokens = torch.arange(48) % 5, torch.tensor([0, 5, 5, 23])
     q, k, v, bias = (t.to(dtype) for t in (q, k, v, bias))
     _, pooled = attention_pool(q, k, v, groups, tokens, key_bias=bias, backend="torch")
-    _, expected = attention_pool(*(t.double() for t in (q, k, v)), groups, tokens, key_bias=bias.double(),
-                                 backend="naive")  # fmt: skip
+    _, expected = attention_pool(
+        *(t.double() for t in (q, k, v)), groups, tokens, key_bias=bias.double(), backend="naive"
+    )
     assert pooled.dtype == dtype and torch.isfinite(pooled).all()
     assert (pooled.double() - expected).abs().max() <= torch.finfo(dtype).eps

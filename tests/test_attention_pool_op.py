@@ -42,8 +42,9 @@ def test_compiled_with_fullgraph_matches_eager_forward_and_backward():
     torch._dynamo.reset()
     groups, (tf, th, tw) = grid_groups(2, 4, 4, pool=(1, 2, 2))
     tokens = torch.tensor([1, 3, 4])
-    inputs = [torch.randn(2, 2, 32, 8, generator=torch.Generator().manual_seed(i), requires_grad=True)
-              for i in range(3)]  # fmt: skip
+    inputs = [
+        torch.randn(2, 2, 32, 8, generator=torch.Generator().manual_seed(i), requires_grad=True) for i in range(3)
+    ]
     k, v = inputs[1][:, :, :11].detach().requires_grad_(), inputs[2][:, :, :11].detach().requires_grad_()
     q = inputs[0]
     counts = torch._dynamo.utils.counters
@@ -81,7 +82,8 @@ def test_traced_graph_holds_the_op_not_its_insides():
 def test_compiled_call_needs_num_groups():
     groups, _ = grid_groups(1, 4, 4, pool=2)
     q, k, v = (torch.randn(1, 2, n, 8) for n in (16, 5, 5))
-    fn = torch.compile(lambda q, k, v: attention_pool(q, k, v, groups, [0], backend="torch"), fullgraph=True,
-                       backend="aot_eager")  # fmt: skip
+    fn = torch.compile(
+        lambda q, k, v: attention_pool(q, k, v, groups, [0], backend="torch"), fullgraph=True, backend="aot_eager"
+    )
     with pytest.raises(Exception, match="num_groups"):
         fn(q, k, v)

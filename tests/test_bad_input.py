@@ -13,14 +13,38 @@ from hypothesis import strategies as st
 
 from cvg.cli import main
 
-SMALL = ["--height", "64", "--width", "64", "--frames", "9", "--steps", "2", "--pool", "1", "--quiet",
-         "--max-sequence-length", "32"]  # fmt: skip
+SMALL = [
+    "--height",
+    "64",
+    "--width",
+    "64",
+    "--frames",
+    "9",
+    "--steps",
+    "2",
+    "--pool",
+    "1",
+    "--quiet",
+    "--max-sequence-length",
+    "32",
+]
 PROMPT, COMPOSITION = "a red cube to the left of a blue ball", "red cube left of blue ball"
 
 
 def _generate(model, out, *extra: str, prompt: str = PROMPT, composition: str = COMPOSITION) -> list[str]:
-    return ["generate", "--model", str(model), "--prompt", prompt, "--composition", composition, "--out", str(out),
-            *SMALL, *extra]  # fmt: skip
+    return [
+        "generate",
+        "--model",
+        str(model),
+        "--prompt",
+        prompt,
+        "--composition",
+        composition,
+        "--out",
+        str(out),
+        *SMALL,
+        *extra,
+    ]
 
 
 def _refused(argv: list[str], capsys) -> str:
@@ -100,22 +124,44 @@ def test_bad_compositions(tiny_model_dir, tmp_path, capsys, composition, message
 def test_outputs_that_would_lose_files_are_refused_before_generating(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "mine.txt").write_text("keep")
     (tmp_path / "file").write_text("keep")
-    cases = [(tmp_path, "is not empty"), (tmp_path / "file", "is a file"),
-             (tmp_path / "file" / "out.mp4", "is not a directory"),
-             (tmp_path / "out.avi", "unknown video format")]  # fmt: skip
+    cases = [
+        (tmp_path, "is not empty"),
+        (tmp_path / "file", "is a file"),
+        (tmp_path / "file" / "out.mp4", "is not a directory"),
+        (tmp_path / "out.avi", "unknown video format"),
+    ]
     for out, message in cases:
         assert message in _refused(_generate(tiny_model_dir, out), capsys)
-    assert "--save-maps" in _refused(_generate(tiny_model_dir, tmp_path / "o.mp4", "--save-maps",
-                                               str(tmp_path / "file" / "m.png")), capsys)  # fmt: skip
+    assert "--save-maps" in _refused(
+        _generate(tiny_model_dir, tmp_path / "o.mp4", "--save-maps", str(tmp_path / "file" / "m.png")), capsys
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "mine.txt"]
     assert (tmp_path / "mine.txt").read_text() == "keep" and (tmp_path / "file").read_text() == "keep"
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
-@given(st.sampled_from(["--height", "--frames", "--steps", "--guidance-scale", "--strength", "--seed", "--fps",
-                        "--max-sequence-length", "--pool", "--iterations"]),
-       st.one_of(st.integers(-10**30, 10**30).map(str), st.floats(allow_nan=True, allow_infinity=True).map(str),
-                 st.text(max_size=20), st.just("x" * 10_000)))  # fmt: skip
+@given(
+    st.sampled_from(
+        [
+            "--height",
+            "--frames",
+            "--steps",
+            "--guidance-scale",
+            "--strength",
+            "--seed",
+            "--fps",
+            "--max-sequence-length",
+            "--pool",
+            "--iterations",
+        ]
+    ),
+    st.one_of(
+        st.integers(-(10**30), 10**30).map(str),
+        st.floats(allow_nan=True, allow_infinity=True).map(str),
+        st.text(max_size=20),
+        st.just("x" * 10_000),
+    ),
+)
 def test_any_flag_value_is_taken_or_refused_in_one_line_before_loading(flag, value):
     """Parsing alone (no model): a value is either accepted by the parser or refused in one line."""
     import contextlib
@@ -155,20 +201,34 @@ def _random_bytes(path):
 
 
 GENERATOR_DAMAGE = {
-    "truncated transformer weights": (lambda m: _truncate(m / "transformer" / "diffusion_pytorch_model.safetensors"),
-                                      "cannot load the Wan pipeline"),
-    "random-byte VAE weights": (lambda m: _random_bytes(m / "vae" / "diffusion_pytorch_model.safetensors"),
-                                "cannot load the Wan pipeline"),
+    "truncated transformer weights": (
+        lambda m: _truncate(m / "transformer" / "diffusion_pytorch_model.safetensors"),
+        "cannot load the Wan pipeline",
+    ),
+    "random-byte VAE weights": (
+        lambda m: _random_bytes(m / "vae" / "diffusion_pytorch_model.safetensors"),
+        "cannot load the Wan pipeline",
+    ),
     "model_index.json not JSON": (lambda m: (m / "model_index.json").write_text("{oops"), "is not JSON"),
-    "model_index.json a list": (lambda m: (m / "model_index.json").write_text("[1, 2]"),
-                                "must hold a JSON object, not a list"),
-    "model_index.json misses the class": (lambda m: (m / "model_index.json").write_text("{}"),
-                                          "holds a None, not a WanPipeline"),
-    "transformer config not JSON": (lambda m: (m / "transformer" / "config.json").write_text("nope"),
-                                    "cannot load the Wan pipeline"),
-    "transformer config misses fields": (lambda m: (m / "transformer" / "config.json").write_text(
-        json.dumps({"_class_name": "WanTransformer3DModel", "num_layers": 1})), "cannot load the Wan pipeline"),
-}  # fmt: skip
+    "model_index.json a list": (
+        lambda m: (m / "model_index.json").write_text("[1, 2]"),
+        "must hold a JSON object, not a list",
+    ),
+    "model_index.json misses the class": (
+        lambda m: (m / "model_index.json").write_text("{}"),
+        "holds a None, not a WanPipeline",
+    ),
+    "transformer config not JSON": (
+        lambda m: (m / "transformer" / "config.json").write_text("nope"),
+        "cannot load the Wan pipeline",
+    ),
+    "transformer config misses fields": (
+        lambda m: (m / "transformer" / "config.json").write_text(
+            json.dumps({"_class_name": "WanTransformer3DModel", "num_layers": 1})
+        ),
+        "cannot load the Wan pipeline",
+    ),
+}
 
 
 @pytest.mark.parametrize("damage", list(GENERATOR_DAMAGE))
@@ -184,10 +244,12 @@ CLASSIFIER_DAMAGE = {
     "random-byte weights": (lambda c: _random_bytes(c / "model.safetensors"), "cannot load"),
     "config not JSON": (lambda c: (c / "config.json").write_text("{"), "is not JSON"),
     "config misses fields": (lambda c: (c / "config.json").write_text("{}"), "config.json"),
-    "config with unknown fields": (lambda c: (c / "config.json").write_text(json.dumps({"colour": 1})),
-                                   "unknown fields colour"),
+    "config with unknown fields": (
+        lambda c: (c / "config.json").write_text(json.dumps({"colour": 1})),
+        "unknown fields colour",
+    ),
     "weights missing": (lambda c: (c / "model.safetensors").unlink(), "no classifier in"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("damage", list(CLASSIFIER_DAMAGE))
@@ -199,8 +261,9 @@ def test_a_damaged_classifier_is_one_line(tmp_path, capsys, damage):
     shutil.copytree(shipped / "compshapes-classifier", classifier)
     harm, message = CLASSIFIER_DAMAGE[damage]
     harm(classifier)
-    argv = _generate(shipped / "compshapes-wan", tmp_path / "out.mp4", "--classifier", str(classifier), "--pool",
-                     "1,2,2")  # the pooling the shipped head was trained on  # fmt: skip
+    argv = _generate(
+        shipped / "compshapes-wan", tmp_path / "out.mp4", "--classifier", str(classifier), "--pool", "1,2,2"
+    )  # the pooling the shipped head was trained on
     assert message in _refused(argv, capsys)
 
 
@@ -216,7 +279,9 @@ def test_a_traceback_never_reaches_the_user_from_a_subprocess(tmp_path):
     """The installed entry point too: a corrupt model index, one line."""
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model_index.json").write_text("[]")
-    proc = subprocess.run([sys.executable, "-m", "cvg", *_generate(tmp_path / "m", tmp_path / "o.mp4")],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "cvg", *_generate(tmp_path / "m", tmp_path / "o.mp4")], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        f"cvg: error: {tmp_path / 'm' / 'model_index.json'} must hold a JSON object, not a list"]
+        f"cvg: error: {tmp_path / 'm' / 'model_index.json'} must hold a JSON object, not a list"
+    ]

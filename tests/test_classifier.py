@@ -109,8 +109,16 @@ def test_a_pipeline_loads_a_classifier_trained_for_its_generator(tiny_pipe, tmp_
     config = ClassifierConfig(layers=2, tiles=(3, 4, 4), generator=description)
     CompositionClassifier(config).save_pretrained(tmp_path)
     pipe.load_classifier(tmp_path)
-    out = pipe("a red cube to the left of a blue ball", "red cube left of blue ball", height=64, width=64,
-               num_frames=9, num_inference_steps=3, max_sequence_length=64, output_type="latent")  # fmt: skip
+    out = pipe(
+        "a red cube to the left of a blue ball",
+        "red cube left of blue ball",
+        height=64,
+        width=64,
+        num_frames=9,
+        num_inference_steps=3,
+        max_sequence_length=64,
+        output_type="latent",
+    )
     assert isinstance(pipe.objective, ClassifierObjective) and len(out.objective_values) == 2
     other = CVGPipeline(tiny_wan_pipeline(seed=1), guidance=pipe.guidance)
     with pytest.raises(ValueError, match="trained for another generator \\(transformer"):

@@ -12,8 +12,21 @@ from PIL import Image
 from cvg.cli import build_parser, main
 from cvg.guidance.config import GuidanceConfig
 
-SMALL = ["--height", "64", "--width", "64", "--frames", "9", "--steps", "4", "--pool", "1", "--quiet",
-         "--max-sequence-length", "64"]  # fmt: skip
+SMALL = [
+    "--height",
+    "64",
+    "--width",
+    "64",
+    "--frames",
+    "9",
+    "--steps",
+    "4",
+    "--pool",
+    "1",
+    "--quiet",
+    "--max-sequence-length",
+    "64",
+]
 
 
 def test_help_documents_every_flag():
@@ -26,8 +39,10 @@ def test_help_documents_every_flag():
 
 def test_the_parser_loads_no_model_stack():
     """`cvg --help` and argument errors answer without torch or diffusers (the commands load them)."""
-    code = ("import sys, cvg.cli; cvg.cli.build_parser().parse_args(['generate', '--model', 'm', '--prompt', 'p', "
-            "'--out', 'o.mp4']); print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys, cvg.cli; cvg.cli.build_parser().parse_args(['generate', '--model', 'm', '--prompt', 'p', "
+        "'--out', 'o.mp4']); print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
@@ -36,8 +51,22 @@ def test_the_parser_loads_no_model_stack():
 def test_generate_mp4_and_maps(tiny_model_dir, tmp_path, capsys):
     out, maps = tmp_path / "out.mp4", tmp_path / "maps.png"
     prompt, composition = "a red cube to the left of a blue ball", "red cube left of blue ball"
-    code = main(["generate", "--model", str(tiny_model_dir), "--prompt", prompt, "--composition", composition,
-                 "--out", str(out), "--save-maps", str(maps), *SMALL])  # fmt: skip
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_model_dir),
+            "--prompt",
+            prompt,
+            "--composition",
+            composition,
+            "--out",
+            str(out),
+            "--save-maps",
+            str(maps),
+            *SMALL,
+        ]
+    )
     assert code == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     default = GuidanceConfig()  # a training-free objective never reaches its target: every update is made
@@ -53,8 +82,23 @@ def test_generate_mp4_and_maps(tiny_model_dir, tmp_path, capsys):
 @pytest.mark.parametrize("target", ["clip.gif", "frames"])
 def test_generate_gif_and_png_frames(tiny_model_dir, tmp_path, target):
     out = tmp_path / target
-    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "a ball moves right", "--composition",
-                 "ball moves right", "--out", str(out), *SMALL]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_model_dir),
+                "--prompt",
+                "a ball moves right",
+                "--composition",
+                "ball moves right",
+                "--out",
+                str(out),
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     if target.endswith(".gif"):
         assert Image.open(out).n_frames == 9
     else:
@@ -87,21 +131,62 @@ def test_bad_input_is_one_line_on_stderr(tiny_model_dir, tmp_path, args, message
 def test_generate_with_the_judges_verdict(tiny_model_dir, tmp_path, capsys):
     """A random tiny model draws no red cube: the verdict says so, with a reason."""
     out = tmp_path / "out.gif"
-    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "a red cube to the left of a blue ball",
-                 "--composition", "red cube left of blue ball", "--out", str(out), "--judge", *SMALL]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_model_dir),
+                "--prompt",
+                "a red cube to the left of a blue ball",
+                "--composition",
+                "red cube left of blue ball",
+                "--out",
+                str(out),
+                "--judge",
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     verdict = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["verdict"]
     assert verdict["ok"] is False and verdict["reason"]
 
 
 def test_compare_seeds_judges_each_run_and_draws_a_contact_sheet(tiny_model_dir, tmp_path, capsys):
     sheet = tmp_path / "contact.png"
-    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "a red cube to the left of a blue ball",
-                 "--composition", "red cube left of blue ball", "--out", str(tmp_path / "out.gif"), "--judge",
-                 "--compare-seeds", "2", "--seed", "3", "--contact-sheet", str(sheet), *SMALL]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_model_dir),
+                "--prompt",
+                "a red cube to the left of a blue ball",
+                "--composition",
+                "red cube left of blue ball",
+                "--out",
+                str(tmp_path / "out.gif"),
+                "--judge",
+                "--compare-seeds",
+                "2",
+                "--seed",
+                "3",
+                "--contact-sheet",
+                str(sheet),
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     comparison = json.loads(captured.out.strip().splitlines()[-1])["comparison"]
     assert [(r["seed"], r["run"]) for r in comparison["runs"]] == [
-        (3, "unguided"), (3, "guided"), (4, "unguided"), (4, "guided")]  # fmt: skip
+        (3, "unguided"),
+        (3, "guided"),
+        (4, "unguided"),
+        (4, "guided"),
+    ]
     assert comparison["counts"] == {"unguided": 0, "guided": 0}  # a random tiny model draws no red cube
     assert "unguided 0 of 2 seeds, guided 0 of 2" in captured.err
     picture = Image.open(sheet)

@@ -14,17 +14,21 @@ from cvg.guidance.composition import Composition, CompositionError
     "text, expected",
     [
         ("red cube left of blue ball", Composition("spatial", "red cube", relation="left of", object="blue ball")),
-        ("A red cube to the left of a blue ball",
-         Composition("spatial", "a red cube", relation="to the left of", object="a blue ball")),
+        (
+            "A red cube to the left of a blue ball",
+            Composition("spatial", "a red cube", relation="to the left of", object="a blue ball"),
+        ),
         ("cat above dog", Composition("spatial", "cat", relation="above", object="dog")),
         ("ball moves right", Composition("motion", "ball", direction="right")),
         ("the green car moving up", Composition("motion", "the green car", direction="up")),
         ("red cube and blue ball", Composition("presence", "red cube", object="blue ball")),
         ("owl", Composition("presence", "owl")),
-        ('{"kind": "spatial", "subject": "red cube", "relation": "right of", "object": "ball", "label": "x"}',
-         Composition("spatial", "red cube", relation="right of", object="ball", label="x")),
+        (
+            '{"kind": "spatial", "subject": "red cube", "relation": "right of", "object": "ball", "label": "x"}',
+            Composition("spatial", "red cube", relation="right of", object="ball", label="x"),
+        ),
     ],
-)  # fmt: skip
+)
 def test_parse(text, expected):
     assert Composition.parse(text) == expected
 
@@ -95,15 +99,18 @@ def test_word_past_the_token_limit(tiny_pipe):
 
 
 def test_the_same_words_for_two_entities_are_refused(tiny_pipe):
-    """"cube" and "red cube" both find the first "red cube" of this prompt: no gradient could part them."""
+    """ "cube" and "red cube" both find the first "red cube" of this prompt: no gradient could part them."""
     composition = Composition.parse("red cube left of cube")
     with pytest.raises(CompositionError, match="share prompt tokens"):
         composition.bind(tiny_pipe.tokenizer, ["a red cube left of a cube"], 64)
 
 
 SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
-JSON_VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8),
-                           inner, max_size=3), max_leaves=6)  # fmt: skip
+JSON_VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
 WORDS = st.sampled_from(["red", "cube", "left", "of", "and", "moves", "two", "²", "0", "{", "}", ",", "above", " "])
 
 
@@ -120,9 +127,13 @@ def test_any_text_parses_or_gets_a_composition_error(text):
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(st.dictionaries(st.sampled_from(["kind", "subject", "relation", "object", "direction", "count", "label"]),
-                       JSON_VALUES | st.sampled_from(["spatial", "motion", "presence", "left of", "up", "x"]),
-                       max_size=7))  # fmt: skip
+@given(
+    st.dictionaries(
+        st.sampled_from(["kind", "subject", "relation", "object", "direction", "count", "label"]),
+        JSON_VALUES | st.sampled_from(["spatial", "motion", "presence", "left of", "up", "x"]),
+        max_size=7,
+    )
+)
 def test_any_json_object_is_a_composition_or_a_composition_error(data):
     try:
         composition = Composition.parse(json.dumps(data))

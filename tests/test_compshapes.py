@@ -203,8 +203,22 @@ def test_splits_keep_held_out_prompts_apart():
 
 def test_dataset_command_writes_held_out_single_objects(tmp_path):
     out = tmp_path / "held"
-    assert main(["compshapes-dataset", "--out", str(out), "--count", "6", "--categories", "object,motion",
-                 "--split", "heldout"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "compshapes-dataset",
+                "--out",
+                str(out),
+                "--count",
+                "6",
+                "--categories",
+                "object,motion",
+                "--split",
+                "heldout",
+            ]
+        )
+        == 0
+    )
     records = read_index(out)
     assert [r["category"] for r in records] == ["object", "motion"] * 3
     assert all(held_out(r["prompt"]) for r in records)

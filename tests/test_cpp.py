@@ -33,11 +33,19 @@ def built(tmp_path_factory):
     """libcvg installed to a prefix, then the example and the C++ test built against it with find_package."""
     work = tmp_path_factory.mktemp("cpp")
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-    pybind11_dir = subprocess.run([sys.executable, "-m", "pybind11", "--cmakedir"], check=True, capture_output=True,
-                                  text=True).stdout.strip()  # fmt: skip
+    pybind11_dir = subprocess.run(
+        [sys.executable, "-m", "pybind11", "--cmakedir"], check=True, capture_output=True, text=True
+    ).stdout.strip()
     start = time.perf_counter()
-    _cmake("-S", str(ROOT / "csrc"), "-B", str(work / "cvg"), *generator, f"-DPython_EXECUTABLE={sys.executable}",
-           f"-Dpybind11_DIR={pybind11_dir}")  # fmt: skip
+    _cmake(
+        "-S",
+        str(ROOT / "csrc"),
+        "-B",
+        str(work / "cvg"),
+        *generator,
+        f"-DPython_EXECUTABLE={sys.executable}",
+        f"-Dpybind11_DIR={pybind11_dir}",
+    )
     _cmake("--build", str(work / "cvg"))
     _cmake("--install", str(work / "cvg"), "--prefix", str(work / "prefix"))
     for name, source in (("example", ROOT / "examples" / "cpp"), ("tests", ROOT / "tests" / "cpp")):
@@ -54,8 +62,18 @@ def _run(*args, **kwargs) -> subprocess.CompletedProcess:
 
 def test_example_writes_the_frames_the_python_api_gives(built, tmp_path):
     prompt, composition, seed = "a red cube to the left of a blue ball", "red cube left of blue ball", 3
-    run = _run(built / "example" / "generate", MODEL, prompt, tmp_path / "frames", "--composition", composition,
-               "--seed", seed, "--steps", STEPS)  # fmt: skip
+    run = _run(
+        built / "example" / "generate",
+        MODEL,
+        prompt,
+        tmp_path / "frames",
+        "--composition",
+        composition,
+        "--seed",
+        seed,
+        "--steps",
+        STEPS,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     files = sorted((tmp_path / "frames").glob("frame_*.ppm"))
     assert len(files) == 17

@@ -54,13 +54,18 @@ def test_a_second_writer_is_refused_in_one_line(tmp_path):
 
 
 def test_a_second_writer_process_is_refused_and_loses_nothing(tmp_path):
-    code = ("import sys, time; from cvg.compshapes.dataset import ClipWriter\n"
-            "with ClipWriter(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)\n")  # fmt: skip
+    code = (
+        "import sys, time; from cvg.compshapes.dataset import ClipWriter\n"
+        "with ClipWriter(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)\n"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        proc = subprocess.run([sys.executable, "-m", "cvg", "compshapes-dataset", "--out", str(tmp_path),
-                               "--count", "2"], capture_output=True, text=True)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", "cvg", "compshapes-dataset", "--out", str(tmp_path), "--count", "2"],
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 2 and proc.stderr.strip().startswith("cvg: error: ")
         assert len(proc.stderr.strip().splitlines()) == 1 and "being written by another process" in proc.stderr
     finally:
@@ -88,8 +93,22 @@ def test_killed_dataset_writes_resume_with_every_record_once(tmp_path):
     """Killed mid-job at drawn moments (a clip file or an index line may be cut short), then run to the end:
     the same set as one uninterrupted write, every record once."""
     write_dataset(tmp_path / "whole", 16, seed=3, frames=9, height=32, width=32)
-    argv = [sys.executable, "-m", "cvg", "compshapes-dataset", "--out", str(tmp_path / "killed"), "--count", "16",
-            "--seed", "3", "--frames", "9", "--size", "32"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "cvg",
+        "compshapes-dataset",
+        "--out",
+        str(tmp_path / "killed"),
+        "--count",
+        "16",
+        "--seed",
+        "3",
+        "--frames",
+        "9",
+        "--size",
+        "32",
+    ]
     rng = np.random.default_rng(0)
     left = [_kill_after(argv, tmp_path / "killed", n, float(rng.uniform(0, 0.05))) for n in (2, 6, 10)]
     assert all(0 < n < 16 for n in left)  # each kill came mid-job
@@ -106,9 +125,26 @@ def test_killed_dataset_writes_resume_with_every_record_once(tmp_path):
 def test_killed_sample_resumes_with_every_record_once(tiny_model_dir, tmp_path):
     specs = tmp_path / "specs"
     write_dataset(specs, 6, seed=2, frames=5, height=32, width=32)
-    argv = [sys.executable, "-m", "cvg", "sample", "--model", str(tiny_model_dir), "--specs", str(specs), "--out",
-            str(tmp_path / "out"), "--steps", "2", "--guide-steps", "1", "--pool", "1", "--max-sequence-length",
-            "32"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "cvg",
+        "sample",
+        "--model",
+        str(tiny_model_dir),
+        "--specs",
+        str(specs),
+        "--out",
+        str(tmp_path / "out"),
+        "--steps",
+        "2",
+        "--guide-steps",
+        "1",
+        "--pool",
+        "1",
+        "--max-sequence-length",
+        "32",
+    ]
     left = [_kill_after(argv, tmp_path / "out", n, 0.2) for n in (1, 3)]
     assert all(0 < n < 6 for n in left)
     done = subprocess.run(argv, capture_output=True, text=True)

@@ -37,8 +37,16 @@ def test_diagnose_reads_the_unguided_noise_and_probes_the_gradient(tiny_pipe, tm
     # Step 0's reading is the unguided clip's own noise: the probability recomputed by hand matches.
     record = read_index(unguided)[0]
     denoiser, bound, noise, t = diagnostics._initial(pipe, record)
-    noise_again = tiny_pipe.prepare_latents(1, tiny_pipe.transformer.config.in_channels, 64, 64, 9, torch.float32,
-                                            "cpu", torch.Generator().manual_seed(record["id"]))  # fmt: skip
+    noise_again = tiny_pipe.prepare_latents(
+        1,
+        tiny_pipe.transformer.config.in_channels,
+        64,
+        64,
+        9,
+        torch.float32,
+        "cpu",
+        torch.Generator().manual_seed(record["id"]),
+    )
     assert torch.equal(noise, noise_again)
     by_hand = torch.exp(-denoiser.score(noise, t, objective, bound, pipe.guidance)[0])
     assert diagnostics.step0_probability(pipe, record) == float(by_hand)

@@ -56,18 +56,17 @@ def test_a_clip_is_read_under_its_prompt_and_its_counterfactual(tiny_pipe):
 
 def test_readings_are_cached_and_resumed(tiny_pipe, tmp_path, monkeypatch):
     clips = _clips(3, "motion")  # one entity: the second slot stays empty
-    first = readings.read_clips(tiny_pipe, readings.rendered(clips), CONFIG, tmp_path, chunk=2,
-                                report=lambda _: None)  # fmt: skip
+    first = readings.read_clips(tiny_pipe, readings.rendered(clips), CONFIG, tmp_path, chunk=2, report=lambda _: None)
     assert first.maps.shape[:3] == (3, 2, 2) and first.maps[..., 1].abs().max() == 0
     assert first.true_labels[0] == clips[0].composition.label
     assert first.counterfactual_labels[0] == clips[0].counterfactuals[0][1].label
     monkeypatch.setattr(readings, "read_clip", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
-    again = readings.read_clips(tiny_pipe, readings.rendered(clips), CONFIG, tmp_path, chunk=2,
-                                report=lambda _: None)  # fmt: skip
+    again = readings.read_clips(tiny_pipe, readings.rendered(clips), CONFIG, tmp_path, chunk=2, report=lambda _: None)
     assert torch.equal(again.maps, first.maps) and again.true_labels == first.true_labels
     with pytest.raises(AssertionError, match="re-read"):  # other clips in the same place are read, not reused
-        readings.read_clips(tiny_pipe, readings.rendered(_clips(3, "spatial")), CONFIG, tmp_path,
-                            chunk=2, report=lambda _: None)  # fmt: skip
+        readings.read_clips(
+            tiny_pipe, readings.rendered(_clips(3, "spatial")), CONFIG, tmp_path, chunk=2, report=lambda _: None
+        )
 
 
 def test_a_trajectory_is_read_where_the_sampler_passes(tiny_pipe):
@@ -81,8 +80,14 @@ def test_a_trajectory_is_read_where_the_sampler_passes(tiny_pipe):
     pipe = CVGPipeline(tiny_pipe)
     size = {"height": SIZE["height"], "width": SIZE["width"], "num_frames": SIZE["frames"]}
     visited = []
-    out = pipe(clip.prompt, generator=torch.Generator().manual_seed(5), num_inference_steps=10,
-               max_sequence_length=64, on_step=lambda i, t, x: visited.append(x.clone()), **size)  # fmt: skip
+    out = pipe(
+        clip.prompt,
+        generator=torch.Generator().manual_seed(5),
+        num_inference_steps=10,
+        max_sequence_length=64,
+        on_step=lambda i, t, x: visited.append(x.clone()),
+        **size,
+    )
     frames = to_uint8(out.frames[0])
     assert targets.tolist() == [judge(frames, clip.composition).ok, judge(frames, clip.counterfactuals[0][1]).ok]
     embeds = tiny_pipe.encode_prompt(clip.prompt, do_classifier_free_guidance=False, max_sequence_length=64)[0]
@@ -90,11 +95,20 @@ def test_a_trajectory_is_read_where_the_sampler_passes(tiny_pipe):
     denoiser = Denoiser(tiny_pipe.transformer, embeds, None, 1.0)
     timesteps = readings.guided_levels(tiny_pipe, config)[1]
     channels = tiny_pipe.transformer.config.in_channels
-    noise = tiny_pipe.prepare_latents(1, channels, SIZE["height"], SIZE["width"], SIZE["frames"], torch.float32,
-                                      "cpu", torch.Generator().manual_seed(5))  # fmt: skip
+    noise = tiny_pipe.prepare_latents(
+        1,
+        channels,
+        SIZE["height"],
+        SIZE["width"],
+        SIZE["frames"],
+        torch.float32,
+        "cpu",
+        torch.Generator().manual_seed(5),
+    )
     for step, latents in enumerate([noise, visited[0], visited[1]]):
-        expected = bound.entity_maps(denoiser.read_maps(latents, torch.tensor(timesteps[step]), bound,
-                                                        GuidanceConfig(pool=config.pool)))[0]  # fmt: skip
+        expected = bound.entity_maps(
+            denoiser.read_maps(latents, torch.tensor(timesteps[step]), bound, GuidanceConfig(pool=config.pool))
+        )[0]
         torch.testing.assert_close(maps[0, step], expected, rtol=0, atol=0)
 
 
@@ -129,8 +143,9 @@ def test_dual_readings_remove_the_leakage_single_readings_learn():
     config = TrainingConfig(epochs=60, batch=64, lr=3e-3, hidden_dim=32)
     results = {}
     for dual in (True, False):
-        model = train_classifier(train, {}, TrainingConfig(**{**config.__dict__, "dual": dual}), _Labels(),
-                                 report=lambda _: None)  # fmt: skip
+        model = train_classifier(
+            train, {}, TrainingConfig(**{**config.__dict__, "dual": dual}), _Labels(), report=lambda _: None
+        )
         results[dual] = evaluate_readings(model, held, _Labels())["overall"]
     assert results[True]["accuracy"] > 0.95 and results[True]["leakage"] < 0.1
     assert results[False]["leakage"] > 0.5  # it reads the prompt back out of the maps
@@ -199,8 +214,28 @@ def test_a_killed_trainer_resumes_with_every_reading_once(tiny_model_dir, tmp_pa
     """`cvg train-classifier` killed at drawn moments while it reads, then run to the end: the readings and
     the three heads are those of one uninterrupted run, and no killed writer's temporary is left."""
     model = _model_with_manifest(tiny_model_dir, tmp_path / "model")
-    argv = [sys.executable, "-m", "cvg", "train-classifier", "--model", str(model), "--clips", "4", "--heldout", "1",
-            "--chunk", "1", "--steps", "4", "--guide-steps", "2", "--epochs", "2", "--hidden-dim", "16"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "cvg",
+        "train-classifier",
+        "--model",
+        str(model),
+        "--clips",
+        "4",
+        "--heldout",
+        "1",
+        "--chunk",
+        "1",
+        "--steps",
+        "4",
+        "--guide-steps",
+        "2",
+        "--epochs",
+        "2",
+        "--hidden-dim",
+        "16",
+    ]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert subprocess.run([*argv, "--out", str(whole)], capture_output=True).returncode == 0
 

@@ -58,11 +58,19 @@ def test_auto_picks_onnxruntime_on_cpu(tiny_pipe, tmp_path):
 @pytest.mark.parametrize("backend", ["onnxruntime", "compiled"])
 def test_generation_through_the_engine_matches_eager(tiny_pipe, tmp_path, backend):
     call = dict(height=64, width=64, num_frames=9, num_inference_steps=4, max_sequence_length=32, output_type="np")
-    eager = CVGPipeline(tiny_pipe)("a red cube to the left of a blue ball", "red cube left of blue ball",
-                                   generator=torch.Generator().manual_seed(3), **call)  # fmt: skip
+    eager = CVGPipeline(tiny_pipe)(
+        "a red cube to the left of a blue ball",
+        "red cube left of blue ball",
+        generator=torch.Generator().manual_seed(3),
+        **call,
+    )
     engine_pipe = CVGPipeline(tiny_pipe, engine=backend, engine_cache=tmp_path)
-    fast = engine_pipe("a red cube to the left of a blue ball", "red cube left of blue ball",
-                       generator=torch.Generator().manual_seed(3), **call)  # fmt: skip
+    fast = engine_pipe(
+        "a red cube to the left of a blue ball",
+        "red cube left of blue ball",
+        generator=torch.Generator().manual_seed(3),
+        **call,
+    )
     assert np.abs(fast.frames - eager.frames).max() <= 1e-4
     assert torch.allclose(fast.objective_values[0], eager.objective_values[0], atol=1e-5)
     assert len(engine_pipe._engines) == 1  # built once for the shape, reused across steps
@@ -158,8 +166,19 @@ def test_tensorrt_says_why_it_cannot_load_here(tiny_pipe, tmp_path):
 def test_export_command_builds_the_cache_once(tiny_model_dir, tmp_path, capsys):
     from cvg.cli import main
 
-    argv = ["export", "--model", str(tiny_model_dir), "--shape", "64x64x9", "--backend", "onnxruntime",
-            "--max-sequence-length", "32", "--cache", str(tmp_path)]  # fmt: skip
+    argv = [
+        "export",
+        "--model",
+        str(tiny_model_dir),
+        "--shape",
+        "64x64x9",
+        "--backend",
+        "onnxruntime",
+        "--max-sequence-length",
+        "32",
+        "--cache",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["backend"] == "onnxruntime" and report["shape"] == "1x16x3x8x8x32x384k32-float32"
@@ -176,8 +195,16 @@ def test_serving_engine_is_thread_safe(tiny_pipe, tmp_path):
 
     from cvg.serving.service import Engine
 
-    engine = Engine(CVGPipeline(tiny_pipe), 64, 64, 9, num_inference_steps=3, max_sequence_length=32,
-                    backend="onnxruntime", cache_dir=tmp_path)  # fmt: skip
+    engine = Engine(
+        CVGPipeline(tiny_pipe),
+        64,
+        64,
+        9,
+        num_inference_steps=3,
+        max_sequence_length=32,
+        backend="onnxruntime",
+        cache_dir=tmp_path,
+    )
     assert engine.backend == "onnxruntime" and engine.build_seconds > 0
     requests = [("a red cube to the left of a blue ball", "red cube left of blue ball", s) for s in range(4)]
     alone = [engine.generate(*r).frames for r in requests]
@@ -189,8 +216,16 @@ def test_serving_engine_is_thread_safe(tiny_pipe, tmp_path):
     with pytest.raises(ValueError, match="non-empty"):
         engine.generate("   ")
     with pytest.raises(ValueError, match="at most 2"):
-        Engine(CVGPipeline(tiny_pipe), 64, 64, 9, num_inference_steps=2, max_sequence_length=32,
-               max_composition_tokens=2, backend=None)  # fmt: skip
+        Engine(
+            CVGPipeline(tiny_pipe),
+            64,
+            64,
+            9,
+            num_inference_steps=2,
+            max_sequence_length=32,
+            max_composition_tokens=2,
+            backend=None,
+        )
 
 
 def test_model_key_survives_save_and_load_and_follows_the_weights(tiny_pipe, tmp_path):
@@ -215,8 +250,22 @@ def test_a_killed_export_leaves_no_file_that_is_used(tiny_model_dir, tmp_path):
 
     from cvg.io.files import verified
 
-    argv = [sys.executable, "-m", "cvg", "export", "--model", str(tiny_model_dir), "--shape", "64x64x9", "--backend",
-            "onnxruntime", "--max-sequence-length", "32", "--cache", str(tmp_path)]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "cvg",
+        "export",
+        "--model",
+        str(tiny_model_dir),
+        "--shape",
+        "64x64x9",
+        "--backend",
+        "onnxruntime",
+        "--max-sequence-length",
+        "32",
+        "--cache",
+        str(tmp_path),
+    ]
     kill_when(argv, lambda: bool(list(tmp_path.glob(".*.tmp.onnx"))))
     assert list(tmp_path.glob(".*.tmp.onnx")) and not list(tmp_path.glob("[!.]*.onnx"))  # killed mid-write
     done = subprocess.run(argv, capture_output=True, text=True)

@@ -113,8 +113,12 @@ def test_nothing_is_unpickled():
 
     root = Path(__file__).resolve().parent.parent
     offences = []
-    for path in [*root.glob("cvg/**/*.py"), *root.glob("kernels/*.py"), *root.glob("examples/*.py"),
-                 *root.glob("benchmarks/*.py")]:  # fmt: skip
+    for path in [
+        *root.glob("cvg/**/*.py"),
+        *root.glob("kernels/*.py"),
+        *root.glob("examples/*.py"),
+        *root.glob("benchmarks/*.py"),
+    ]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]

@@ -25,14 +25,35 @@ def test_findings_rows_run_and_are_tabled(tiny_pipe, tmp_path):
     description = generator_description(tiny_pipe.transformer, None, (1, 2, 2))
     for directory in (classifier, classifier / SINGLE_READING, classifier / LABEL_TRANSFER):
         _save_classifier(directory, description)
-    argv = ["--model", str(model), "--classifier", str(classifier), "--clips", "4", "--steps", "3",
-            "--guidance", "strength=0.2,iterations=2,guide_steps=2",
-            "--rows", "unguided,cvg,cvg-1,cvg-all,single,training-free,transfer",
-            "--work", str(work), "--write", str(tmp_path / "findings.md")]  # fmt: skip
+    argv = [
+        "--model",
+        str(model),
+        "--classifier",
+        str(classifier),
+        "--clips",
+        "4",
+        "--steps",
+        "3",
+        "--guidance",
+        "strength=0.2,iterations=2,guide_steps=2",
+        "--rows",
+        "unguided,cvg,cvg-1,cvg-all,single,training-free,transfer",
+        "--work",
+        str(work),
+        "--write",
+        str(tmp_path / "findings.md"),
+    ]
     findings.main(argv)
     text = (tmp_path / "findings.md").read_text()
-    names = ("unguided", "CVG, first 2 steps (the settings' window)", "CVG, first 1 step |", "CVG, all steps",
-             "CVG without dual inversion, first 2 steps", "training-free objectives", "label transfer")
+    names = (
+        "unguided",
+        "CVG, first 2 steps (the settings' window)",
+        "CVG, first 1 step |",
+        "CVG, all steps",
+        "CVG without dual inversion, first 2 steps",
+        "training-free objectives",
+        "label transfer",
+    )
     for name in names:
         assert f"| {name}" in text
     assert "| row | attribute | spatial | motion | numeracy | all | Fréchet distance |" in text

@@ -18,9 +18,22 @@ from cvg.training import generator
 from cvg.training.generator import GeneratorRecipe, flow_sigmas, train_generator
 
 TOY = GeneratorRecipe(
-    vae_base_dim=4, z_dim=4, vae_steps=3, vae_batch=1, clips=6, heads=2, head_dim=8, layers=1, ffn_dim=16,
-    steps=3, batch=2, warmup=1, text_tokens=16, checkpoint_every=1, bf16=False,
-)  # fmt: skip
+    vae_base_dim=4,
+    z_dim=4,
+    vae_steps=3,
+    vae_batch=1,
+    clips=6,
+    heads=2,
+    head_dim=8,
+    layers=1,
+    ffn_dim=16,
+    steps=3,
+    batch=2,
+    warmup=1,
+    text_tokens=16,
+    checkpoint_every=1,
+    bf16=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +63,27 @@ def test_saved_pipeline_loads_and_generates(toy_model):
     assert pipe.vae.config.latents_std != [1.0] * TOY.z_dim
     # Plain diffusers, the text encoder given by hand, generates the video size the recipe trained on.
     by_hand = WanPipeline.from_pretrained(str(out), tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
-    video = by_hand("a red cube", height=64, width=64, num_frames=17, num_inference_steps=2,
-                    max_sequence_length=TOY.text_tokens, output_type="np").frames  # fmt: skip
+    video = by_hand(
+        "a red cube",
+        height=64,
+        width=64,
+        num_frames=17,
+        num_inference_steps=2,
+        max_sequence_length=TOY.text_tokens,
+        output_type="np",
+    ).frames
     assert video.shape == (1, 17, 64, 64, 3) and np.isfinite(video).all()
     cvg_pipe = CVGPipeline.from_pretrained(out)
-    guided = cvg_pipe("a red cube", "red cube", height=64, width=64, num_frames=17, num_inference_steps=2,
-                      guide_steps=1, max_sequence_length=TOY.text_tokens)  # fmt: skip
+    guided = cvg_pipe(
+        "a red cube",
+        "red cube",
+        height=64,
+        width=64,
+        num_frames=17,
+        num_inference_steps=2,
+        guide_steps=1,
+        max_sequence_length=TOY.text_tokens,
+    )
     assert len(guided.objective_values) == GuidanceConfig.iterations  # one guided step, every update made
 
 

@@ -28,8 +28,12 @@ def _classifier():
     return ClassifierObjective(classifier, encoder=lambda labels: label.expand(len(labels), -1))
 
 
-OBJECTIVES = {"spatial": SpatialRelation(), "motion": MotionDirection(), "presence": TokenPresence(),
-              "classifier": _classifier()}  # fmt: skip
+OBJECTIVES = {
+    "spatial": SpatialRelation(),
+    "motion": MotionDirection(),
+    "presence": TokenPresence(),
+    "classifier": _classifier(),
+}
 
 
 def _request(pipe, kind, prompt=None, seed=0):

@@ -14,8 +14,10 @@ class Owner:
 def test_swaps_are_restored_after_an_error():
     owner, param = Owner(), torch.nn.Parameter(torch.zeros(1))
     owner.value = 1
-    with pytest.raises(RuntimeError), swapped([(owner, "value", 2), (owner, "method", lambda: "patched"),
-                                                (param, "requires_grad", False)]):  # fmt: skip
+    with (
+        pytest.raises(RuntimeError),
+        swapped([(owner, "value", 2), (owner, "method", lambda: "patched"), (param, "requires_grad", False)]),
+    ):
         assert (owner.value, owner.method(), param.requires_grad) == (2, "patched", False)
         raise RuntimeError
     assert owner.value == 1 and owner.method() == "class" and "method" not in vars(owner)

@@ -91,8 +91,15 @@ def test_guidance_lowers_the_objective(tiny_pipe, name):
 def test_guided_batch_records_every_item(tiny_pipe, guidance_scale):
     prompts = ["a red cube to the left of a blue ball", "a red cube sits left of a blue ball"]
     cvg = CVGPipeline(tiny_pipe, guidance=GuidanceConfig(guide_steps=2, iterations=2, pool=(1, 1, 1)))
-    out = cvg(prompts, "red cube left of blue ball", guidance_scale=guidance_scale, generator=_seeded(0),
-              num_videos_per_prompt=2, output_type="np", **SMALL)  # fmt: skip
+    out = cvg(
+        prompts,
+        "red cube left of blue ball",
+        guidance_scale=guidance_scale,
+        generator=_seeded(0),
+        num_videos_per_prompt=2,
+        output_type="np",
+        **SMALL,
+    )
     assert out.frames.shape == (4, 9, 64, 64, 3)
     assert [(s.step, s.iteration) for s in out.steps] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all(v.shape == (4,) for v in out.objective_values)
@@ -113,8 +120,14 @@ def test_non_finite_gradient_skips_the_update_with_a_warning(tiny_pipe):
     captured = {}
     cvg = CVGPipeline(tiny_pipe, objective=_PoisonFirstItem(), guidance=config)
     with pytest.warns(RuntimeWarning, match=r"non-finite guidance gradient for batch items \[0\]"):
-        out = cvg(prompts, "red cube left of blue ball", generator=_seeded(0), output_type="latent",
-                  on_step=lambda i, t, x: captured.setdefault(i, x.clone()), **SMALL)  # fmt: skip
+        out = cvg(
+            prompts,
+            "red cube left of blue ball",
+            generator=_seeded(0),
+            output_type="latent",
+            on_step=lambda i, t, x: captured.setdefault(i, x.clone()),
+            **SMALL,
+        )
     assert out.steps[0].skipped.tolist() == [True, False]
     assert torch.isfinite(out.frames).all()
     plain = CVGPipeline(tiny_pipe)(prompts, None, generator=_seeded(0), output_type="latent", **SMALL).frames
@@ -154,14 +167,17 @@ def test_checkpointing_changes_memory_not_results(tiny_pipe):
     results = []
     for checkpointing in (True, False):
         config = GuidanceConfig(guide_steps=2, iterations=2, pool=(1, 1, 1), checkpointing=checkpointing)
-        out = CVGPipeline(tiny_pipe, guidance=config)(*PROMPTS["spatial"], generator=_seeded(4), output_type="latent",
-                                                      **SMALL)  # fmt: skip
+        out = CVGPipeline(tiny_pipe, guidance=config)(
+            *PROMPTS["spatial"], generator=_seeded(4), output_type="latent", **SMALL
+        )
         results.append(out.frames)
         assert not transformer.gradient_checkpointing
         assert [p.requires_grad for p in transformer.parameters()] == flags
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
-    assert not torch.equal(results[0], CVGPipeline(tiny_pipe)(PROMPTS["spatial"][0], None, generator=_seeded(4),
-                                                               output_type="latent", **SMALL).frames)  # fmt: skip
+    assert not torch.equal(
+        results[0],
+        CVGPipeline(tiny_pipe)(PROMPTS["spatial"][0], None, generator=_seeded(4), output_type="latent", **SMALL).frames,
+    )
 
 
 @pytest.mark.parametrize("base_dim, dim_mult", [(3, [1, 1, 1, 1]), (8, [1, 2, 2])])
@@ -173,8 +189,13 @@ def test_cpu_decoding_is_the_vae_decode(base_dim, dim_mult):
     from cvg.models.vae_cpu import cpu_decoding
 
     torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=base_dim, z_dim=16, dim_mult=dim_mult, num_res_blocks=1,
-                           temperal_downsample=[False, True, True][: len(dim_mult) - 1]).eval()  # fmt: skip
+    vae = AutoencoderKLWan(
+        base_dim=base_dim,
+        z_dim=16,
+        dim_mult=dim_mult,
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True][: len(dim_mult) - 1],
+    ).eval()
     for m in vae.modules():  # non-trivial norm scales, so the norm's arithmetic is checked
         if isinstance(m, WanRMS_norm):
             torch.nn.init.uniform_(m.gamma, 0.5, 1.5)
@@ -219,11 +240,13 @@ def test_the_window_by_noise_level_guides_every_step_above_it(tiny_pipe):
     sigmas = tiny_pipe.scheduler.sigmas[:-1]
     threshold = float(sigmas[2])  # steps 0, 1 and 2 lie at or above it
     config = GuidanceConfig(guide_sigma=threshold, iterations=1, pool=(1, 1, 1))
-    out = CVGPipeline(tiny_pipe, guidance=config)(prompt, composition, generator=_seeded(0), output_type="latent",
-                                                  **SMALL)  # fmt: skip
+    out = CVGPipeline(tiny_pipe, guidance=config)(
+        prompt, composition, generator=_seeded(0), output_type="latent", **SMALL
+    )
     assert [s.step for s in out.steps] == [0, 1, 2]
-    by_number = CVGPipeline(tiny_pipe, guidance=config)(prompt, composition, guide_steps=1, generator=_seeded(0),
-                                                        output_type="latent", **SMALL)  # fmt: skip
+    by_number = CVGPipeline(tiny_pipe, guidance=config)(
+        prompt, composition, guide_steps=1, generator=_seeded(0), output_type="latent", **SMALL
+    )
     assert [s.step for s in by_number.steps] == [0]  # an explicit number wins
     with pytest.raises(ValueError, match="guide_sigma must be in"):
         CVGPipeline(tiny_pipe, guidance=GuidanceConfig(guide_sigma=1.5))(prompt, composition, **SMALL)

@@ -10,9 +10,11 @@ from cvg.ops.pooling import make_pool_spec, pool_rows, unpool_rows
 
 
 @given(
-    st.integers(1, 6), st.integers(1, 7), st.integers(1, 9),
+    st.integers(1, 6),
+    st.integers(1, 7),
+    st.integers(1, 9),
     st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 4)),
-)  # fmt: skip
+)
 def test_grid_groups_matches_loops(frames, height, width, pool):
     groups, tiles = grid_groups(frames, height, width, pool)
     expected, i = [], 0

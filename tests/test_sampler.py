@@ -47,8 +47,16 @@ def _after_step(scheduler_factory, perturbed_step: int, delta: torch.Tensor, gui
     start = torch.randn(SHAPE, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
     seen = {}
     if guided:
-        denoise(denoiser, scheduler, start, timesteps, object(), None, GuidanceConfig(guide_steps=GUIDED),
-                on_step=lambda i, t, x: seen.setdefault(i, x.clone()))  # fmt: skip
+        denoise(
+            denoiser,
+            scheduler,
+            start,
+            timesteps,
+            object(),
+            None,
+            GuidanceConfig(guide_steps=GUIDED),
+            on_step=lambda i, t, x: seen.setdefault(i, x.clone()),
+        )
         return seen[perturbed_step]
     latents = start  # the loop without guided_solver: diffusers' schedulers as they are
     for i, t in enumerate(timesteps[: perturbed_step + 1]):

@@ -19,8 +19,14 @@ def test_shipped_model_is_small_and_complete():
     files = [p for p in MODEL.rglob("*") if p.is_file() and ".work" not in p.parts]
     assert sum(p.stat().st_size for p in files) <= 40 * 2**20
     names = {p.relative_to(MODEL).as_posix() for p in files}
-    assert {"model_index.json", "generator.json", "loss.png", "transformer/diffusion_pytorch_model.safetensors",
-            "vae/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"} <= names  # fmt: skip
+    assert {
+        "model_index.json",
+        "generator.json",
+        "loss.png",
+        "transformer/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "scheduler/scheduler_config.json",
+    } <= names
 
 
 def test_shipped_model_draws_the_asked_object():
@@ -30,8 +36,14 @@ def test_shipped_model_draws_the_asked_object():
     coloured = judged = 0
     for i in range(6):
         clip = split_clip(77, i, "object", "heldout")
-        out = pipe(clip.prompt, height=64, width=64, num_frames=17, num_inference_steps=20,
-                   generator=torch.Generator().manual_seed(i))  # fmt: skip
+        out = pipe(
+            clip.prompt,
+            height=64,
+            width=64,
+            num_frames=17,
+            num_inference_steps=20,
+            generator=torch.Generator().manual_seed(i),
+        )
         frames = to_uint8(out.frames[0])
         assert frames.shape == (17, 64, 64, 3) and np.isfinite(out.frames).all()
         colour = clip.composition.subject.split()[0]
@@ -63,12 +75,37 @@ def test_generate_takes_the_video_size_from_the_model(tmp_path, capsys):
     from cvg.cli import main
 
     out = tmp_path / "cube.gif"
-    assert main(["generate", "--model", str(MODEL), "--prompt", "a red cube", "--out", str(out), "--steps", "2",
-                 "--quiet"]) == 0  # fmt: skip
+    assert (
+        main(
+            ["generate", "--model", str(MODEL), "--prompt", "a red cube", "--out", str(out), "--steps", "2", "--quiet"]
+        )
+        == 0
+    )
     frames = imageio.mimread(out)
     assert len(frames) == 17 and frames[0].shape[:2] == (64, 64)  # the recipe's size, not Wan's 480x832x81
-    assert main(["generate", "--model", str(MODEL), "--prompt", "a red cube", "--out", str(out), "--steps", "2",
-                 "--height", "32", "--width", "32", "--frames", "5", "--quiet"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(MODEL),
+                "--prompt",
+                "a red cube",
+                "--out",
+                str(out),
+                "--steps",
+                "2",
+                "--height",
+                "32",
+                "--width",
+                "32",
+                "--frames",
+                "5",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     frames = imageio.mimread(out)
     assert len(frames) == 5 and frames[0].shape[:2] == (32, 32)  # flags win
 

@@ -39,8 +39,25 @@ def test_generated_set_is_judged_and_resumes(tiny_pipe, tmp_path):
 def test_sample_command(tiny_model_dir, tmp_path, capsys):
     specs = tmp_path / "specs"
     write_dataset(specs, 2, seed=1, categories=("object",))
-    code = main(["sample", "--model", str(tiny_model_dir), "--specs", str(specs), "--out", str(tmp_path / "gen"),
-                 "--steps", "2", "--guide-steps", "1", "--pool", "1", "--max-sequence-length", "32"])  # fmt: skip
+    code = main(
+        [
+            "sample",
+            "--model",
+            str(tiny_model_dir),
+            "--specs",
+            str(specs),
+            "--out",
+            str(tmp_path / "gen"),
+            "--steps",
+            "2",
+            "--guide-steps",
+            "1",
+            "--pool",
+            "1",
+            "--max-sequence-length",
+            "32",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["generated"] == 2 and len(read_index(tmp_path / "gen")) == 2

@@ -16,16 +16,21 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     data.add_argument("--count", type=COUNT, required=True, help="number of clips; categories take turns")
     data.add_argument("--seed", type=SEED, default=0, help="dataset seed (default 0)")
     data.add_argument("--frames", type=POSITIVE, default=17, help="frames per clip (default 17)")
-    data.add_argument("--size", type=number(int, 8, 4096), default=64,
-                      help="clip height and width in pixels (default 64)")  # fmt: skip
+    data.add_argument(
+        "--size", type=number(int, 8, 4096), default=64, help="clip height and width in pixels (default 64)"
+    )
     data.add_argument(
         "--categories",
         type=lambda t: tuple(t.split(",")),
         default=CATEGORIES,
         help=f"comma-separated, taking turns (default {','.join(CATEGORIES)}; also {SINGLE})",
     )
-    data.add_argument("--split", choices=SPLITS, default="all",
-                      help="prompts: all, only training ones, or only the held-out fifth (default all)")  # fmt: skip
+    data.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="all",
+        help="prompts: all, only training ones, or only the held-out fifth (default all)",
+    )
     data.set_defaults(run=compshapes_dataset)
 
     evaluation = commands.add_parser("eval", help="judge videos against their compositions (CompShapes)")
@@ -40,8 +45,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 def compshapes_dataset(args: argparse.Namespace) -> None:
     from cvg.compshapes.dataset import write_dataset
 
-    written = write_dataset(args.out, args.count, args.seed, args.categories, args.frames, args.size, args.size,
-                            args.split)  # fmt: skip
+    written = write_dataset(
+        args.out, args.count, args.seed, args.categories, args.frames, args.size, args.size, args.split
+    )
     print(json.dumps({"dataset": args.out, "written": written, "count": args.count}))
 
 

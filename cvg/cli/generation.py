@@ -14,38 +14,58 @@ from cvg.guidance.config import NORMALIZATIONS, GuidanceConfig
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
-    gen = commands.add_parser("generate", help="generate a video with compositional guidance",
-                              description="Generate a video with a local diffusers Wan pipeline, guided toward a "
-                                          "composition in the first denoising steps.")  # fmt: skip
+    gen = commands.add_parser(
+        "generate",
+        help="generate a video with compositional guidance",
+        description="Generate a video with a local diffusers Wan pipeline, guided toward a "
+        "composition in the first denoising steps.",
+    )
     _model_flags(gen)
     gen.add_argument("--prompt", required=True, help="the text prompt")
-    gen.add_argument("--composition", help='what must hold: "red cube left of blue ball", "ball moves right", '
-                     '"red cube and blue ball", or a JSON object; omit for unguided generation')  # fmt: skip
+    gen.add_argument(
+        "--composition",
+        help='what must hold: "red cube left of blue ball", "ball moves right", '
+        '"red cube and blue ball", or a JSON object; omit for unguided generation',
+    )
     gen.add_argument("--out", required=True, help="output: .mp4, .gif, or a folder for PNG frames")
     gen.add_argument("--save-maps", metavar="PNG", help="also draw the pooled maps of each composition entity")
     gen.add_argument("--negative-prompt", default=None, help="negative prompt for classifier-free guidance")
-    gen.add_argument("--height", type=POSITIVE, help="video height in pixels (default: the size a cvg-trained "
-                     "model was trained at, else 480)")  # fmt: skip
+    gen.add_argument(
+        "--height",
+        type=POSITIVE,
+        help="video height in pixels (default: the size a cvg-trained model was trained at, else 480)",
+    )
     gen.add_argument("--width", type=POSITIVE, help="video width in pixels (default: as --height, else 832)")
     gen.add_argument("--frames", type=POSITIVE, help="video frames, 4k+1 (default: as --height, else 81)")
     gen.add_argument("--seed", type=SEED, default=0, help="seed of the initial noise (default 0)")
-    gen.add_argument("--fps", type=number(int, 1, 240), default=16,
-                     help="frames per second of .mp4/.gif output (default 16)")  # fmt: skip
+    gen.add_argument(
+        "--fps", type=number(int, 1, 240), default=16, help="frames per second of .mp4/.gif output (default 16)"
+    )
     gen.add_argument("--quiet", action="store_true", help="no progress bars (loading or denoising)")
-    gen.add_argument("--judge", action="store_true",
-                     help="judge the video against the composition with the CompShapes judge")  # fmt: skip
-    gen.add_argument("--compare-seeds", type=number(int, 0, 1000), default=0, metavar="N",
-                     help="also generate seeds SEED..SEED+N-1 unguided and guided, judge each (with --judge) "
-                          "and print the two counts")  # fmt: skip
-    gen.add_argument("--contact-sheet", metavar="PNG",
-                     help="with --compare-seeds: every run side by side, frames across, in one picture")  # fmt: skip
+    gen.add_argument(
+        "--judge", action="store_true", help="judge the video against the composition with the CompShapes judge"
+    )
+    gen.add_argument(
+        "--compare-seeds",
+        type=number(int, 0, 1000),
+        default=0,
+        metavar="N",
+        help="also generate seeds SEED..SEED+N-1 unguided and guided, judge each (with --judge) "
+        "and print the two counts",
+    )
+    gen.add_argument(
+        "--contact-sheet",
+        metavar="PNG",
+        help="with --compare-seeds: every run side by side, frames across, in one picture",
+    )
     gen.set_defaults(run=generate)
 
     sample = commands.add_parser(
-        "sample", help="generate one clip per record of a spec set (resumable)",
+        "sample",
+        help="generate one clip per record of a spec set (resumable)",
         description="Generate a video set for `cvg eval`: one clip per record of a dataset index, at each "
-                    "record's scene size, with seed SEED + id.",
-    )  # fmt: skip
+        "record's scene size, with seed SEED + id.",
+    )
     _model_flags(sample)
     sample.add_argument("--specs", required=True, help="dataset directory or index JSONL with prompts and compositions")
     sample.add_argument("--out", required=True, help="output directory (index.jsonl + clips/)")
@@ -53,14 +73,25 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     sample.add_argument("--seed", type=SEED, default=0, help="base seed; record i uses SEED + i (default 0)")
     sample.set_defaults(run=sample_set)
 
-    export = commands.add_parser("export", help="build a step engine's cached artefacts ahead of serving",
-                                 description="Export/compile the transformer for one video shape so that "
-                                             "serving starts warm (see cvg.runtime.step_engine).")  # fmt: skip
+    export = commands.add_parser(
+        "export",
+        help="build a step engine's cached artefacts ahead of serving",
+        description="Export/compile the transformer for one video shape so that "
+        "serving starts warm (see cvg.runtime.step_engine).",
+    )
     export.add_argument("--model", required=True, help="local diffusers WanPipeline directory")
-    export.add_argument("--shape", required=True, type=lambda t: ints(t.replace("x", ","), 3, low=1),
-                        help="HEIGHTxWIDTHxFRAMES of the video, e.g. 64x64x17")  # fmt: skip
-    export.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt", "compiled"), default="auto",
-                        help="engine backend (default auto)")  # fmt: skip
+    export.add_argument(
+        "--shape",
+        required=True,
+        type=lambda t: ints(t.replace("x", ","), 3, low=1),
+        help="HEIGHTxWIDTHxFRAMES of the video, e.g. 64x64x17",
+    )
+    export.add_argument(
+        "--backend",
+        choices=("auto", "onnxruntime", "tensorrt", "compiled"),
+        default="auto",
+        help="engine backend (default auto)",
+    )
     export.add_argument("--batch", type=number(int, 1, 64), default=1, help="videos per call (default 1)")
     export.add_argument("--max-sequence-length", type=TEXT_TOKENS, default=512, help="text tokens (default 512)")
     export.add_argument("--cache", help="cache directory (default $CVG_CACHE/engines or ~/.cache/cvg/engines)")
@@ -70,29 +101,54 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 def _model_flags(parser: argparse.ArgumentParser) -> None:
     """The model, sampling and guidance flags `generate` and `sample` share."""
     parser.add_argument("--model", required=True, help="local diffusers WanPipeline directory")
-    parser.add_argument("--objective", choices=("auto", *KINDS), default="auto",
-                        help="guidance objective; auto picks the one for the composition's kind")  # fmt: skip
-    parser.add_argument("--classifier", metavar="DIR",
-                        help="guide with a classifier from cvg train-classifier instead")  # fmt: skip
+    parser.add_argument(
+        "--objective",
+        choices=("auto", *KINDS),
+        default="auto",
+        help="guidance objective; auto picks the one for the composition's kind",
+    )
+    parser.add_argument("--classifier", metavar="DIR", help="guide with a classifier from cvg train-classifier instead")
     parser.add_argument("--steps", type=STEPS, default=50, help="denoising steps (default 50)")
     default = GuidanceConfig()
-    parser.add_argument("--guide-steps", type=COUNT, default=None,
-                        help=f"guided steps at the start (default {default.guide_steps}, or every step of a "
-                             f"shorter schedule)")  # fmt: skip
-    parser.add_argument("--strength", type=NON_NEGATIVE, default=default.strength,
-                        help=f"RMS of each latent update, the largest with --normalize polyak (default "
-                             f"{default.strength:g})")  # fmt: skip
-    parser.add_argument("--iterations", type=number(int, 1, 100), default=default.iterations,
-                        help=f"at most this many guidance updates per guided step (default {default.iterations})")
-    parser.add_argument("--normalize", choices=NORMALIZATIONS, default=default.normalize,
-                        help=f"step rule: rms / max gradient normalisation, none, or polyak (the first-order step "
-                             f"to the target loss) (default {default.normalize})")  # fmt: skip
-    parser.add_argument("--target-loss", type=NON_NEGATIVE, default=default.target_loss,
-                        help="leave an item alone once its objective is this low (default: the classifier's "
-                             "-log confidence; none for the training-free objectives)")  # fmt: skip
+    parser.add_argument(
+        "--guide-steps",
+        type=COUNT,
+        default=None,
+        help=f"guided steps at the start (default {default.guide_steps}, or every step of a shorter schedule)",
+    )
+    parser.add_argument(
+        "--strength",
+        type=NON_NEGATIVE,
+        default=default.strength,
+        help=f"RMS of each latent update, the largest with --normalize polyak (default {default.strength:g})",
+    )
+    parser.add_argument(
+        "--iterations",
+        type=number(int, 1, 100),
+        default=default.iterations,
+        help=f"at most this many guidance updates per guided step (default {default.iterations})",
+    )
+    parser.add_argument(
+        "--normalize",
+        choices=NORMALIZATIONS,
+        default=default.normalize,
+        help=f"step rule: rms / max gradient normalisation, none, or polyak (the first-order step "
+        f"to the target loss) (default {default.normalize})",
+    )
+    parser.add_argument(
+        "--target-loss",
+        type=NON_NEGATIVE,
+        default=default.target_loss,
+        help="leave an item alone once its objective is this low (default: the classifier's "
+        "-log confidence; none for the training-free objectives)",
+    )
     parser.add_argument("--layers", type=ints, help="blocks whose maps are read, e.g. 0,1,2 (default all)")
-    parser.add_argument("--pool", type=lambda t: ints(t, 3, low=1), default=[1, 2, 2],
-                        help="pooling of the frames,height,width token grid (default 1,2,2)")  # fmt: skip
+    parser.add_argument(
+        "--pool",
+        type=lambda t: ints(t, 3, low=1),
+        default=[1, 2, 2],
+        help="pooling of the frames,height,width token grid (default 1,2,2)",
+    )
     parser.add_argument("--guidance-scale", type=FINITE, default=5.0, help="classifier-free guidance scale (default 5)")
     parser.add_argument("--max-sequence-length", type=TEXT_TOKENS, default=512, help="text tokens (Wan pads to this)")
 
@@ -103,16 +159,25 @@ def _load(args: argparse.Namespace):
     from cvg.pipeline import CVGPipeline
 
     pool = args.pool * 3 if len(args.pool) == 1 else args.pool
-    guidance = replace(GuidanceConfig(), strength=args.strength,
-                       iterations=args.iterations, normalize=args.normalize, target_loss=args.target_loss,
-                       layers=args.layers, pool=tuple(pool))  # fmt: skip
+    guidance = replace(
+        GuidanceConfig(),
+        strength=args.strength,
+        iterations=args.iterations,
+        normalize=args.normalize,
+        target_loss=args.target_loss,
+        layers=args.layers,
+        pool=tuple(pool),
+    )
     objective = None if args.objective == "auto" else objective_for(args.objective)
     pipe = CVGPipeline.from_pretrained(args.model, objective=objective)
     pipe.guidance = guidance
     if args.classifier:
         pipe.load_classifier(args.classifier)
-    call = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale,
-            "max_sequence_length": args.max_sequence_length}  # fmt: skip
+    call = {
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "max_sequence_length": args.max_sequence_length,
+    }
     if args.guide_steps is not None:  # asked for: checked against the steps, never shortened
         call["guide_steps"] = args.guide_steps
     return pipe, call
@@ -143,9 +208,13 @@ def generate(args: argparse.Namespace) -> None:
     pipe, call = _load(args)
     pipe.pipe.set_progress_bar_config(disable=args.quiet)
     out = pipe(
-        args.prompt, args.composition, negative_prompt=args.negative_prompt, **_video_size(args),
-        generator=torch.Generator().manual_seed(args.seed), **call,
-    )  # fmt: skip
+        args.prompt,
+        args.composition,
+        negative_prompt=args.negative_prompt,
+        **_video_size(args),
+        generator=torch.Generator().manual_seed(args.seed),
+        **call,
+    )
     written = save_frames(out.frames[0], args.out, fps=args.fps)
     report = {"out": str(written), "objective": [v.tolist() for v in out.objective_values]}
     if args.save_maps:
@@ -183,8 +252,15 @@ def _compare_seeds(pipe, call: dict, args: argparse.Namespace) -> dict:
     rows, counts, runs = [], {"unguided": 0, "guided": 0}, []
     for seed in range(args.seed, args.seed + args.compare_seeds):
         for name, guide_steps in (("unguided", 0), ("guided", None)):
-            out = pipe(args.prompt, args.composition, negative_prompt=args.negative_prompt, **_video_size(args),
-                       generator=torch.Generator().manual_seed(seed), guide_steps=guide_steps, **call)  # fmt: skip
+            out = pipe(
+                args.prompt,
+                args.composition,
+                negative_prompt=args.negative_prompt,
+                **_video_size(args),
+                generator=torch.Generator().manual_seed(seed),
+                guide_steps=guide_steps,
+                **call,
+            )
             frames = to_uint8(out.frames[0])
             run = {"seed": seed, "run": name}
             if args.judge:
@@ -198,8 +274,11 @@ def _compare_seeds(pipe, call: dict, args: argparse.Namespace) -> dict:
     result = {"runs": runs, "seeds": args.compare_seeds}
     if args.judge:
         result["counts"] = counts
-        print(f"{args.composition!r}: unguided {counts['unguided']} of {args.compare_seeds} seeds, guided "
-              f"{counts['guided']} of {args.compare_seeds}", file=sys.stderr)  # fmt: skip
+        print(
+            f"{args.composition!r}: unguided {counts['unguided']} of {args.compare_seeds} seeds, guided "
+            f"{counts['guided']} of {args.compare_seeds}",
+            file=sys.stderr,
+        )
     if args.contact_sheet:
         result["contact_sheet"] = str(save_image(contact_sheet(rows), args.contact_sheet))
     return result
@@ -211,8 +290,9 @@ def sample_set(args: argparse.Namespace) -> None:
 
     check_writable(Path(args.out) / "index.jsonl", "--out")
     pipe, call = _load(args)
-    result = generate_set(pipe, args.specs, args.out, args.seed, args.limit,
-                          report=lambda line: print(line, file=sys.stderr), **call)  # fmt: skip
+    result = generate_set(
+        pipe, args.specs, args.out, args.seed, args.limit, report=lambda line: print(line, file=sys.stderr), **call
+    )
     print(json.dumps({"out": args.out, **result}))
 
 
@@ -229,13 +309,25 @@ def export_engine(args: argparse.Namespace) -> None:
     height, width, frames = args.shape
     pipe = load_wan_pipeline(args.model)
     vae, transformer = pipe.vae.config, pipe.transformer
-    latents = torch.empty(args.batch, transformer.config.in_channels, (frames - 1) // vae.scale_factor_temporal + 1,
-                          height // vae.scale_factor_spatial, width // vae.scale_factor_spatial,
-                          dtype=transformer.dtype)  # fmt: skip
+    latents = torch.empty(
+        args.batch,
+        transformer.config.in_channels,
+        (frames - 1) // vae.scale_factor_temporal + 1,
+        height // vae.scale_factor_spatial,
+        width // vae.scale_factor_spatial,
+        dtype=transformer.dtype,
+    )
     # Zero text: the engine's text_keys is then its smallest (64), which every prompt of under 64 tokens fits.
     text = torch.zeros(args.batch, args.max_sequence_length, transformer.config.text_dim, dtype=transformer.dtype)
     start = time.perf_counter()
     engine = build_engine(transformer, StepShape.of(latents, text), args.backend, args.cache)
-    print(json.dumps({"backend": engine.backend, "shape": StepShape.of(latents, text).key(),
-                      "seconds": round(time.perf_counter() - start, 2),
-                      "file": str(getattr(engine, "path", ""))}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "backend": engine.backend,
+                "shape": StepShape.of(latents, text).key(),
+                "seconds": round(time.perf_counter() - start, 2),
+                "file": str(getattr(engine, "path", "")),
+            }
+        )
+    )

@@ -21,35 +21,68 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     train_gen.set_defaults(run=train_generator)
 
     train_cls = commands.add_parser(
-        "train-classifier", help="train the compositional classifier by dual inversion (resumable)",
+        "train-classifier",
+        help="train the compositional classifier by dual inversion (resumable)",
         description="Read CompShapes clips with a generator by dual inversion, train the classifier head, and "
-                    "measure accuracy and composition leakage on held-out clips, with and without dual inversion.",
-    )  # fmt: skip
+        "measure accuracy and composition leakage on held-out clips, with and without dual inversion.",
+    )
     train_cls.add_argument("--model", required=True, help="the generator (a local WanPipeline directory)")
     train_cls.add_argument("--out", required=True, help="directory for the classifier (readings cached in OUT/.work)")
     train_cls.add_argument("--clips", type=POSITIVE, default=2000, help="training clips (default 2000)")
     train_cls.add_argument("--heldout", type=COUNT, default=200, help="held-out clips measured (default 200)")
-    train_cls.add_argument("--data", metavar="DIR", help="train on this dataset folder (index.jsonl + clips/, "
-                           "e.g. from cvg compshapes-dataset) instead of fresh CompShapes renders")  # fmt: skip
+    train_cls.add_argument(
+        "--data",
+        metavar="DIR",
+        help="train on this dataset folder (index.jsonl + clips/, "
+        "e.g. from cvg compshapes-dataset) instead of fresh CompShapes renders",
+    )
     train_cls.add_argument("--heldout-data", metavar="DIR", help="measure on this dataset folder instead")
     train_cls.add_argument("--seed", type=SEED, default=0, help="seed of clips and initialisation (default 0)")
     train_cls.add_argument("--steps", type=STEPS, default=20, help="sampling steps whose guided steps are read")
-    train_cls.add_argument("--guide-steps", type=POSITIVE, default=ReadingConfig.guide_steps,
-                           help=f"first steps read, where guidance may act (default {ReadingConfig.guide_steps})")
-    train_cls.add_argument("--chunk", type=POSITIVE, default=25,
-                           help="clips per cached file of readings: the most a killed run loses (default 25)")
-    train_cls.add_argument("--readings", choices=("trajectory", "inversion"), default=ReadingConfig.source,
-                           help="read the generator's own samples along its sampling trajectory, labelled by the "
-                                "judge (default), or clips inverted to the guided steps' noise levels")
-    train_cls.add_argument("--epochs", type=POSITIVE, default=TrainingConfig.epochs,
-                           help=f"epochs of the head (default {TrainingConfig.epochs})")  # fmt: skip
-    train_cls.add_argument("--hidden-dim", type=POSITIVE, default=TrainingConfig.hidden_dim,
-                           help=f"width of the head's two MLPs (default {TrainingConfig.hidden_dim})")  # fmt: skip
-    train_cls.add_argument("--weight-decay", type=NON_NEGATIVE, default=TrainingConfig.weight_decay,
-                           help=f"AdamW weight decay (default {TrainingConfig.weight_decay:g})")  # fmt: skip
+    train_cls.add_argument(
+        "--guide-steps",
+        type=POSITIVE,
+        default=ReadingConfig.guide_steps,
+        help=f"first steps read, where guidance may act (default {ReadingConfig.guide_steps})",
+    )
+    train_cls.add_argument(
+        "--chunk",
+        type=POSITIVE,
+        default=25,
+        help="clips per cached file of readings: the most a killed run loses (default 25)",
+    )
+    train_cls.add_argument(
+        "--readings",
+        choices=("trajectory", "inversion"),
+        default=ReadingConfig.source,
+        help="read the generator's own samples along its sampling trajectory, labelled by the "
+        "judge (default), or clips inverted to the guided steps' noise levels",
+    )
+    train_cls.add_argument(
+        "--epochs",
+        type=POSITIVE,
+        default=TrainingConfig.epochs,
+        help=f"epochs of the head (default {TrainingConfig.epochs})",
+    )
+    train_cls.add_argument(
+        "--hidden-dim",
+        type=POSITIVE,
+        default=TrainingConfig.hidden_dim,
+        help=f"width of the head's two MLPs (default {TrainingConfig.hidden_dim})",
+    )
+    train_cls.add_argument(
+        "--weight-decay",
+        type=NON_NEGATIVE,
+        default=TrainingConfig.weight_decay,
+        help=f"AdamW weight decay (default {TrainingConfig.weight_decay:g})",
+    )
     smoothing = TrainingConfig.label_smoothing
-    train_cls.add_argument("--label-smoothing", type=number(float, 0, 0.99), default=smoothing,
-                           help=f"label smoothing of the head's targets (default {smoothing:g})")  # fmt: skip
+    train_cls.add_argument(
+        "--label-smoothing",
+        type=number(float, 0, 0.99),
+        default=smoothing,
+        help=f"label smoothing of the head's targets (default {smoothing:g})",
+    )
     train_cls.set_defaults(run=train_classifier)
 
     encoder = commands.add_parser("train-encoder", help="train the CompShapes clip encoder for the Fréchet score")
@@ -79,11 +112,26 @@ def train_classifier(args: argparse.Namespace) -> None:
     from cvg.training.dual_inversion import train_and_evaluate
 
     reading = ReadingConfig(source=args.readings, num_inference_steps=args.steps, guide_steps=args.guide_steps)
-    training = TrainingConfig(epochs=args.epochs, label_smoothing=args.label_smoothing, seed=args.seed,
-                              hidden_dim=args.hidden_dim, weight_decay=args.weight_decay)  # fmt: skip
-    summary = train_and_evaluate(args.model, args.out, args.clips, args.heldout, args.seed, reading, training,
-                                 lambda line: print(line, file=sys.stderr), args.data, args.heldout_data,
-                                 args.chunk)  # fmt: skip
+    training = TrainingConfig(
+        epochs=args.epochs,
+        label_smoothing=args.label_smoothing,
+        seed=args.seed,
+        hidden_dim=args.hidden_dim,
+        weight_decay=args.weight_decay,
+    )
+    summary = train_and_evaluate(
+        args.model,
+        args.out,
+        args.clips,
+        args.heldout,
+        args.seed,
+        reading,
+        training,
+        lambda line: print(line, file=sys.stderr),
+        args.data,
+        args.heldout_data,
+        args.chunk,
+    )
     print(json.dumps({"classifier": args.out, "heldout": summary["heldout_results"]}))
 
 

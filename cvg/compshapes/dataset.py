@@ -67,8 +67,10 @@ def read_index(location: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError as e:
             if number == len(lines):  # the last line, without its newline: a write cut short
                 break
-            raise DatasetError(f"{path}:{number}: not a JSON record ({e.msg}); mend or remove that line "
-                               f"(no record after it is dropped)") from None  # fmt: skip
+            raise DatasetError(
+                f"{path}:{number}: not a JSON record ({e.msg}); mend or remove that line "
+                f"(no record after it is dropped)"
+            ) from None
         if not isinstance(record, dict):
             raise DatasetError(f"{path}:{number}: a record must be a JSON object, not {type(record).__name__}")
         records.append(record)
@@ -110,8 +112,9 @@ class ClipWriter:
         try:
             self._stack.enter_context(locked(self.directory / LOCK, wait=False))
         except LockedError as e:
-            raise DatasetError(f"{self.directory} is being written by another process (pid {e.holder}); wait for "
-                               "it or write elsewhere") from None  # fmt: skip
+            raise DatasetError(
+                f"{self.directory} is being written by another process (pid {e.holder}); wait for it or write elsewhere"
+            ) from None
         try:
             self._check_params()
             records = read_index(self.directory)
@@ -136,8 +139,9 @@ class ClipWriter:
             stored = read_json_object(path)
             if differs := sorted(k for k in {*stored, *params} if stored.get(k) != params.get(k)):
                 detail = ", ".join(f"{k}={stored.get(k)!r} (asked {params.get(k)!r})" for k in differs)
-                raise DatasetError(f"{self.directory} was written with {detail}; resume with the same settings "
-                                   "or write elsewhere")  # fmt: skip
+                raise DatasetError(
+                    f"{self.directory} was written with {detail}; resume with the same settings or write elsewhere"
+                )
         else:
             write_text_atomic(path, json.dumps(params, indent=1))
 
@@ -170,8 +174,14 @@ def write_dataset(
         raise ValueError(f"count must be >= 0, got {count}")
     written = 0
     size = {"frames": frames, "height": height, "width": width}
-    params = {"seed": seed, "categories": list(categories), "frames": frames, "height": height, "width": width,
-              "split": split}  # fmt: skip
+    params = {
+        "seed": seed,
+        "categories": list(categories),
+        "frames": frames,
+        "height": height,
+        "width": width,
+        "split": split,
+    }
     with ClipWriter(directory, params) as writer:
         for i in range(count):
             if i not in writer.done:

@@ -34,13 +34,21 @@ _NUMBER_WORDS = {v: k for k, v in NUMBERS.items()}
 # Label transfer: wordings a classifier's training labels never contain (`seen_wording` replaces each with
 # the first of its seen equivalents); a transfer test phrases its labels only in them (`transfer_wording`).
 TRANSFER_WORDINGS = {
-    "block": ("cube", "square"), "blocks": ("cubes", "squares"),
-    "sphere": ("ball", "circle"), "spheres": ("balls", "circles"),
-    "pyramid": ("triangle",), "pyramids": ("triangles",),
-    "on the left side of": ("to the left of", "left of"), "on the right side of": ("to the right of", "right of"),
-    "on top of": ("above",), "beneath": ("below", "under"),
-    "travels": ("moves",), "as well as": ("and",), "2": ("two",), "3": ("three",),
-}  # fmt: skip
+    "block": ("cube", "square"),
+    "blocks": ("cubes", "squares"),
+    "sphere": ("ball", "circle"),
+    "spheres": ("balls", "circles"),
+    "pyramid": ("triangle",),
+    "pyramids": ("triangles",),
+    "on the left side of": ("to the left of", "left of"),
+    "on the right side of": ("to the right of", "right of"),
+    "on top of": ("above",),
+    "beneath": ("below", "under"),
+    "travels": ("moves",),
+    "as well as": ("and",),
+    "2": ("two",),
+    "3": ("three",),
+}
 
 
 @dataclass(frozen=True)
@@ -130,8 +138,14 @@ def _object(rng, words, seed, size, colours, shapes, frames, height, width) -> C
     scene = Scene((Thing(shapes[0], colours[0], *p, size),), frames, height, width)
     e = _entity(words, colours[0], shapes[0])
     other = f"{colours[1]} {e.split(' ', 1)[1]}"  # same shape, another colour
-    return Clip(SINGLE, seed, scene, _article(e), Composition("presence", e),
-                ((_article(other), Composition("presence", other)),))  # fmt: skip
+    return Clip(
+        SINGLE,
+        seed,
+        scene,
+        _article(e),
+        Composition("presence", e),
+        ((_article(other), Composition("presence", other)),),
+    )
 
 
 def held_out(prompt: str) -> bool:
@@ -186,8 +200,14 @@ def _motion(rng, words, seed, size, colours, shapes, frames, height, width) -> C
     verb = str(words.choice(MOTION_VERBS))
     comp = Composition("motion", e, direction=direction)
     counter = Composition("motion", e, direction=OPPOSITE[direction])
-    return Clip("motion", seed, scene, f"{_article(e)} {verb} {direction}", comp,
-                ((f"{_article(e)} {verb} {OPPOSITE[direction]}", counter),))  # fmt: skip
+    return Clip(
+        "motion",
+        seed,
+        scene,
+        f"{_article(e)} {verb} {direction}",
+        comp,
+        ((f"{_article(e)} {verb} {OPPOSITE[direction]}", counter),),
+    )
 
 
 def _numeracy(rng, words, seed, size, colours, shapes, frames, height, width) -> Clip:
@@ -202,8 +222,14 @@ def _numeracy(rng, words, seed, size, colours, shapes, frames, height, width) ->
     other = 5 - count  # 2 <-> 3
     comp = Composition("presence", subject, count=count)
     counter = Composition("presence", subject, count=other)
-    return Clip("numeracy", seed, scene, f"{_NUMBER_WORDS[count]} {subject}", comp,
-                ((f"{_NUMBER_WORDS[other]} {subject}", counter),))  # fmt: skip
+    return Clip(
+        "numeracy",
+        seed,
+        scene,
+        f"{_NUMBER_WORDS[count]} {subject}",
+        comp,
+        ((f"{_NUMBER_WORDS[other]} {subject}", counter),),
+    )
 
 
 def _rewrite(text: str, table: dict[str, str]) -> str:

@@ -118,8 +118,7 @@ def judge_detections(
         counts = [len(m) for m in present(*entities[0])]
         majority = int(np.bincount(counts).argmax())
         ok = majority == composition.count
-        return Verdict(ok, f"{majority} {entities[0][0]} {entities[0][1]}s in most frames, "
-                           f"{composition.count} asked")  # fmt: skip
+        return Verdict(ok, f"{majority} {entities[0][0]} {entities[0][1]}s in most frames, {composition.count} asked")
     if kind == "presence":
         return Verdict(True, "every entity is present")
 

@@ -34,11 +34,16 @@ class ClipEncoder(nn.Module):
         super().__init__()
         self.width = width
         self.frames = nn.Sequential(
-            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(32, width, 3, stride=2, padding=1), nn.GELU(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * width, width),
-        )  # fmt: skip
+            nn.Conv2d(3, 16, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(32, width, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(4 * width, width),
+        )
         self.heads = nn.Linear(2 * width, len(COLOURS) + len(SHAPES) + len(_MOTIONS) + 3)
 
     def features(self, clips: torch.Tensor) -> torch.Tensor:
@@ -77,8 +82,11 @@ def train_encoder(out: str | os.PathLike, clips: int = 1600, epochs: int = 6, se
         for start in range(0, clips, 32):
             idx = order[start : start + 32]
             logits = model(frames[idx])
-            loss = (bce(logits[:, :split], presence[idx]) + ce(logits[:, split : split + len(_MOTIONS)], motion[idx])
-                    + ce(logits[:, split + len(_MOTIONS) :], count[idx]))  # fmt: skip
+            loss = (
+                bce(logits[:, :split], presence[idx])
+                + ce(logits[:, split : split + len(_MOTIONS)], motion[idx])
+                + ce(logits[:, split + len(_MOTIONS) :], count[idx])
+            )
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -104,9 +112,11 @@ def load_encoder(directory: str | os.PathLike = DEFAULT_ENCODER) -> ClipEncoder:
 @torch.no_grad()
 def clip_features(encoder: ClipEncoder, clips: list[np.ndarray], batch: int = 64) -> np.ndarray:
     return np.concatenate(
-        [encoder.features(torch.from_numpy(np.stack(clips[i : i + batch]))).double().numpy()
-         for i in range(0, len(clips), batch)]
-    )  # fmt: skip
+        [
+            encoder.features(torch.from_numpy(np.stack(clips[i : i + batch]))).double().numpy()
+            for i in range(0, len(clips), batch)
+        ]
+    )
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:

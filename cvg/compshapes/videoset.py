@@ -47,15 +47,22 @@ def generate_set(
             if key in writer.done:
                 continue
             scene = record.get("scene", {})
-            size = {"height": scene.get("height", 480), "width": scene.get("width", 832),
-                    "num_frames": scene.get("frames", 81)}  # fmt: skip
+            size = {
+                "height": scene.get("height", 480),
+                "width": scene.get("width", 832),
+                "num_frames": scene.get("frames", 81),
+            }
             composition = Composition.from_dict(record["composition"]) if "composition" in record else None
             start = time.perf_counter()
-            result = pipe(record["prompt"], composition, **{**size, **call},
-                          generator=torch.Generator().manual_seed(seed + key))  # fmt: skip
+            result = pipe(
+                record["prompt"], composition, **{**size, **call}, generator=torch.Generator().manual_seed(seed + key)
+            )
             seconds.append(time.perf_counter() - start)
             writer.add(key, to_uint8(result.frames[0]), record)
             if report is not None:
                 report(f"{position + 1}/{len(records)} {record['prompt']!r} {seconds[-1]:.2f} s")
-    return {"generated": len(seconds), "clips": len(records),
-            "seconds_per_clip": float(np.median(seconds)) if seconds else None}  # fmt: skip
+    return {
+        "generated": len(seconds),
+        "clips": len(records),
+        "seconds_per_clip": float(np.median(seconds)) if seconds else None,
+    }

@@ -24,8 +24,16 @@ SHAPE_WORDS = {
     "circle": ("ball", "sphere", "circle"),
     "triangle": ("triangle", "pyramid"),
 }
-PLURALS = {"cube": "cubes", "square": "squares", "block": "blocks", "ball": "balls", "sphere": "spheres",
-           "circle": "circles", "triangle": "triangles", "pyramid": "pyramids"}  # fmt: skip
+PLURALS = {
+    "cube": "cubes",
+    "square": "squares",
+    "block": "blocks",
+    "ball": "balls",
+    "sphere": "spheres",
+    "circle": "circles",
+    "triangle": "triangles",
+    "pyramid": "pyramids",
+}
 MOTIONS = {"static": (0.0, 0.0), "left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 _SUPERSAMPLE = 4
 

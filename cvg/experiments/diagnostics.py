@@ -41,9 +41,16 @@ def _initial(pipe: CVGPipeline, record: dict) -> tuple[Denoiser, object, torch.T
     wan, scene = pipe.pipe, record["scene"]
     embeds = wan.encode_prompt(record["prompt"], do_classifier_free_guidance=False)[0]
     bound = pipe.bind(record["prompt"], Composition.from_dict(record["composition"]))
-    noise = wan.prepare_latents(1, wan.transformer.config.in_channels, scene["height"], scene["width"],
-                                scene["frames"], torch.float32, wan._execution_device,
-                                torch.Generator().manual_seed(int(record["id"])))  # fmt: skip
+    noise = wan.prepare_latents(
+        1,
+        wan.transformer.config.in_channels,
+        scene["height"],
+        scene["width"],
+        scene["frames"],
+        torch.float32,
+        wan._execution_device,
+        torch.Generator().manual_seed(int(record["id"])),
+    )
     wan.scheduler.set_timesteps(20)
     return Denoiser(wan.transformer, embeds, None, 1.0), bound, noise, wan.scheduler.timesteps[0]
 
@@ -64,12 +71,20 @@ def adversarial_ratio(pipe: CVGPipeline, record: dict, strength: float, directio
     loss, _, grad = denoiser.score(noise, t, objective, bound, config, gradient=True)
     along = denoiser.score(noise - strength * _unit(grad), t, objective, bound, config)[0]
     rng = torch.Generator().manual_seed(int(record["id"]))
-    random = [denoiser.score(noise + strength * _unit(torch.randn(noise.shape, generator=rng)), t, objective,
-                             bound, config)[0] for _ in range(directions)]  # fmt: skip
+    random = [
+        denoiser.score(noise + strength * _unit(torch.randn(noise.shape, generator=rng)), t, objective, bound, config)[
+            0
+        ]
+        for _ in range(directions)
+    ]
     drop = float(loss - along)
     spread = float(np.mean([abs(float(loss - r)) for r in random]))
-    return {"loss": float(loss), "drop_along_gradient": drop, "mean_random_change": spread,
-            "ratio": drop / max(spread, 1e-12)}  # fmt: skip
+    return {
+        "loss": float(loss),
+        "drop_along_gradient": drop,
+        "mean_random_change": spread,
+        "ratio": drop / max(spread, 1e-12),
+    }
 
 
 @torch.no_grad()
@@ -80,8 +95,13 @@ def step0_probability(pipe: CVGPipeline, record: dict) -> float:
     return float(torch.exp(-denoiser.score(noise, t, _objective(pipe, bound), bound, pipe.guidance)[0]))
 
 
-def diagnose(pipe: CVGPipeline, unguided: str | Path, clips: int = 400, adversarial_clips: int = 40,
-             strength: float | None = None) -> dict:  # fmt: skip
+def diagnose(
+    pipe: CVGPipeline,
+    unguided: str | Path,
+    clips: int = 400,
+    adversarial_clips: int = 40,
+    strength: float | None = None,
+) -> dict:
     """Step-0 AUROC per category and overall over the first `clips` records of the generated set `unguided`,
     and the adversarial ratio over its first `adversarial_clips`."""
     records = read_index(unguided)[:clips]
@@ -100,26 +120,34 @@ def diagnose(pipe: CVGPipeline, unguided: str | Path, clips: int = 400, adversar
         result["auroc"][category] = auroc(np.array(scores)[mask], np.array(verdicts)[mask])
     ratios = [adversarial_ratio(pipe, r, strength) for r in records[:adversarial_clips]]
     result["adversarial"] = {
-        "clips": len(ratios), "strength": strength,
+        "clips": len(ratios),
+        "strength": strength,
         "median_ratio": float(np.median([r["ratio"] for r in ratios])),
         "median_drop_along_gradient": float(np.median([r["drop_along_gradient"] for r in ratios])),
         "median_random_change": float(np.median([r["mean_random_change"] for r in ratios])),
         "median_p_after_step": float(np.median([np.exp(-(r["loss"] - r["drop_along_gradient"])) for r in ratios])),
         "median_p_before": float(np.median([np.exp(-r["loss"]) for r in ratios])),
-    }  # fmt: skip
+    }
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="models/compshapes-wan", help="the generator directory")
-    parser.add_argument("--classifier", default="models/compshapes-classifier",
-                        help="the head to diagnose; 'none': the training-free objectives")  # fmt: skip
+    parser.add_argument(
+        "--classifier",
+        default="models/compshapes-classifier",
+        help="the head to diagnose; 'none': the training-free objectives",
+    )
     parser.add_argument("--unguided", required=True, type=Path, help="the unguided generated set (findings row)")
     parser.add_argument("--clips", type=int, default=400, help="clips for the AUROC (default 400)")
     parser.add_argument("--adversarial-clips", type=int, default=40, help="clips for the ratio (default 40)")
-    parser.add_argument("--strength", type=float, default=GuidanceConfig.strength,
-                        help=f"RMS of the probe step (default {GuidanceConfig.strength})")  # fmt: skip
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=GuidanceConfig.strength,
+        help=f"RMS of the probe step (default {GuidanceConfig.strength})",
+    )
     args = parser.parse_args(argv)
     pipe = CVGPipeline.from_pretrained(args.model)
     if args.classifier != "none":

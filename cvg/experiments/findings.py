@@ -138,12 +138,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classifier", default="models/compshapes-classifier", help="cvg train-classifier output")
     parser.add_argument("--clips", type=int, default=400, help="held-out clips, categories in turn (default 400)")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"rows to run (default all: {','.join(ROWS)})")
-    parser.add_argument("--split", choices=("heldout", "train"), default="heldout",
-                        help="held-out prompts (the findings) or training ones (for tuning)")  # fmt: skip
+    parser.add_argument(
+        "--split",
+        choices=("heldout", "train"),
+        default="heldout",
+        help="held-out prompts (the findings) or training ones (for tuning)",
+    )
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    parser.add_argument("--guidance", type=guidance_settings, default=GuidanceConfig(), metavar="KEY=VALUE,...",
-                        help="GuidanceConfig fields other than the defaults, e.g. strength=0.2,iterations=3 "
-                             "(each row's window still sets guide_steps)")  # fmt: skip
+    parser.add_argument(
+        "--guidance",
+        type=guidance_settings,
+        default=GuidanceConfig(),
+        metavar="KEY=VALUE,...",
+        help="GuidanceConfig fields other than the defaults, e.g. strength=0.2,iterations=3 "
+        "(each row's window still sets guide_steps)",
+    )
     parser.add_argument("--spec-seed", type=int, default=SPEC_SEED, help=f"seed of the prompts (default {SPEC_SEED})")
     parser.add_argument("--noise-seed", type=int, default=0, help="clip i's noise seed is this + i (default 0)")
     parser.add_argument("--work", type=Path, default=Path(".cache/experiments/findings"), help="working directory")
@@ -165,8 +174,16 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         pipe, guide_steps, folder = row_pipeline(row, base, args)
         row_specs = transfer_specs(specs) if row == "transfer" else specs
-        sampled = generate_set(pipe, row_specs, work / folder, seed=args.noise_seed, guide_steps=guide_steps,
-                               num_inference_steps=args.steps, guidance_scale=5.0, limit=args.clips)  # fmt: skip
+        sampled = generate_set(
+            pipe,
+            row_specs,
+            work / folder,
+            seed=args.noise_seed,
+            guide_steps=guide_steps,
+            num_inference_steps=args.steps,
+            guidance_scale=5.0,
+            limit=args.clips,
+        )
         # A folder may hold more clips from a bigger run: judge only the first --clips.
         results[row_name(row, args.steps, args.guidance)] = evaluate(work / folder, limit=args.clips)
         seconds[row] = sampled["seconds_per_clip"]

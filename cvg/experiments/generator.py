@@ -46,8 +46,14 @@ def seconds_per_clip(pipe: CVGPipeline, steps: int, repeats: int = 5) -> float:
     times = []
     for seed in range(repeats + 1):
         start = time.perf_counter()
-        pipe("a red cube to the left of a blue ball", height=64, width=64, num_frames=17,
-             num_inference_steps=steps, generator=torch.Generator().manual_seed(seed))  # fmt: skip
+        pipe(
+            "a red cube to the left of a blue ball",
+            height=64,
+            width=64,
+            num_frames=17,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(seed),
+        )
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])  # the first call warms up
 
@@ -90,8 +96,15 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work / f"{model_key(pipe.pipe.vae)}-{model_key(pipe.pipe.transformer)}"  # another model: new clips
     write_dataset(specs, args.clips, SPEC_SEED, ALL_CATEGORIES, split="heldout")
     round_trip(pipe.pipe, specs, work / "vae")
-    sampled = generate_set(pipe, specs, work / "unguided", seed=0, guide_steps=0, num_inference_steps=args.steps,
-                           guidance_scale=args.guidance_scale)  # fmt: skip
+    sampled = generate_set(
+        pipe,
+        specs,
+        work / "unguided",
+        seed=0,
+        guide_steps=0,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+    )
     rows = {
         "renders": evaluate(specs),
         "renders through the VAE": evaluate(work / "vae"),

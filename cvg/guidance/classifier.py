@@ -75,8 +75,10 @@ class CompositionClassifier(nn.Module):
         then the noise level's features when the head is timestep-conditioned (`timestep`: a scalar or `[B]`)."""
         c = self.config
         if maps.dim() != 6 or tuple(maps.shape[1:5]) != (c.layers, *c.tiles) or not 0 < maps.shape[5] <= c.entities:
-            raise ValueError(f"classifier expects maps of shape [B, {c.layers}, {', '.join(map(str, c.tiles))}, "
-                             f"1..{c.entities}], got {list(maps.shape)}")  # fmt: skip
+            raise ValueError(
+                f"classifier expects maps of shape [B, {c.layers}, {', '.join(map(str, c.tiles))}, "
+                f"1..{c.entities}], got {list(maps.shape)}"
+            )
         maps = F.pad(maps, (0, c.entities - maps.shape[5])).movedim(-1, 1)  # [B, E, L, F, H, W]; empty slots 0
         mass = maps.sum(dim=(-2, -1), keepdim=True)
         shape = maps / (mass + _EPS) * (maps.shape[-1] * maps.shape[-2])  # 1 per tile when spread evenly

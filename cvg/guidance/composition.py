@@ -78,8 +78,10 @@ class Composition:
             if not self.object:
                 raise CompositionError("a spatial composition needs an object")
         if self.object and " ".join(self.object.lower().split()) == " ".join(self.subject.lower().split()):
-            raise CompositionError(f"the composition names {self.subject!r} twice; its entities must differ "
-                                   "(the maps of one entity give no gradient against themselves)")  # fmt: skip
+            raise CompositionError(
+                f"the composition names {self.subject!r} twice; its entities must differ "
+                "(the maps of one entity give no gradient against themselves)"
+            )
         if self.count is not None and (self.kind != "presence" or self.object or self.count < 1):
             raise CompositionError("a count needs a presence composition with a single subject and count >= 1")
         if self.kind == "motion" and self.direction not in DIRECTIONS:
@@ -172,8 +174,10 @@ class Composition:
         per_prompt = [self.entity_tokens(tokenizer, p, max_length) for p in prompts]
         for prompt, entities in zip(prompts, per_prompt, strict=True):
             if len(entities) == 2 and set(entities[0]) & set(entities[1]):  # their maps could not part
-                raise CompositionError(f"{self.subject!r} and {self.object!r} share prompt tokens in {prompt!r} (each "
-                                       "entity binds to its first mention); name each by words of its own")  # fmt: skip
+                raise CompositionError(
+                    f"{self.subject!r} and {self.object!r} share prompt tokens in {prompt!r} (each "
+                    "entity binds to its first mention); name each by words of its own"
+                )
         tokens = sorted({i for entities in per_prompt for indices in entities for i in indices})
         column = {token: c for c, token in enumerate(tokens)}
         columns = tuple(tuple([column[i] for i in indices] for indices in entities) for entities in per_prompt)

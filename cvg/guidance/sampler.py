@@ -102,21 +102,28 @@ class Denoiser:
         if self.engine is not None:
             return self.engine(latents, timestep, embeds)
         with self.transformer.cache_context(label, **context):
-            return self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds,
-                                    attention_kwargs=self.attention_kwargs, return_dict=False)[0]  # fmt: skip
+            return self.transformer(
+                hidden_states=latents,
+                timestep=timestep,
+                encoder_hidden_states=embeds,
+                attention_kwargs=self.attention_kwargs,
+                return_dict=False,
+            )[0]
 
     def prepare(self, bound: BoundComposition, config: GuidanceConfig, text_keys: int | None = None) -> GuidedInputs:
         """What guided forwards at any latents share: the text (padding collapsed to `text_keys` rows, by
         default as few as hold it) and a map recorder."""
         collapse = config.collapse_padding
         text, key_bias = collapse_padding(self.prompt_embeds, text_keys) if collapse else (self.prompt_embeds, None)
-        recorder = MapRecorder.for_transformer(self.transformer, bound.tokens, config.pool, backend=config.backend,
-                                               key_bias=key_bias)  # fmt: skip
+        recorder = MapRecorder.for_transformer(
+            self.transformer, bound.tokens, config.pool, backend=config.backend, key_bias=key_bias
+        )
         return GuidedInputs(text, recorder, resolve_layers(self.transformer, config.layers))
 
     @contextmanager
-    def _recorded(self, latents: torch.Tensor, t: torch.Tensor, inputs: GuidedInputs, config: GuidanceConfig,
-                  gradient: bool) -> Iterator[torch.Tensor]:  # fmt: skip
+    def _recorded(
+        self, latents: torch.Tensor, t: torch.Tensor, inputs: GuidedInputs, config: GuidanceConfig, gradient: bool
+    ) -> Iterator[torch.Tensor]:
         """Inside: the pooled maps `[B, layers, f, h, w, T]` of a forward at `latents`, stopped after the
         last recorded block. Backward belongs inside too: gradient checkpointing recomputes the recorded
         blocks with their recording processors."""
@@ -129,8 +136,12 @@ class Denoiser:
         ):
             stop = _stop_after(model.blocks[inputs.layers[-1]])
             try:
-                model(hidden_states=latents.to(model.dtype), timestep=t.expand(latents.shape[0]),
-                      encoder_hidden_states=inputs.text, return_dict=False)  # fmt: skip
+                model(
+                    hidden_states=latents.to(model.dtype),
+                    timestep=t.expand(latents.shape[0]),
+                    encoder_hidden_states=inputs.text,
+                    return_dict=False,
+                )
             except _StopForward:
                 pass
             finally:
@@ -180,8 +191,10 @@ def _checkpointing(model: torch.nn.Module, enable: bool):
     if not enable or model.gradient_checkpointing:
         return swapped(())
     modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
-    return swapped([(m, "gradient_checkpointing", True) for m in modules]
-                   + [(m, "_gradient_checkpointing_func", _checkpoint_block) for m in modules])  # fmt: skip
+    return swapped(
+        [(m, "gradient_checkpointing", True) for m in modules]
+        + [(m, "_gradient_checkpointing_func", _checkpoint_block) for m in modules]
+    )
 
 
 def _warn_skipped(skipped: torch.Tensor) -> None:

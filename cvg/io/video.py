@@ -52,8 +52,10 @@ def check_output(path: str | os.PathLike) -> Path:
     if suffix and not path.exists():
         raise ValueError(f"output {path}: unknown video format {suffix!r} (use .mp4, .gif, or a folder name)")
     if path.is_dir() and (others := [p.name for p in path.iterdir() if not FRAME_FILE.fullmatch(p.name)]):
-        raise ValueError(f"output folder {path} is not empty ({others[0]!r} and {len(others) - 1} more are not "
-                         f"frames of an earlier run); give a new or empty folder")  # fmt: skip
+        raise ValueError(
+            f"output folder {path} is not empty ({others[0]!r} and {len(others) - 1} more are not "
+            f"frames of an earlier run); give a new or empty folder"
+        )
     return path
 
 

@@ -47,8 +47,10 @@ def collapse_padding(
     if length > embeds.shape[1]:
         raise ValueError(f"cannot keep {length} rows of a {embeds.shape[1]}-row text")
     if length < needed:
-        raise ValueError(f"the text has {text_rows(embeds)} rows before its zero padding; with room for its padding "
-                         f"they do not fit in {length} keys")  # fmt: skip
+        raise ValueError(
+            f"the text has {text_rows(embeds)} rows before its zero padding; with room for its padding "
+            f"they do not fit in {length} keys"
+        )
     zero = embeds[:, :length].eq(0).all(dim=-1)  # [B, length]
     kept = zero.sum(dim=1, keepdim=True)
     dropped = total - length  # all zero rows, by the check above

@@ -97,17 +97,23 @@ class MapRecorder(TextBias):
     ) -> MapRecorder:
         _check_transformer(transformer)
         device = next(transformer.parameters()).device
-        return cls(key_bias=key_bias, tokens=torch.as_tensor(tokens, dtype=torch.long, device=device),
-                   pool=(pool,) * 3 if isinstance(pool, int) else tuple(pool), keep_heads=keep_heads, backend=backend,
-                   heads=transformer.config.num_attention_heads)  # fmt: skip
+        return cls(
+            key_bias=key_bias,
+            tokens=torch.as_tensor(tokens, dtype=torch.long, device=device),
+            pool=(pool,) * 3 if isinstance(pool, int) else tuple(pool),
+            keep_heads=keep_heads,
+            backend=backend,
+            heads=transformer.config.num_attention_heads,
+        )
 
     def set_grid(self, grid: tuple[int, int, int], device: torch.device) -> None:
         """Start a forward over `grid`; the pooling is made when the grid changes, not every forward."""
         if grid != self.grid or self._spec is None or self._spec.groups.device != device:
             groups, self.tiles = grid_groups(*grid, self.pool)
             self.tokens = self.tokens.to(device)
-            self._spec = make_pool_spec(groups.to(device), self.tokens, math.prod(self.tiles), self.heads,
-                                        self.keep_heads)  # fmt: skip
+            self._spec = make_pool_spec(
+                groups.to(device), self.tokens, math.prod(self.tiles), self.heads, self.keep_heads
+            )
             self.grid = grid
         self.maps = {}
 
@@ -161,9 +167,14 @@ class PoolingWanAttnProcessor(KeyBiasWanAttnProcessor):
 
         # Wan passes no text mask: the softmax spans the zero-padded text tokens (or their key bias).
         out, pooled = attention_pool_with_spec(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), recorder.spec(key.shape[1]),
-            query.shape[-1] ** -0.5, key_bias=recorder.key_bias, backend=recorder.backend,
-        )  # fmt: skip
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            recorder.spec(key.shape[1]),
+            query.shape[-1] ** -0.5,
+            key_bias=recorder.key_bias,
+            backend=recorder.backend,
+        )
         # Keep the first map of each forward: gradient checkpointing re-runs this processor in backward, and
         # holding the re-run's map would keep the whole recomputed block alive.
         recorder.maps.setdefault(self.layer, pooled)
@@ -223,6 +234,8 @@ def recording(transformer, recorder: MapRecorder, layers: Sequence[int] | None =
     installed = {i: PoolingWanAttnProcessor(recorder, i) for i in chosen}
     if recorder.key_bias is not None:
         installed = {i: installed.get(i, KeyBiasWanAttnProcessor(recorder)) for i in range(len(transformer.blocks))}
-    with transformer.register_forward_pre_hook(read_grid, with_kwargs=True), \
-            swapped((transformer.blocks[i].attn2, "processor", processor) for i, processor in installed.items()):
+    with (
+        transformer.register_forward_pre_hook(read_grid, with_kwargs=True),
+        swapped((transformer.blocks[i].attn2, "processor", processor) for i, processor in installed.items()),
+    ):
         yield

@@ -22,9 +22,17 @@ def tiny_wan_pipeline(
         base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
     )
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16,
-        out_channels=16, text_dim=384, freq_dim=256, ffn_dim=ffn_dim, num_layers=num_layers, rope_max_seq_len=32,
-    )  # fmt: skip
+        patch_size=(1, 2, 2),
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=16,
+        out_channels=16,
+        text_dim=384,
+        freq_dim=256,
+        ffn_dim=ffn_dim,
+        num_layers=num_layers,
+        rope_max_seq_len=32,
+    )
     pipe = WanPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder,

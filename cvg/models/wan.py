@@ -49,8 +49,9 @@ def decode_latents(pipe: WanPipeline, latents: torch.Tensor, output_type: str):
     return pipe.video_processor.postprocess_video(video, output_type=output_type)
 
 
-def video_size(path: str | Path, height: int | None = None, width: int | None = None,
-               num_frames: int | None = None) -> dict[str, int]:  # fmt: skip
+def video_size(
+    path: str | Path, height: int | None = None, width: int | None = None, num_frames: int | None = None
+) -> dict[str, int]:
     """The size asked for, else the size a cvg-trained model's manifest records, else Wan's 480x832x81."""
     manifest = Path(path) / MANIFEST
     recipe = read_json_object(manifest).get("recipe", {}) if manifest.is_file() else {}
@@ -63,8 +64,11 @@ def video_size(path: str | Path, height: int | None = None, width: int | None = 
 
 def generator_description(transformer: torch.nn.Module, layers: list[int] | None, pool: tuple[int, int, int]) -> dict:
     """What a classifier trained on this generator's maps is bound to: its weights, recorded layers, pooling."""
-    return {"transformer": model_key(transformer), "layers": list(resolve_layers(transformer, layers)),
-            "pool": list(pool)}  # fmt: skip
+    return {
+        "transformer": model_key(transformer),
+        "layers": list(resolve_layers(transformer, layers)),
+        "pool": list(pool),
+    }
 
 
 def to_pixels(frames: list[np.ndarray]) -> torch.Tensor:

@@ -63,8 +63,9 @@ def attention_pool(
     if not math.isfinite(scale):
         raise ValueError(f"attention_pool: scale must be finite, got {scale}")
     spec = make_pool_spec(groups, tokens, num_groups, q.shape[1], keep_heads)
-    return attention_pool_with_spec(q, k, v, spec, scale, key_padding_mask=key_padding_mask, key_bias=key_bias,
-                                    backend=backend)  # fmt: skip
+    return attention_pool_with_spec(
+        q, k, v, spec, scale, key_padding_mask=key_padding_mask, key_bias=key_bias, backend=backend
+    )
 
 
 def attention_pool_with_spec(
@@ -84,8 +85,7 @@ def attention_pool_with_spec(
     name = resolve_backend(backend, q.device)
     bias = None  # one additive [B, M] score bias: the key bias, -inf at masked keys
     if key_padding_mask is not None or key_bias is not None:  # float32 at least: log-count biases stay exact
-        bias = torch.zeros((q.shape[0], k.shape[2]), dtype=torch.promote_types(q.dtype, torch.float32),
-                           device=q.device)  # fmt: skip
+        bias = torch.zeros((q.shape[0], k.shape[2]), dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
         bias = bias if key_bias is None else bias + key_bias.detach()
         bias = bias if key_padding_mask is None else bias.masked_fill(key_padding_mask, float("-inf"))
     if name == "triton":

@@ -68,8 +68,16 @@ def selected_probs(
 
 @torch.library.custom_op("cvg::attention_pool_cpu", mutates_args=(), device_types="cpu")
 def attention_pool_cpu(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, groups: torch.Tensor,
-    tokens: torch.Tensor, query_weight: torch.Tensor, num_groups: int, keep_heads: bool, scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: torch.Tensor,
+    tokens: torch.Tensor,
+    query_weight: torch.Tensor,
+    num_groups: int,
+    keep_heads: bool,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(out [B, H, N, D], pooled [B, G, T] or [B, H, G, T], lse [B, H, N])`; bias `[B, 1, 1, M]` or None."""
     spec = PoolSpec(groups, tokens, query_weight, num_groups, q.shape[1], keep_heads)
@@ -90,9 +98,20 @@ def _(q, k, v, bias, groups, tokens, query_weight, num_groups, keep_heads, scale
 
 @torch.library.custom_op("cvg::attention_pool_cpu_backward", mutates_args=(), device_types="cpu")
 def attention_pool_cpu_backward(
-    dout: torch.Tensor, dpooled: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    out: torch.Tensor, lse: torch.Tensor, bias: torch.Tensor | None, groups: torch.Tensor, tokens: torch.Tensor,
-    query_weight: torch.Tensor, num_groups: int, keep_heads: bool, scale: float,
+    dout: torch.Tensor,
+    dpooled: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    bias: torch.Tensor | None,
+    groups: torch.Tensor,
+    tokens: torch.Tensor,
+    query_weight: torch.Tensor,
+    num_groups: int,
+    keep_heads: bool,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(dq, dk, dv)`: the fused kernel's backward on the augmented tensors, chunk by chunk of queries."""
     spec = PoolSpec(groups, tokens, query_weight, num_groups, q.shape[1], keep_heads)
@@ -137,8 +156,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, dout, dpooled, _dlse):
     q, k, v, out, lse, bias, groups, tokens, query_weight = ctx.saved_tensors
-    dq, dk, dv = attention_pool_cpu_backward(dout, dpooled, q, k, v, out, lse, bias, groups, tokens, query_weight,
-                                             ctx.num_groups, ctx.keep_heads, ctx.scale)  # fmt: skip
+    dq, dk, dv = attention_pool_cpu_backward(
+        dout, dpooled, q, k, v, out, lse, bias, groups, tokens, query_weight, ctx.num_groups, ctx.keep_heads, ctx.scale
+    )
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -154,8 +174,9 @@ def attention_pool_torch(
     bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if q.device.type == "cpu":
-        out, pooled, _ = attention_pool_cpu(q, k, v, bias, spec.groups, spec.tokens, spec.query_weight,
-                                            spec.num_groups, spec.keep_heads, scale)  # fmt: skip
+        out, pooled, _ = attention_pool_cpu(
+            q, k, v, bias, spec.groups, spec.tokens, spec.query_weight, spec.num_groups, spec.keep_heads, scale
+        )
         return out, pooled
     return attention_pool_sdpa(q, k, v, spec, scale, bias)
 

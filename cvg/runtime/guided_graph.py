@@ -33,8 +33,20 @@ def graph_key(
 ) -> str:
     """What a graph is specialised to; requests with the same key replay the same graph."""
     text_rows = padded_length(denoiser.prompt_embeds) if config.collapse_padding else denoiser.prompt_embeds.shape[1]
-    return repr((tuple(latents.shape), latents.dtype, latents.device, tuple(denoiser.prompt_embeds.shape), text_rows,
-                 bound.composition, bound.tokens.tolist(), bound.columns, id(objective), config))  # fmt: skip
+    return repr(
+        (
+            tuple(latents.shape),
+            latents.dtype,
+            latents.device,
+            tuple(denoiser.prompt_embeds.shape),
+            text_rows,
+            bound.composition,
+            bound.tokens.tolist(),
+            bound.columns,
+            id(objective),
+            config,
+        )
+    )
 
 
 class GuidedStepGraph:
@@ -60,8 +72,7 @@ class GuidedStepGraph:
             self._capture()
 
     def _step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return latent_update(self.denoiser, self.latents, self.t, self.objective, self.bound, self.config,
-                             self.inputs)  # fmt: skip
+        return latent_update(self.denoiser, self.latents, self.t, self.objective, self.bound, self.config, self.inputs)
 
     def _capture(self) -> None:
         side = torch.cuda.Stream()

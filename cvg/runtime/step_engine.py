@@ -65,8 +65,10 @@ class StepShape:
     def of(cls, latents: torch.Tensor, *text_embeds: torch.Tensor) -> StepShape:
         """The shape of `latents` and text; text_keys fits every given text (conditional, negative, ...)."""
         if latents.dim() != 5 or any(t.dim() != 3 for t in text_embeds) or not text_embeds:
-            raise ValueError(f"expected latents [B, C, F, H, W] and text [B, L, D], got {tuple(latents.shape)} "
-                             f"and {[tuple(t.shape) for t in text_embeds]}")  # fmt: skip
+            raise ValueError(
+                f"expected latents [B, C, F, H, W] and text [B, L, D], got {tuple(latents.shape)} "
+                f"and {[tuple(t.shape) for t in text_embeds]}"
+            )
         dtype = str(latents.dtype).removeprefix("torch.")
         keys = max(padded_length(t) for t in text_embeds)
         return cls(*latents.shape, *text_embeds[0].shape[1:], dtype=dtype, text_keys=keys)
@@ -114,8 +116,9 @@ class _Forward(torch.nn.Module):
         self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, key_bias: torch.Tensor
     ) -> torch.Tensor:
         self.state.key_bias = key_bias
-        return self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=text,
-                                return_dict=False)[0]  # fmt: skip
+        return self.transformer(
+            hidden_states=latents, timestep=timestep, encoder_hidden_states=text, return_dict=False
+        )[0]
 
     @contextlib.contextmanager
     def biased(self):
@@ -155,8 +158,10 @@ class StepEngine:
         try:
             text, key_bias = collapse_padding(text_embeds, self.shape.keys)
         except ValueError as e:
-            raise ValueError(f"this engine attends to {self.shape.keys} text rows: {e} (a longer prompt needs an "
-                             "engine built for it)") from None  # fmt: skip
+            raise ValueError(
+                f"this engine attends to {self.shape.keys} text rows: {e} (a longer prompt needs an "
+                "engine built for it)"
+            ) from None
         collapsed = (text.contiguous(), key_bias.contiguous())
         self._texts = [(text_embeds, text_embeds._version, collapsed), *self._texts[:1]]  # conditional and negative
         return collapsed
@@ -171,8 +176,12 @@ class StepEngine:
         text = torch.randn(self.shape.text_shape, device=device, dtype=dtype)
         text[:, self.shape.keys // 2 :] = 0  # padded, so the bias is not all zero
         text, key_bias = collapse_padding(text, self.shape.keys)
-        return (torch.randn(self.shape.latent_shape, device=device, dtype=dtype),
-                torch.full((self.shape.batch,), 500.0, device=device), text, key_bias)  # fmt: skip
+        return (
+            torch.randn(self.shape.latent_shape, device=device, dtype=dtype),
+            torch.full((self.shape.batch,), 500.0, device=device),
+            text,
+            key_bias,
+        )
 
 
 class CompiledEngine(StepEngine):
@@ -207,8 +216,11 @@ def export_onnx(transformer: torch.nn.Module, shape: StepShape, cache_dir: Path 
         if verified(path):
             return path
         if path.is_file():  # torn, or changed in place (flipped weight bytes pass onnx's checker): rebuild
-            warnings.warn(f"cvg: cached ONNX file {path.name} is invalid (its content is not the one exported); "
-                          "re-exporting", RuntimeWarning, stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"cvg: cached ONNX file {path.name} is invalid (its content is not the one exported); re-exporting",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             path.unlink()
         remove_stale_temporaries(path.parent, glob.escape(path.name))  # killed exporters': model-sized files
         _export(transformer, shape, path)
@@ -226,9 +238,17 @@ def _export(transformer: torch.nn.Module, shape: StepShape, path: Path) -> None:
         engine.forward.biased(),
     ):
         warnings.simplefilter("ignore")  # the exporter's progress lines and deprecation notes
-        torch.onnx.export(engine.forward, engine._example(), str(tmp), input_names=list(_INPUTS),
-                          output_names=["noise"], dynamo=True, opset_version=OPSET, verbose=False,
-                          external_data=False)  # fmt: skip
+        torch.onnx.export(
+            engine.forward,
+            engine._example(),
+            str(tmp),
+            input_names=list(_INPUTS),
+            output_names=["noise"],
+            dynamo=True,
+            opset_version=OPSET,
+            verbose=False,
+            external_data=False,
+        )
         onnx.checker.check_model(str(tmp), full_check=False)
     record_digest(path)
 
@@ -269,8 +289,14 @@ class OnnxRuntimeEngine(StepEngine):
         bound = {**dict(zip(_INPUTS, (latents.contiguous(), timestep, text, key_bias), strict=True)), "noise": out}
         for name, tensor in bound.items():  # `bound` keeps the memory alive through the run
             bind = binding.bind_output if name == "noise" else binding.bind_input
-            bind(name, tensor.device.type, tensor.device.index or 0, _NUMPY[tensor.dtype], tuple(tensor.shape),
-                 tensor.data_ptr())  # fmt: skip
+            bind(
+                name,
+                tensor.device.type,
+                tensor.device.index or 0,
+                _NUMPY[tensor.dtype],
+                tuple(tensor.shape),
+                tensor.data_ptr(),
+            )
         self.session.run_with_iobinding(binding)
         return out
 
@@ -290,8 +316,9 @@ class TensorRTEngine(StepEngine):
         try:
             import tensorrt as trt
         except ImportError:
-            raise EngineError("tensorrt backend: the tensorrt package is not installed (pip install cvg[tensorrt])") \
-                from None  # fmt: skip
+            raise EngineError(
+                "tensorrt backend: the tensorrt package is not installed (pip install cvg[tensorrt])"
+            ) from None
         self.trt = trt
         onnx_path = export_onnx(transformer, shape, cache_dir)
         plan_path = onnx_path.with_suffix(".plan")
@@ -340,8 +367,12 @@ class TensorRTEngine(StepEngine):
         return out
 
 
-_CLASSES = {"torch": StepEngine, "compiled": CompiledEngine, "onnxruntime": OnnxRuntimeEngine,
-            "tensorrt": TensorRTEngine}  # fmt: skip
+_CLASSES = {
+    "torch": StepEngine,
+    "compiled": CompiledEngine,
+    "onnxruntime": OnnxRuntimeEngine,
+    "tensorrt": TensorRTEngine,
+}
 _AUTO = ("tensorrt", "onnxruntime", "torch")
 
 

@@ -18,12 +18,17 @@ def open_engine(model: str, options: dict) -> Engine:
     """`options`: height, width, frames (0 = the model's size), steps, guide_steps, guidance_scale,
     backend ("" = diffusers eager), cache_dir ("" = default), classifier ("" = training-free objectives)."""
     return Engine(
-        model, options["height"] or None, options["width"] or None, options["frames"] or None,
-        num_inference_steps=options["steps"], guidance_scale=options["guidance_scale"],
-        guidance=GuidanceConfig(guide_steps=options["guide_steps"]), classifier=options["classifier"] or None,
+        model,
+        options["height"] or None,
+        options["width"] or None,
+        options["frames"] or None,
+        num_inference_steps=options["steps"],
+        guidance_scale=options["guidance_scale"],
+        guidance=GuidanceConfig(guide_steps=options["guide_steps"]),
+        classifier=options["classifier"] or None,
         backend=options["backend"] or None,
         cache_dir=options["cache_dir"] or None,
-    )  # fmt: skip
+    )
 
 
 def video_shape(engine: Engine) -> tuple[int, int, int]:

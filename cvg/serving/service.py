@@ -65,8 +65,15 @@ class Engine:
         if classifier is not None:
             self.pipe.load_classifier(classifier)
         size = video_size(pipe.pipe.config.get("_name_or_path", ""), height, width, num_frames)
-        self.config = EngineConfig(size["height"], size["width"], size["num_frames"], num_inference_steps,
-                                   guidance_scale, max_sequence_length, max_composition_tokens)  # fmt: skip
+        self.config = EngineConfig(
+            size["height"],
+            size["width"],
+            size["num_frames"],
+            num_inference_steps,
+            guidance_scale,
+            max_sequence_length,
+            max_composition_tokens,
+        )
         self._lock = threading.Lock()
         self.threads = threads or thread_count()  # every request splits its sums the same way
         start = time.perf_counter()
@@ -78,8 +85,9 @@ class Engine:
         engines = list(self.pipe._engines.values())
         return engines[0].backend if engines else "torch (diffusers eager)"
 
-    def generate(self, prompt: str, composition: Composition | str | None = None, seed: int = 0,
-                 output_type: str = "np") -> CVGOutput:  # fmt: skip
+    def generate(
+        self, prompt: str, composition: Composition | str | None = None, seed: int = 0, output_type: str = "np"
+    ) -> CVGOutput:
         """One video at the engine's shape; safe to call from several threads (calls run one at a time)."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("prompt must be a non-empty string")
@@ -87,10 +95,20 @@ class Engine:
         if composition is not None:
             bound = self.pipe.bind(prompt, composition, c.max_sequence_length)  # bad words fail here, unlocked
             if len(bound.tokens) > c.max_composition_tokens:
-                raise ValueError(f"the composition needs {len(bound.tokens)} prompt tokens; this engine was built "
-                                 f"for at most {c.max_composition_tokens}")  # fmt: skip
+                raise ValueError(
+                    f"the composition needs {len(bound.tokens)} prompt tokens; this engine was built "
+                    f"for at most {c.max_composition_tokens}"
+                )
         with self._lock, pinned_threads(self.threads):
-            return self.pipe(prompt, composition, height=c.height, width=c.width, num_frames=c.num_frames,
-                             num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
-                             max_sequence_length=c.max_sequence_length, output_type=output_type,
-                             generator=torch.Generator().manual_seed(seed))  # fmt: skip
+            return self.pipe(
+                prompt,
+                composition,
+                height=c.height,
+                width=c.width,
+                num_frames=c.num_frames,
+                num_inference_steps=c.num_inference_steps,
+                guidance_scale=c.guidance_scale,
+                max_sequence_length=c.max_sequence_length,
+                output_type=output_type,
+                generator=torch.Generator().manual_seed(seed),
+            )

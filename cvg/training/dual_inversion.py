@@ -70,11 +70,18 @@ def train_classifier(
     timesteps = timesteps if config.timestep_conditioned else None
     embeddings = encoder(texts)
     torch.manual_seed(config.seed)
-    model = CompositionClassifier(ClassifierConfig(
-        layers=maps.shape[1], tiles=tuple(maps.shape[2:5]), entities=2, label_dim=encoder.dim,
-        hidden_dim=config.hidden_dim, generator=generator, timestep_conditioned=config.timestep_conditioned,
-        confidence=1 - config.label_smoothing / 2,
-    ))  # fmt: skip
+    model = CompositionClassifier(
+        ClassifierConfig(
+            layers=maps.shape[1],
+            tiles=tuple(maps.shape[2:5]),
+            entities=2,
+            label_dim=encoder.dim,
+            hidden_dim=config.hidden_dim,
+            generator=generator,
+            timestep_conditioned=config.timestep_conditioned,
+            confidence=1 - config.label_smoothing / 2,
+        )
+    )
     model.standardise(maps, encoder(sorted(set(texts))), timesteps)
     targets = targets * (1 - config.label_smoothing) + config.label_smoothing / 2
     opt = torch.optim.AdamW(model.parameters(), config.lr, weight_decay=config.weight_decay)
@@ -125,8 +132,11 @@ def evaluate_readings(model: CompositionClassifier, readings: Readings, encoder:
 
     def summary(mask: torch.Tensor) -> dict:
         kept = mask & decided  # None where no clip shows exactly one of its labels
-        result = {"accuracy": right[kept].mean().item() if kept.any() else None,
-                  "leakage": leaked[kept].mean().item() if kept.any() else None, "clips": int(mask.sum())}  # fmt: skip
+        result = {
+            "accuracy": right[kept].mean().item() if kept.any() else None,
+            "leakage": leaked[kept].mean().item() if kept.any() else None,
+            "clips": int(mask.sum()),
+        }
         if readings.targets is not None:
             result["auroc"] = [auroc(logits[mask, 0, step, 0], shown[mask, 0]) for step in range(logits.shape[2])]
         return result
@@ -140,8 +150,12 @@ def evaluate_readings(model: CompositionClassifier, readings: Readings, encoder:
 def compshapes_clips(seed: int, stream: int, count: int, split: str, frames: int, size: int) -> list[Clip]:
     """`count` CompShapes clips of the guided categories in turn, from one split ("train" or "heldout")."""
     categories = GUIDED_CATEGORIES
-    return [split_clip(seed * 1000 + stream, i, categories[i % len(categories)], split, frames=frames, height=size,
-                       width=size) for i in range(count)]  # fmt: skip
+    return [
+        split_clip(
+            seed * 1000 + stream, i, categories[i % len(categories)], split, frames=frames, height=size, width=size
+        )
+        for i in range(count)
+    ]
 
 
 def train_and_evaluate(
@@ -169,12 +183,14 @@ def train_and_evaluate(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with locked(out / LOCK, wait=False):  # LockedError, naming the holder's pid, if another trainer runs
-        return _train_and_evaluate(model, out, clips, heldout, seed, reading, training, report, data, heldout_data,
-                                   chunk)  # fmt: skip
+        return _train_and_evaluate(
+            model, out, clips, heldout, seed, reading, training, report, data, heldout_data, chunk
+        )
 
 
-def _train_and_evaluate(model, out: Path, clips, heldout, seed, reading, training, report, data, heldout_data,
-                        chunk) -> dict:  # fmt: skip
+def _train_and_evaluate(
+    model, out: Path, clips, heldout, seed, reading, training, report, data, heldout_data, chunk
+) -> dict:
     started = time.perf_counter()
     pipe = load_wan_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
@@ -197,10 +213,12 @@ def _train_and_evaluate(model, out: Path, clips, heldout, seed, reading, trainin
         where = work / f"readings-{split}"
         if reading.source == "trajectory":  # only the clips' prompts: the generator makes the videos
             if folder is None:
-                return read_trajectories(pipe, compshapes_clips(seed, stream, count, split, frames, height), reading,
-                                         where, chunk, report)  # fmt: skip
-            return read_trajectories(pipe, (c for c, _ in source(folder, stream, count, split)), reading, where,
-                                     chunk, report)  # fmt: skip
+                return read_trajectories(
+                    pipe, compshapes_clips(seed, stream, count, split, frames, height), reading, where, chunk, report
+                )
+            return read_trajectories(
+                pipe, (c for c, _ in source(folder, stream, count, split)), reading, where, chunk, report
+            )
         readings = read_clips(pipe, source(folder, stream, count, split), reading, where, chunk, report)
         return replace(readings, timesteps=torch.tensor(guided_levels(pipe, reading)[1]))
 
@@ -218,9 +236,18 @@ def _train_and_evaluate(model, out: Path, clips, heldout, seed, reading, trainin
         classifier = train_classifier(trained_on, generator, config, encoder, report)
         classifier.save_pretrained(directory)
         results[name] = evaluate_readings(classifier, measured_on, encoder)
-    summary = {"model": str(model), "clips": len(train_set.true_labels), "heldout": len(held_set.true_labels),
-               "data": str(data or "compshapes"), "heldout_data": str(heldout_data or "compshapes"), "seed": seed,
-               "reading": reading.__dict__, "training": training.__dict__, "read_seconds": read_seconds,
-               "total_seconds": time.perf_counter() - started, "heldout_results": results}  # fmt: skip
+    summary = {
+        "model": str(model),
+        "clips": len(train_set.true_labels),
+        "heldout": len(held_set.true_labels),
+        "data": str(data or "compshapes"),
+        "heldout_data": str(heldout_data or "compshapes"),
+        "seed": seed,
+        "reading": reading.__dict__,
+        "training": training.__dict__,
+        "read_seconds": read_seconds,
+        "total_seconds": time.perf_counter() - started,
+        "heldout_results": results,
+    }
     write_text_atomic(out / "training.json", json.dumps(summary, indent=1, default=list))
     return summary

@@ -83,18 +83,31 @@ def _seeded(*parts: int) -> torch.Generator:
 
 def build_vae(recipe: GeneratorRecipe) -> AutoencoderKLWan:
     return AutoencoderKLWan(
-        base_dim=recipe.vae_base_dim, z_dim=recipe.z_dim, dim_mult=[1, 2, 2], num_res_blocks=1,
-        temperal_downsample=[True, True], latents_mean=[0.0] * recipe.z_dim, latents_std=[1.0] * recipe.z_dim,
-        scale_factor_temporal=4, scale_factor_spatial=4,
-    )  # fmt: skip
+        base_dim=recipe.vae_base_dim,
+        z_dim=recipe.z_dim,
+        dim_mult=[1, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[True, True],
+        latents_mean=[0.0] * recipe.z_dim,
+        latents_std=[1.0] * recipe.z_dim,
+        scale_factor_temporal=4,
+        scale_factor_spatial=4,
+    )
 
 
 def build_transformer(recipe: GeneratorRecipe) -> WanTransformer3DModel:
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=recipe.heads, attention_head_dim=recipe.head_dim,
-        in_channels=recipe.z_dim, out_channels=recipe.z_dim, text_dim=384, freq_dim=256, ffn_dim=recipe.ffn_dim,
-        num_layers=recipe.layers, rope_max_seq_len=64,
-    )  # fmt: skip
+        patch_size=(1, 2, 2),
+        num_attention_heads=recipe.heads,
+        attention_head_dim=recipe.head_dim,
+        in_channels=recipe.z_dim,
+        out_channels=recipe.z_dim,
+        text_dim=384,
+        freq_dim=256,
+        ffn_dim=recipe.ffn_dim,
+        num_layers=recipe.layers,
+        rope_max_seq_len=64,
+    )
 
 
 # With `vae_extra_motion` the VAE sees motion every other clip: four of five categories are static, and a
@@ -209,8 +222,10 @@ def encode_latents(
     prompts = [p for part in parts for p in part["prompts"]]
     unique = ["", *sorted(set(prompts))]  # "" is the unconditional (negative) prompt
     position = {p: i for i, p in enumerate(unique)}
-    embeds = [text.encode_prompt(unique[i : i + 64], do_classifier_free_guidance=False, max_sequence_length=32)[0]
-              for i in range(0, len(unique), 64)]  # fmt: skip
+    embeds = [
+        text.encode_prompt(unique[i : i + 64], do_classifier_free_guidance=False, max_sequence_length=32)[0]
+        for i in range(0, len(unique), 64)
+    ]
     # MiniLM with an attention mask gives the real tokens the same states at any padded length; Wan pads with zeros.
     embeds = torch.cat(embeds)
     return {
@@ -275,19 +290,31 @@ def train_transformer(
                     e.lerp_(p, 1 - recipe.ema)
             log.write(step + 1, loss=loss.item())
             if (step + 1) % 50 == 0:
-                report(f"transformer step {step + 1}/{recipe.steps} loss {loss.item():.4f} "
-                       f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+                report(
+                    f"transformer step {step + 1}/{recipe.steps} loss {loss.item():.4f} "
+                    f"({time.perf_counter() - t0:.0f} s)"
+                )
             ckpt.save(step + 1, done=step + 1 == recipe.steps, model=model, ema=ema, opt=opt)
     return ema
 
 
-def assemble(recipe: GeneratorRecipe, vae: AutoencoderKLWan, transformer: WanTransformer3DModel, tokenizer=None,
-             text_encoder=None) -> WanPipeline:  # fmt: skip
+def assemble(
+    recipe: GeneratorRecipe,
+    vae: AutoencoderKLWan,
+    transformer: WanTransformer3DModel,
+    tokenizer=None,
+    text_encoder=None,
+) -> WanPipeline:
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=recipe.shift
     )
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae.eval(), transformer=transformer.eval(),
-                       scheduler=scheduler)  # fmt: skip
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae.eval(),
+        transformer=transformer.eval(),
+        scheduler=scheduler,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -315,16 +342,20 @@ def train_generator(out: str | os.PathLike, recipe: GeneratorRecipe = GeneratorR
     transformer = train_transformer(recipe, latents, stats, work, report)
     timings["transformer_s"] = time.perf_counter() - t
     vae.register_to_config(latents_mean=stats[0], latents_std=stats[1])
-    save_generator(assemble(recipe, vae, transformer), out, {"recipe": asdict(recipe), "timings": timings,
-                   "training_prompts": len(latents["embeds"]) - 1})  # fmt: skip
+    save_generator(
+        assemble(recipe, vae, transformer),
+        out,
+        {"recipe": asdict(recipe), "timings": timings, "training_prompts": len(latents["embeds"]) - 1},
+    )
     plot_losses(work / "log.jsonl", out / "loss.png")
     return json.loads((out / MANIFEST).read_text())
 
 
 def save_generator(pipe: WanPipeline, out: Path, manifest: dict) -> None:
     """Save without the text encoder and tokenizer; the manifest names the package that holds them."""
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=pipe.vae, transformer=pipe.transformer,
-                       scheduler=pipe.scheduler)  # fmt: skip
+    pipe = WanPipeline(
+        tokenizer=None, text_encoder=None, vae=pipe.vae, transformer=pipe.transformer, scheduler=pipe.scheduler
+    )
     pipe.save_pretrained(str(out))
     write_text_atomic(out / MANIFEST, json.dumps({"text_encoder": PACKAGE, **manifest}, indent=1))
 

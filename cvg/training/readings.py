@@ -44,18 +44,26 @@ def encode_clip(pipe: WanPipeline, frames) -> torch.Tensor:
     return (pipe.vae.encode(to_pixels([frames])).latent_dist.mean - mean) / std
 
 
-def _entity_readings(pipe: WanPipeline, prompt: str, composition, config: ReadingConfig,
-                     latents: Callable[[Denoiser], list[torch.Tensor]]) -> torch.Tensor:  # fmt: skip
+def _entity_readings(
+    pipe: WanPipeline,
+    prompt: str,
+    composition,
+    config: ReadingConfig,
+    latents: Callable[[Denoiser], list[torch.Tensor]],
+) -> torch.Tensor:
     """Entity maps `[steps, layers, f, h, w, E]` under `prompt`, read at `latents(denoiser)`: one latent per
     read step, each at that step's timestep (the denoiser is the prompt's, for latents that depend on it)."""
-    embeds = pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
-                                max_sequence_length=config.max_sequence_length)[0]  # fmt: skip
+    embeds = pipe.encode_prompt(
+        prompt, do_classifier_free_guidance=False, max_sequence_length=config.max_sequence_length
+    )[0]
     bound = composition.bind(pipe.tokenizer, [prompt_clean(prompt)], config.max_sequence_length)
     denoiser = Denoiser(pipe.transformer, embeds, None, 1.0)
     guidance = GuidanceConfig(pool=config.pool, layers=list(config.layers) if config.layers else None)
     timesteps = guided_levels(pipe, config)[1]
-    maps = [denoiser.read_maps(x, torch.tensor(t), bound, guidance)
-            for x, t in zip(latents(denoiser), timesteps, strict=True)]  # fmt: skip
+    maps = [
+        denoiser.read_maps(x, torch.tensor(t), bound, guidance)
+        for x, t in zip(latents(denoiser), timesteps, strict=True)
+    ]
     return torch.cat([bound.entity_maps(m) for m in maps])
 
 
@@ -89,8 +97,11 @@ class Readings:
 
     def reworded(self, wording: Callable[[str], str]) -> Readings:
         """The same readings with every label rewritten by `wording`."""
-        return replace(self, true_labels=[wording(t) for t in self.true_labels],
-                       counterfactual_labels=[wording(t) for t in self.counterfactual_labels])  # fmt: skip
+        return replace(
+            self,
+            true_labels=[wording(t) for t in self.true_labels],
+            counterfactual_labels=[wording(t) for t in self.counterfactual_labels],
+        )
 
     def label_targets(self) -> torch.Tensor:
         """`[N, 2]` float: does the clip show its true label, its counterfactual label."""
@@ -100,9 +111,13 @@ class Readings:
 
 
 def _cached_chunks(
-    items: Iterable, work: Path, chunk: int, describe: Callable[[list], dict], read: Callable[[list], dict],
+    items: Iterable,
+    work: Path,
+    chunk: int,
+    describe: Callable[[list], dict],
+    read: Callable[[list], dict],
     report: Callable[[str], None],
-) -> list[dict]:  # fmt: skip
+) -> list[dict]:
     """`read(batch)` of each `chunk` items, cached as WORK/000000.pt...; a cached chunk is reused only when
     `describe(batch)` (which clips it holds) matches what it recorded."""
     work.mkdir(parents=True, exist_ok=True)
@@ -162,8 +177,11 @@ def read_clips(
 
     def read(batch):
         maps = _two_slots([torch.stack(read_clip(pipe, clip, frames, config, dual=True)) for clip, frames in batch])
-        return {"maps": maps, "counterfactual": [label_of(c.counterfactuals[0][1]) for c, _ in batch],
-                "categories": [c.category for c, _ in batch]}  # fmt: skip
+        return {
+            "maps": maps,
+            "counterfactual": [label_of(c.counterfactuals[0][1]) for c, _ in batch],
+            "categories": [c.category for c, _ in batch],
+        }
 
     parts = _cached_chunks(clips, work, chunk, lambda batch: _clips_described([c for c, _ in batch]), read, report)
     return _readings(parts)
@@ -180,22 +198,36 @@ def read_trajectory(
     targets `[2]`: true label shown, counterfactual label shown)."""
     scene = clip.scene
     size = {"height": scene.height, "width": scene.width, "num_frames": scene.frames}
-    noise = pipe.prepare_latents(1, pipe.transformer.config.in_channels, *size.values(), torch.float32,
-                                 pipe._execution_device, torch.Generator().manual_seed(seed))  # fmt: skip
+    noise = pipe.prepare_latents(
+        1,
+        pipe.transformer.config.in_channels,
+        *size.values(),
+        torch.float32,
+        pipe._execution_device,
+        torch.Generator().manual_seed(seed),
+    )
     visited = [noise]
 
     def keep(i, t, latents):
         if len(visited) < config.guide_steps:
             visited.append(latents.clone())
 
-    out = CVGPipeline(pipe)(clip.prompt, latents=noise.clone(), num_inference_steps=config.num_inference_steps,
-                            guidance_scale=guidance_scale, max_sequence_length=config.max_sequence_length,
-                            on_step=keep, **size)  # fmt: skip
+    out = CVGPipeline(pipe)(
+        clip.prompt,
+        latents=noise.clone(),
+        num_inference_steps=config.num_inference_steps,
+        guidance_scale=guidance_scale,
+        max_sequence_length=config.max_sequence_length,
+        on_step=keep,
+        **size,
+    )
     frames = to_uint8(out.frames[0])
     cf_prompt, cf_composition = clip.counterfactuals[0]
     targets = torch.tensor([judge(frames, clip.composition).ok, judge(frames, cf_composition).ok])
-    readings = [_entity_readings(pipe, prompt, composition, config, lambda _: visited)
-                for prompt, composition in ((clip.prompt, clip.composition), (cf_prompt, cf_composition))]  # fmt: skip
+    readings = [
+        _entity_readings(pipe, prompt, composition, config, lambda _: visited)
+        for prompt, composition in ((clip.prompt, clip.composition), (cf_prompt, cf_composition))
+    ]
     return _two_slots(readings), targets
 
 
@@ -211,10 +243,13 @@ def read_trajectories(
 
     def read(batch):
         read = [read_trajectory(pipe, clip, config, clip.seed) for clip in batch]
-        return {"maps": torch.stack([m for m, _ in read]), "targets": torch.stack([t for _, t in read]),
-                "timesteps": torch.tensor(guided_levels(pipe, config)[1]),
-                "counterfactual": [label_of(c.counterfactuals[0][1]) for c in batch],
-                "categories": [c.category for c in batch]}  # fmt: skip
+        return {
+            "maps": torch.stack([m for m, _ in read]),
+            "targets": torch.stack([t for _, t in read]),
+            "timesteps": torch.tensor(guided_levels(pipe, config)[1]),
+            "counterfactual": [label_of(c.counterfactuals[0][1]) for c in batch],
+            "categories": [c.category for c in batch],
+        }
 
     return _readings(_cached_chunks(clips, work, chunk, _clips_described, read, report))
 
@@ -234,6 +269,8 @@ def dataset_clips(directory: str | Path, shape: tuple[int, int, int]) -> Iterabl
     for record in records:
         frames = read_frames(directory, record)
         if tuple(frames.shape[:3]) != shape:
-            raise ValueError(f"{directory}: clip {record.get('id')} is {'x'.join(map(str, frames.shape[:3]))}; "
-                             f"the generator makes {'x'.join(map(str, shape))} videos")  # fmt: skip
+            raise ValueError(
+                f"{directory}: clip {record.get('id')} is {'x'.join(map(str, frames.shape[:3]))}; "
+                f"the generator makes {'x'.join(map(str, shape))} videos"
+            )
         yield Clip.from_record(record), frames
