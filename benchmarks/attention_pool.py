@@ -29,7 +29,7 @@ from cvg.io.files import write_text_atomic
 
 FULL = dict(B=1, H=12, N=16384, M=512, D=64, T=8)
 QUICK = dict(B=1, H=12, N=4096, M=512, D=64, T=8)
-BACKENDS = ("sdpa", "naive", "torch")
+COMPARED = ("sdpa", "naive", "torch")
 PASSES = ("fwd", "fwdbwd")
 
 
@@ -65,8 +65,8 @@ def measure_memory(backend: str, mode: str, size: dict) -> dict:
 
 def measure_times(mode: str, size: dict, repeats: int) -> dict[str, list[float]]:
     """Every backend in turn, `repeats` rounds, so slow phases of a shared machine hit all of them alike."""
-    works = {backend: make_work(backend, mode, **size) for backend in BACKENDS}
-    times = {backend: [] for backend in BACKENDS}
+    works = {backend: make_work(backend, mode, **size) for backend in COMPARED}
+    times = {backend: [] for backend in COMPARED}
     for work in works.values():
         work()  # warm-up
     for _ in range(repeats):
@@ -87,7 +87,7 @@ def measure(size: dict, repeats: int) -> list[dict]:
     results = []
     for mode in PASSES:
         times = _child(["--times", mode, "--size", json.dumps(size), "--repeats", str(repeats)], {})
-        for backend in BACKENDS:
+        for backend in COMPARED:
             memory = _child(["--memory", backend, mode, "--size", json.dumps(size)], ISOLATED_ENV)
             ts = times[backend]
             results.append(dict(backend=backend, mode=mode, median_s=statistics.median(ts), times_s=ts, **memory))
@@ -105,7 +105,7 @@ def table(results: list[dict], size: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for mode in PASSES:
-        for backend in BACKENDS:
+        for backend in COMPARED:
             r = by[(backend, mode)]
             t, m = r["median_s"], r["peak_bytes"]
             sdpa, naive = by[("sdpa", mode)], by[("naive", mode)]

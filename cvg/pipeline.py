@@ -26,7 +26,7 @@ from cvg.guidance.sampler import Denoiser, GuidedStep, denoise
 from cvg.io.files import read_json_object
 from cvg.models.wan import decode_latents, generator_description, load_wan_pipeline
 from cvg.runtime.guided_graph import GuidedStepGraph, graph_key
-from cvg.runtime.step_engine import BACKENDS, StepEngine, StepShape, build_engine
+from cvg.runtime.step_engine import STEP_BACKENDS, StepEngine, StepShape, build_engine
 
 MAX_STEPS = 1000  # the schedulers' training timesteps: a longer schedule repeats timesteps
 MAX_TEXT_TOKENS = 512  # Wan's text length (UMT5's positions)
@@ -64,8 +64,8 @@ class CVGPipeline:
             raise ValueError("CVGPipeline does not support two-transformer Wan2.2 pipelines (transformer_2) yet")
         self.pipe, self.objective = pipe, objective
         self.guidance = guidance or GuidanceConfig()
-        if engine is not None and engine not in (*BACKENDS, "auto"):
-            raise ValueError(f"engine must be one of {', '.join(BACKENDS)}, auto or None, got {engine!r}")
+        if engine is not None and engine not in (*STEP_BACKENDS, "auto"):
+            raise ValueError(f"engine must be one of {', '.join(STEP_BACKENDS)}, auto or None, got {engine!r}")
         self.engine, self.engine_cache = engine, engine_cache
         self._engines: dict[tuple[str, StepShape], StepEngine] = {}
         self._graphs: dict[str, GuidedStepGraph] = {}  # guided steps, with the engine; most recent last

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import triton
 from cvg.kernels import attention_pool as ap
+from cvg.kernels import attention_pool_backward as bwd
+from cvg.kernels.attention_pool_common import KernelConfig, _next_pow2, default_configs, dot_precision
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 
@@ -54,22 +56,22 @@ class KernelReport:
 
 KERNELS = {
     "fwd": ap._attn_pool_fwd,
-    "bwd_delta": ap._attn_pool_bwd_delta,
-    "bwd_dkdv": ap._attn_pool_bwd_dkdv,
-    "bwd_dq": ap._attn_pool_bwd_dq,
+    "bwd_delta": bwd._attn_pool_bwd_delta,
+    "bwd_dkdv": bwd._attn_pool_bwd_dkdv,
+    "bwd_dq": bwd._attn_pool_bwd_dq,
 }
 
 
-def _source(fn, dtype: str, head_dim: int, cfg: ap.KernelConfig, num_tokens: int, keep_heads: bool) -> ASTSource:
+def _source(fn, dtype: str, head_dim: int, cfg: KernelConfig, num_tokens: int, keep_heads: bool) -> ASTSource:
     elem = _TRITON_TYPES[dtype]
     constexprs = dict(
         D=head_dim,
-        D_PAD=ap._next_pow2(head_dim),
+        D_PAD=_next_pow2(head_dim),
         T=num_tokens,
-        T_PAD=ap._next_pow2(num_tokens),
+        T_PAD=_next_pow2(num_tokens),
         KEEP_HEADS=keep_heads,
         HAS_MASK=True,
-        DOT_PRECISION=ap.dot_precision(getattr(torch, dtype)),
+        DOT_PRECISION=dot_precision(getattr(torch, dtype)),
         BLOCK_N=cfg.block_n,
         BLOCK_M=cfg.block_m,
     )
@@ -117,7 +119,7 @@ def _resources(cubin: bytes) -> tuple[int, int, int, bool]:
 def compile_kernel(
     name: str, arch: int, head_dim: int, dtype: str, num_tokens: int = 16, keep_heads: bool = False
 ) -> KernelReport:
-    cfg = ap.default_configs(ap._next_pow2(head_dim), getattr(torch, dtype))[name]
+    cfg = default_configs(_next_pow2(head_dim), getattr(torch, dtype))[name]
     target = GPUTarget("cuda", arch, 32)
     options = make_backend(target).parse_options({"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     src = _source(KERNELS[name], dtype, head_dim, cfg, num_tokens, keep_heads)

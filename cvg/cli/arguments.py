@@ -1,9 +1,11 @@
-"""Argument types of the command line: numbers range-checked before any work, one-line errors."""
+"""Argument types of the command line (numbers range-checked before any work, one-line errors), and
+flags made from config dataclasses: each field's default and help are written once, in the config."""
 
 from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import fields
 
 
 def ints(text: str, count: int | None = None, low: int = 0) -> list[int]:
@@ -50,3 +52,29 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         """One line, like every other cvg error (argparse would print the usage first)."""
         self.exit(2, f"cvg: error: {message} (see {self.prog} --help)\n")
+
+
+def pool_factors(text: str) -> tuple[int, int, int]:
+    """One pooling factor for all three axes or one each (frames,height,width)."""
+    values = ints(text, 3, low=1)
+    return tuple(values * 3 if len(values) == 1 else values)
+
+
+def config_flags(parser: argparse.ArgumentParser, config: type, flags: dict[str, dict]) -> None:
+    """A flag for each field of the dataclass `config` named in `flags` (their argparse options: type,
+    choices, aliases under "names"), with the field's default and its help from the field's metadata."""
+    defaults = config()
+    for f in fields(config):
+        if f.name in flags:
+            options = dict(flags[f.name])
+            names = options.pop("names", [f"--{f.name.replace('_', '-')}"])
+            value = getattr(defaults, f.name)
+            shown = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+            shown = f"{value:g}" if isinstance(value, float) else shown
+            help = f"{f.metadata['help']} (default {shown})"
+            parser.add_argument(*names, dest=f.name, default=value, help=help, **options)
+
+
+def config_from(args: argparse.Namespace, config: type, flags: dict[str, dict], **given):
+    """The dataclass built by keyword from the flags `config_flags(parser, config, flags)` made, and `given`."""
+    return config(**{name: getattr(args, name) for name in flags}, **given)

@@ -5,12 +5,36 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
+from dataclasses import fields
 from pathlib import Path
 
-from cvg.cli.arguments import COUNT, FINITE, NON_NEGATIVE, POSITIVE, SEED, STEPS, TEXT_TOKENS, ints, number
+from cvg.cli.arguments import (
+    COUNT,
+    FINITE,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    STEPS,
+    TEXT_TOKENS,
+    config_flags,
+    config_from,
+    ints,
+    number,
+    pool_factors,
+)
 from cvg.guidance.composition import KINDS
 from cvg.guidance.config import NORMALIZATIONS, GuidanceConfig
+
+# GuidanceConfig fields that are flags of generate and sample (guide_steps apart: None there means "the
+# configured window, shortened to the schedule").
+GUIDANCE_FLAGS = {
+    "strength": {"type": NON_NEGATIVE},
+    "iterations": {"type": number(int, 1, 100)},
+    "normalize": {"choices": NORMALIZATIONS},
+    "target_loss": {"type": NON_NEGATIVE},
+    "layers": {"type": ints},
+    "pool": {"type": pool_factors},
+}
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -36,7 +60,14 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         help="video height in pixels (default: the size a cvg-trained model was trained at, else 480)",
     )
     gen.add_argument("--width", type=POSITIVE, help="video width in pixels (default: as --height, else 832)")
-    gen.add_argument("--frames", type=POSITIVE, help="video frames, 4k+1 (default: as --height, else 81)")
+    gen.add_argument(
+        "--num-frames",
+        "--frames",
+        dest="num_frames",
+        metavar="N",
+        type=POSITIVE,
+        help="video frames, 4k+1 (default: as --height, else 81)",
+    )
     gen.add_argument("--seed", type=SEED, default=0, help="seed of the initial noise (default 0)")
     gen.add_argument(
         "--fps", type=number(int, 1, 240), default=16, help="frames per second of .mp4/.gif output (default 16)"
@@ -108,47 +139,23 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         help="guidance objective; auto picks the one for the composition's kind",
     )
     parser.add_argument("--classifier", metavar="DIR", help="guide with a classifier from cvg train-classifier instead")
-    parser.add_argument("--steps", type=STEPS, default=50, help="denoising steps (default 50)")
-    default = GuidanceConfig()
+    parser.add_argument(
+        "--num-inference-steps",
+        "--steps",
+        dest="num_inference_steps",
+        metavar="N",
+        type=STEPS,
+        default=50,
+        help="denoising steps (default 50)",
+    )
+    guide_steps = next(f for f in fields(GuidanceConfig) if f.name == "guide_steps")
     parser.add_argument(
         "--guide-steps",
         type=COUNT,
         default=None,
-        help=f"guided steps at the start (default {default.guide_steps}, or every step of a shorter schedule)",
+        help=f"{guide_steps.metadata['help']} (default {guide_steps.default}, or every step of a shorter schedule)",
     )
-    parser.add_argument(
-        "--strength",
-        type=NON_NEGATIVE,
-        default=default.strength,
-        help=f"RMS of each latent update, the largest with --normalize polyak (default {default.strength:g})",
-    )
-    parser.add_argument(
-        "--iterations",
-        type=number(int, 1, 100),
-        default=default.iterations,
-        help=f"at most this many guidance updates per guided step (default {default.iterations})",
-    )
-    parser.add_argument(
-        "--normalize",
-        choices=NORMALIZATIONS,
-        default=default.normalize,
-        help=f"step rule: rms / max gradient normalisation, none, or polyak (the first-order step "
-        f"to the target loss) (default {default.normalize})",
-    )
-    parser.add_argument(
-        "--target-loss",
-        type=NON_NEGATIVE,
-        default=default.target_loss,
-        help="leave an item alone once its objective is this low (default: the classifier's "
-        "-log confidence; none for the training-free objectives)",
-    )
-    parser.add_argument("--layers", type=ints, help="blocks whose maps are read, e.g. 0,1,2 (default all)")
-    parser.add_argument(
-        "--pool",
-        type=lambda t: ints(t, 3, low=1),
-        default=[1, 2, 2],
-        help="pooling of the frames,height,width token grid (default 1,2,2)",
-    )
+    config_flags(parser, GuidanceConfig, GUIDANCE_FLAGS)
     parser.add_argument("--guidance-scale", type=FINITE, default=5.0, help="classifier-free guidance scale (default 5)")
     parser.add_argument("--max-sequence-length", type=TEXT_TOKENS, default=512, help="text tokens (Wan pads to this)")
 
@@ -158,23 +165,14 @@ def _load(args: argparse.Namespace):
     from cvg.guidance.objectives import objective_for
     from cvg.pipeline import CVGPipeline
 
-    pool = args.pool * 3 if len(args.pool) == 1 else args.pool
-    guidance = replace(
-        GuidanceConfig(),
-        strength=args.strength,
-        iterations=args.iterations,
-        normalize=args.normalize,
-        target_loss=args.target_loss,
-        layers=args.layers,
-        pool=tuple(pool),
-    )
+    guidance = config_from(args, GuidanceConfig, GUIDANCE_FLAGS)
     objective = None if args.objective == "auto" else objective_for(args.objective)
     pipe = CVGPipeline.from_pretrained(args.model, objective=objective)
     pipe.guidance = guidance
     if args.classifier:
         pipe.load_classifier(args.classifier)
     call = {
-        "num_inference_steps": args.steps,
+        "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale,
         "max_sequence_length": args.max_sequence_length,
     }
@@ -186,7 +184,7 @@ def _load(args: argparse.Namespace):
 def _video_size(args: argparse.Namespace) -> dict[str, int]:
     from cvg.models.wan import video_size
 
-    return video_size(args.model, args.height, args.width, args.frames)
+    return video_size(args.model, args.height, args.width, args.num_frames)
 
 
 def generate(args: argparse.Namespace) -> None:

@@ -7,8 +7,21 @@ import json
 import sys
 from pathlib import Path
 
-from cvg.cli.arguments import COUNT, NON_NEGATIVE, POSITIVE, SEED, STEPS, number
+from cvg.cli.arguments import COUNT, NON_NEGATIVE, POSITIVE, SEED, STEPS, config_flags, config_from, number
 from cvg.training.config import ReadingConfig, TrainingConfig
+
+# ReadingConfig and TrainingConfig fields that are flags of train-classifier (the seed is the command's).
+READING_FLAGS = {
+    "source": {"names": ["--readings"], "choices": ("trajectory", "inversion")},
+    "num_inference_steps": {"names": ["--num-inference-steps", "--steps"], "type": STEPS, "metavar": "N"},
+    "guide_steps": {"type": POSITIVE},
+}
+TRAINING_FLAGS = {
+    "epochs": {"type": POSITIVE},
+    "hidden_dim": {"type": POSITIVE},
+    "weight_decay": {"type": NON_NEGATIVE},
+    "label_smoothing": {"type": number(float, 0, 0.99)},
+}
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -38,51 +51,14 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     )
     train_cls.add_argument("--heldout-data", metavar="DIR", help="measure on this dataset folder instead")
     train_cls.add_argument("--seed", type=SEED, default=0, help="seed of clips and initialisation (default 0)")
-    train_cls.add_argument("--steps", type=STEPS, default=20, help="sampling steps whose guided steps are read")
-    train_cls.add_argument(
-        "--guide-steps",
-        type=POSITIVE,
-        default=ReadingConfig.guide_steps,
-        help=f"first steps read, where guidance may act (default {ReadingConfig.guide_steps})",
-    )
     train_cls.add_argument(
         "--chunk",
         type=POSITIVE,
         default=25,
         help="clips per cached file of readings: the most a killed run loses (default 25)",
     )
-    train_cls.add_argument(
-        "--readings",
-        choices=("trajectory", "inversion"),
-        default=ReadingConfig.source,
-        help="read the generator's own samples along its sampling trajectory, labelled by the "
-        "judge (default), or clips inverted to the guided steps' noise levels",
-    )
-    train_cls.add_argument(
-        "--epochs",
-        type=POSITIVE,
-        default=TrainingConfig.epochs,
-        help=f"epochs of the head (default {TrainingConfig.epochs})",
-    )
-    train_cls.add_argument(
-        "--hidden-dim",
-        type=POSITIVE,
-        default=TrainingConfig.hidden_dim,
-        help=f"width of the head's two MLPs (default {TrainingConfig.hidden_dim})",
-    )
-    train_cls.add_argument(
-        "--weight-decay",
-        type=NON_NEGATIVE,
-        default=TrainingConfig.weight_decay,
-        help=f"AdamW weight decay (default {TrainingConfig.weight_decay:g})",
-    )
-    smoothing = TrainingConfig.label_smoothing
-    train_cls.add_argument(
-        "--label-smoothing",
-        type=number(float, 0, 0.99),
-        default=smoothing,
-        help=f"label smoothing of the head's targets (default {smoothing:g})",
-    )
+    config_flags(train_cls, ReadingConfig, READING_FLAGS)
+    config_flags(train_cls, TrainingConfig, TRAINING_FLAGS)
     train_cls.set_defaults(run=train_classifier)
 
     encoder = commands.add_parser("train-encoder", help="train the CompShapes clip encoder for the Fréchet score")
@@ -111,14 +87,8 @@ def train_generator(args: argparse.Namespace) -> None:
 def train_classifier(args: argparse.Namespace) -> None:
     from cvg.training.dual_inversion import train_and_evaluate
 
-    reading = ReadingConfig(source=args.readings, num_inference_steps=args.steps, guide_steps=args.guide_steps)
-    training = TrainingConfig(
-        epochs=args.epochs,
-        label_smoothing=args.label_smoothing,
-        seed=args.seed,
-        hidden_dim=args.hidden_dim,
-        weight_decay=args.weight_decay,
-    )
+    reading = config_from(args, ReadingConfig, READING_FLAGS)
+    training = config_from(args, TrainingConfig, TRAINING_FLAGS, seed=args.seed)
     summary = train_and_evaluate(
         args.model,
         args.out,

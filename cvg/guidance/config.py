@@ -4,9 +4,14 @@ without loading the model stack."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 NORMALIZATIONS = ("rms", "max", "none", "polyak")
+
+
+def documented(default, help: str):
+    """A field with its help text beside its default: the command line's flags read both from here."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -15,18 +20,30 @@ class GuidanceConfig:
     each, no update larger than RMS 0.1, none past the objective's own target. Three updates a step won on
     60 training prompts and lost on held-out ones (Fréchet distance 63% worse); one a step improved both."""
 
-    guide_steps: int = 4
-    guide_sigma: float | None = None  # set: guide every step whose sigma is at least this (sets guide_steps)
-    strength: float = 0.1  # size of one latent update (its RMS; with normalize="polyak" its largest RMS)
-    iterations: int = 1  # at most this many updates per guided step (fewer once target_loss is reached)
-    normalize: str = "polyak"  # per-sample step: rms / max of the gradient, none, or polyak (see latent_update)
-    target_loss: float | None = None  # an item whose objective is at or below this is not moved
-    bounded: bool = True  # target_loss None: the objective's own `target_loss` (a classifier's confidence)
-    layers: list[int] | None = None  # recorded blocks; None = all
-    pool: tuple[int, int, int] = (1, 2, 2)  # pooling of the (frames, h, w) token grid
-    backend: str = "auto"  # attention_pool backend
-    checkpointing: bool = True  # recompute blocks in backward: activations of one block at a time
-    collapse_padding: bool = True  # guided forwards skip Wan's zero text padding, exactly (cvg.models.padding)
+    guide_steps: int = documented(4, "guided steps at the start")
+    guide_sigma: float | None = documented(None, "guide every step whose sigma is at least this (sets guide_steps)")
+    strength: float = documented(0.1, "RMS of each latent update, the largest with normalize polyak")
+    iterations: int = documented(1, "at most this many updates per guided step (fewer once target_loss is reached)")
+    normalize: str = documented(
+        "polyak",
+        "step rule: rms / max gradient normalisation, none, or polyak (the "
+        "first-order step to the target loss; see latent_update)",
+    )
+    target_loss: float | None = documented(
+        None, "leave an item alone once its objective is this low; None: see bounded"
+    )
+    bounded: bool = documented(
+        True,
+        "with target_loss None: stop at the objective's own target_loss (a "
+        "classifier's -log confidence; none for the training-free objectives)",
+    )
+    layers: list[int] | None = documented(None, "blocks whose maps are read, e.g. 0,1,2; None: all")
+    pool: tuple[int, int, int] = documented((1, 2, 2), "pooling of the frames,height,width token grid")
+    backend: str = documented("auto", "attention_pool backend")
+    checkpointing: bool = documented(True, "recompute blocks in backward: activations of one block at a time")
+    collapse_padding: bool = documented(
+        True, "guided forwards skip Wan's zero text padding, exactly (cvg.models.padding)"
+    )
 
     def check(self, num_inference_steps: int) -> None:
         if not 0 <= self.guide_steps <= num_inference_steps:

@@ -238,7 +238,7 @@ def guided_solver(scheduler, guide_steps: int) -> Iterator[None]:
     this over re-basing the solver's history on the guided latent: it uses the scheduler's documented knob,
     is exact for any UniPC order, and costs only the corrector's accuracy on a few early, high-noise steps.
     Solvers without a corrector (DPM-Solver multistep, flow-match Euler) already step from the latent
-    they are given; tests/test_sampler.py measures survival for all three."""
+    they are given; tests/guidance/test_sampler.py measures survival for all three."""
     corrector = getattr(scheduler, "disable_corrector", None)
     if corrector is None or guide_steps < 2:
         yield

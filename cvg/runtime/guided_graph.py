@@ -8,7 +8,7 @@ the latent, update) reads only tensors that live here and are refilled in place:
 timestep every call, the prompt's text rows and key bias once per request (`load`). The recorder's
 token indices and pooling, the composition's entity weights and the classifier's label embedding are
 made during warm-up and kept. The step makes no host synchronisation and copies nothing from the host
-(tests/test_guided_graph.py checks both on CPU by the ops it dispatches), which is what CUDA-graph
+(tests/runtime/test_guided_graph.py checks both on CPU by the ops it dispatches), which is what CUDA-graph
 capture needs. One graph serves one latent shape, text length, composition, objective and config
 (`graph_key`); `cvg.pipeline.CVGPipeline` keeps a few, built with its step engine.
 """

@@ -40,7 +40,7 @@ from cvg.models.processors import KeyBiasWanAttnProcessor, TextBias, text_key_bi
 from cvg.models.wan import model_key
 from cvg.runtime import EngineError
 
-BACKENDS = ("torch", "compiled", "onnxruntime", "tensorrt")
+STEP_BACKENDS = ("torch", "compiled", "onnxruntime", "tensorrt")
 OPSET = 18
 _INPUTS = ("latents", "timestep", "text", "key_bias")  # of the exported graph, in `_Forward.forward`'s order
 
@@ -380,8 +380,8 @@ def build_engine(
     transformer: torch.nn.Module, shape: StepShape, backend: str = "auto", cache_dir: str | Path | None = None
 ) -> StepEngine:
     """An engine for `shape`; `auto` takes the first of tensorrt, onnxruntime, torch that loads here."""
-    if backend not in (*BACKENDS, "auto"):
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or auto, got {backend!r}")
+    if backend not in (*STEP_BACKENDS, "auto"):
+        raise ValueError(f"backend must be one of {', '.join(STEP_BACKENDS)} or auto, got {backend!r}")
     if backend != "auto":
         return _CLASSES[backend](transformer, shape, Path(cache_dir) if cache_dir else None)
     for name in _AUTO:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cvg.guidance.config import documented
+
 
 @dataclass(frozen=True)
 class ReadingConfig:
@@ -14,9 +16,13 @@ class ReadingConfig:
     passes through and labelled by the judge on the decoded clip (`read_trajectory`); "inversion": clips
     inverted to the guided steps' noise levels (`read_clip`)."""
 
-    source: str = "trajectory"
-    num_inference_steps: int = 20
-    guide_steps: int = 4  # the first steps read: guidance may act on any of them
+    source: str = documented(
+        "trajectory",
+        "read the generator's own samples along its sampling trajectory, "
+        "labelled by the judge (trajectory), or clips inverted to the guided steps' noise levels",
+    )
+    num_inference_steps: int = documented(20, "sampling steps whose guided steps are read")
+    guide_steps: int = documented(4, "first steps read, where guidance may act")
     substeps: int = 4  # Euler steps of the inversion per noise interval
     pool: tuple[int, int, int] = (1, 2, 2)
     layers: tuple[int, ...] | None = None  # None: every block
@@ -29,11 +35,12 @@ class TrainingConfig:
     # small, strongly decayed and briefly trained (docs/classifier.md). The inversion recipe was 30 epochs,
     # 256 wide, weight decay 1e-4.
     dual: bool = True  # False: only readings under the true prompt (the ablation)
-    epochs: int = 5
+    epochs: int = documented(5, "epochs of the head")
     batch: int = 256
     lr: float = 1e-3
-    hidden_dim: int = 32
-    label_smoothing: float = 0.1  # targets eps/2 and 1 - eps/2: a confident head keeps a gradient to guide with
-    weight_decay: float = 0.3
+    hidden_dim: int = documented(32, "width of the head's two MLPs")
+    # Targets eps/2 and 1 - eps/2: a confident head keeps a gradient to guide with.
+    label_smoothing: float = documented(0.1, "label smoothing of the head's targets")
+    weight_decay: float = documented(0.3, "AdamW weight decay")
     timestep_conditioned: bool = True  # the head sees the noise level it reads at (it guides at several)
     seed: int = 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from cvg.models.minilm import PACKAGE, load_minilm
 from cvg.models.padding import collapse_padding
 from cvg.models.processors import KeyBiasWanAttnProcessor, TextBias, text_key_bias
 from cvg.models.wan import MANIFEST, to_pixels
+from cvg.training.loop import Checkpoint, LossLog, cosine_schedule, plot_losses
 
 
 @dataclass(frozen=True)
@@ -125,54 +125,11 @@ def training_clips(recipe: GeneratorRecipe, stage: int, first: int, count: int, 
     ]
 
 
-class _Checkpoint:
-    """A stage's resumable state (step, modules, optimiser) in one file, written atomically."""
-
-    def __init__(self, path: Path, every: int):
-        self.path, self.every = path, every
-
-    def load(self, **states) -> int:
-        if not self.path.is_file():
-            return 0
-        saved = torch.load(self.path, weights_only=True)
-        for name, obj in states.items():
-            obj.load_state_dict(saved[name])
-        return saved["step"]
-
-    def save(self, step: int, done: bool = False, **states) -> None:
-        if done or step % self.every == 0:
-            with atomic_path(self.path) as tmp:
-                torch.save({"step": step, **{k: v.state_dict() for k, v in states.items()}}, tmp)
-
-
-class _Log:
-    """Loss log (JSON lines) that a resumed stage rewinds to its checkpoint."""
-
-    def __init__(self, path: Path, stage: str):
-        self.path, self.stage = path, stage
-
-    def rewind(self, step: int) -> None:
-        lines = self.path.read_text().splitlines() if self.path.is_file() else []
-        rows = [json.loads(line) for line in lines]
-        kept = [r for r in rows if r["stage"] != self.stage or r["step"] <= step]
-        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-
-    def write(self, step: int, **values: float) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"stage": self.stage, "step": step, **values}) + "\n")
-
-
-def _cosine(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def train_vae(recipe: GeneratorRecipe, work: Path, report: Callable[[str], None] = print) -> AutoencoderKLWan:
     torch.manual_seed(recipe.seed)
     vae = build_vae(recipe).train()
     opt = torch.optim.AdamW(vae.parameters(), recipe.vae_lr, weight_decay=0.0)
-    ckpt, log = _Checkpoint(work / "vae.pt", recipe.checkpoint_every), _Log(work / "log.jsonl", "vae")
+    ckpt, log = Checkpoint(work / "vae.pt", recipe.checkpoint_every), LossLog(work / "log.jsonl", "vae")
     start = ckpt.load(vae=vae, opt=opt)
     log.rewind(start)
     background = torch.tensor(BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1, 1) / 127.5 - 1
@@ -192,7 +149,7 @@ def train_vae(recipe: GeneratorRecipe, work: Path, report: Callable[[str], None]
         kl = 0.5 * (posterior.mean**2 + posterior.var - 1 - posterior.logvar).mean()
         loss = rec + recipe.kl_weight * kl
         for group in opt.param_groups:
-            group["lr"] = recipe.vae_lr * _cosine(step, recipe.vae_steps, 50)
+            group["lr"] = recipe.vae_lr * cosine_schedule(step, recipe.vae_steps, 50)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -254,7 +211,7 @@ def train_transformer(
     model = build_transformer(recipe).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), recipe.lr, weight_decay=0.01)
-    ckpt, log = _Checkpoint(work / "transformer.pt", recipe.checkpoint_every), _Log(work / "log.jsonl", "transformer")
+    ckpt, log = Checkpoint(work / "transformer.pt", recipe.checkpoint_every), LossLog(work / "log.jsonl", "transformer")
     start = ckpt.load(model=model, ema=ema, opt=opt)
     log.rewind(start)
     mean, std = (torch.tensor(s).view(1, -1, 1, 1, 1) for s in stats)
@@ -280,7 +237,7 @@ def train_transformer(
                 pred = model(noisy, sigma.flatten() * 1000, text, return_dict=False)[0]
             loss = F.mse_loss(pred.float(), noise - z)
             for group in opt.param_groups:
-                group["lr"] = recipe.lr * _cosine(step, recipe.steps, recipe.warmup)
+                group["lr"] = recipe.lr * cosine_schedule(step, recipe.steps, recipe.warmup)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -358,44 +315,3 @@ def save_generator(pipe: WanPipeline, out: Path, manifest: dict) -> None:
     )
     pipe.save_pretrained(str(out))
     write_text_atomic(out / MANIFEST, json.dumps({"text_encoder": PACKAGE, **manifest}, indent=1))
-
-
-def plot_losses(log: Path, out: Path, width: int = 640, height: int = 240) -> None:
-    """Training losses per stage (log10, raw and smoothed, one panel each) as a PNG."""
-    from PIL import Image, ImageDraw
-
-    rows = [json.loads(line) for line in log.read_text().splitlines()]
-    stages = [s for s in ("vae", "transformer") if any(r["stage"] == s for r in rows)]
-    image = Image.new("RGB", (width, height * len(stages)), "white")
-    draw = ImageDraw.Draw(image)
-    for panel, stage in enumerate(stages):
-        steps = np.array([r["step"] for r in rows if r["stage"] == stage], float)
-        loss = np.log10(np.array([r["loss"] for r in rows if r["stage"] == stage], float))
-        window = max(1, len(loss) // 100)
-        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
-        box = (50, panel * height + 20, width - 20, panel * height + height - 30)
-        scale = _Scale(box, float(steps[-1]), float(loss.min()), float(loss.max()))
-        draw.rectangle(box, outline="black")
-        draw.line(scale(steps, loss), fill=(190, 190, 230))
-        draw.line(scale(steps[window - 1 :], smooth), fill=(30, 30, 160), width=2)
-        draw.text((box[0], box[1] - 16), f"{stage}: log10 loss vs step (0..{int(steps[-1])})", fill="black")
-        draw.text((4, box[1]), f"{scale.hi:.2f}", fill="black")
-        draw.text((4, box[3] - 10), f"{scale.lo:.2f}", fill="black")
-    with atomic_path(out) as tmp:
-        image.save(tmp)
-
-
-@dataclass(frozen=True)
-class _Scale:
-    """Data (step, value) to pixel coordinates inside a box."""
-
-    box: tuple[int, int, int, int]
-    last_step: float
-    lo: float
-    hi: float
-
-    def __call__(self, steps: np.ndarray, values: np.ndarray) -> list[tuple[float, float]]:
-        left, top, right, bottom = self.box
-        xs = left + (right - left) * steps / self.last_step
-        ys = top + (bottom - top) * (self.hi - values) / max(self.hi - self.lo, 1e-9)
-        return list(zip(xs.tolist(), ys.tolist(), strict=True))

@@ -12,7 +12,7 @@ import pytest
 
 from cvg.serving.service import Engine
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SPEC = importlib.util.spec_from_file_location("serve_http", ROOT / "examples" / "serve_http.py")
 serve_http = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(serve_http)

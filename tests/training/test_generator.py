@@ -14,7 +14,7 @@ from cvg.models.padding import collapse_padding
 from cvg.models.processors import KeyBiasWanAttnProcessor, TextBias, text_key_bias
 from cvg.models.wan import load_wan_pipeline
 from cvg.pipeline import CVGPipeline
-from cvg.training import generator
+from cvg.training import generator, loop
 from cvg.training.generator import GeneratorRecipe, flow_sigmas, train_generator
 
 TOY = GeneratorRecipe(
@@ -89,17 +89,17 @@ def test_saved_pipeline_loads_and_generates(toy_model):
 
 def test_interrupted_training_resumes_to_the_same_weights(toy_model, tmp_path, monkeypatch):
     out, _ = toy_model
-    save = generator._Checkpoint.save
+    save = loop.Checkpoint.save
 
     def interrupt(self, step, done=False, **states):
         save(self, step, done, **states)
         if self.path.name == "transformer.pt" and step == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(generator._Checkpoint, "save", interrupt)
+    monkeypatch.setattr(loop.Checkpoint, "save", interrupt)
     with pytest.raises(KeyboardInterrupt):
         train_generator(tmp_path / "run", TOY, report=lambda _: None)
-    monkeypatch.setattr(generator._Checkpoint, "save", save)
+    monkeypatch.setattr(loop.Checkpoint, "save", save)
     assert not (tmp_path / "run" / "model_index.json").exists()
     train_generator(tmp_path / "run", TOY, report=lambda _: None)
     resumed, _ = _weights(tmp_path / "run")

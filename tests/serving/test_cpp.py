@@ -16,7 +16,7 @@ from PIL import Image
 
 from cvg.serving.service import Engine
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "compshapes-wan"
 STEPS = 4
 pytestmark = pytest.mark.skipif(

@@ -10,7 +10,7 @@ import pytest
 
 from cvg.experiments.memory import ISOLATED_ENV
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_pool.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "attention_pool.py"
 # Naive P is H·N·M·4 bytes = 268 MB here; the issue asks for >= 256 MB.
 SIZE = dict(B=1, H=8, N=16384, M=512, D=64, T=8)
 

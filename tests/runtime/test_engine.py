@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cvg.pipeline import CVGPipeline
-from cvg.runtime.step_engine import BACKENDS, StepShape, build_engine, export_onnx
+from cvg.runtime.step_engine import STEP_BACKENDS, StepShape, build_engine, export_onnx
 
 LATENTS, TEXT = (1, 16, 3, 8, 8), (1, 80, 384)  # text longer than 64 rows: the engine drops padding
 
@@ -137,7 +137,7 @@ def test_bad_backend_name(tiny_pipe):
         build_engine(tiny_pipe.transformer, StepShape.of(x, e), "tvm")
     with pytest.raises(ValueError, match="engine must be one of"):
         CVGPipeline(tiny_pipe, engine="tvm")
-    assert set(BACKENDS) == {"torch", "compiled", "onnxruntime", "tensorrt"}
+    assert set(STEP_BACKENDS) == {"torch", "compiled", "onnxruntime", "tensorrt"}
 
 
 @pytest.mark.skipif(
