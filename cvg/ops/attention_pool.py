@@ -7,8 +7,11 @@ One public entry point, input checks with one-line errors, and dispatch to the b
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -16,7 +19,53 @@ from cvg.ops.attention_pool_naive import attention_pool_naive
 from cvg.ops.attention_pool_torch import attention_pool_torch
 from cvg.ops.pooling import PoolSpec, make_pool_spec
 
-BACKENDS = ("auto", "naive", "torch", "triton")
+
+@dataclass(frozen=True)
+class Backend:
+    """One way to run the op, with what it needs (the pattern of diffusers' attention dispatcher):
+    `refusal(q)` is None when it can run on these inputs, else the error saying why in one line."""
+
+    name: str
+    run: Callable  # (q, k, v, spec, scale, bias [B, M] or None) -> (out, pooled)
+    refusal: Callable[[torch.Tensor], Exception | None]
+    automatic: bool  # whether `auto` may pick it
+
+
+def _triton_refusal(q: torch.Tensor) -> Exception | None:
+    why = "attention_pool: backend 'triton'"
+    if importlib.util.find_spec("triton") is None:
+        return RuntimeError(f"{why} needs the triton package (pip install cvg[triton])")
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return RuntimeError(
+            f"{why} needs CUDA tensors (got {q.device.type}); on CPU set TRITON_INTERPRET=1 "
+            "before importing cvg.kernels"
+        )
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return TypeError(f"{why} supports float16, bfloat16 and float32, got {q.dtype}")
+    if q.shape[-1] > 128:
+        return ValueError(f"{why} supports head dims up to 128, got {q.shape[-1]}")
+    return None
+
+
+def _run_triton(q, k, v, spec, scale, bias):
+    from cvg.kernels.attention_pool import attention_pool_triton
+
+    return attention_pool_triton(q, k, v, spec, scale, bias)
+
+
+def _per_query_bias(run: Callable) -> Callable:
+    """The torch-level backends take the bias broadcast over heads and queries: `[B, 1, 1, M]`."""
+    return lambda q, k, v, spec, scale, bias: run(q, k, v, spec, scale, None if bias is None else bias[:, None, None])
+
+
+# In `auto`'s order: the first automatic backend whose refusal is None runs. Triton on CPU (the
+# interpreter) is for tests only, so `auto` takes it on CUDA alone.
+REGISTRY = {
+    "triton": Backend("triton", _run_triton, _triton_refusal, automatic=True),
+    "torch": Backend("torch", _per_query_bias(attention_pool_torch), lambda q: None, automatic=True),
+    "naive": Backend("naive", _per_query_bias(attention_pool_naive), lambda q: None, automatic=False),
+}
+BACKENDS = ("auto", *REGISTRY)
 
 
 def attention_pool(
@@ -82,43 +131,29 @@ def attention_pool_with_spec(
     """`attention_pool` with the pooling made once beforehand (`make_pool_spec`) and inputs already checked:
     nothing here reads tensor data on the host, so a call makes no host synchronisation and can be
     captured in a CUDA graph. Recording processors call it with a spec made per video grid."""
-    name = resolve_backend(backend, q.device)
+    chosen = resolve_backend(backend, q)
     bias = None  # one additive [B, M] score bias: the key bias, -inf at masked keys
     if key_padding_mask is not None or key_bias is not None:  # float32 at least: log-count biases stay exact
-        bias = torch.zeros((q.shape[0], k.shape[2]), dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+        wide = torch.promote_types(q.dtype, torch.float32)
+        bias = torch.zeros((q.shape[0], k.shape[2]), dtype=wide, device=q.device)
         bias = bias if key_bias is None else bias + key_bias.detach()
         bias = bias if key_padding_mask is None else bias.masked_fill(key_padding_mask, float("-inf"))
-    if name == "triton":
-        from cvg.kernels.attention_pool import attention_pool_triton
-
-        return attention_pool_triton(q, k, v, spec, scale, bias)
-    backend_fn = attention_pool_naive if name == "naive" else attention_pool_torch
-    return backend_fn(q, k, v, spec, scale, None if bias is None else bias[:, None, None, :])
+    return chosen.run(q, k, v, spec, scale, bias)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"attention_pool: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+def resolve_backend(backend: str, q: torch.Tensor) -> Backend:
+    """The named backend, refused in one line if it cannot run on `q`; `auto`: the first automatic one
+    that can (Triton only on CUDA)."""
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
-    if backend == "triton":
-        if not _triton_available():
-            raise RuntimeError("attention_pool: backend 'triton' needs the triton package (pip install cvg[triton])")
-        if device.type != "cuda" and not interpreted:
-            raise RuntimeError(
-                f"attention_pool: backend 'triton' needs CUDA tensors (got {device.type}); on CPU set "
-                "TRITON_INTERPRET=1 before importing cvg.kernels"
-            )
-    return backend
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        # Triton's CPU interpreter is for tests: on CPU `auto` does not even look for it.
+        candidates = [b for b in REGISTRY.values() if b.automatic and (b.name != "triton" or q.device.type == "cuda")]
+        return next(b for b in candidates if b.refusal(q) is None)
+    if backend not in REGISTRY:
+        raise ValueError(f"attention_pool: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    chosen = REGISTRY[backend]
+    if (error := chosen.refusal(q)) is not None:
+        raise error
+    return chosen
 
 
 def _check_inputs(q, k, v, groups, tokens, key_padding_mask, key_bias, num_groups):
