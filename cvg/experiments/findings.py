@@ -193,12 +193,14 @@ def main(argv: list[str] | None = None) -> None:
     options = f" --guidance {','.join(f'{k}={v}' for k, v in changed.items())}" if changed else ""
     options += " --split train" if args.split == "train" else ""
     options += f" --spec-seed {args.spec_seed} --noise-seed {args.noise_seed}"
-    # Paired with the unguided row (does guidance help?) and with the CVG row (does it beat the other guides?).
-    pairs = "".join(
-        f"Paired with the {base} row:\n\n{paired(results, row_name(base, args.steps, args.guidance))}\n\n"
-        for base in ("unguided", "cvg")
-        if base in rows and len(rows) > 1
-    )
+    # Paired with the unguided row (does guidance help?), then the guides with the CVG row (does it beat them?).
+    unguided, cvg = (row_name(r, args.steps, args.guidance) for r in ("unguided", "cvg"))
+    pairs = ""
+    if "unguided" in rows and len(rows) > 1:
+        pairs += f"Paired with the unguided row:\n\n{paired(results, unguided)}\n\n"
+    guides = {name: report for name, report in results.items() if name != unguided}
+    if "cvg" in rows and len(guides) > 1:
+        pairs += f"Paired with the CVG row:\n\n{paired(guides, cvg)}\n\n"
     timing = ", ".join(f"{r} {s:.2f} s" for r, s in seconds.items() if s is not None)
     text = (
         f"Command: `python -m cvg.experiments.findings --model {args.model} --classifier {args.classifier} "
