@@ -3,15 +3,14 @@
     engine = build_engine(pipe.transformer, StepShape.of(latents, prompt_embeds), backend="auto")
     noise = engine(latents, timestep, prompt_embeds)   # what the transformer returns, as a torch tensor
 
-Backends:
+Backends (the first two here, each of the others in a module of its own, loaded when asked for):
   torch        eager, the reference
   compiled     torch.compile (inductor; C++ on CPU), warmed up at build
-  onnxruntime  the transformer exported to ONNX once per (model, shape, dtype, opset), cached on disk, run
-               by ONNX Runtime with the providers TensorRT -> CUDA -> CPU that it has, inputs and output
-               bound to torch memory (no host copies)
-  tensorrt     a native TensorRT plan built from the same ONNX file (fp16/bf16, timing cache), cached on
-               disk. Needs `tensorrt` (pip install cvg[tensorrt]) and CUDA: never run on the machines
-               cvg is developed on, so this layer follows TensorRT 10's documented Python API and stays thin.
+  onnxruntime  onnx_engine.py: the transformer exported to ONNX once per (model, shape, dtype, opset),
+               cached on disk, run by ONNX Runtime with the providers TensorRT -> CUDA -> CPU that it
+               has, inputs and output bound to torch memory (no host copies)
+  tensorrt     tensorrt_engine.py: a native TensorRT plan built from the same ONNX file (fp16/bf16,
+               timing cache), cached on disk; CUDA only, never run where cvg is developed
 Every backend drops Wan's zero text padding first, exactly (`cvg.models.padding`): the text attention runs over
 `text_keys` keys (a multiple of 64) with an additive key bias instead of 512 keys. Prompts whose text
 does not fit get a clear error; a longer-prompt shape builds its own engine.
@@ -24,25 +23,18 @@ longer matches (torn, or bytes changed in place) is rebuilt, never run.
 from __future__ import annotations
 
 import contextlib
-import glob
-import io
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from cvg.io.files import atomic_path, locked, record_digest, remove_stale_temporaries, verified
 from cvg.models.padding import collapse_padding, padded_length
 from cvg.models.processors import KeyBiasWanAttnProcessor, TextBias, text_key_bias
-from cvg.models.wan import model_key
 from cvg.runtime import EngineError
 
 STEP_BACKENDS = ("torch", "compiled", "onnxruntime", "tensorrt")
-OPSET = 18
-_INPUTS = ("latents", "timestep", "text", "key_bias")  # of the exported graph, in `_Forward.forward`'s order
 
 
 @dataclass(frozen=True)
@@ -205,174 +197,19 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CVG_CACHE", Path.home() / ".cache" / "cvg")) / "engines"
 
 
-def export_onnx(transformer: torch.nn.Module, shape: StepShape, cache_dir: Path | None = None) -> Path:
-    """The transformer's ONNX file for `shape`, exported (atomically) if the cache lacks a valid one."""
-    cache_dir = Path(cache_dir or default_cache_dir())
-    path = cache_dir / f"{type(transformer).__name__}-{model_key(transformer)}-{shape.key()}-opset{OPSET}.onnx"
-    if verified(path):
-        return path
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with locked(path.with_name(path.name + ".lock")):  # one exporter per file; the others wait, then reuse
-        if verified(path):
-            return path
-        if path.is_file():  # torn, or changed in place (flipped weight bytes pass onnx's checker): rebuild
-            warnings.warn(
-                f"cvg: cached ONNX file {path.name} is invalid (its content is not the one exported); re-exporting",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            path.unlink()
-        remove_stale_temporaries(path.parent, glob.escape(path.name))  # killed exporters': model-sized files
-        _export(transformer, shape, path)
-    return path
+def _engine_class(backend: str) -> type[StepEngine]:
+    """The backend's class; the ONNX and TensorRT modules load only when asked for."""
+    if backend == "onnxruntime":
+        from cvg.runtime.onnx_engine import OnnxRuntimeEngine
+
+        return OnnxRuntimeEngine
+    if backend == "tensorrt":
+        from cvg.runtime.tensorrt_engine import TensorRTEngine
+
+        return TensorRTEngine
+    return {"torch": StepEngine, "compiled": CompiledEngine}[backend]
 
 
-def _export(transformer: torch.nn.Module, shape: StepShape, path: Path) -> None:
-    import onnx
-
-    engine = StepEngine(transformer, shape)
-    with (
-        atomic_path(path) as tmp,
-        warnings.catch_warnings(),
-        contextlib.redirect_stdout(io.StringIO()),
-        engine.forward.biased(),
-    ):
-        warnings.simplefilter("ignore")  # the exporter's progress lines and deprecation notes
-        torch.onnx.export(
-            engine.forward,
-            engine._example(),
-            str(tmp),
-            input_names=list(_INPUTS),
-            output_names=["noise"],
-            dynamo=True,
-            opset_version=OPSET,
-            verbose=False,
-            external_data=False,
-        )
-        onnx.checker.check_model(str(tmp), full_check=False)
-    record_digest(path)
-
-
-class OnnxRuntimeEngine(StepEngine):
-    """ONNX Runtime on the cached ONNX export, with torch tensors bound as inputs and output."""
-
-    backend = "onnxruntime"
-
-    def __init__(self, transformer: torch.nn.Module, shape: StepShape, cache_dir: Path | None = None):
-        super().__init__(transformer, shape)
-        try:
-            import onnx  # noqa: F401  (the export needs it)
-            import onnxruntime as ort
-        except ImportError as e:
-            raise EngineError(f"onnxruntime backend: {e.name} is not installed (pip install cvg[onnx])") from None
-        if shape.torch_dtype not in _NUMPY:
-            raise EngineError(f"onnxruntime backend: no {shape.dtype} input binding; use float32 or float16")
-        self.ort, self.device = ort, transformer.device
-        wanted = ("TensorrtExecutionProvider", "CUDAExecutionProvider") if self.device.type == "cuda" else ()
-        self.providers = [p for p in (*wanted, "CPUExecutionProvider") if p in ort.get_available_providers()]
-        self.path = export_onnx(transformer, shape, cache_dir)
-        try:
-            self.session = ort.InferenceSession(str(self.path), providers=self.providers)
-        except Exception as e:  # valid ONNX that this runtime rejects: rebuild once, then give up
-            self.path.unlink(missing_ok=True)
-            self.path = export_onnx(transformer, shape, cache_dir)
-            try:
-                self.session = ort.InferenceSession(str(self.path), providers=self.providers)
-            except Exception:
-                raise EngineError(f"onnxruntime backend: cannot load {self.path.name}: {e}") from e
-        with torch.no_grad():
-            self._run(*self._example())  # warm-up: the session's first run allocates
-
-    def _run(self, latents, timestep, text, key_bias):
-        out = torch.empty(self.shape.latent_shape, device=latents.device, dtype=latents.dtype)
-        binding = self.session.io_binding()
-        bound = {**dict(zip(_INPUTS, (latents.contiguous(), timestep, text, key_bias), strict=True)), "noise": out}
-        for name, tensor in bound.items():  # `bound` keeps the memory alive through the run
-            bind = binding.bind_output if name == "noise" else binding.bind_input
-            bind(
-                name,
-                tensor.device.type,
-                tensor.device.index or 0,
-                _NUMPY[tensor.dtype],
-                tuple(tensor.shape),
-                tensor.data_ptr(),
-            )
-        self.session.run_with_iobinding(binding)
-        return out
-
-
-_NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
-
-
-class TensorRTEngine(StepEngine):
-    """A TensorRT plan built from the ONNX export (TensorRT 10 API), cached beside it. CUDA only."""
-
-    backend = "tensorrt"
-
-    def __init__(self, transformer: torch.nn.Module, shape: StepShape, cache_dir: Path | None = None):
-        super().__init__(transformer, shape)
-        if transformer.device.type != "cuda":
-            raise EngineError("tensorrt backend: needs the model on a CUDA device")
-        try:
-            import tensorrt as trt
-        except ImportError:
-            raise EngineError(
-                "tensorrt backend: the tensorrt package is not installed (pip install cvg[tensorrt])"
-            ) from None
-        self.trt = trt
-        onnx_path = export_onnx(transformer, shape, cache_dir)
-        plan_path = onnx_path.with_suffix(".plan")
-        logger = trt.Logger(trt.Logger.WARNING)
-        runtime = trt.Runtime(logger)
-        # A plan is deserialised as code: only the bytes this process family wrote (their digest) are trusted.
-        engine = runtime.deserialize_cuda_engine(plan_path.read_bytes()) if verified(plan_path) else None
-        if engine is None:  # no plan yet, or a stale/corrupt one (deserialisation returns None)
-            plan = self._build(onnx_path, logger)
-            with atomic_path(plan_path) as tmp:
-                tmp.write_bytes(plan)
-            record_digest(plan_path)
-            engine = runtime.deserialize_cuda_engine(plan)
-        self.engine, self.context = engine, engine.create_execution_context()
-        with torch.no_grad():
-            self._run(*self._example())
-
-    def _build(self, onnx_path: Path, logger) -> bytes:
-        trt = self.trt
-        builder = trt.Builder(logger)
-        network = builder.create_network(0)
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(onnx_path)):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise EngineError(f"tensorrt backend: cannot parse {onnx_path.name}: {errors}")
-        config = builder.create_builder_config()
-        if self.shape.dtype in ("float16", "bfloat16"):
-            config.set_flag(trt.BuilderFlag.FP16 if self.shape.dtype == "float16" else trt.BuilderFlag.BF16)
-        timing_path = onnx_path.parent / "tensorrt.timing-cache"
-        timing = config.create_timing_cache(timing_path.read_bytes() if timing_path.is_file() else b"")
-        config.set_timing_cache(timing, ignore_mismatch=True)
-        plan = builder.build_serialized_network(network, config)
-        if plan is None:
-            raise EngineError(f"tensorrt backend: building a plan from {onnx_path.name} failed")
-        with atomic_path(timing_path) as tmp:
-            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-        return bytes(plan)
-
-    def _run(self, latents, timestep, text, key_bias):
-        out = torch.empty(self.shape.latent_shape, device=latents.device, dtype=latents.dtype)
-        tensors = {**dict(zip(_INPUTS, (latents.contiguous(), timestep, text, key_bias), strict=True)), "noise": out}
-        for name, tensor in tensors.items():
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
-            raise EngineError("tensorrt backend: execution failed")
-        return out
-
-
-_CLASSES = {
-    "torch": StepEngine,
-    "compiled": CompiledEngine,
-    "onnxruntime": OnnxRuntimeEngine,
-    "tensorrt": TensorRTEngine,
-}
 _AUTO = ("tensorrt", "onnxruntime", "torch")
 
 
@@ -383,7 +220,7 @@ def build_engine(
     if backend not in (*STEP_BACKENDS, "auto"):
         raise ValueError(f"backend must be one of {', '.join(STEP_BACKENDS)} or auto, got {backend!r}")
     if backend != "auto":
-        return _CLASSES[backend](transformer, shape, Path(cache_dir) if cache_dir else None)
+        return _engine_class(backend)(transformer, shape, Path(cache_dir) if cache_dir else None)
     for name in _AUTO:
         if name == "tensorrt" and transformer.device.type != "cuda":
             continue

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from cvg.pipeline import CVGPipeline
-from cvg.runtime.step_engine import STEP_BACKENDS, StepShape, build_engine, export_onnx
+from cvg.runtime.onnx_engine import export_onnx
+from cvg.runtime.step_engine import STEP_BACKENDS, StepShape, build_engine
 
 LATENTS, TEXT = (1, 16, 3, 8, 8), (1, 80, 384)  # text longer than 64 rows: the engine drops padding
 
