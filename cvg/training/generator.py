@@ -32,12 +32,12 @@ from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, Wa
 from cvg.compshapes.dataset import split_clip
 from cvg.compshapes.grammar import ALL_CATEGORIES
 from cvg.compshapes.world import BACKGROUND, render
-from cvg.io.files import atomic_path, write_text_atomic
+from cvg.io.files import locked, write_text_atomic
 from cvg.models.minilm import PACKAGE, load_minilm
 from cvg.models.padding import collapse_padding
 from cvg.models.processors import KeyBiasWanAttnProcessor, TextBias, text_key_bias
 from cvg.models.wan import MANIFEST, to_pixels
-from cvg.training.loop import Checkpoint, LossLog, cosine_schedule, plot_losses
+from cvg.training.loop import Checkpoint, LossLog, cached_chunks, cosine_schedule, plot_losses
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,7 @@ def build_transformer(recipe: GeneratorRecipe) -> WanTransformer3DModel:
 # With `vae_extra_motion` the VAE sees motion every other clip: four of five categories are static, and a
 # causal video VAE trained on them learns to copy the previous frame, so fast-moving objects stay put when
 # decoded. (Measured: it fixes motion but, at z_dim 16 and this budget, shifted red to orange; see docs.)
+LOCK = ".lock"  # in OUT/.work: held by the one trainer of OUT
 VAE_CATEGORIES = tuple(c for other in ALL_CATEGORIES if other != "motion" for c in ("motion", other))
 
 
@@ -166,16 +167,13 @@ def encode_latents(
     recipe: GeneratorRecipe, vae: AutoencoderKLWan, text: WanPipeline, work: Path, report=print, chunk: int = 100
 ) -> dict:
     """Posterior mean/std of every training clip and MiniLM embeddings of their prompts, in resumable chunks."""
-    parts = []
-    for first in range(0, recipe.clips, chunk):
-        path = work / "latents" / f"{first:06d}.pt"
-        if not path.is_file():
-            clips = training_clips(recipe, 2, first, min(chunk, recipe.clips - first))
-            posterior = vae.encode(to_pixels([render(c.scene) for c in clips])).latent_dist
-            with atomic_path(path) as tmp:
-                torch.save({"mean": posterior.mean, "std": posterior.std, "prompts": [c.prompt for c in clips]}, tmp)
-            report(f"latents {first + len(clips)}/{recipe.clips}")
-        parts.append(torch.load(path, weights_only=True))
+
+    def encode(clips: list) -> dict:
+        posterior = vae.encode(to_pixels([render(c.scene) for c in clips])).latent_dist
+        return {"mean": posterior.mean, "std": posterior.std}
+
+    clips = training_clips(recipe, 2, 0, recipe.clips)  # scene specs only: each chunk renders its own
+    parts = cached_chunks(clips, work / "latents", chunk, _prompts_of, encode, report)
     prompts = [p for part in parts for p in part["prompts"]]
     unique = ["", *sorted(set(prompts))]  # "" is the unconditional (negative) prompt
     position = {p: i for i, p in enumerate(unique)}
@@ -191,6 +189,11 @@ def encode_latents(
         "prompt": torch.tensor([position[p] for p in prompts]),
         "embeds": embeds,
     }
+
+
+def _prompts_of(clips: list) -> dict:
+    """What a latent chunk records of its clips: a chunk of other clips is encoded again, not reused."""
+    return {"prompts": [c.prompt for c in clips]}
 
 
 def latent_stats(latents: dict) -> tuple[list[float], list[float]]:
@@ -280,7 +283,12 @@ def train_generator(out: str | os.PathLike, recipe: GeneratorRecipe = GeneratorR
     """Train (or resume) all three stages and save the pipeline to `out`; returns the manifest."""
     out = Path(out)
     work = out / ".work"
-    (work / "latents").mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    with locked(work / LOCK, wait=False):  # one trainer per output: a second is refused, naming the first
+        return _train_generator(out, work, recipe, report)
+
+
+def _train_generator(out: Path, work: Path, recipe: GeneratorRecipe, report) -> dict:
     recipe_path = work / "recipe.json"
     if recipe_path.is_file() and json.loads(recipe_path.read_text()) != asdict(recipe):
         raise ValueError(f"{work} holds a run with another recipe; remove it or train into another directory")

@@ -1,17 +1,20 @@
 """What the training loops share: a stage's resumable checkpoint, a loss log that a resumed stage rewinds,
-the learning-rate schedule, and the loss plot saved beside a trained model."""
+the learning-rate schedule, the loss plot saved beside a trained model, and the one resumable chunk cache
+(encoded latents, classifier readings)."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cvg.io.files import atomic_path, write_text_atomic
+from cvg.io.files import atomic_path, remove_stale_temporaries, write_text_atomic
 
 
 class Checkpoint:
@@ -97,3 +100,38 @@ class _Scale:
         xs = left + (right - left) * steps / self.last_step
         ys = top + (bottom - top) * (self.hi - values) / max(self.hi - self.lo, 1e-9)
         return list(zip(xs.tolist(), ys.tolist(), strict=True))
+
+
+def cached_chunks(
+    items: Iterable,
+    work: Path,
+    chunk: int,
+    describe: Callable[[list], dict],
+    read: Callable[[list], dict],
+    report: Callable[[str], None],
+) -> list[dict]:
+    """`read(batch)` of each `chunk` items, cached as WORK/000000.pt...; a cached chunk is reused only when
+    `describe(batch)` (which clips it holds) matches what it recorded."""
+    work.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(work, "*.pt")  # a killed trainer's; callers hold the output's lock
+    parts, batch, index = [], [], 0
+    start = time.perf_counter()
+
+    def flush():
+        path, which = work / f"{index:06d}.pt", describe(batch)
+        record = torch.load(path, weights_only=True) if path.is_file() else None
+        if record is None or any(record.get(k, v) != v for k, v in which.items()):  # other clips' chunk
+            record = {**read(batch), **which}
+            with atomic_path(path) as tmp:
+                torch.save(record, tmp)
+            report(f"read {index + len(batch)} clips ({time.perf_counter() - start:.0f} s)")
+        parts.append(record)
+
+    for item in items:
+        batch.append(item)
+        if len(batch) == chunk:
+            flush()
+            index, batch = index + chunk, []
+    if batch:
+        flush()
+    return parts

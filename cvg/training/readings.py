@@ -4,7 +4,6 @@ resumable chunks (one file per chunk, written atomically)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,11 +21,11 @@ from cvg.guidance.classifier import label_of
 from cvg.guidance.config import GuidanceConfig
 from cvg.guidance.inversion import invert
 from cvg.guidance.sampler import Denoiser
-from cvg.io.files import atomic_path, remove_stale_temporaries
 from cvg.io.video import to_uint8
 from cvg.models.wan import latent_normalisation, to_pixels
 from cvg.pipeline import CVGPipeline
 from cvg.training.config import ReadingConfig
+from cvg.training.loop import cached_chunks
 
 
 def guided_levels(pipe: WanPipeline, config: ReadingConfig) -> tuple[list[float], list[float]]:
@@ -110,41 +109,6 @@ class Readings:
         return torch.tensor([[1.0, 0.0]]).expand(len(self.true_labels), 2)
 
 
-def _cached_chunks(
-    items: Iterable,
-    work: Path,
-    chunk: int,
-    describe: Callable[[list], dict],
-    read: Callable[[list], dict],
-    report: Callable[[str], None],
-) -> list[dict]:
-    """`read(batch)` of each `chunk` items, cached as WORK/000000.pt...; a cached chunk is reused only when
-    `describe(batch)` (which clips it holds) matches what it recorded."""
-    work.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(work, "*.pt")  # a killed trainer's; callers hold the output's lock
-    parts, batch, index = [], [], 0
-    start = time.perf_counter()
-
-    def flush():
-        path, which = work / f"{index:06d}.pt", describe(batch)
-        record = torch.load(path, weights_only=True) if path.is_file() else None
-        if record is None or any(record.get(k, v) != v for k, v in which.items()):  # other clips' chunk
-            record = {**read(batch), **which}
-            with atomic_path(path) as tmp:
-                torch.save(record, tmp)
-            report(f"read {index + len(batch)} clips ({time.perf_counter() - start:.0f} s)")
-        parts.append(record)
-
-    for item in items:
-        batch.append(item)
-        if len(batch) == chunk:
-            flush()
-            index, batch = index + chunk, []
-    if batch:
-        flush()
-    return parts
-
-
 def _clips_described(clips: list[Clip]) -> dict:
     return {"true": [label_of(c.composition) for c in clips], "seeds": [c.seed for c in clips]}
 
@@ -183,7 +147,7 @@ def read_clips(
             "categories": [c.category for c, _ in batch],
         }
 
-    parts = _cached_chunks(clips, work, chunk, lambda batch: _clips_described([c for c, _ in batch]), read, report)
+    parts = cached_chunks(clips, work, chunk, lambda batch: _clips_described([c for c, _ in batch]), read, report)
     return _readings(parts)
 
 
@@ -251,7 +215,7 @@ def read_trajectories(
             "categories": [c.category for c in batch],
         }
 
-    return _readings(_cached_chunks(clips, work, chunk, _clips_described, read, report))
+    return _readings(cached_chunks(clips, work, chunk, _clips_described, read, report))
 
 
 def rendered(clips: Iterable[Clip]) -> Iterable[tuple[Clip, object]]:

@@ -1,6 +1,7 @@
 """`cvg train-generator` at toy size: trains, saves a WanPipeline directory, loads, generates, resumes exactly."""
 
 import json
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -10,6 +11,7 @@ from diffusers import WanPipeline
 
 from cvg.compshapes.grammar import held_out
 from cvg.guidance.config import GuidanceConfig
+from cvg.io.files import LockedError, locked
 from cvg.models.padding import collapse_padding
 from cvg.models.processors import KeyBiasWanAttnProcessor, TextBias, text_key_bias
 from cvg.models.wan import load_wan_pipeline
@@ -124,6 +126,40 @@ def test_another_recipe_in_the_same_directory_is_refused(toy_model):
     out, _ = toy_model
     with pytest.raises(ValueError, match="another recipe"):
         train_generator(out, GeneratorRecipe(seed=1), report=lambda _: None)
+
+
+def test_a_second_trainer_on_one_output_is_refused(toy_model):
+    out, _ = toy_model
+    with locked(out / ".work" / generator.LOCK), pytest.raises(LockedError, match=rf"pid {os.getpid()}\)"):
+        train_generator(out, TOY, report=lambda _: None)
+
+
+def test_a_latent_chunk_of_other_clips_is_encoded_again(toy_model):
+    """The latent cache is the readings' chunk cache: a chunk records its clips' prompts and is reused
+    only for those clips."""
+    out, _ = toy_model
+    first = torch.load(out / ".work" / "latents" / "000000.pt", weights_only=True)
+    clips = generator.training_clips(TOY, 2, 0, TOY.clips)
+    assert first["prompts"] == [c.prompt for c in clips]
+    reused = loop.cached_chunks(
+        clips,
+        out / ".work" / "latents",
+        100,
+        generator._prompts_of,
+        lambda _: pytest.fail("re-encoded"),
+        report=lambda _: None,
+    )
+    assert torch.equal(reused[0]["mean"], first["mean"])
+    other = generator.training_clips(replace(TOY, seed=5), 2, 0, TOY.clips)
+    with pytest.raises(pytest.fail.Exception, match="re-encoded"):
+        loop.cached_chunks(
+            other,
+            out / ".work" / "latents",
+            100,
+            generator._prompts_of,
+            lambda _: pytest.fail("re-encoded"),
+            report=lambda _: None,
+        )
 
 
 def test_training_never_sees_held_out_prompts():
