@@ -25,6 +25,8 @@ from cvg.cli.arguments import (
 from cvg.guidance.composition import KINDS
 from cvg.guidance.config import NORMALIZATIONS, GuidanceConfig
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
 # GuidanceConfig fields that are flags of generate and sample (guide_steps apart: None there means "the
 # configured window, shortened to the schedule").
 GUIDANCE_FLAGS = {
@@ -125,6 +127,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     )
     export.add_argument("--batch", type=number(int, 1, 64), default=1, help="videos per call (default 1)")
     export.add_argument("--max-sequence-length", type=TEXT_TOKENS, default=512, help="text tokens (default 512)")
+    _dtype_flag(export)
     export.add_argument("--cache", help="cache directory (default $CVG_CACHE/engines or ~/.cache/cvg/engines)")
     export.set_defaults(run=export_engine)
 
@@ -158,16 +161,28 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     config_flags(parser, GuidanceConfig, GUIDANCE_FLAGS)
     parser.add_argument("--guidance-scale", type=FINITE, default=5.0, help="classifier-free guidance scale (default 5)")
     parser.add_argument("--max-sequence-length", type=TEXT_TOKENS, default=512, help="text tokens (Wan pads to this)")
+    _dtype_flag(parser)
+
+
+def _dtype_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_NAMES,
+        default="float32",
+        help="precision of the transformer; the VAE decodes in float32 (default float32)",
+    )
 
 
 def _load(args: argparse.Namespace):
     """The CVGPipeline and the call arguments the model flags ask for."""
+    import torch
+
     from cvg.guidance.objectives import objective_for
     from cvg.pipeline import CVGPipeline
 
     guidance = config_from(args, GuidanceConfig, GUIDANCE_FLAGS)
     objective = None if args.objective == "auto" else objective_for(args.objective)
-    pipe = CVGPipeline.from_pretrained(args.model, objective=objective)
+    pipe = CVGPipeline.from_pretrained(args.model, objective=objective, transformer_dtype=getattr(torch, args.dtype))
     pipe.guidance = guidance
     if args.classifier:
         pipe.load_classifier(args.classifier)
@@ -305,7 +320,7 @@ def export_engine(args: argparse.Namespace) -> None:
     if len(args.shape) != 3:
         raise ValueError(f"--shape must be HEIGHTxWIDTHxFRAMES, got {'x'.join(map(str, args.shape))}")
     height, width, frames = args.shape
-    pipe = load_wan_pipeline(args.model)
+    pipe = load_wan_pipeline(args.model, transformer_dtype=getattr(torch, args.dtype))
     vae, transformer = pipe.vae.config, pipe.transformer
     latents = torch.empty(
         args.batch,

@@ -20,10 +20,14 @@ from cvg.models.vae_cpu import cpu_decoding
 MANIFEST = "generator.json"  # beside a saved WanPipeline: which packaged text encoder it was trained with
 
 
-def load_wan_pipeline(path: str | Path, **kwargs) -> WanPipeline:
+def load_wan_pipeline(path: str | Path, transformer_dtype: torch.dtype | None = None, **kwargs) -> WanPipeline:
     """`WanPipeline.from_pretrained` on a local directory, with the packaged MiniLM put back where the
-    directory's `generator.json` names it in place of a saved text encoder (cvg's trained generators)."""
+    directory's `generator.json` names it in place of a saved text encoder (cvg's trained generators).
+    `transformer_dtype` loads the transformer in that precision (diffusers keeps its norms, time embedding
+    and modulation in float32) and the rest in float32: the VAE's decode quality is kept apart."""
     path = Path(path)
+    if transformer_dtype is not None:
+        kwargs["dtype"] = {"transformer": transformer_dtype, "default": torch.float32}
     manifest = path / MANIFEST
     if manifest.is_file() and read_json_object(manifest).get("text_encoder") == PACKAGE:
         if "text_encoder" not in kwargs:
@@ -63,9 +67,10 @@ def video_size(
 
 
 def generator_description(transformer: torch.nn.Module, layers: list[int] | None, pool: tuple[int, int, int]) -> dict:
-    """What a classifier trained on this generator's maps is bound to: its weights, recorded layers, pooling."""
+    """What a classifier trained on this generator's maps is bound to: its weights (as bfloat16, so one
+    trained on the float32 model guides its bfloat16 load too), recorded layers, pooling."""
     return {
-        "transformer": model_key(transformer),
+        "transformer": model_key(transformer, torch.bfloat16),
         "layers": list(resolve_layers(transformer, layers)),
         "pool": list(pool),
     }
@@ -76,13 +81,18 @@ def to_pixels(frames: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(frames)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
 
 
-def model_key(transformer: torch.nn.Module) -> str:
+def model_key(transformer: torch.nn.Module, precision: torch.dtype | None = None) -> str:
     """A hash of the transformer's config and weights: cache entries of a changed model are never reused.
     Private config entries (`_name_or_path`, `_diffusers_version`, ...) say where a model was loaded from,
-    not what it computes, and are left out: a saved and reloaded model keeps its key."""
+    not what it computes, and are left out: a saved and reloaded model keeps its key. With `precision`,
+    floating weights are hashed as rounded to it: a float32 model and its bfloat16 load (diffusers keeps
+    some modules in float32) then share the key `precision=torch.bfloat16` gives."""
     config = {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in transformer.state_dict().items():
+        tensor = tensor.detach().cpu()
+        if precision is not None and tensor.is_floating_point():
+            tensor = tensor.to(precision)
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]

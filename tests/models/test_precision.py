@@ -1,0 +1,82 @@
+"""bfloat16 runs as accurately as diffusers' own bfloat16 (the flash-attention rule): each cvg path's
+error against a float64 reference is at most twice the error of the stock bf16 computation."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import make_problem
+
+from cvg import attention_pool
+from cvg.models.wan import load_wan_pipeline
+from cvg.runtime.step_engine import StepEngine, StepShape
+
+RULE = 2.0  # allowed error relative to the stock bf16 computation's, as flash-attention tests
+
+
+def _err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.detach().double() - want.detach().double()).abs().max())
+
+
+@pytest.fixture(scope="module")
+def transformers(tiny_model_dir):
+    """The tiny transformer in float64 (reference) and as diffusers loads it in bf16 (norms, time
+    embedding and modulation kept in float32)."""
+    float32 = load_wan_pipeline(tiny_model_dir).transformer
+    bf16 = load_wan_pipeline(tiny_model_dir, transformer_dtype=torch.bfloat16).transformer
+    assert bf16.dtype == torch.bfloat16
+    return copy.deepcopy(float32).double(), bf16
+
+
+def _inputs(transformer, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, transformer.config.in_channels, 3, 8, 8, generator=gen)
+    text = torch.randn(1, 64, transformer.config.text_dim, generator=gen)
+    text[:, 20:] = 0  # Wan's zero padding, which the engines collapse
+    return latents, torch.tensor([700.0]), text
+
+
+@torch.no_grad()
+def test_step_engine_in_bf16_is_as_accurate_as_diffusers_bf16(transformers):
+    reference, bf16 = transformers
+    latents, t, text = _inputs(reference)
+    want = reference(latents.double(), t, text.double(), return_dict=False)[0]
+    stock = bf16(latents.to(torch.bfloat16), t, text.to(torch.bfloat16), return_dict=False)[0]
+    text16 = text.to(torch.bfloat16)
+    engine = StepEngine(bf16, StepShape.of(latents.to(torch.bfloat16), text16))
+    got = engine(latents.to(torch.bfloat16), t, text16)
+    assert got.dtype == torch.bfloat16
+    assert _err(got, want) <= RULE * _err(stock, want), (_err(got, want), _err(stock, want))
+
+
+@pytest.mark.parametrize("keep_heads", [False, True])
+def test_attention_pool_bf16_is_as_accurate_as_sdpa_bf16(keep_heads):
+    """out, dq, dk, dv against SDPA in bf16; pooled against the maps of a bf16 softmax (what a stock
+    processor that reads attention probabilities gets), all measured on float64."""
+    p = make_problem(B=2, H=4, N=512, M=77, D=64, T=6, G=16, masked=False, keep_heads=keep_heads, seed=7)
+    p.q, p.k = p.q * 3, p.k * 3  # large logits: where half-precision softmax statistics go wrong
+    grad_out = torch.randn(p.q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def run(dtype, pool):
+        q, k, v = (x.detach().to(dtype).clone().requires_grad_() for x in (p.q, p.k, p.v))
+        if pool:
+            out, pooled = attention_pool(
+                q, k, v, p.groups, p.tokens, num_groups=p.num_groups, keep_heads=keep_heads, backend="torch"
+            )
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+            probs = torch.softmax((q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5, dim=-1)[..., p.tokens]
+            weights = torch.zeros(p.num_groups, q.shape[2], dtype=torch.float64)
+            weights[p.groups, torch.arange(q.shape[2])] = 1.0
+            weights /= weights.sum(1, keepdim=True).clamp_min(1)
+            pooled = torch.einsum("gn,bhnt->bhgt", weights.to(dtype), probs.detach())
+            pooled = pooled if keep_heads else pooled.mean(1)
+        out.backward(grad_out.to(dtype))
+        return out, pooled, q.grad, k.grad, v.grad
+
+    want = run(torch.float64, pool=False)
+    stock = run(torch.bfloat16, pool=False)
+    got = run(torch.bfloat16, pool=True)
+    for name, g, s, w in zip(("out", "pooled", "dq", "dk", "dv"), got, stock, want, strict=True):
+        assert _err(g, w) <= RULE * _err(s, w), (name, _err(g, w), _err(s, w))
