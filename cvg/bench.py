@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
         default=["onnxruntime", "compiled"],
         help="step-engine backends timed for guided generation (default onnxruntime,compiled; '' for none)",
     )
+    parser.add_argument(
+        "--dtypes",
+        type=lambda t: [d for d in t.split(",") if d],
+        default=["bfloat16"],
+        help="transformer precisions timed for unguided and guided generation besides float32 (default "
+        "bfloat16; '' for none)",
+    )
     parser.add_argument("--json", type=Path, help="write the raw results here")
     parser.add_argument("--write", type=Path, help="record the table in this Markdown file")
     parser.add_argument("--memory", choices=VARIANTS, help=argparse.SUPPRESS)  # child process modes
@@ -74,9 +81,13 @@ def _runner(variant: str, args: argparse.Namespace):
     from cvg.guidance.config import GuidanceConfig
     from cvg.models.processors import record_maps
     from cvg.models.tiny import tiny_wan_pipeline
+    from cvg.models.wan import cast_transformer
     from cvg.pipeline import CVGPipeline
 
+    variant, _, dtype = variant.partition("@")  # "guided@bfloat16": the transformer in that precision
     pipe = tiny_wan_pipeline(0, args.layers, args.heads, args.head_dim, args.ffn_dim)
+    if dtype:
+        cast_transformer(pipe.transformer, getattr(torch, dtype))
     common = dict(
         height=args.height,
         width=args.width,
@@ -119,7 +130,7 @@ def _runner(variant: str, args: argparse.Namespace):
 
 
 def measure_times(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
-    variants = (*VARIANTS, *(f"guided+{b}" for b in args.backends))
+    variants = (*VARIANTS, *(f"guided+{b}" for b in args.backends), *_dtype_variants(args))
     runners = {v: _runner(v, args)[0] for v in variants}
     first = {v: run()[0]["total"] for v, run in runners.items()}  # warm-up; engines build here
     rounds: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
@@ -127,6 +138,10 @@ def measure_times(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]
         for variant, run in runners.items():
             rounds[variant].append({**run()[0], "first_call": first[variant]})
     return rounds
+
+
+def _dtype_variants(args: argparse.Namespace) -> list[str]:
+    return [f"{v}@{d}" for d in args.dtypes for v in ("unguided", "guided")]
 
 
 def _memory_child(variant: str, args: argparse.Namespace) -> dict[str, int]:
@@ -212,6 +227,24 @@ def engine_table(times: dict, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def dtype_table(times: dict, args: argparse.Namespace) -> str:
+    """Unguided and guided generation with the transformer in each precision, against float32: unguided
+    against diffusers' eager float32 pipeline, guided against the float32 guided eager path."""
+    median = {v: statistics.median(r["total"] for r in rounds) for v, rounds in times.items()}
+    lines = [
+        "| variant | total (s) | guided steps (s) | unguided steps (s) | speedup over float32 |",
+        "|---|---|---|---|---|",
+    ]
+    for v in ("unguided", "guided", *_dtype_variants(args)):
+        base = "diffusers" if v.startswith("unguided") else "guided"
+        steps = {k: statistics.median(r[k] for r in times[v]) for k in ("guided_steps", "unguided_steps")}
+        lines.append(
+            f"| {v} | {median[v]:.3f} | {steps['guided_steps']:.3f} | {steps['unguided_steps']:.3f} "
+            f"| {median[base] / median[v]:.2f} (over {base}) |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.memory:
@@ -228,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
         str(args.repeats),
         "--backends",
         ",".join(args.backends),
+        "--dtypes",
+        ",".join(args.dtypes),
         "--times",
     ]
     times = json_child(argv, TIMING_ENV, "timing run")
@@ -236,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     engines = engine_table(times, args) if args.backends else ""
     print("\n" + engines if engines else "")
+    precisions = dtype_table(times, args) if args.dtypes else ""
+    print("\n" + precisions if precisions else "")
     if args.json:
         record = {"args": _size_argv(args), "times": times, "peak_bytes": memory}
         write_text_atomic(args.json, json.dumps(record, indent=1))
@@ -265,6 +302,17 @@ def main(argv: list[str] | None = None) -> None:
                 args.write,
                 "cvg_bench_engines",
                 f"Command: `python -m cvg.bench`\n\n{engine_note}\n\n{text.splitlines()[0]}\n\n{engines}",
+            )
+        if precisions:
+            precision_note = (
+                "Precision: the same generations with the transformer cast as `from_pretrained(dtype=)` loads it "
+                "(norms, time embedding and modulation kept in float32), the VAE in float32, eager. Speedups "
+                "are over float32 in the same run: unguided rows over the diffusers row, guided over guided."
+            )
+            write_section(
+                args.write,
+                "cvg_bench_precision",
+                f"Command: `python -m cvg.bench`\n\n{precision_note}\n\n{text.splitlines()[0]}\n\n{precisions}",
             )
 
 

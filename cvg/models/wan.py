@@ -35,6 +35,19 @@ def load_wan_pipeline(path: str | Path, transformer_dtype: torch.dtype | None = 
     return WanPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
 
 
+@torch.no_grad()
+def cast_transformer(transformer: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast a built transformer as `from_pretrained(dtype=)` loads one: parameters and buffers under the
+    modules the class keeps in float32 (`_keep_in_fp32_modules`: Wan's norms, time embedding and
+    modulation) stay float32, the rest take `dtype` (diffusers' rule on parameter names)."""
+    keep = getattr(transformer, "_keep_in_fp32_modules", None) or []
+    for name, tensor in [*transformer.named_parameters(), *transformer.named_buffers()]:
+        if tensor.is_floating_point():
+            kept = any(module in name.split(".") for module in keep)
+            tensor.data = tensor.data.to(torch.float32 if kept else dtype)
+    return transformer
+
+
 def latent_normalisation(vae) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (mean, std) `[1, C, 1, 1, 1]` by which WanPipeline normalises the VAE's latents."""
     shape = (1, vae.config.z_dim, 1, 1, 1)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from reference import make_problem
 
 from cvg import attention_pool
-from cvg.models.wan import load_wan_pipeline
+from cvg.models.wan import cast_transformer, load_wan_pipeline
 from cvg.runtime.step_engine import StepEngine, StepShape
 
 RULE = 2.0  # allowed error relative to the stock bf16 computation's, as flash-attention tests
@@ -80,3 +80,12 @@ def test_attention_pool_bf16_is_as_accurate_as_sdpa_bf16(keep_heads):
     got = run(torch.bfloat16, pool=True)
     for name, g, s, w in zip(("out", "pooled", "dq", "dk", "dv"), got, stock, want, strict=True):
         assert _err(g, w) <= RULE * _err(s, w), (name, _err(g, w), _err(s, w))
+
+
+def test_cast_transformer_matches_diffusers_bf16_load(tiny_model_dir):
+    """The benchmark's cast of a built model is what `from_pretrained(dtype=)` loads: same dtypes, same values."""
+    loaded = load_wan_pipeline(tiny_model_dir, transformer_dtype=torch.bfloat16).transformer.state_dict()
+    cast = cast_transformer(load_wan_pipeline(tiny_model_dir).transformer, torch.bfloat16).state_dict()
+    assert {k: v.dtype for k, v in cast.items()} == {k: v.dtype for k, v in loaded.items()}
+    assert {v.dtype for v in cast.values()} == {torch.float32, torch.bfloat16}  # some modules are kept in float32
+    assert all(torch.equal(cast[k], loaded[k]) for k in loaded)
