@@ -24,8 +24,7 @@ from cvg.cli.arguments import (
 )
 from cvg.guidance.composition import KINDS
 from cvg.guidance.config import NORMALIZATIONS, GuidanceConfig
-
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
+from cvg.models import PRECISIONS
 
 # GuidanceConfig fields that are flags of generate and sample (guide_steps apart: None there means "the
 # configured window, shortened to the schedule").
@@ -167,7 +166,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
 def _dtype_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
-        choices=DTYPE_NAMES,
+        choices=PRECISIONS,
         default="float32",
         help="precision of the transformer; the VAE decodes in float32 (default float32)",
     )

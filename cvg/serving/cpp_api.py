@@ -8,15 +8,21 @@ C++ side copies into its buffer with Python's lock released.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from cvg.guidance.config import GuidanceConfig
 from cvg.io.video import to_uint8
+from cvg.models import PRECISIONS
 from cvg.serving.service import Engine
 
 
 def open_engine(model: str, options: dict) -> Engine:
     """`options`: height, width, frames (0 = the model's size), steps, guide_steps, guidance_scale,
-    backend ("" = diffusers eager), cache_dir ("" = default), classifier ("" = training-free objectives)."""
+    backend ("" = diffusers eager), cache_dir ("" = default), classifier ("" = training-free objectives),
+    dtype (the transformer's precision: float32, bfloat16 or float16)."""
+    dtype = options.get("dtype", "float32")
+    if dtype not in PRECISIONS:
+        raise ValueError(f"dtype must be one of {', '.join(PRECISIONS)}, got {dtype!r}")
     return Engine(
         model,
         options["height"] or None,
@@ -28,6 +34,7 @@ def open_engine(model: str, options: dict) -> Engine:
         classifier=options["classifier"] or None,
         backend=options["backend"] or None,
         cache_dir=options["cache_dir"] or None,
+        transformer_dtype=getattr(torch, dtype),
     )
 
 

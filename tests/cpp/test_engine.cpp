@@ -100,6 +100,16 @@ int main(int argc, char** argv) {
   const cvg::Video after = engine.generate(requests[0].prompt, requests[0].composition, requests[0].seed);
   check(after.pixels == sequential[0].pixels, "after the errors the engine still gives the same video");
 
+  cvg::EngineOptions half = options;
+  half.dtype = "float64";
+  const std::string bad_dtype = error_of([&] { cvg::Engine(model, half); });
+  check(one_line_naming(bad_dtype, "float64"), "an unknown dtype is a one-line cvg::Error: " + bad_dtype);
+  half.dtype = "bfloat16";
+  const cvg::Engine bf16(model, half);
+  const cvg::Video video = bf16.generate(requests[0].prompt, requests[0].composition, requests[0].seed);
+  check(video.pixels.size() == bf16.frame_bytes() && video.objective_values.size() == sequential[0].objective_values.size(),
+        "a bfloat16 engine gives a whole video and one objective value per update");
+
   std::cout << (failures ? "FAILED " + std::to_string(failures) : std::string("all checks hold")) << std::endl;
   return failures ? 1 : 0;
 }
