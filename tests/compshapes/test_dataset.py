@@ -91,8 +91,10 @@ def _kill_after(argv: list[str], out, records: int, extra: float) -> int:
 
 def test_killed_dataset_writes_resume_with_every_record_once(tmp_path):
     """Killed mid-job at drawn moments (a clip file or an index line may be cut short), then run to the end:
-    the same set as one uninterrupted write, every record once."""
-    write_dataset(tmp_path / "whole", 16, seed=3, frames=9, height=32, width=32)
+    the same set as one uninterrupted write, every record once. A record takes ~5 ms here: 64 of them
+    leave every kill (at most 50 ms after its count) ten times the time it needs to land mid-job."""
+    COUNT = 64
+    write_dataset(tmp_path / "whole", COUNT, seed=3, frames=9, height=32, width=32)
     argv = [
         sys.executable,
         "-m",
@@ -101,7 +103,7 @@ def test_killed_dataset_writes_resume_with_every_record_once(tmp_path):
         "--out",
         str(tmp_path / "killed"),
         "--count",
-        "16",
+        str(COUNT),
         "--seed",
         "3",
         "--frames",
@@ -111,10 +113,10 @@ def test_killed_dataset_writes_resume_with_every_record_once(tmp_path):
     ]
     rng = np.random.default_rng(0)
     left = [_kill_after(argv, tmp_path / "killed", n, float(rng.uniform(0, 0.05))) for n in (2, 6, 10)]
-    assert all(0 < n < 16 for n in left)  # each kill came mid-job
+    assert all(0 < n < COUNT for n in left)  # each kill came mid-job
     assert subprocess.run(argv, capture_output=True).returncode == 0
     whole, killed = read_index(tmp_path / "whole"), read_index(tmp_path / "killed")
-    assert sorted(r["id"] for r in killed) == list(range(16))
+    assert sorted(r["id"] for r in killed) == list(range(COUNT))
     by_id = {r["id"]: r for r in killed}
     for record in whole:
         assert by_id[record["id"]] == record
@@ -123,8 +125,10 @@ def test_killed_dataset_writes_resume_with_every_record_once(tmp_path):
 
 
 def test_killed_sample_resumes_with_every_record_once(tiny_model_dir, tmp_path):
+    # A clip takes ~0.12 s here: after the kill at 3 records (0.2 s late) 9 more take 5x that time.
+    RECORDS = 12
     specs = tmp_path / "specs"
-    write_dataset(specs, 6, seed=2, frames=5, height=32, width=32)
+    write_dataset(specs, RECORDS, seed=2, frames=5, height=32, width=32)
     argv = [
         sys.executable,
         "-m",
@@ -146,15 +150,15 @@ def test_killed_sample_resumes_with_every_record_once(tiny_model_dir, tmp_path):
         "32",
     ]
     left = [_kill_after(argv, tmp_path / "out", n, 0.2) for n in (1, 3)]
-    assert all(0 < n < 6 for n in left)
+    assert all(0 < n < RECORDS for n in left)
     done = subprocess.run(argv, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     records = read_index(tmp_path / "out")
-    assert sorted(r["id"] for r in records) == list(range(6))
+    assert sorted(r["id"] for r in records) == list(range(RECORDS))
     assert all(read_frames(tmp_path / "out", r).shape == (5, 32, 32, 3) for r in records)
     again = subprocess.run([*argv, "--seed", "1"], capture_output=True, text=True)
     assert again.returncode == 2 and "resume with the same settings" in again.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1])["clips"] == 6
+    assert json.loads(done.stdout.strip().splitlines()[-1])["clips"] == RECORDS
 
 
 def test_eval_reads_no_file_outside_the_dataset(tmp_path):
