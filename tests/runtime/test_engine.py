@@ -164,6 +164,22 @@ def test_tensorrt_says_why_it_cannot_load_here(tiny_pipe, tmp_path):
         build_engine(tiny_pipe.transformer, StepShape.of(x, e), "tensorrt", tmp_path)
 
 
+def test_a_precision_a_backend_cannot_bind_is_refused_or_falls_back_saying_so(tiny_model_dir, tmp_path):
+    """bf16 has no ONNX Runtime input binding: asked for by name it is a one-line EngineError (nothing
+    exported), and `auto` falls back to torch with a warning that says why."""
+    from cvg.models.wan import load_wan_pipeline
+    from cvg.runtime import EngineError
+
+    transformer = load_wan_pipeline(tiny_model_dir, transformer_dtype=torch.bfloat16).transformer
+    x, _, e = _inputs()
+    shape = StepShape.of(x.to(torch.bfloat16), e.to(torch.bfloat16))
+    with pytest.raises(EngineError, match="no bfloat16 input binding"):
+        build_engine(transformer, shape, "onnxruntime", tmp_path)
+    assert not list(tmp_path.iterdir())
+    with pytest.warns(RuntimeWarning, match="no bfloat16 input binding.*trying the next backend"):
+        assert build_engine(transformer, shape, "auto", tmp_path).backend == "torch"
+
+
 def test_export_command_builds_the_cache_once(tiny_model_dir, tmp_path, capsys):
     from cvg.cli import main
 
