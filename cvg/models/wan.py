@@ -27,6 +27,8 @@ def load_wan_pipeline(path: str | Path, transformer_dtype: torch.dtype | None = 
     and modulation in float32) and the rest in float32: the VAE's decode quality is kept apart."""
     path = Path(path)
     if transformer_dtype is not None:
+        if "dtype" in kwargs or "torch_dtype" in kwargs:
+            raise ValueError("give transformer_dtype or diffusers' dtype, not both")
         kwargs["dtype"] = {"transformer": transformer_dtype, "default": torch.float32}
     manifest = path / MANIFEST
     if manifest.is_file() and read_json_object(manifest).get("text_encoder") == PACKAGE:

@@ -89,3 +89,8 @@ def test_cast_transformer_matches_diffusers_bf16_load(tiny_model_dir):
     assert {k: v.dtype for k, v in cast.items()} == {k: v.dtype for k, v in loaded.items()}
     assert {v.dtype for v in cast.values()} == {torch.float32, torch.bfloat16}  # some modules are kept in float32
     assert all(torch.equal(cast[k], loaded[k]) for k in loaded)
+
+
+def test_transformer_dtype_and_diffusers_dtype_together_are_refused(tiny_model_dir):
+    with pytest.raises(ValueError, match="not both"):
+        load_wan_pipeline(tiny_model_dir, transformer_dtype=torch.bfloat16, dtype=torch.float32)

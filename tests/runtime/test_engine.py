@@ -180,13 +180,12 @@ def test_a_precision_a_backend_cannot_bind_is_refused_or_falls_back_saying_so(ti
         assert build_engine(transformer, shape, "auto", tmp_path).backend == "torch"
 
 
-def test_export_command_builds_the_cache_once(tiny_model_dir, tmp_path, capsys):
-    from cvg.cli import main
-
-    argv = [
+def _export_argv(model, cache) -> list[str]:
+    """`cvg export` of the tiny model at one small shape into `cache`."""
+    return [
         "export",
         "--model",
-        str(tiny_model_dir),
+        str(model),
         "--shape",
         "64x64x9",
         "--backend",
@@ -194,8 +193,14 @@ def test_export_command_builds_the_cache_once(tiny_model_dir, tmp_path, capsys):
         "--max-sequence-length",
         "32",
         "--cache",
-        str(tmp_path),
+        str(cache),
     ]
+
+
+def test_export_command_builds_the_cache_once(tiny_model_dir, tmp_path, capsys):
+    from cvg.cli import main
+
+    argv = _export_argv(tiny_model_dir, tmp_path)
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["backend"] == "onnxruntime" and report["shape"] == "1x16x3x8x8x32x384k32-float32"
@@ -266,22 +271,7 @@ def test_a_killed_export_leaves_no_file_that_is_used(tiny_model_dir, tmp_path):
 
     from cvg.io.files import verified
 
-    argv = [
-        sys.executable,
-        "-m",
-        "cvg",
-        "export",
-        "--model",
-        str(tiny_model_dir),
-        "--shape",
-        "64x64x9",
-        "--backend",
-        "onnxruntime",
-        "--max-sequence-length",
-        "32",
-        "--cache",
-        str(tmp_path),
-    ]
+    argv = [sys.executable, "-m", "cvg", *_export_argv(tiny_model_dir, tmp_path)]
     # Killed at a set moment, not by a race against a fast write: the exporter kills itself once the whole
     # export is in its temporary file, before it is checked, digested and renamed into place.
     code = (
