@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 from diffusers import WanPipeline
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+from diffusers.utils.torch_utils import randn_tensor
 
 from cvg.guidance.binding import BoundComposition
 from cvg.guidance.composition import Composition
 from cvg.guidance.config import GuidanceConfig
-from cvg.guidance.objectives import Objective, objective_for
-from cvg.guidance.sampler import Denoiser, GuidedStep, denoise
+from cvg.guidance.objectives import GEOMETRIC_KINDS, Objective, SumObjective, objective_for
+from cvg.guidance.sampler import Denoiser, GuidedStep, denoise, select_noise
 from cvg.io.files import read_json_object
 from cvg.models.wan import decode_latents, generator_description, load_wan_pipeline
 from cvg.runtime.guided_graph import GuidedStepGraph, graph_key
@@ -40,6 +41,7 @@ class CVGOutput:
     objective_values: list[torch.Tensor] = field(default_factory=list)  # per guided update: [B]
     steps: list[GuidedStep] = field(default_factory=list)
     composition: BoundComposition | None = None
+    candidate_scores: torch.Tensor | None = None  # [candidates, B] objective of each initial noise, when chosen
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase of this call
 
 
@@ -187,6 +189,8 @@ class CVGPipeline:
             bound = self.bind(prompt, composition, max_sequence_length)
             kind = bound.composition.kind
             objective = self.objective or self._objectives.setdefault(kind, objective_for(kind))
+            if self.objective is not None and config.geometric and kind in GEOMETRIC_KINDS:
+                objective = SumObjective(self.objective, self._objectives.setdefault(kind, objective_for(kind)))
             if config.target_loss is None and config.bounded:  # the objective's own bound, if it has one
                 config = replace(config, target_loss=getattr(objective, "target_loss", None))
 
@@ -222,6 +226,13 @@ class CVGPipeline:
             generator,
             latents,
         )
+        scores = None
+        if objective is not None and config.candidates > 1:
+            noises = [latents] + [
+                randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+                for _ in range(config.candidates - 1)
+            ]
+            latents, scores = select_noise(denoiser, noises, timesteps[0], objective, bound, config)
         pipe.scheduler.set_begin_index(0)
         if self.engine is not None:
             texts = [e for e in (denoiser.prompt_embeds, denoiser.negative_prompt_embeds) if e is not None]
@@ -259,7 +270,8 @@ class CVGPipeline:
             "unguided_steps": marks[-2] - marks[guided],
             "vae_decode": marks[-1] - marks[-2],
         }
-        return CVGOutput(frames, [s.maps for s in history], [s.loss for s in history], history, bound, timings)
+        maps, values = [s.maps for s in history], [s.loss for s in history]
+        return CVGOutput(frames, maps, values, history, bound, scores, timings)
 
     def check_inputs(
         self,

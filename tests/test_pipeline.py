@@ -289,3 +289,45 @@ def test_non_finite_values_never_reach_the_video(tiny_pipe, monkeypatch):
 def test_call_arguments_are_checked_by_name(tiny_pipe, call, message):
     with pytest.raises(ValueError, match=message):
         CVGPipeline(tiny_pipe)("a red cube", **{**SMALL, "guide_steps": 0, **call})
+
+
+def test_candidate_noises_keep_the_best_scored_one(tiny_pipe):
+    """With `candidates` K, the K noises are the plain draw and the generator's next K-1 draws; per item the
+    one the objective scores lowest at the first timestep is denoised, so its score is the lowest of the K
+    and K=1 is the run without selection."""
+    prompts = ["a red cube to the left of a blue ball"] * 2
+    kw = dict(output_type="latent", guidance_strength=0.0, **SMALL)
+    plain = CVGPipeline(tiny_pipe, guidance=GuidanceConfig(guide_steps=1, pool=(1, 1, 1)))
+    single = plain(prompts, "red cube left of blue ball", generator=_seeded(0), **kw)
+    assert single.candidate_scores is None
+    pipe = CVGPipeline(tiny_pipe, guidance=GuidanceConfig(guide_steps=1, pool=(1, 1, 1), candidates=6))
+    out = pipe(prompts, "red cube left of blue ball", generator=_seeded(0), **kw)
+    scores = out.candidate_scores
+    assert scores.shape == (6, 2)
+    torch.testing.assert_close(out.steps[0].loss, scores.min(dim=0).values, rtol=0, atol=0)
+    torch.testing.assert_close(scores[0], single.steps[0].loss, rtol=0, atol=0)  # candidate 0: the plain draw
+    chosen = scores.argmin(dim=0)
+    assert chosen.tolist() != [0, 0], "this seed's test needs a candidate other than the first to win"
+    for item, best in enumerate(chosen.tolist()):  # the same denoising as a run started from that noise
+        noises = torch.randn((6, 2, 16, 3, 8, 8), generator=_seeded(0)).flatten(0, 1)  # as diffusers draws them
+        started = plain(prompts, "red cube left of blue ball", latents=noises[2 * best : 2 * best + 2], **kw)
+        torch.testing.assert_close(out.frames[item], started.frames[item], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="candidates must be at least 1, got 0"):
+        CVGPipeline(tiny_pipe, guidance=GuidanceConfig(candidates=0))(prompts, "red cube left of blue ball", **SMALL)
+
+
+def test_geometric_adds_the_training_free_objective_to_the_classifier(tiny_pipe):
+    """`geometric`: for spatial and motion compositions the guided loss is the classifier's plus the
+    kind's training-free objective (its target the classifier's); presence compositions keep the classifier's."""
+    base = GuidanceConfig(guide_steps=1, pool=(1, 1, 1))
+    objective = _classifier_objective()
+    for kind, extra in (("spatial", SpatialRelation()), ("motion", MotionDirection()), ("presence", None)):
+        prompt, composition = PROMPTS[kind]
+        kw = dict(generator=_seeded(0), output_type="latent", guidance_strength=0.0, **SMALL)
+        alone = CVGPipeline(tiny_pipe, objective=objective, guidance=base)(prompt, composition, **kw)
+        both = CVGPipeline(tiny_pipe, objective=objective, guidance=replace(base, geometric=True))
+        out = both(prompt, composition, **{**kw, "generator": _seeded(0)})
+        expected = alone.steps[0].loss
+        if extra is not None:
+            expected = expected + extra(alone.maps[0], both.bind(prompt, composition, 64))
+        torch.testing.assert_close(out.steps[0].loss, expected, rtol=1e-6, atol=1e-6)

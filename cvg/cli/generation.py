@@ -29,6 +29,7 @@ from cvg.models import PRECISIONS
 # GuidanceConfig fields that are flags of generate and sample (guide_steps apart: None there means "the
 # configured window, shortened to the schedule").
 GUIDANCE_FLAGS = {
+    "candidates": {"type": number(int, 1, 64)},
     "strength": {"type": NON_NEGATIVE},
     "iterations": {"type": number(int, 1, 100)},
     "normalize": {"choices": NORMALIZATIONS},

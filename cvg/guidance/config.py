@@ -22,6 +22,14 @@ class GuidanceConfig:
 
     guide_steps: int = documented(4, "guided steps at the start")
     guide_sigma: float | None = documented(None, "guide every step whose sigma is at least this (sets guide_steps)")
+    candidates: int = documented(
+        1, "initial noises drawn per video; the one the objective scores best at the first step is denoised"
+    )
+    geometric: bool = documented(
+        False,
+        "with a classifier: add the training-free objective of spatial and motion compositions "
+        "(centroid relation, centroid motion) to its loss",
+    )
     strength: float = documented(0.1, "RMS of each latent update, the largest with normalize polyak")
     iterations: int = documented(1, "at most this many updates per guided step (fewer once target_loss is reached)")
     normalize: str = documented(
@@ -50,6 +58,8 @@ class GuidanceConfig:
             raise ValueError(
                 f"guide_steps must be between 0 and num_inference_steps ({num_inference_steps}), got {self.guide_steps}"
             )
+        if self.candidates < 1:
+            raise ValueError(f"candidates must be at least 1, got {self.candidates}")
         if self.iterations < 1:
             raise ValueError(f"iterations must be at least 1, got {self.iterations}")
         if self.normalize not in NORMALIZATIONS:

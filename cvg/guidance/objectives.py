@@ -107,6 +107,20 @@ class MotionDirection(_CentroidObjective):
         return ((path - path.mean(dim=1, keepdim=True)) * time).sum(dim=1) / time.square().sum()
 
 
+class SumObjective:
+    """The sum of several objectives' losses; its `target_loss` is the sum of theirs (0 for one without)."""
+
+    def __init__(self, *parts: Objective):
+        self.parts = parts
+        self.target_loss = sum(getattr(part, "target_loss", None) or 0.0 for part in parts)
+
+    def __call__(self, maps: torch.Tensor, bound: BoundComposition, timestep: torch.Tensor | None = None):
+        return sum(part(maps, bound, timestep) for part in self.parts)
+
+
+GEOMETRIC_KINDS = ("spatial", "motion")  # kinds whose training-free objective measures the composition itself
+
+
 def objective_for(kind: str) -> Objective:
     """The training-free objective that fits a composition kind."""
     return {"spatial": SpatialRelation, "motion": MotionDirection, "presence": TokenPresence}[kind]()

@@ -7,7 +7,8 @@ objective is already at `target_loss` is left where it is (the step is bounded: 
 the objective past what its classifier was trained to be confident of). Then the step continues as in
 diffusers: a gradient-free prediction (with classifier-free guidance when on) and the scheduler's step,
 with solver history that cannot overwrite the guided latent (`guided_solver`). Later steps are
-unguided. With no guided step this is WanPipeline's loop, op for op.
+unguided. With no guided step this is WanPipeline's loop, op for op. Before the loop, the pipeline may
+choose the initial noise among several by the same objective (`select_noise`).
 """
 
 from __future__ import annotations
@@ -225,6 +226,23 @@ def latent_update(
     step = _step(torch.nan_to_num(grad), torch.nan_to_num(loss), config)
     step = torch.where(move.view(-1, *([1] * (latents.dim() - 1))), step, 0.0)
     return (latents - step).detach(), loss, maps, ~finite
+
+
+def select_noise(
+    denoiser: Denoiser,
+    noises: list[torch.Tensor],
+    t: torch.Tensor,
+    objective: Objective,
+    bound: BoundComposition,
+    config: GuidanceConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of several initial noises `[B, ...]` for the same items, per item the one whose objective at timestep
+    `t` is lowest (the first on ties): returns (latents `[B, ...]`, objective `[K, B]`). One recorded
+    forward per noise, without gradient, so it costs a fraction of one guided step."""
+    inputs = denoiser.prepare(bound, config)
+    losses = torch.stack([denoiser.score(x, t, objective, bound, config, inputs=inputs)[0] for x in noises])
+    best = torch.nan_to_num(losses, nan=float("inf")).argmin(dim=0)
+    return torch.stack(noises)[best, torch.arange(len(best))], losses
 
 
 @contextmanager

@@ -5,7 +5,14 @@ import torch
 
 from cvg.guidance.binding import BoundComposition
 from cvg.guidance.composition import Composition
-from cvg.guidance.objectives import MotionDirection, SpatialRelation, TokenPresence, centroids, objective_for
+from cvg.guidance.objectives import (
+    MotionDirection,
+    SpatialRelation,
+    SumObjective,
+    TokenPresence,
+    centroids,
+    objective_for,
+)
 
 
 def _bound(text):
@@ -85,3 +92,16 @@ def _bound_batch(bound, batch):
 def test_objective_rejects_other_kinds():
     with pytest.raises(ValueError, match="needs a spatial composition"):
         SpatialRelation()(_maps(_blob(2, 4, 4, [0.5] * 2, [0.5] * 2)), _bound("ball moves up"))
+
+
+def test_sum_objective_adds_losses_and_targets():
+    class _Constant:
+        def __init__(self, value, target=None):
+            self.value, self.target_loss = value, target
+
+        def __call__(self, maps, bound, timestep=None):
+            return torch.full((maps.shape[0],), self.value)
+
+    summed = SumObjective(_Constant(1.5, 0.25), _Constant(2.0))
+    assert summed.target_loss == 0.25
+    assert summed(torch.zeros(3, 1), None).tolist() == [3.5, 3.5, 3.5]
