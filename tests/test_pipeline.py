@@ -319,7 +319,7 @@ def test_candidate_noises_keep_the_best_scored_one(tiny_pipe):
 def test_geometric_adds_the_training_free_objective_to_the_classifier(tiny_pipe):
     """`geometric`: for spatial and motion compositions the guided loss is the classifier's plus the
     kind's training-free objective (its target the classifier's); presence compositions keep the classifier's."""
-    base = GuidanceConfig(guide_steps=1, pool=(1, 1, 1))
+    base = GuidanceConfig(guide_steps=1, pool=(1, 1, 1), geometric=False)
     objective = _classifier_objective()
     for kind, extra in (("spatial", SpatialRelation()), ("motion", MotionDirection()), ("presence", None)):
         prompt, composition = PROMPTS[kind]

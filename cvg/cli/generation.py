@@ -30,6 +30,7 @@ from cvg.models import PRECISIONS
 # configured window, shortened to the schedule").
 GUIDANCE_FLAGS = {
     "candidates": {"type": number(int, 1, 64)},
+    "geometric": {"action": argparse.BooleanOptionalAction},
     "strength": {"type": NON_NEGATIVE},
     "iterations": {"type": number(int, 1, 100)},
     "normalize": {"choices": NORMALIZATIONS},

@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 
 from cvg.cli import build_parser, main
+from cvg.cli.arguments import config_from
+from cvg.cli.generation import GUIDANCE_FLAGS
 from cvg.guidance.config import GuidanceConfig
 
 SMALL = [
@@ -46,6 +48,13 @@ def test_the_parser_loads_no_model_stack():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("flag, geometric", [([], True), (["--no-geometric"], False), (["--geometric"], True)])
+def test_geometric_flag(flag, geometric):
+    """The geometric term is on by default (GuidanceConfig) and `--no-geometric` turns it off."""
+    args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p", "--out", "o.mp4", *flag])
+    assert config_from(args, GuidanceConfig, GUIDANCE_FLAGS).geometric is geometric
 
 
 def test_generate_mp4_and_maps(tiny_model_dir, tmp_path, capsys):
