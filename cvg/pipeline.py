@@ -188,9 +188,10 @@ class CVGPipeline:
         if guided:
             bound = self.bind(prompt, composition, max_sequence_length)
             kind = bound.composition.kind
-            objective = self.objective or self._objectives.setdefault(kind, objective_for(kind))
+            training_free = self._objectives.setdefault(kind, objective_for(kind))
+            objective = self.objective or training_free
             if self.objective is not None and config.geometric and kind in GEOMETRIC_KINDS:
-                objective = SumObjective(self.objective, self._objectives.setdefault(kind, objective_for(kind)))
+                objective = SumObjective(self.objective, training_free)
             if config.target_loss is None and config.bounded:  # the objective's own bound, if it has one
                 config = replace(config, target_loss=getattr(objective, "target_loss", None))
 
