@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -58,12 +59,14 @@ def evaluate(
     reference: str | os.PathLike | None = None,
     quality: bool = True,
     limit: int | None = None,
+    ids: Collection[int] | None = None,
 ) -> dict:
     """Accuracy per category (and counterfactual rejection where records carry counterfactuals) over the
-    first `limit` clips (all by default); with `quality`, the Fréchet distance to reference renders (a
-    dataset directory, or as many fresh renders as clips, at most 500) and artefact rates."""
+    first `limit` clips (all by default), of those only the clips with `ids` if given; with `quality`, the
+    Fréchet distance to reference renders (a dataset directory, or as many fresh renders as clips, at most
+    500) and artefact rates."""
     directory = Path(directory)
-    records = read_index(index or directory)[:limit]
+    records = [r for r in read_index(index or directory)[:limit] if ids is None or r.get("id") in ids]
     if not records:
         raise FileNotFoundError(f"no clips listed in {index or directory / INDEX}")
     tallies: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # holds, total, rejected, counterfactuals

@@ -10,7 +10,6 @@ reversed, count changed, another colour.
 
 from __future__ import annotations
 
-import re
 import zlib
 from dataclasses import dataclass, replace
 
@@ -31,23 +30,15 @@ RELATION_PHRASES = {
 OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above", "up": "down", "down": "up"}
 MOTION_VERBS = ("moving", "moves", "travelling")
 _NUMBER_WORDS = {v: k for k, v in NUMBERS.items()}
-# Label transfer: wordings a classifier's training labels never contain (`seen_wording` replaces each with
-# the first of its seen equivalents); a transfer test phrases its labels only in them (`transfer_wording`).
-TRANSFER_WORDINGS = {
-    "block": ("cube", "square"),
-    "blocks": ("cubes", "squares"),
-    "sphere": ("ball", "circle"),
-    "spheres": ("balls", "circles"),
-    "pyramid": ("triangle",),
-    "pyramids": ("triangles",),
-    "on the left side of": ("to the left of", "left of"),
-    "on the right side of": ("to the right of", "right of"),
-    "on top of": ("above",),
-    "beneath": ("below", "under"),
-    "travels": ("moves",),
-    "as well as": ("and",),
-    "2": ("two",),
-    "3": ("three",),
+# Label transfer: whole compositions a label-transfer classifier never trains on, by category: the colours
+# its label names and the relation or direction of which it uses one. Each is closed under the clip's
+# counterfactual (colours swapped, relation flipped, direction reversed, count changed), so neither
+# reading of a held-out clip reaches training.
+NOVEL_COMPOSITIONS = {
+    "attribute": (("red", "green"), ()),  # red and green bound together
+    "spatial": (("blue",), (*RELATION_PHRASES["above"], *RELATION_PHRASES["below"])),  # blue, above or below
+    "motion": (("yellow",), ("up", "down")),  # a yellow thing moving vertically
+    "numeracy": (("red",), ()),  # red things counted
 }
 
 
@@ -232,17 +223,10 @@ def _numeracy(rng, words, seed, size, colours, shapes, frames, height, width) ->
     )
 
 
-def _rewrite(text: str, table: dict[str, str]) -> str:
-    """Replace whole-word phrases of `table`, longest first, in one pass."""
-    pattern = "|".join(re.escape(p) for p in sorted(table, key=len, reverse=True))
-    return re.sub(rf"\b(?:{pattern})\b", lambda m: table[m.group(0)], text)
-
-
-def seen_wording(label: str) -> str:
-    """`label` without the held-out transfer wordings (what a label-transfer classifier trains on)."""
-    return _rewrite(label, {held: seen[0] for held, seen in TRANSFER_WORDINGS.items()})
-
-
-def transfer_wording(label: str) -> str:
-    """`label` phrased in the held-out transfer wordings wherever it has one."""
-    return _rewrite(label, {word: held for held, seen in TRANSFER_WORDINGS.items() for word in seen})
+def novel_composition(category: str, label: str) -> bool:
+    """Whether a `category` label states one of `NOVEL_COMPOSITIONS` (never in a label-transfer head's training)."""
+    if category not in NOVEL_COMPOSITIONS:
+        return False
+    colours, phrases = NOVEL_COMPOSITIONS[category]
+    padded = f" {label} "
+    return all(f" {c} " in padded for c in colours) and (not phrases or any(f" {p} " in padded for p in phrases))

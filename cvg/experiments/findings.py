@@ -13,8 +13,9 @@ measures quality. Rows (choose with --rows):
   cvg-all       every step
   single        the classifier trained without dual inversion (readings under the true prompt only)
   training-free the objectives that need no training (presence, centroid relation, centroid motion)
-  transfer      label transfer: the classifier trained without the held-out wordings (`label-transfer`),
-                guiding with labels phrased only in them ("red block on the left side of blue sphere")
+  transfer      label transfer: the classifier trained without the clips of `grammar.NOVEL_COMPOSITIONS`
+                (`label-transfer`), guiding only the prompts that state one; with it every row is also
+                judged on those prompts alone, in a table of its own
 Generated sets are kept under WORK per model and row, so a run resumes and rows can be added later.
 """
 
@@ -32,7 +33,7 @@ from scipy.stats import binomtest
 
 from cvg.compshapes.dataset import read_index, write_dataset, write_index
 from cvg.compshapes.evaluate import evaluate
-from cvg.compshapes.grammar import transfer_wording
+from cvg.compshapes.grammar import NOVEL_COMPOSITIONS, novel_composition
 from cvg.compshapes.videoset import generate_set
 from cvg.experiments.generator import SPEC_SEED, table
 from cvg.experiments.report import machine_line, publish
@@ -66,7 +67,7 @@ def row_name(row: str, steps: int, config: GuidanceConfig) -> str:
         "cvg-all": "CVG, all steps",
         "single": f"CVG without dual inversion, {window}",
         "training-free": f"training-free objectives, {window}",
-        "transfer": f"label transfer: unseen wordings, {window}",
+        "transfer": f"label transfer: compositions never trained on, {window}",
     }.get(row) or f"CVG, {_describe_window(replace(config, guide_sigma=None, guide_steps=_window(row, steps)))}"
 
 
@@ -120,16 +121,43 @@ def paired(results: dict[str, dict], base: str) -> str:
     return "\n".join(lines)
 
 
-def transfer_specs(specs: Path) -> Path:
-    """A copy of the spec index (beside it) whose composition labels use only the held-out transfer wordings."""
-    out = specs.with_name(f"{specs.name}-transfer")
-    records = []
-    for record in read_index(specs):
-        label = transfer_wording(label_of(Composition.from_dict(record["composition"])))
-        records.append({**record, "composition": {**record["composition"], "label": label}})
+def novel_specs(specs: Path, clips: int) -> tuple[Path, set[int]]:
+    """A copy (beside `specs`) of those of its first `clips` records that state a novel composition
+    (`grammar.NOVEL_COMPOSITIONS`), and their ids: the prompts of the transfer row."""
+    records = [
+        r
+        for r in read_index(specs)[:clips]
+        if novel_composition(r["category"], label_of(Composition.from_dict(r["composition"])))
+    ]
+    if len(records) < 2:  # a Fréchet distance needs two clips
+        raise SystemExit(
+            f"{len(records)} of the first {clips} prompts state a novel composition; "
+            "the transfer row needs at least 2 (more --clips)"
+        )
+    out = specs.with_name(f"{specs.name}-novel")
     out.mkdir(parents=True, exist_ok=True)
     write_index(out, records)
-    return out
+    return out, {r["id"] for r in records}
+
+
+def _novel_compositions() -> str:
+    """`grammar.NOVEL_COMPOSITIONS` in words: "attribute: red and green; spatial: blue with above or ..."."""
+    return "; ".join(
+        f"{category}: {' and '.join(colours)}" + (f" with {' or '.join(phrases)}" if phrases else "")
+        for category, (colours, phrases) in NOVEL_COMPOSITIONS.items()
+    )
+
+
+def comparisons(results: dict[str, dict], unguided: str, cvg: str) -> str:
+    """The rows paired with the unguided row (does guidance help?), then the guides with the CVG row (does
+    it beat them?), where those rows ran."""
+    pairs = ""
+    if unguided in results and len(results) > 1:
+        pairs += f"Paired with the unguided row:\n\n{paired(results, unguided)}\n\n"
+    guides = {name: report for name, report in results.items() if name != unguided}
+    if cvg in guides and len(guides) > 1:
+        pairs += f"Paired with the CVG row:\n\n{paired(guides, cvg)}\n\n"
+    return pairs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -170,22 +198,27 @@ def main(argv: list[str] | None = None) -> None:
     write_dataset(specs, args.clips, args.spec_seed, GUIDED_CATEGORIES, split=args.split)
     noise = f"-noise{args.noise_seed}" if args.noise_seed else ""
     work = args.work / f"{model_key(base.vae)}-{model_key(base.transformer)}{suffix}{noise}"
-    results, seconds = {}, {}
+    novel = novel_specs(specs, args.clips) if "transfer" in rows else None
+    results, on_novel, seconds = {}, {}, {}
     for row in rows:
         pipe, guide_steps, folder = row_pipeline(row, base, args)
-        row_specs = transfer_specs(specs) if row == "transfer" else specs
+        transfer = row == "transfer"
         sampled = generate_set(
             pipe,
-            row_specs,
+            novel[0] if transfer else specs,
             work / folder,
             seed=args.noise_seed,
             guide_steps=guide_steps,
             num_inference_steps=args.steps,
             guidance_scale=5.0,
-            limit=args.clips,
+            limit=None if transfer else args.clips,
         )
         # A folder may hold more clips from a bigger run: judge only the first --clips.
-        results[row_name(row, args.steps, args.guidance)] = evaluate(work / folder, limit=args.clips)
+        name = row_name(row, args.steps, args.guidance)
+        if not transfer:
+            results[name] = evaluate(work / folder, limit=args.clips)
+        if novel:
+            on_novel[name] = evaluate(work / folder, ids=novel[1])
         seconds[row] = sampled["seconds_per_clip"]
         print(f"{row}: done ({sampled['generated']} clips generated now)", flush=True)
     prompts = "held-out clips (prompts never trained on)" if args.split == "heldout" else "clips of training prompts"
@@ -193,14 +226,14 @@ def main(argv: list[str] | None = None) -> None:
     options = f" --guidance {','.join(f'{k}={v}' for k, v in changed.items())}" if changed else ""
     options += " --split train" if args.split == "train" else ""
     options += f" --spec-seed {args.spec_seed} --noise-seed {args.noise_seed}"
-    # Paired with the unguided row (does guidance help?), then the guides with the CVG row (does it beat them?).
     unguided, cvg = (row_name(r, args.steps, args.guidance) for r in ("unguided", "cvg"))
-    pairs = ""
-    if "unguided" in rows and len(rows) > 1:
-        pairs += f"Paired with the unguided row:\n\n{paired(results, unguided)}\n\n"
-    guides = {name: report for name, report in results.items() if name != unguided}
-    if "cvg" in rows and len(guides) > 1:
-        pairs += f"Paired with the CVG row:\n\n{paired(guides, cvg)}\n\n"
+    pairs = comparisons(results, unguided, cvg)
+    if novel:
+        pairs += (
+            f"The {len(novel[1])} of these prompts that state a composition the label-transfer head never trained "
+            f"on ({_novel_compositions()}), every row judged on them alone:\n\n"
+            f"{table(on_novel)}\n\n{comparisons(on_novel, unguided, cvg)}"
+        )
     timing = ", ".join(f"{r} {s:.2f} s" for r, s in seconds.items() if s is not None)
     text = (
         f"Command: `python -m cvg.experiments.findings --model {args.model} --classifier {args.classifier} "

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from cvg.compshapes.dataset import split_clip
 from cvg.compshapes.evaluate import auroc
-from cvg.compshapes.grammar import Clip, seen_wording, transfer_wording
+from cvg.compshapes.grammar import Clip
 from cvg.guidance.classifier import ClassifierConfig, CompositionClassifier, LabelEncoder
 from cvg.io.files import locked, write_text_atomic
 from cvg.models.wan import generator_description, load_wan_pipeline, video_size
@@ -37,7 +37,7 @@ from cvg.training.readings import Readings, dataset_clips, guided_levels, read_c
 
 GUIDED_CATEGORIES = ("spatial", "motion", "attribute", "numeracy")
 SINGLE_READING = "ablation-single-reading"  # beside the classifier: the one trained without dual inversion
-LABEL_TRANSFER = "label-transfer"  # beside it too: trained on labels without the held-out transfer wordings
+LABEL_TRANSFER = "label-transfer"  # beside it too: trained without the clips of `grammar.NOVEL_COMPOSITIONS`
 LOCK = ".lock"  # in the output directory: held by its one trainer
 
 
@@ -124,6 +124,8 @@ def evaluate_readings(model: CompositionClassifier, readings: Readings, encoder:
     counterfactual prompt, the label not shown scores above the one shown: for renders, the prompt's label
     wins). With judged targets (trajectory readings) also `auroc`: per step, how well the true label's
     logit under the true prompt ranks clips that show it above clips that do not. Per category and overall."""
+    if not readings.true_labels:  # e.g. no held-out clip states a novel composition
+        return {"overall": {"accuracy": None, "leakage": None, "clips": 0}}
     logits, shown = reading_logits(model, readings, encoder), readings.label_targets()
     decided = shown[:, 0] != shown[:, 1]
     sign = torch.where(shown[:, :1] > shown[:, 1:], 1.0, -1.0)  # [N, 1]: +1 when the true label is shown
@@ -174,9 +176,9 @@ def train_and_evaluate(
     """Read training and held-out clips with `model` (CompShapes renders, or the dataset-format folders
     `data` / `heldout_data`), train the dual-inversion classifier (saved to `out`), the single-reading
     ablation (`out/ablation-single-reading`) and the label-transfer classifier (`out/label-transfer`: dual,
-    trained without the transfer wordings, measured with labels phrased only in them), and measure them on
-    the held-out clips (`out/training.json`). Readings are cached `chunk` clips a file, so a killed run
-    loses at most one chunk; one trainer per `out` at a time (a second is refused)."""
+    trained without the clips of `grammar.NOVEL_COMPOSITIONS`, measured on the held-out clips of those only),
+    and measure them on the held-out clips (`out/training.json`). Readings are cached `chunk` clips a file,
+    so a killed run loses at most one chunk; one trainer per `out` at a time (a second is refused)."""
 
     if reading.source not in ("trajectory", "inversion"):
         raise ValueError(f"reading source must be trajectory or inversion, got {reading.source!r}")
@@ -228,7 +230,12 @@ def _train_and_evaluate(
     heads = {  # name: (dual, training readings, held-out readings, where it is saved)
         "dual": (True, train_set, held_set, out),
         "single": (False, train_set, held_set, out / SINGLE_READING),
-        "transfer": (True, train_set.reworded(seen_wording), held_set.reworded(transfer_wording), out / LABEL_TRANSFER),
+        "transfer": (
+            True,
+            train_set.where([not n for n in train_set.novel()]),
+            held_set.where(held_set.novel()),
+            out / LABEL_TRANSFER,
+        ),
     }
     results = {}
     for name, (dual, trained_on, measured_on, directory) in heads.items():

@@ -14,7 +14,7 @@ from diffusers import WanPipeline
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
 from cvg.compshapes.dataset import read_frames, read_index
-from cvg.compshapes.grammar import Clip
+from cvg.compshapes.grammar import Clip, novel_composition
 from cvg.compshapes.judge import judge
 from cvg.compshapes.world import render
 from cvg.guidance.classifier import label_of
@@ -94,13 +94,21 @@ class Readings:
     targets: torch.Tensor | None = None
     timesteps: torch.Tensor | None = None
 
-    def reworded(self, wording: Callable[[str], str]) -> Readings:
-        """The same readings with every label rewritten by `wording`."""
+    def where(self, keep: list[bool]) -> Readings:
+        """The readings of the clips marked in `keep`."""
+        index = [i for i, k in enumerate(keep) if k]
         return replace(
             self,
-            true_labels=[wording(t) for t in self.true_labels],
-            counterfactual_labels=[wording(t) for t in self.counterfactual_labels],
+            maps=self.maps[index],
+            true_labels=[self.true_labels[i] for i in index],
+            counterfactual_labels=[self.counterfactual_labels[i] for i in index],
+            categories=[self.categories[i] for i in index],
+            targets=None if self.targets is None else self.targets[index],
         )
+
+    def novel(self) -> list[bool]:
+        """Per clip: does it state one of `grammar.NOVEL_COMPOSITIONS` (its counterfactual then does too)?"""
+        return [novel_composition(c, t) for c, t in zip(self.categories, self.true_labels, strict=True)]
 
     def label_targets(self) -> torch.Tensor:
         """`[N, 2]` float: does the clip show its true label, its counterfactual label."""

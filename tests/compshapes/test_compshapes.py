@@ -13,12 +13,10 @@ from cvg.compshapes.evaluate import evaluate, wilson_interval
 from cvg.compshapes.grammar import (
     ALL_CATEGORIES,
     CATEGORIES,
-    TRANSFER_WORDINGS,
     Clip,
     held_out,
+    novel_composition,
     sample_clip,
-    seen_wording,
-    transfer_wording,
 )
 from cvg.compshapes.judge import detect, entity_colour_shape, judge_detections
 from cvg.compshapes.world import Scene, Thing, render
@@ -224,19 +222,23 @@ def test_dataset_command_writes_held_out_single_objects(tmp_path):
     assert all(held_out(r["prompt"]) for r in records)
 
 
-def _has(text: str, phrase: str) -> bool:
-    return f" {phrase} " in f" {text} "
-
-
-def test_transfer_wordings_split_labels_into_seen_and_held_out_phrasings():
-    labels = {sample_clip(seed, category).composition.label for seed in range(60) for category in CATEGORIES}
-    held, seen = set(TRANSFER_WORDINGS), {w for words in TRANSFER_WORDINGS.values() for w in words}
-    assert any(_has(label, h) for label in labels for h in held)  # the prompts do use the held-out wordings
-    for label in labels:
-        trained = seen_wording(label)
-        assert not any(_has(trained, h) for h in held), trained
-        transferred = transfer_wording(label)
-        assert not any(_has(transferred, w) for w in seen - held), transferred
-        assert transfer_wording(trained) == transferred  # one composition, two wordings
-    assert transfer_wording("red cube to the left of blue ball") == "red block on the left side of blue sphere"
-    assert seen_wording("two green pyramids beneath") == "two green triangles below"
+def test_novel_compositions_are_whole_compositions_closed_under_the_counterfactual():
+    clips = [sample_clip(seed, category) for seed in range(200) for category in CATEGORIES]
+    for clip in clips:  # a clip and its counterfactual are held out together, in every wording
+        counter = clip.counterfactuals[0][1]
+        assert novel_composition(clip.category, clip.composition.label) == novel_composition(
+            clip.category, counter.label
+        )
+    for category in CATEGORIES:  # each category holds out a part of its compositions, never all
+        share = np.mean([novel_composition(c.category, c.composition.label) for c in clips if c.category == category])
+        assert 0.05 < share < 0.5, (category, share)
+    assert novel_composition("attribute", "green block and red ball")
+    assert not novel_composition("attribute", "red block and blue ball")
+    assert novel_composition("spatial", "red cube on top of blue ball")
+    assert novel_composition("spatial", "blue sphere beneath green cube")
+    assert not novel_composition("spatial", "blue cube to the left of red ball")
+    assert novel_composition("motion", "yellow ball moves up") and not novel_composition(
+        "motion", "yellow ball moves left"
+    )
+    assert novel_composition("numeracy", "three red pyramids") and not novel_composition("numeracy", "two blue cubes")
+    assert not novel_composition("object", "red cube")

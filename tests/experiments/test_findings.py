@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cvg.compshapes.dataset import read_index
-from cvg.compshapes.grammar import TRANSFER_WORDINGS
+from cvg.compshapes.grammar import novel_composition
 from cvg.experiments import findings
 from cvg.guidance.classifier import ClassifierConfig, CompositionClassifier
 from cvg.guidance.config import GuidanceConfig
@@ -34,6 +34,8 @@ def test_findings_rows_run_and_are_tabled(tiny_pipe, tmp_path):
         "4",
         "--steps",
         "3",
+        "--spec-seed",
+        "13",  # its first four held-out prompts: three state a novel composition (spatial, attribute, numeracy)
         "--guidance",
         "strength=0.2,iterations=2,guide_steps=2",
         "--rows",
@@ -60,13 +62,20 @@ def test_findings_rows_run_and_are_tabled(tiny_pipe, tmp_path):
     unguided = next(line for line in text.splitlines() if line.startswith("| unguided"))
     assert unguided.count("[") == 5  # a 95% interval for each category and for all clips together
     assert "| row | right where unguided is wrong | wrong where unguided is right | McNemar p |" in text
-    (transfer,) = work.glob("*/transfer-*")
-    labels = [r["composition"]["label"] for r in read_index(transfer)]
-    assert len(labels) == 4 and all(any(f" {h} " in f" {t} " for h in TRANSFER_WORDINGS) for t in labels)
+    (transfer,) = work.glob("*/transfer-*")  # the transfer row guides the novel compositions only
+    assert [r["category"] for r in read_index(transfer)] == ["spatial", "attribute", "numeracy"]
+    assert all(novel_composition(r["category"], r["composition"]["label"]) for r in read_index(transfer))
+    main_table, novel_table = text.split("every row judged on them alone")
+    assert "label transfer" not in main_table and "| label transfer" in novel_table
+    assert "| row | attribute | spatial | numeracy | all | Fréchet distance |" in novel_table
+    assert novel_table.count("| unguided") == 1 and "right where CVG" in novel_table
     findings.main(argv)  # a second run reuses every generated clip
     assert "all reused" in (tmp_path / "findings.md").read_text()
     fewer = list(argv)
     fewer[fewer.index("--clips") + 1] = "2"  # the first two clips (spatial, motion) of the four generated
+    with pytest.raises(SystemExit, match="1 of the first 2 prompts state a novel composition"):
+        findings.main(fewer)
+    fewer[fewer.index("--rows") + 1] = "unguided,cvg"
     findings.main(fewer)
     assert "| row | spatial | motion | all | Fréchet distance |" in (tmp_path / "findings.md").read_text()
     _save_classifier(classifier, description, seed=1)  # retrained: its rows are generated again
