@@ -55,9 +55,12 @@ class CVGPipeline:
         guidance: GuidanceConfig | None = None,
         engine: str | None = None,
         engine_cache: str | Path | None = None,
+        batch_cfg: bool = False,
     ):
         """`engine` runs the gradient-free transformer forwards on a `cvg.runtime.step_engine` backend ("auto",
-        "onnxruntime", ...), built once per shape and kept; None runs them in eager diffusers."""
+        "onnxruntime", ...), built once per shape and kept; None runs them in eager diffusers. `batch_cfg` runs
+        the conditional and unconditional forwards of a step as one batch of two (equal to the two forwards
+        within float rounding; the engine is then built for the doubled batch)."""
         if not isinstance(pipe, WanPipeline):
             raise TypeError(f"CVGPipeline wraps a diffusers WanPipeline, got {type(pipe).__name__}")
         if pipe.config.expand_timesteps:
@@ -68,7 +71,7 @@ class CVGPipeline:
         self.guidance = guidance or GuidanceConfig()
         if engine is not None and engine not in (*STEP_BACKENDS, "auto"):
             raise ValueError(f"engine must be one of {', '.join(STEP_BACKENDS)}, auto or None, got {engine!r}")
-        self.engine, self.engine_cache = engine, engine_cache
+        self.engine, self.engine_cache, self.batch_cfg = engine, engine_cache, batch_cfg
         self._engines: dict[tuple[str, StepShape], StepEngine] = {}
         self._graphs: dict[str, GuidedStepGraph] = {}  # guided steps, with the engine; most recent last
         self._objectives: dict[str, Objective] = {}  # training-free ones per composition kind, kept
@@ -212,6 +215,7 @@ class CVGPipeline:
             prompt_embeds.to(dtype),
             None if negative_embeds is None else negative_embeds.to(dtype),
             guidance_scale,
+            batch_cfg=self.batch_cfg,
         )
 
         timesteps = pipe.scheduler.timesteps
@@ -236,8 +240,11 @@ class CVGPipeline:
             latents, scores = select_noise(denoiser, noises, timesteps[0], objective, bound, config)
         pipe.scheduler.set_begin_index(0)
         if self.engine is not None:
-            texts = [e for e in (denoiser.prompt_embeds, denoiser.negative_prompt_embeds) if e is not None]
-            denoiser.engine = self.step_engine(latents, *texts)
+            if denoiser.cfg_embeds is not None:  # the engine serves the doubled batch
+                denoiser.engine = self.step_engine(torch.cat([latents, latents]), denoiser.cfg_embeds)
+            else:
+                texts = [e for e in (denoiser.prompt_embeds, denoiser.negative_prompt_embeds) if e is not None]
+                denoiser.engine = self.step_engine(latents, *texts)
             if objective is not None:
                 denoiser.graph = self.guided_graph(denoiser, objective, bound, config, latents, timesteps[0])
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UniPCMultistepScheduler, WanPipeline
+from tolerance import ulps
 
 from cvg.guidance.classifier import ClassifierConfig, ClassifierObjective, CompositionClassifier
 from cvg.guidance.composition import CompositionError
@@ -331,3 +332,30 @@ def test_geometric_adds_the_training_free_objective_to_the_classifier(tiny_pipe)
         if extra is not None:
             expected = expected + extra(alone.maps[0], both.bind(prompt, composition, 64))
         torch.testing.assert_close(out.steps[0].loss, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("engine", [None, "torch"])
+def test_batched_cfg_is_the_two_forwards_in_one(tiny_pipe, engine):
+    """A step's conditional and unconditional forwards as one batch of two give the two forwards' result
+    (float rounding apart), guided steps included, with one transformer call per unguided step."""
+    prompts = ["a red cube to the left of a blue ball", "a red cube to the right of a green ball"]
+    kw = dict(SMALL, guidance_scale=5.0, num_videos_per_prompt=2, output_type="latent", guide_steps=2)
+    config = GuidanceConfig(strength=0.3, pool=(1, 1, 1))
+    runs = {}
+    for batched in (False, True):
+        pipe = CVGPipeline(tiny_pipe, SpatialRelation(), config, engine=engine, batch_cfg=batched)
+        calls: list[int] = []  # the batch of every transformer call (the torch engine's too)
+
+        def count(module, args, kwargs, calls=calls):
+            calls.append(kwargs["hidden_states"].shape[0])
+
+        hook = tiny_pipe.transformer.register_forward_pre_hook(count, with_kwargs=True)
+        try:
+            runs[batched] = pipe(prompts, "red cube left of ball", generator=_seeded(3), **kw)
+        finally:
+            hook.remove()
+        assert calls.count(8) == (SMALL["num_inference_steps"] if batched else 0)  # one call of both halves a step
+    two, one = runs[False].frames, runs[True].frames
+    assert two.shape == one.shape == (4, 16, 3, 8, 8)
+    assert (one - two).abs().max().item() <= ulps(two, 1024), (one - two).abs().max().item()
+    assert torch.equal(runs[False].objective_values[0], runs[True].objective_values[0])  # the first guided read

@@ -16,7 +16,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -88,13 +88,29 @@ class Denoiser:
     attention_kwargs: dict | None = None
     engine: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # cvg.runtime's StepEngine
     graph: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None  # guided steps; see cvg.runtime.guided_graph
+    batch_cfg: bool = False  # the conditional and unconditional forwards as one batch of both texts
+    cfg_embeds: torch.Tensor | None = field(init=False, default=None)  # that batch's text, built once
+
+    def __post_init__(self) -> None:
+        if self.batch_cfg and self.cfg:  # one tensor for every step: engines find its padding once
+            self.cfg_embeds = torch.cat([self.prompt_embeds, self.negative_prompt_embeds])
+
+    @property
+    def cfg(self) -> bool:
+        return self.negative_prompt_embeds is not None and self.guidance_scale > 1.0
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, step: int, sigma: float, total: int) -> torch.Tensor:
-        """The noise prediction of WanPipeline for one step, classifier-free guidance included."""
-        latents, timestep = latents.to(self.transformer.dtype), t.expand(latents.shape[0])
+        """The noise prediction of WanPipeline for one step, classifier-free guidance included (in
+        diffusers' order of operations, batched or not)."""
+        latents = latents.to(self.transformer.dtype)
         context = {"step_index": step, "sigma": sigma, "num_inference_steps": total}
+        if self.cfg and self.batch_cfg:
+            both = torch.cat([latents, latents])
+            noise, uncond = self._forward(both, t.expand(both.shape[0]), self.cfg_embeds, "cfg", context).chunk(2)
+            return uncond + self.guidance_scale * (noise - uncond)
+        timestep = t.expand(latents.shape[0])
         noise = self._forward(latents, timestep, self.prompt_embeds, "cond", context)
-        if self.negative_prompt_embeds is not None and self.guidance_scale > 1.0:
+        if self.cfg:
             uncond = self._forward(latents, timestep, self.negative_prompt_embeds, "uncond", context)
             noise = uncond + self.guidance_scale * (noise - uncond)
         return noise
