@@ -163,6 +163,13 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance-scale", type=FINITE, default=5.0, help="classifier-free guidance scale (default 5)")
     parser.add_argument("--max-sequence-length", type=TEXT_TOKENS, default=512, help="text tokens (Wan pads to this)")
     _dtype_flag(parser)
+    parser.add_argument(
+        "--batch-cfg",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="run a step's conditional and unconditional forwards as one batch of two (the same result within "
+        "float rounding; faster on this CPU, most in bfloat16: benchmarks/RESULTS.md) (default off)",
+    )
 
 
 def _dtype_flag(parser: argparse.ArgumentParser) -> None:
@@ -184,7 +191,7 @@ def _load(args: argparse.Namespace):
     guidance = config_from(args, GuidanceConfig, GUIDANCE_FLAGS)
     objective = None if args.objective == "auto" else objective_for(args.objective)
     pipe = CVGPipeline.from_pretrained(args.model, objective=objective, transformer_dtype=getattr(torch, args.dtype))
-    pipe.guidance = guidance
+    pipe.guidance, pipe.batch_cfg = guidance, args.batch_cfg
     if args.classifier:
         pipe.load_classifier(args.classifier)
     call = {

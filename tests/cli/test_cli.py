@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cvg.cli import build_parser, main
+from cvg.cli import build_parser, generation, main
 from cvg.cli.arguments import config_from
 from cvg.cli.generation import GUIDANCE_FLAGS
 from cvg.guidance.config import GuidanceConfig
@@ -55,6 +55,14 @@ def test_geometric_flag(flag, geometric):
     """The geometric term is on by default (GuidanceConfig) and `--no-geometric` turns it off."""
     args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p", "--out", "o.mp4", *flag])
     assert config_from(args, GuidanceConfig, GUIDANCE_FLAGS).geometric is geometric
+
+
+@pytest.mark.parametrize(("flag", "batched"), [([], False), (["--batch-cfg"], True)])
+def test_batch_cfg_flag_reaches_the_pipeline(tiny_model_dir, flag, batched):
+    """`--batch-cfg` runs the two forwards of classifier-free guidance as one batch; off by default."""
+    argv = ["generate", "--model", str(tiny_model_dir), "--prompt", "p", "--out", "o.mp4", *flag]
+    pipe, _ = generation._load(build_parser().parse_args(argv))
+    assert pipe.batch_cfg is batched
 
 
 def test_generate_mp4_and_maps(tiny_model_dir, tmp_path, capsys):
