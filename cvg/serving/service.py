@@ -55,18 +55,20 @@ class Engine:
         cache_dir: str | Path | None = None,
         threads: int | None = None,
         transformer_dtype: torch.dtype | None = None,
+        batch_cfg: bool = False,
     ):
         """The size defaults to the one a cvg-trained model records (`cvg.pipeline.video_size`); `classifier`
         (a `cvg train-classifier` directory) guides with the learned classifier instead of the training-free
         objectives. Each request runs with `threads` intra-op threads (default `cvg.threads.thread_count()`),
         whichever thread calls it, so a request's pixels equal the sequential run's. `transformer_dtype`
-        (e.g. torch.bfloat16) loads the transformer in that precision, the VAE in float32."""
+        (e.g. torch.bfloat16) loads the transformer in that precision, the VAE in float32; `batch_cfg` runs the
+        two forwards of classifier-free guidance as one batch of two (`CVGPipeline`)."""
         pipe = (
             model
             if isinstance(model, CVGPipeline)
             else CVGPipeline.from_pretrained(model, transformer_dtype=transformer_dtype)
         )
-        self.pipe = CVGPipeline(pipe.pipe, pipe.objective, guidance or pipe.guidance, backend, cache_dir)
+        self.pipe = CVGPipeline(pipe.pipe, pipe.objective, guidance or pipe.guidance, backend, cache_dir, batch_cfg)
         self.pipe.pipe.set_progress_bar_config(disable=True)  # a server's stderr is for its own logs
         if classifier is not None:
             self.pipe.load_classifier(classifier)

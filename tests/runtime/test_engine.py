@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tolerance import ulps
 
 from cvg.pipeline import CVGPipeline
 from cvg.runtime.onnx_engine import export_onnx
@@ -248,6 +249,20 @@ def test_serving_engine_is_thread_safe(tiny_pipe, tmp_path):
             max_composition_tokens=2,
             backend=None,
         )
+
+
+def test_serving_engine_batches_cfg_on_an_engine_of_twice_the_batch(tiny_pipe):
+    from cvg.serving.service import Engine
+
+    size = dict(num_inference_steps=2, max_sequence_length=32)
+    request = ("a red cube to the left of a blue ball", "red cube left of blue ball", 0)
+    runs = {}
+    for batched in (False, True):
+        engine = Engine(CVGPipeline(tiny_pipe), 64, 64, 9, **size, backend="torch", batch_cfg=batched)
+        (shape,) = [shape for _, shape in engine.pipe._engines]
+        assert shape.batch == (2 if batched else 1)
+        runs[batched] = engine.generate(*request).frames
+    assert np.abs(runs[True] - runs[False]).max() <= ulps(torch.as_tensor(runs[False]), 1024)
 
 
 def test_model_key_survives_save_and_load_and_follows_the_weights(tiny_pipe, tmp_path):
