@@ -25,6 +25,7 @@ from cvg.guidance.config import GuidanceConfig
 from cvg.guidance.objectives import GEOMETRIC_KINDS, Objective, SumObjective, objective_for
 from cvg.guidance.sampler import Denoiser, GuidedStep, denoise, select_noise
 from cvg.io.files import read_json_object
+from cvg.models.caching import cached_after
 from cvg.models.wan import decode_latents, generator_description, load_wan_pipeline
 from cvg.runtime.guided_graph import GuidedStepGraph, graph_key
 from cvg.runtime.step_engine import STEP_BACKENDS, StepEngine, StepShape, build_engine
@@ -56,11 +57,14 @@ class CVGPipeline:
         engine: str | None = None,
         engine_cache: str | Path | None = None,
         batch_cfg: bool = False,
+        cache: object | None = None,
     ):
         """`engine` runs the gradient-free transformer forwards on a `cvg.runtime.step_engine` backend ("auto",
         "onnxruntime", ...), built once per shape and kept; None runs them in eager diffusers. `batch_cfg` runs
         the conditional and unconditional forwards of a step as one batch of two (equal to the two forwards
-        within float rounding; the engine is then built for the doubled batch)."""
+        within float rounding; the engine is then built for the doubled batch). `cache` is a diffusers cache
+        config (`FirstBlockCacheConfig`, `MagCacheConfig`, `TaylorSeerCacheConfig`, ...) applied to the
+        unguided steps after the guided ones (`cvg.models.caching`); it needs eager forwards."""
         if not isinstance(pipe, WanPipeline):
             raise TypeError(f"CVGPipeline wraps a diffusers WanPipeline, got {type(pipe).__name__}")
         if pipe.config.expand_timesteps:
@@ -71,7 +75,9 @@ class CVGPipeline:
         self.guidance = guidance or GuidanceConfig()
         if engine is not None and engine not in (*STEP_BACKENDS, "auto"):
             raise ValueError(f"engine must be one of {', '.join(STEP_BACKENDS)}, auto or None, got {engine!r}")
-        self.engine, self.engine_cache, self.batch_cfg = engine, engine_cache, batch_cfg
+        if cache is not None and engine is not None:
+            raise ValueError(f"cache runs on eager diffusers forwards; engine={engine!r} bypasses its hooks")
+        self.engine, self.engine_cache, self.batch_cfg, self.cache = engine, engine_cache, batch_cfg, cache
         self._engines: dict[tuple[str, StepShape], StepEngine] = {}
         self._graphs: dict[str, GuidedStepGraph] = {}  # guided steps, with the engine; most recent last
         self._objectives: dict[str, Objective] = {}  # training-free ones per composition kind, kept
@@ -248,26 +254,31 @@ class CVGPipeline:
             if objective is not None:
                 denoiser.graph = self.guided_graph(denoiser, objective, bound, config, latents, timesteps[0])
 
-        def step_done(i, t, x):
-            marks.append(time.perf_counter())
-            if not torch.isfinite(x).all():  # one sync a step: a NaN never reaches the video unnoticed
-                raise FloatingPointError(
-                    f"the latents became non-finite at denoising step {i} (timestep {float(t):g}); nothing was decoded"
-                )
-            if on_step is not None:
-                on_step(i, t, x)
+        later_steps = config.guide_steps if objective is not None else 0  # the first step a cache may serve
+        with cached_after(pipe.transformer, self.cache, later_steps) as cache_step:
 
-        latents, history = denoise(
-            denoiser,
-            pipe.scheduler,
-            latents,
-            timesteps,
-            objective,
-            bound,
-            config,
-            on_step=step_done,
-            progress=self._progress,
-        )
+            def step_done(i, t, x):
+                marks.append(time.perf_counter())
+                if not torch.isfinite(x).all():  # one sync a step: a NaN never reaches the video unnoticed
+                    raise FloatingPointError(
+                        f"the latents became non-finite at denoising step {i} (timestep {float(t):g}); "
+                        "nothing was decoded"
+                    )
+                cache_step(i)
+                if on_step is not None:
+                    on_step(i, t, x)
+
+            latents, history = denoise(
+                denoiser,
+                pipe.scheduler,
+                latents,
+                timesteps,
+                objective,
+                bound,
+                config,
+                on_step=step_done,
+                progress=self._progress,
+            )
         frames = latents if output_type == "latent" else decode_latents(pipe, latents, output_type)
         marks.append(time.perf_counter())
         pipe.maybe_free_model_hooks()

@@ -359,3 +359,43 @@ def test_batched_cfg_is_the_two_forwards_in_one(tiny_pipe, engine):
     assert two.shape == one.shape == (4, 16, 3, 8, 8)
     assert (one - two).abs().max().item() <= ulps(two, 1024), (one - two).abs().max().item()
     assert torch.equal(runs[False].objective_values[0], runs[True].objective_values[0])  # the first guided read
+
+
+def test_a_step_cache_serves_only_the_steps_after_the_guided_ones(tiny_pipe):
+    """diffusers' FirstBlockCache on the later steps: the guided steps run as without it (same objective
+    values), the later ones change, the cache is on exactly from the first unguided step and off after the
+    call, also when the call raises; with a step engine it is refused."""
+    from diffusers import FirstBlockCacheConfig
+
+    prompt, composition = PROMPTS["spatial"]
+    kw = dict(SMALL, guidance_scale=5.0, output_type="latent", guide_steps=2)
+    config = GuidanceConfig(strength=0.3, pool=(1, 1, 1))
+    transformer = tiny_pipe.transformer
+    runs, seen = {}, {}
+    for cache in (None, FirstBlockCacheConfig(threshold=1e9)):  # that threshold skips every block it can
+        pipe = CVGPipeline(tiny_pipe, SpatialRelation(), config, cache=cache)
+        on = seen[cache is not None] = []
+        runs[cache is not None] = pipe(
+            prompt,
+            composition,
+            generator=_seeded(0),
+            on_step=lambda i, t, x, on=on: on.append(transformer.is_cache_enabled),
+            **kw,
+        )
+        assert not transformer.is_cache_enabled
+    steps = SMALL["num_inference_steps"]
+    assert seen[False] == [False] * steps and seen[True] == [i + 1 >= 2 for i in range(steps)]
+    for a, b in zip(runs[False].objective_values, runs[True].objective_values, strict=True):
+        assert torch.equal(a, b)  # the guided steps never see the cache
+    assert not torch.allclose(runs[False].frames, runs[True].frames)  # the later steps do
+
+    def fail(i, t, x):
+        if i == 3:
+            raise RuntimeError("stop")
+
+    pipe = CVGPipeline(tiny_pipe, SpatialRelation(), config, cache=FirstBlockCacheConfig())
+    with pytest.raises(RuntimeError, match="stop"):
+        pipe(prompt, composition, generator=_seeded(0), on_step=fail, **kw)
+    assert not transformer.is_cache_enabled
+    with pytest.raises(ValueError, match="cache runs on eager diffusers forwards"):
+        CVGPipeline(tiny_pipe, cache=FirstBlockCacheConfig(), engine="torch")
