@@ -170,6 +170,13 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         help="run a step's conditional and unconditional forwards as one batch of two (the same result within "
         "float rounding; faster on this CPU, most in bfloat16: benchmarks/RESULTS.md) (default off)",
     )
+    parser.add_argument(
+        "--first-block-cache",
+        type=NON_NEGATIVE,
+        metavar="THRESHOLD",
+        help="diffusers' FirstBlockCache at this threshold on the unguided steps after the guided ones "
+        "(default off; time and verdicts in benchmarks/RESULTS.md)",
+    )
 
 
 def _dtype_flag(parser: argparse.ArgumentParser) -> None:
@@ -192,6 +199,10 @@ def _load(args: argparse.Namespace):
     objective = None if args.objective == "auto" else objective_for(args.objective)
     pipe = CVGPipeline.from_pretrained(args.model, objective=objective, transformer_dtype=getattr(torch, args.dtype))
     pipe.guidance, pipe.batch_cfg = guidance, args.batch_cfg
+    if args.first_block_cache is not None:
+        from diffusers import FirstBlockCacheConfig
+
+        pipe.cache = FirstBlockCacheConfig(threshold=args.first_block_cache)
     if args.classifier:
         pipe.load_classifier(args.classifier)
     call = {

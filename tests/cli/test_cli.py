@@ -57,12 +57,17 @@ def test_geometric_flag(flag, geometric):
     assert config_from(args, GuidanceConfig, GUIDANCE_FLAGS).geometric is geometric
 
 
-@pytest.mark.parametrize(("flag", "batched"), [([], False), (["--batch-cfg"], True)])
-def test_batch_cfg_flag_reaches_the_pipeline(tiny_model_dir, flag, batched):
-    """`--batch-cfg` runs the two forwards of classifier-free guidance as one batch; off by default."""
-    argv = ["generate", "--model", str(tiny_model_dir), "--prompt", "p", "--out", "o.mp4", *flag]
+@pytest.mark.parametrize(
+    ("flags", "batched", "threshold"),
+    [([], False, None), (["--batch-cfg"], True, None), (["--first-block-cache", "0.1"], False, 0.1)],
+)
+def test_execution_flags_reach_the_pipeline(tiny_model_dir, flags, batched, threshold):
+    """`--batch-cfg` runs the two forwards of classifier-free guidance as one batch and `--first-block-cache`
+    caches the later steps; both off by default."""
+    argv = ["generate", "--model", str(tiny_model_dir), "--prompt", "p", "--out", "o.mp4", *flags]
     pipe, _ = generation._load(build_parser().parse_args(argv))
     assert pipe.batch_cfg is batched
+    assert (pipe.cache and pipe.cache.threshold) == threshold
 
 
 def test_generate_mp4_and_maps(tiny_model_dir, tmp_path, capsys):
