@@ -7,44 +7,33 @@ CFG 5, unguided, float32 and bf16, eager; every variant in turn per clip (same p
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
-from pathlib import Path
 
 import torch
+from shipped import MODELS, held_out, parser, timed
 
-from cvg.compshapes.dataset import split_clip
-from cvg.compshapes.grammar import CATEGORIES
 from cvg.experiments.report import machine_line, publish
 from cvg.models.wan import load_wan_pipeline
 from cvg.pipeline import CVGPipeline
 
-MODEL = Path(__file__).resolve().parent.parent / "models" / "compshapes-wan"
 DTYPES = ("float32", "bfloat16")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clips", type=int, default=8, help="timed clips per variant (default 8)")
-    parser.add_argument("--write", type=Path, help="record the table in this Markdown file")
-    args = parser.parse_args()
+    args = parser(__doc__, clips=8).parse_args()
     pipes = {}
     for dtype in DTYPES:
-        base = load_wan_pipeline(MODEL, transformer_dtype=getattr(torch, dtype))
+        base = load_wan_pipeline(MODELS / "compshapes-wan", transformer_dtype=getattr(torch, dtype))
         base.set_progress_bar_config(disable=True)
         pipes.update({(dtype, batched): CVGPipeline(base, batch_cfg=batched) for batched in (False, True)})
     seconds: dict[tuple, list[float]] = {key: [] for key in pipes}
     differences: dict[str, float] = dict.fromkeys(DTYPES, 0.0)
-    for i in range(args.clips + 1):  # clip 0 warms up
-        clip = split_clip(20_261_124, i, CATEGORIES[i % len(CATEGORIES)], "heldout")
+    for i, clip in held_out(args.clips):
         frames = {}
         for key, pipe in pipes.items():
-            start = time.perf_counter()
-            size = dict(height=64, width=64, num_frames=17, num_inference_steps=20)
-            out = pipe(clip.prompt, **size, generator=torch.Generator().manual_seed(i))
+            elapsed, out = timed(pipe, clip, i, composition=False)
             if i:
-                seconds[key].append(time.perf_counter() - start)
+                seconds[key].append(elapsed)
             frames[key] = torch.as_tensor(out.frames[0])
         for dtype in DTYPES:  # pixels in [0, 1]: how far batching moves the decoded video
             gap = (frames[dtype, True] - frames[dtype, False]).abs().max().item()

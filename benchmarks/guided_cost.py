@@ -6,47 +6,26 @@ guided at the `GuidanceConfig` defaults, clip by clip in turn in one process (sa
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
-from pathlib import Path
 
-import torch
+from shipped import MODELS, held_out, parser, timed
 
-from cvg.compshapes.dataset import split_clip
-from cvg.compshapes.grammar import CATEGORIES
 from cvg.experiments.report import machine_line, publish
 from cvg.pipeline import CVGPipeline
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
-
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clips", type=int, default=8, help="timed clips per variant (default 8)")
-    parser.add_argument("--write", type=Path, help="record the table in this Markdown file")
-    args = parser.parse_args()
+    args = parser(__doc__, clips=8).parse_args()
     pipe = CVGPipeline.from_pretrained(MODELS / "compshapes-wan")
     pipe.load_classifier(MODELS / "compshapes-classifier")
     pipe.pipe.set_progress_bar_config(disable=True)
     seconds: dict[str, list[float]] = {"unguided": [], "guided": []}
     phases: list[dict] = []
-    for i in range(args.clips + 1):  # clip 0 warms up
-        clip = split_clip(20_261_124, i, CATEGORIES[i % len(CATEGORIES)], "heldout")
+    for i, clip in held_out(args.clips):
         for name, guide_steps in (("unguided", 0), ("guided", None)):
-            start = time.perf_counter()
-            out = pipe(
-                clip.prompt,
-                clip.composition,
-                height=64,
-                width=64,
-                num_frames=17,
-                num_inference_steps=20,
-                guide_steps=guide_steps,
-                generator=torch.Generator().manual_seed(i),
-            )
+            elapsed, out = timed(pipe, clip, i, guide_steps=guide_steps)
             if i:
-                seconds[name].append(time.perf_counter() - start)
+                seconds[name].append(elapsed)
                 if name == "guided":
                     phases.append(out.timings)
     unguided, guided = (statistics.median(seconds[n]) for n in ("unguided", "guided"))

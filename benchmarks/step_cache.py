@@ -8,30 +8,21 @@ and the largest pixel change against the uncached clip.
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
-from pathlib import Path
 
-import torch
 from diffusers import FirstBlockCacheConfig
+from shipped import MODELS, held_out, parser, timed
 
-from cvg.compshapes.dataset import split_clip
-from cvg.compshapes.grammar import CATEGORIES
 from cvg.compshapes.judge import judge
 from cvg.experiments.report import machine_line, publish
 from cvg.io.video import to_uint8
 from cvg.pipeline import CVGPipeline
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
 THRESHOLDS = (None, 0.05, 0.1)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clips", type=int, default=24, help="held-out prompts, categories in turn (default 24)")
-    parser.add_argument("--write", type=Path, help="record the table in this Markdown file")
-    args = parser.parse_args()
+    args = parser(__doc__, clips=24).parse_args()
     base = CVGPipeline.from_pretrained(MODELS / "compshapes-wan")
     base.load_classifier(MODELS / "compshapes-classifier")
     base.pipe.set_progress_bar_config(disable=True)
@@ -42,23 +33,13 @@ def main() -> None:
     seconds = {t: [] for t in THRESHOLDS}
     right = dict.fromkeys(THRESHOLDS, 0)
     change = dict.fromkeys(THRESHOLDS, 0)
-    for i in range(args.clips + 1):  # clip 0 warms up
-        clip = split_clip(20_261_124, i, CATEGORIES[i % len(CATEGORIES)], "heldout")
+    for i, clip in held_out(args.clips):
         frames = {}
         for t, pipe in pipes.items():
-            start = time.perf_counter()
-            out = pipe(
-                clip.prompt,
-                clip.composition,
-                height=64,
-                width=64,
-                num_frames=17,
-                num_inference_steps=20,
-                generator=torch.Generator().manual_seed(i),
-            )
+            elapsed, out = timed(pipe, clip, i)
             frames[t] = to_uint8(out.frames[0])
             if i:
-                seconds[t].append(time.perf_counter() - start)
+                seconds[t].append(elapsed)
                 right[t] += judge(frames[t], clip.composition).ok
         if i:
             for t in THRESHOLDS:
