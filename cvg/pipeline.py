@@ -254,8 +254,8 @@ class CVGPipeline:
             if objective is not None:
                 denoiser.graph = self.guided_graph(denoiser, objective, bound, config, latents, timesteps[0])
 
-        later_steps = config.guide_steps if objective is not None else 0  # the first step a cache may serve
-        with cached_after(pipe.transformer, self.cache, later_steps) as cache_step:
+        guided_steps = config.guide_steps if objective is not None else 0  # also the first step a cache may serve
+        with cached_after(pipe.transformer, self.cache, guided_steps) as cache_step:
 
             def step_done(i, t, x):
                 marks.append(time.perf_counter())
@@ -282,7 +282,7 @@ class CVGPipeline:
         frames = latents if output_type == "latent" else decode_latents(pipe, latents, output_type)
         marks.append(time.perf_counter())
         pipe.maybe_free_model_hooks()
-        guided = 1 + (config.guide_steps if objective is not None else 0)  # index of the last guided step's mark
+        guided = 1 + guided_steps  # index of the last guided step's mark
         timings = {
             "text_encoding": marks[1] - marks[0],
             "guided_steps": marks[guided] - marks[1],

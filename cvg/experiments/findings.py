@@ -198,14 +198,14 @@ def main(argv: list[str] | None = None) -> None:
     write_dataset(specs, args.clips, args.spec_seed, GUIDED_CATEGORIES, split=args.split)
     noise = f"-noise{args.noise_seed}" if args.noise_seed else ""
     work = args.work / f"{model_key(base.vae)}-{model_key(base.transformer)}{suffix}{noise}"
-    novel = novel_specs(specs, args.clips) if "transfer" in rows else None
+    novel_dir, novel_ids = novel_specs(specs, args.clips) if "transfer" in rows else (None, None)
     results, on_novel, seconds = {}, {}, {}
     for row in rows:
         pipe, guide_steps, folder = row_pipeline(row, base, args)
         transfer = row == "transfer"
         sampled = generate_set(
             pipe,
-            novel[0] if transfer else specs,
+            novel_dir if transfer else specs,
             work / folder,
             seed=args.noise_seed,
             guide_steps=guide_steps,
@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> None:
         name = row_name(row, args.steps, args.guidance)
         if not transfer:
             results[name] = evaluate(work / folder, limit=args.clips)
-        if novel:
-            on_novel[name] = evaluate(work / folder, ids=novel[1])
+        if novel_ids:
+            on_novel[name] = evaluate(work / folder, ids=novel_ids)
         seconds[row] = sampled["seconds_per_clip"]
         print(f"{row}: done ({sampled['generated']} clips generated now)", flush=True)
     prompts = "held-out clips (prompts never trained on)" if args.split == "heldout" else "clips of training prompts"
@@ -228,9 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     options += f" --spec-seed {args.spec_seed} --noise-seed {args.noise_seed}"
     unguided, cvg = (row_name(r, args.steps, args.guidance) for r in ("unguided", "cvg"))
     pairs = comparisons(results, unguided, cvg)
-    if novel:
+    if novel_ids:
         pairs += (
-            f"The {len(novel[1])} of these prompts that state a composition the label-transfer head never trained "
+            f"The {len(novel_ids)} of these prompts that state a composition the label-transfer head never trained "
             f"on ({_novel_compositions()}), every row judged on them alone:\n\n"
             f"{table(on_novel)}\n\n{comparisons(on_novel, unguided, cvg)}"
         )

@@ -18,20 +18,23 @@ def cached_after(
     """Yields `step_done(i)`, to be called after each denoising step: the cache `config` (None: none) is
     enabled once step `first_step - 1` is done (at once when `first_step` is 0), and disabled on the way
     out, whatever raised."""
-    if config is not None and transformer.is_cache_enabled:
+    if config is None:
+        yield lambda i: None
+        return
+    if transformer.is_cache_enabled:
         raise ValueError(
             f"the transformer already runs a {type(transformer._cache_config).__name__}; disable it "
             "(transformer.disable_cache()) before asking cvg for one"
         )
 
     def step_done(i: int) -> None:
-        if config is not None and i + 1 == first_step:
+        if i + 1 == first_step:
             transformer.enable_cache(config)
 
     try:
-        if config is not None and first_step == 0:
+        if first_step == 0:
             transformer.enable_cache(config)
         yield step_done
     finally:
-        if config is not None and transformer.is_cache_enabled:  # ours: none was on at the start
+        if transformer.is_cache_enabled:  # ours: none was on at the start
             transformer.disable_cache()
