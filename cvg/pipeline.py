@@ -26,13 +26,15 @@ from cvg.guidance.objectives import GEOMETRIC_KINDS, Objective, SumObjective, ob
 from cvg.guidance.sampler import Denoiser, GuidedStep, denoise, select_noise
 from cvg.io.files import read_json_object
 from cvg.models.caching import cached_after
-from cvg.models.wan import decode_latents, generator_description, load_wan_pipeline
+from cvg.models.patching import swapped
+from cvg.models.wan import decode_latents, generator_description, load_wan_pipeline, trimmed_prompt_embeds
 from cvg.runtime.guided_graph import GuidedStepGraph, graph_key
 from cvg.runtime.step_engine import STEP_BACKENDS, StepEngine, StepShape, build_engine
 
 MAX_STEPS = 1000  # the schedulers' training timesteps: a longer schedule repeats timesteps
 MAX_TEXT_TOKENS = 512  # Wan's text length (UMT5's positions)
 MAX_GRAPHS = 8  # guided-step graphs kept per pipeline (shape x composition); each holds its own buffers
+MAX_TEXTS = 16  # encoded prompts kept per pipeline (the negative prompt, a served prompt asked again)
 
 
 @dataclass
@@ -81,6 +83,7 @@ class CVGPipeline:
         self._engines: dict[tuple[str, StepShape], StepEngine] = {}
         self._graphs: dict[str, GuidedStepGraph] = {}  # guided steps, with the engine; most recent last
         self._objectives: dict[str, Objective] = {}  # training-free ones per composition kind, kept
+        self._texts: dict[tuple, torch.Tensor] = {}  # encoded prompts, most recent last
 
     def guided_graph(
         self,
@@ -103,6 +106,27 @@ class CVGPipeline:
         while len(self._graphs) > MAX_GRAPHS:
             self._graphs.pop(next(iter(self._graphs)))
         return graph
+
+    def encode_prompt(self, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`WanPipeline.encode_prompt` (same arguments and checks) with the text encoder run over the prompts'
+        own tokens (`trimmed_prompt_embeds`: equal to float rounding), and the `MAX_TEXTS` most recently
+        encoded prompts kept. A kept encoding is reused only for the same encoder with unchanged weights."""
+        with swapped([(self.pipe, "_get_t5_prompt_embeds", self._encoded)]):
+            return self.pipe.encode_prompt(**kwargs)
+
+    def _encoded(self, prompt, num_videos_per_prompt=1, max_sequence_length=226, device=None, dtype=None):
+        videos, length = num_videos_per_prompt, max_sequence_length
+        encoder = self.pipe.text_encoder
+        weights = tuple(p._version for p in encoder.parameters())  # in-place changes count up
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        key = (encoder, weights, tuple(prompts), videos, length, str(device), dtype)
+        embeds = self._texts.pop(key, None)
+        if embeds is None:
+            embeds = trimmed_prompt_embeds(self.pipe, prompts, videos, length, device, dtype)
+        self._texts[key] = embeds
+        while len(self._texts) > MAX_TEXTS:
+            self._texts.pop(next(iter(self._texts)))
+        return embeds.clone()  # the caller's to change
 
     def step_engine(self, latents: torch.Tensor, *text_embeds: torch.Tensor) -> StepEngine:
         """The engine for this shape and every given text, built on first use (`cvg export` builds its cache
@@ -206,7 +230,7 @@ class CVGPipeline:
 
         do_cfg = guidance_scale > 1.0
         marks = [time.perf_counter()]  # phase boundaries: start, text encoded, each step done, decoded
-        prompt_embeds, negative_embeds = pipe.encode_prompt(
+        prompt_embeds, negative_embeds = self.encode_prompt(
             prompt=prompt,
             negative_prompt=negative_prompt,
             do_classifier_free_guidance=do_cfg,

@@ -25,6 +25,7 @@ from cvg.cli.arguments import (
 from cvg.guidance.composition import KINDS
 from cvg.guidance.config import NORMALIZATIONS, GuidanceConfig
 from cvg.models import PRECISIONS
+from cvg.runtime import STEP_BACKENDS
 
 # GuidanceConfig fields that are flags of generate and sample (guide_steps apart: None there means "the
 # configured window, shortened to the schedule").
@@ -171,6 +172,12 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         "float rounding; faster on this CPU, most in bfloat16: benchmarks/RESULTS.md) (default off)",
     )
     parser.add_argument(
+        "--engine",
+        choices=(*STEP_BACKENDS, "auto"),
+        help="run the unguided forwards on this step engine (cvg.runtime.step_engine; `compiled` is the fastest "
+        "here, benchmarks/RESULTS.md) (default: eager diffusers)",
+    )
+    parser.add_argument(
         "--first-block-cache",
         type=NON_NEGATIVE,
         metavar="THRESHOLD",
@@ -197,8 +204,10 @@ def _load(args: argparse.Namespace):
 
     guidance = config_from(args, GuidanceConfig, GUIDANCE_FLAGS)
     objective = None if args.objective == "auto" else objective_for(args.objective)
+    if args.engine is not None and args.first_block_cache is not None:
+        raise ValueError("--first-block-cache runs on eager diffusers forwards; --engine bypasses its hooks")
     pipe = CVGPipeline.from_pretrained(args.model, objective=objective, transformer_dtype=getattr(torch, args.dtype))
-    pipe.guidance, pipe.batch_cfg = guidance, args.batch_cfg
+    pipe.guidance, pipe.batch_cfg, pipe.engine = guidance, args.batch_cfg, args.engine
     if args.first_block_cache is not None:
         from diffusers import FirstBlockCacheConfig
 

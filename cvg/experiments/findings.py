@@ -29,6 +29,7 @@ from dataclasses import asdict, replace
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
+import torch
 from scipy.stats import binomtest
 
 from cvg.compshapes.dataset import read_index, write_dataset, write_index
@@ -40,8 +41,10 @@ from cvg.experiments.report import machine_line, publish
 from cvg.guidance.classifier import CONFIG_NAME, WEIGHTS_NAME, label_of
 from cvg.guidance.composition import Composition
 from cvg.guidance.config import GuidanceConfig
+from cvg.models import PRECISIONS
 from cvg.models.wan import load_wan_pipeline, model_key
 from cvg.pipeline import CVGPipeline
+from cvg.runtime import STEP_BACKENDS
 from cvg.training.dual_inversion import GUIDED_CATEGORIES, LABEL_TRANSFER, SINGLE_READING
 
 ROWS = ("unguided", "cvg", "cvg-1", "cvg-2", "cvg-4", "cvg-all", "single", "training-free", "transfer")
@@ -78,7 +81,7 @@ def row_pipeline(row: str, base, args: argparse.Namespace) -> tuple[CVGPipeline,
     never reuse another row's clips."""
     guide_steps = _window(row, args.steps)
     config = args.guidance if guide_steps is None else replace(args.guidance, guide_steps=guide_steps, guide_sigma=None)
-    pipe = CVGPipeline(base, guidance=config)
+    pipe = CVGPipeline(base, guidance=config, engine=args.engine, batch_cfg=args.batch_cfg)
     if row == "unguided":
         return pipe, guide_steps, row
     digest = hashlib.sha256(repr(config).encode())
@@ -183,6 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--spec-seed", type=int, default=SPEC_SEED, help=f"seed of the prompts (default {SPEC_SEED})")
     parser.add_argument("--noise-seed", type=int, default=0, help="clip i's noise seed is this + i (default 0)")
+    parser.add_argument("--dtype", choices=PRECISIONS, default="float32", help="the transformer's (default float32)")
+    parser.add_argument("--batch-cfg", action="store_true", help="conditional and unconditional forwards in one batch")
+    parser.add_argument("--engine", choices=(*STEP_BACKENDS, "auto"), help="step engine of the unguided steps")
     parser.add_argument("--work", type=Path, default=Path(".cache/experiments/findings"), help="working directory")
     parser.add_argument("--write", type=Path, help="record the table in this Markdown file")
     args = parser.parse_args(argv)
@@ -190,14 +196,17 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := [r for r in rows if r not in ROWS]:
         raise SystemExit(f"unknown rows: {', '.join(unknown)} (choose from {', '.join(ROWS)})")
     started = time.perf_counter()
-    base = load_wan_pipeline(args.model)
+    base = load_wan_pipeline(args.model, transformer_dtype=getattr(torch, args.dtype))
     base.set_progress_bar_config(disable=True)
     suffix = "" if args.split == "heldout" else "-train"  # held-out folders of the default seeds keep their names
     suffix += f"-spec{args.spec_seed}" if args.spec_seed != SPEC_SEED else ""
     specs = args.work / f"specs{suffix}"
     write_dataset(specs, args.clips, args.spec_seed, GUIDED_CATEGORIES, split=args.split)
     noise = f"-noise{args.noise_seed}" if args.noise_seed else ""
-    work = args.work / f"{model_key(base.vae)}-{model_key(base.transformer)}{suffix}{noise}"
+    # The transformer's key names its precision (its weights as loaded); batching and engines change
+    # the clips within rounding, so their clips are kept apart too.
+    execution = "-batch-cfg" * args.batch_cfg + (f"-{args.engine}" if args.engine else "")
+    work = args.work / f"{model_key(base.vae)}-{model_key(base.transformer)}{suffix}{noise}{execution}"
     novel_dir, novel_ids = novel_specs(specs, args.clips) if "transfer" in rows else (None, None)
     results, on_novel, seconds = {}, {}, {}
     for row in rows:
@@ -226,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     options = f" --guidance {','.join(f'{k}={v}' for k, v in changed.items())}" if changed else ""
     options += " --split train" if args.split == "train" else ""
     options += f" --spec-seed {args.spec_seed} --noise-seed {args.noise_seed}"
+    options += f" --dtype {args.dtype}" * (args.dtype != "float32") + " --batch-cfg" * args.batch_cfg
+    options += f" --engine {args.engine}" if args.engine else ""
     unguided, cvg = (row_name(r, args.steps, args.guidance) for r in ("unguided", "cvg"))
     pairs = comparisons(results, unguided, cvg)
     if novel_ids:

@@ -5,8 +5,9 @@
   dim 1 is the same norm and vectorises.
 - With few channels CPU `conv3d` falls back to `slow_conv3d`, whose im2col buffer is `C·k³` times the
   output (84 MiB for one 4-frame chunk of a 3-channel layer at 256x256). Wan's causal convolutions pad
-  their input themselves and have stride 1, so each is the sum over its temporal taps of a 2D
-  convolution with the frames in the batch (oneDNN, no im2col).
+  their input themselves and have stride 1, so each is one 2D convolution (oneDNN, no im2col) with the
+  frames in the batch and each output frame's temporal taps side by side in the channels: one call with
+  `taps·C` input channels instead of a sum of `taps` calls (half the decode time of the shipped VAE).
 Results equal diffusers' own decode up to float rounding (tests/test_pipeline.py checks it).
 """
 
@@ -21,16 +22,14 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, Wa
 from cvg.models.patching import Swap, swapped
 
 
-def _conv3d_by_taps(self: WanCausalConv3d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+def _conv3d_taps_in_channels(self: WanCausalConv3d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     batch, channels, frames, height, width = x.shape
-    taps = weight.shape[2]
+    out_channels, _, taps, *kernel = weight.shape
     out_frames = frames - taps + 1
-    out = None
-    for tap in range(taps):
-        window = x[:, :, tap : tap + out_frames].transpose(1, 2).reshape(-1, channels, height, width)
-        y = F.conv2d(window, weight[:, :, tap], bias if tap == 0 else None)
-        out = y if out is None else out.add_(y)
-    return out.unflatten(0, (batch, out_frames)).transpose(1, 2)
+    # [B, C, F', H, W, taps] -> [B·F', taps·C, H, W]: each output frame's input frames side by side in channels
+    window = x.unfold(2, taps, 1).permute(0, 2, 5, 1, 3, 4).reshape(batch * out_frames, taps * channels, height, width)
+    y = F.conv2d(window, weight.transpose(1, 2).reshape(out_channels, taps * channels, *kernel), bias)
+    return y.unflatten(0, (batch, out_frames)).transpose(1, 2)
 
 
 def _rms_norm(self: WanRMS_norm, x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +49,7 @@ def cpu_decoding(vae: torch.nn.Module):
     if next(vae.parameters()).device.type == "cpu":
         for module in vae.modules():
             if isinstance(module, WanCausalConv3d) and _plain(module):
-                swaps.append((module, "_conv_forward", MethodType(_conv3d_by_taps, module)))
+                swaps.append((module, "_conv_forward", MethodType(_conv3d_taps_in_channels, module)))
             elif isinstance(module, WanRMS_norm) and module.channel_first:
                 swaps.append((module, "forward", MethodType(_rms_norm, module)))
     return swapped(swaps)

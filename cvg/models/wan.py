@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import WanPipeline
+from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
 from cvg.io.files import read_json_object
 from cvg.models.minilm import PACKAGE, load_minilm
@@ -48,6 +49,37 @@ def cast_transformer(transformer: torch.nn.Module, dtype: torch.dtype) -> torch.
             kept = any(module in name.split(".") for module in keep)
             tensor.data = tensor.data.to(torch.float32 if kept else dtype)
     return transformer
+
+
+@torch.no_grad()
+def trimmed_prompt_embeds(
+    pipe: WanPipeline,
+    prompt: str | list[str],
+    num_videos_per_prompt: int = 1,
+    max_sequence_length: int = 226,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """`WanPipeline._get_t5_prompt_embeds` with the text encoder run over the prompts' tokens only (padded
+    to the longest of them, not to `max_sequence_length`): the encoder masks padding out of its attention
+    and Wan zeroes its rows anyway, so the result is the same to float rounding, and a 12-token prompt
+    costs 12 tokens of encoder, not 512."""
+    prompts = [prompt_clean(p) for p in ([prompt] if isinstance(prompt, str) else prompt)]
+    inputs = pipe.tokenizer(
+        prompts,
+        padding="longest",
+        max_length=max_sequence_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    encoder = pipe.text_encoder
+    embeds = encoder(inputs.input_ids.to(encoder.device), inputs.attention_mask.to(encoder.device)).last_hidden_state
+    embeds = embeds * inputs.attention_mask.to(embeds.device, embeds.dtype)[..., None]  # Wan's zero rows
+    embeds = torch.nn.functional.pad(embeds, (0, 0, 0, max_sequence_length - embeds.shape[1]))
+    embeds = embeds.to(device=device or pipe._execution_device, dtype=dtype or encoder.dtype)
+    return embeds.repeat_interleave(num_videos_per_prompt, dim=0)
 
 
 def latent_normalisation(vae) -> tuple[torch.Tensor, torch.Tensor]:

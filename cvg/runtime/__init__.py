@@ -6,3 +6,6 @@ This file stays light: callers catch `EngineError` without loading a backend."""
 
 class EngineError(RuntimeError):
     """A backend that cannot be built or loaded here; the message says why in one line."""
+
+
+STEP_BACKENDS = ("torch", "compiled", "onnxruntime", "tensorrt")  # cvg.runtime.step_engine's; here for the command line
