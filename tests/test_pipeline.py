@@ -45,6 +45,45 @@ def test_without_guidance_it_is_wan_pipeline(tiny_pipe, guidance_scale, schedule
         assert out.steps == []
 
 
+def test_prompts_are_encoded_over_their_own_tokens(tiny_pipe):
+    """CVGPipeline.encode_prompt runs the text encoder over each batch's longest prompt, not over 512 tokens:
+    the same embeddings as WanPipeline's (zero rows where Wan zeroes them), to float rounding."""
+    pipe, calls = CVGPipeline(tiny_pipe), []
+    kw = dict(
+        prompt=["a red cube to the left of a blue ball", "a green ball"],
+        negative_prompt=["blurry", "a cube moving left"],
+        do_classifier_free_guidance=True,
+        num_videos_per_prompt=2,
+        max_sequence_length=64,
+    )
+    with tiny_pipe.text_encoder.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[1])):
+        reference = tiny_pipe.encode_prompt(**kw)
+        encoded = pipe.encode_prompt(**kw)
+    assert calls[:2] == [64, 64] and max(calls[2:]) < 16  # diffusers' two calls at full length, then cvg's
+    for got, expected in zip(encoded, reference, strict=True):
+        assert got.shape == expected.shape == (4, 64, tiny_pipe.text_encoder.config.hidden_size)
+        assert torch.equal(got.eq(0).all(-1), expected.eq(0).all(-1))
+        torch.testing.assert_close(got, expected, rtol=0, atol=ulps(expected))
+
+
+def test_encoded_prompts_are_kept_until_the_encoder_changes():
+    from cvg.models.tiny import tiny_wan_pipeline
+
+    wan = tiny_wan_pipeline(seed=0)  # its own: this test changes the encoder's weights
+    pipe, calls = CVGPipeline(wan), []
+    wan.text_encoder.register_forward_pre_hook(lambda module, args: calls.append(1))
+    kw = dict(prompt="a red cube", do_classifier_free_guidance=True, max_sequence_length=64)
+    first = pipe.encode_prompt(**kw)
+    again = pipe.encode_prompt(**kw)
+    assert len(calls) == 2 and all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    again[0].zero_()  # a caller's copy: the kept encoding is not changed through it
+    assert torch.equal(pipe.encode_prompt(**kw)[0], first[0]) and len(calls) == 2
+    with torch.no_grad():
+        wan.text_encoder.embeddings.word_embeddings.weight.mul_(2)
+    changed = pipe.encode_prompt(**kw)
+    assert len(calls) == 4 and not torch.equal(changed[0], first[0])
+
+
 def _classifier_objective():
     torch.manual_seed(0)
     classifier = CompositionClassifier(ClassifierConfig(layers=2, tiles=(3, 4, 4), label_dim=8))

@@ -58,16 +58,28 @@ def test_geometric_flag(flag, geometric):
 
 
 @pytest.mark.parametrize(
-    ("flags", "batched", "threshold"),
-    [([], False, None), (["--batch-cfg"], True, None), (["--first-block-cache", "0.1"], False, 0.1)],
+    ("flags", "batched", "threshold", "engine"),
+    [
+        ([], False, None, None),
+        (["--batch-cfg"], True, None, None),
+        (["--first-block-cache", "0.1"], False, 0.1, None),
+        (["--engine", "compiled", "--batch-cfg"], True, None, "compiled"),
+    ],
 )
-def test_execution_flags_reach_the_pipeline(tiny_model_dir, flags, batched, threshold):
-    """`--batch-cfg` runs the two forwards of classifier-free guidance as one batch and `--first-block-cache`
-    caches the later steps; both off by default."""
+def test_execution_flags_reach_the_pipeline(tiny_model_dir, flags, batched, threshold, engine):
+    """`--batch-cfg` runs the two forwards of classifier-free guidance as one batch, `--first-block-cache`
+    caches the later steps, `--engine` runs them on a step engine; all off by default."""
     argv = ["generate", "--model", str(tiny_model_dir), "--prompt", "p", "--out", "o.mp4", *flags]
     pipe, _ = generation._load(build_parser().parse_args(argv))
     assert pipe.batch_cfg is batched
     assert (pipe.cache and pipe.cache.threshold) == threshold
+    assert pipe.engine == engine
+
+
+def test_a_cache_with_an_engine_is_refused():
+    argv = ["generate", "--model", "m", "--prompt", "p", "--out", "o.mp4", "--engine", "torch"]
+    with pytest.raises(ValueError, match="--first-block-cache runs on eager diffusers forwards"):
+        generation._load(build_parser().parse_args([*argv, "--first-block-cache", "0.1"]))
 
 
 def test_generate_mp4_and_maps(tiny_model_dir, tmp_path, capsys):
