@@ -22,8 +22,12 @@ DEMO_PROMPT := a red cube to the left of a blue ball
 DEMO_COMPOSITION := red cube left of blue ball
 DEMO_CLASSIFIER := models/compshapes-classifier
 
+# The fast path: the transformer in bf16, CFG as one batch, the unguided steps on the compiled engine
+# (built once, on the first run; benchmarks/fast_path.py).
+DEMO_FAST := --dtype bfloat16 --batch-cfg --engine compiled
+
 demo: $(STAMP)
-	$(VENV)/bin/cvg generate --model $(DEMO_MODEL) --prompt "$(DEMO_PROMPT)" \
+	$(VENV)/bin/cvg generate --model $(DEMO_MODEL) $(DEMO_FAST) --prompt "$(DEMO_PROMPT)" \
 		--composition "$(DEMO_COMPOSITION)" --classifier $(DEMO_CLASSIFIER) --height 64 --width 64 --frames 17 --steps 20 \
 		--out demo/out.mp4 --save-maps demo/maps.png --judge --compare-seeds 8 --contact-sheet demo/contact.png
 

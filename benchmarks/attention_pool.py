@@ -33,9 +33,9 @@ COMPARED = ("sdpa", "naive", "torch")
 PASSES = ("fwd", "fwdbwd")
 
 
-def make_work(backend: str, mode: str, B: int, H: int, N: int, M: int, D: int, T: int):
+def make_work(backend: str, mode: str, B: int, H: int, N: int, M: int, D: int, T: int, dtype: str = "float32"):
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, n, D, generator=gen, requires_grad=True) for n in (N, M, M))
+    q, k, v = (torch.randn(B, H, n, D, generator=gen).to(getattr(torch, dtype)).requires_grad_() for n in (N, M, M))
     groups = torch.arange(N) // 64  # tiles of 64 video tokens
     tokens = torch.randperm(M, generator=gen)[:T]
     dout = torch.randn(B, H, N, D, generator=gen)
@@ -51,7 +51,8 @@ def make_work(backend: str, mode: str, B: int, H: int, N: int, M: int, D: int, T
             with torch.no_grad():
                 return forward()
         outputs = forward()
-        return torch.autograd.grad(outputs, (q, k, v), (dout, dpooled)[: len(outputs)])
+        grads = [g.to(o.dtype) for o, g in zip(outputs, (dout, dpooled)[: len(outputs)], strict=True)]
+        return torch.autograd.grad(outputs, (q, k, v), grads)
 
     return work
 
@@ -121,12 +122,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"smaller size {QUICK} (the demo)")
     parser.add_argument("--size", help="JSON dict of B, H, N, M, D, T")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="of q, k, v")
     parser.add_argument("--write", type=Path, help="record the table in this Markdown file")
     parser.add_argument("--json", type=Path, help="write raw results as JSON")
     parser.add_argument("--times", metavar="PASS", help=argparse.SUPPRESS)
     parser.add_argument("--memory", nargs=2, metavar=("BACKEND", "PASS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    size = json.loads(args.size) if args.size else QUICK if args.quick else FULL
+    size = json.loads(args.size) if args.size else {**(QUICK if args.quick else FULL)}
+    if args.dtype != "float32":  # rides with the size to the child processes
+        size["dtype"] = args.dtype
     if args.times:
         print(json.dumps(measure_times(args.times, size, args.repeats)))
         return
@@ -139,7 +143,10 @@ def main() -> None:
     if args.json:
         write_text_atomic(args.json, json.dumps(dict(size=size, results=results), indent=1))
     if args.write:
-        write_section(args.write, "attention_pool", f"Command: `python benchmarks/attention_pool.py`\n\n{text}")
+        dtype = size.get("dtype", "float32")
+        plain = dtype == "float32"
+        section, flag = ("attention_pool", "") if plain else (f"attention_pool_{dtype}", f" --dtype {dtype}")
+        write_section(args.write, section, f"Command: `python benchmarks/attention_pool.py{flag}`\n\n{text}")
 
 
 if __name__ == "__main__":

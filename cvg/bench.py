@@ -32,6 +32,7 @@ import torch
 from cvg.experiments.memory import ISOLATED_ENV, peak_extra_bytes
 from cvg.experiments.report import json_child, machine_line, write_section
 from cvg.io.files import write_text_atomic
+from cvg.runtime import STEP_BACKENDS
 
 VARIANTS = ("diffusers", "unguided", "guided", "naive-guided", "naive-cross-guided")
 PHASES = ("text_encoding", "guided_steps", "unguided_steps", "vae_decode")
@@ -69,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
         help="transformer precisions timed for unguided and guided generation besides float32 (default "
         "bfloat16; '' for none)",
     )
+    parser.add_argument(
+        "--fast-engine",
+        choices=STEP_BACKENDS,
+        default="compiled",
+        help="step engine of the precision rows' fast path (default compiled)",
+    )
     parser.add_argument("--json", type=Path, help="write the raw results here")
     parser.add_argument("--write", type=Path, help="record the table in this Markdown file")
     parser.add_argument("--memory", choices=VARIANTS, help=argparse.SUPPRESS)  # child process modes
@@ -78,13 +85,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _runner(variant: str, args: argparse.Namespace):
     """`run(output_type)` generating once with `variant` and returning (phase timings, output), and the pipeline."""
+    from diffusers import FirstBlockCacheConfig
+
     from cvg.guidance.config import GuidanceConfig
     from cvg.models.processors import record_maps
     from cvg.models.tiny import tiny_wan_pipeline
     from cvg.models.wan import cast_transformer
     from cvg.pipeline import CVGPipeline
 
-    variant, _, dtype = variant.partition("@")  # "guided@bfloat16": the transformer in that precision
+    variant, dtype, engine, batch_cfg, threshold = _options(variant)
     pipe = tiny_wan_pipeline(0, args.layers, args.heads, args.head_dim, args.ffn_dim)
     if dtype:
         cast_transformer(pipe.transformer, getattr(torch, dtype))
@@ -104,9 +113,9 @@ def _runner(variant: str, args: argparse.Namespace):
     config = GuidanceConfig(
         guide_steps=args.guide_steps, backend="naive" if naive else "auto", collapse_padding=not naive
     )
-    engine = variant.split("+")[1] if "+" in variant else None  # "guided+onnxruntime": a step engine
     cache = tempfile.mkdtemp(prefix="cvg-bench-engines-") if engine else None  # cold: the build is timed
-    cvg = CVGPipeline(pipe, guidance=config, engine=engine, engine_cache=cache)
+    step_cache = None if threshold is None else FirstBlockCacheConfig(threshold=threshold)
+    cvg = CVGPipeline(pipe, guidance=config, engine=engine, engine_cache=cache, batch_cfg=batch_cfg, cache=step_cache)
     tokens = cvg.bind(PROMPT, COMPOSITION, args.text_tokens).tokens
 
     def run(output_type: str = "np"):
@@ -140,8 +149,21 @@ def measure_times(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]
     return rounds
 
 
+def _options(variant: str) -> tuple[str, str | None, str | None, bool, float | None]:
+    """(unguided/guided/..., dtype, step engine, batched CFG, FirstBlockCache threshold) of a variant name:
+    "guided", "guided+onnxruntime", "unguided@bfloat16+batch-cfg+compiled", "guided@bfloat16+fbc=0.1"."""
+    head, *options = variant.split("+")
+    base, _, dtype = head.partition("@")
+    engine = next((o for o in options if o in STEP_BACKENDS), None)
+    threshold = next((float(o.removeprefix("fbc=")) for o in options if o.startswith("fbc=")), None)
+    return base, dtype or None, engine, "batch-cfg" in options, threshold
+
+
 def _dtype_variants(args: argparse.Namespace) -> list[str]:
-    return [f"{v}@{d}" for d in args.dtypes for v in ("unguided", "guided")]
+    """Per precision: eager, batched CFG, batched on the fast-path engine, and batched with diffusers'
+    FirstBlockCache on the unguided steps."""
+    options = ("", "+batch-cfg", f"+batch-cfg+{args.fast_engine}", "+batch-cfg+fbc=0.1")
+    return [f"{v}@{d}{o}" for d in args.dtypes for o in options for v in ("unguided", "guided")]
 
 
 def _memory_child(variant: str, args: argparse.Namespace) -> dict[str, int]:
@@ -232,15 +254,19 @@ def dtype_table(times: dict, args: argparse.Namespace) -> str:
     against diffusers' eager float32 pipeline, guided against the float32 guided eager path."""
     median = {v: statistics.median(r["total"] for r in rounds) for v, rounds in times.items()}
     lines = [
-        "| variant | total (s) | guided steps (s) | unguided steps (s) | speedup over float32 |",
-        "|---|---|---|---|---|",
+        "| variant | dtype | engine | batched CFG | step cache | first call (s) | total (s) | text (s) "
+        "| guided steps (s) | unguided steps (s) | VAE decode (s) | speedup over float32 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in ("unguided", "guided", *_dtype_variants(args)):
-        base = "diffusers" if v.startswith("unguided") else "guided"
-        steps = {k: statistics.median(r[k] for r in times[v]) for k in ("guided_steps", "unguided_steps")}
+        name, dtype, engine, batch_cfg, threshold = _options(v)
+        base = "diffusers" if name == "unguided" else "guided"
+        m = {k: statistics.median(r[k] for r in times[v]) for k in (*PHASES, "first_call")}
+        cache = "-" if threshold is None else f"FirstBlockCache {threshold:g}"
+        phases = " | ".join(f"{m[p]:.3f}" for p in PHASES)
         lines.append(
-            f"| {v} | {median[v]:.3f} | {steps['guided_steps']:.3f} | {steps['unguided_steps']:.3f} "
-            f"| {median[base] / median[v]:.2f} (over {base}) |"
+            f"| {name} | {dtype or 'float32'} | {engine or 'eager'} | {'yes' if batch_cfg else 'no'} | {cache} "
+            f"| {m['first_call']:.2f} | {median[v]:.3f} | {phases} | {median[base] / median[v]:.2f} (over {base}) |"
         )
     return "\n".join(lines)
 
@@ -263,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
         ",".join(args.backends),
         "--dtypes",
         ",".join(args.dtypes),
+        "--fast-engine",
+        args.fast_engine,
         "--times",
     ]
     times = json_child(argv, TIMING_ENV, "timing run")
@@ -305,9 +333,13 @@ def main(argv: list[str] | None = None) -> None:
             )
         if precisions:
             precision_note = (
-                "Precision: the same generations with the transformer cast as `from_pretrained(dtype=)` loads it "
-                "(norms, time embedding and modulation kept in float32), the VAE in float32, eager. Speedups "
-                "are over float32 in the same run: unguided rows over the diffusers row, guided over guided."
+                "Precision and the fast paths: the same generations with the transformer cast as "
+                "`from_pretrained(dtype=)` loads it (norms, time embedding and modulation kept in float32), the "
+                "VAE in float32; eager, then with batched classifier-free guidance, then batched with the "
+                "unguided steps on the compiled engine (weights frozen in), then batched with diffusers' "
+                "FirstBlockCache on the unguided steps. First call = the first generation in the process (engine "
+                "build included). Speedups are over float32 eager in the same run: unguided rows over the "
+                "diffusers row, guided over the guided row."
             )
             write_section(
                 args.write,

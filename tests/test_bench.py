@@ -2,15 +2,18 @@
 
 import json
 
-from cvg.bench import VARIANTS, main
+from cvg.bench import VARIANTS, _dtype_variants, _parser, main
 
 
 def test_bench_records_every_variant_and_phase(tmp_path, capsys):
     results, table = tmp_path / "bench.json", tmp_path / "RESULTS.md"
     size = "--height 32 --width 32 --frames 5 --steps 3 --guide-steps 1 --layers 1 --heads 2 --repeats 1"
-    main([*size.split(), "--backends", "torch", "--json", str(results), "--write", str(table)])
+    argv = [*size.split(), "--backends", "torch", "--fast-engine", "torch"]  # no compile: seconds, not minutes
+    main([*argv, "--json", str(results), "--write", str(table)])
     record = json.loads(results.read_text())
-    assert set(record["times"]) == {*VARIANTS, "guided+torch", "unguided@bfloat16", "guided@bfloat16"}
+    precisions = _dtype_variants(_parser().parse_args(argv))
+    assert len(precisions) == 8 and "guided@bfloat16+batch-cfg+torch" in precisions
+    assert set(record["times"]) == {*VARIANTS, "guided+torch", *precisions}
     assert set(record["peak_bytes"]) == set(VARIANTS)
     # Denoising always maps new memory (the text encoder's activations); a toy decode may fit in what is
     # mapped already, so 0 is a true answer for it (it failed CI once as -0.0 MiB: pages reclaimed).
@@ -18,8 +21,10 @@ def test_bench_records_every_variant_and_phase(tmp_path, capsys):
     guided = record["times"]["guided"][0]
     assert guided["guided_steps"] > 0 and guided["unguided_steps"] > 0 and guided["first_call"] > 0
     text = table.read_text()
-    for variant in (*VARIANTS, "guided+torch", "unguided@bfloat16", "guided@bfloat16"):
+    for variant in (*VARIANTS, "guided+torch"):
         assert f"| {variant} |" in text
+    assert "| guided | bfloat16 | torch | yes | - |" in text
+    assert "| unguided | bfloat16 | eager | yes | FirstBlockCache 0.1 |" in text
     assert "<!-- cvg_bench -->" in text and "<!-- cvg_bench_engines -->" in text
     assert "<!-- cvg_bench_precision -->" in text
     assert "naive-guided" in capsys.readouterr().out

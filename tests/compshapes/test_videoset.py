@@ -76,3 +76,15 @@ def test_a_resume_is_refused_when_what_decides_the_clips_changed(tiny_pipe, tmp_
         with pytest.raises(DatasetError, match="resume with the same settings"):
             generate_set(pipe, specs, tmp_path / out, **{"seed": 1, **call, **FAST})
     assert len(read_index(tmp_path / "guided")) == 1
+
+
+def test_a_resume_is_refused_when_the_forwards_run_otherwise(tiny_pipe, tmp_path):
+    """Batched CFG and step engines change clips within rounding: a set records them and keeps them."""
+    specs = tmp_path / "specs"
+    write_dataset(specs, 2, seed=5, frames=5, height=32, width=32)
+    generate_set(
+        CVGPipeline(tiny_pipe, batch_cfg=True), specs, tmp_path / "batched", seed=1, limit=1, guide_steps=0, **FAST
+    )
+    with pytest.raises(DatasetError, match="resume with the same settings"):
+        generate_set(CVGPipeline(tiny_pipe), specs, tmp_path / "batched", seed=1, guide_steps=0, **FAST)
+    assert len(read_index(tmp_path / "batched")) == 1
