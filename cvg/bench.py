@@ -10,6 +10,9 @@ Variants, all on the same tiny Wan pipeline (random weights, real MiniLM text en
                       self-attention runs diffusers' `_native_math` backend (P materialised) and the
                       cross-attention the naive attention_pool backend
   naive-cross-guided  a stronger baseline: only the cross-attention materialises P (self-attention fused)
+  guided+BACKEND      guided, the unguided steps on a step engine (--backends)
+  unguided@DTYPE..., guided@DTYPE...  the transformer in DTYPE (--dtypes): eager, +batch-cfg, +batch-cfg+ENGINE
+                      (--fast-engine), +batch-cfg+fbc=0.1 (diffusers' FirstBlockCache on the unguided steps)
 
 Times: every variant in turn in one process (with TIMING_ENV), `--repeats` rounds after a warm-up,
 medians. Peak memory:

@@ -7,8 +7,9 @@ from cvg.bench import VARIANTS, _dtype_variants, _parser, main
 
 def test_bench_records_every_variant_and_phase(tmp_path, capsys):
     results, table = tmp_path / "bench.json", tmp_path / "RESULTS.md"
-    size = "--height 32 --width 32 --frames 5 --steps 3 --guide-steps 1 --layers 1 --heads 2 --repeats 1"
-    argv = [*size.split(), "--backends", "torch", "--fast-engine", "torch"]  # no compile: seconds, not minutes
+    size = "--height 32 --width 32 --frames 5 --steps 3 --guide-steps 1 --layers 2 --heads 2 --repeats 1"
+    # No compile (seconds, not minutes); 2 layers: FirstBlockCache needs a block after the first.
+    argv = [*size.split(), "--backends", "torch", "--fast-engine", "torch"]
     main([*argv, "--json", str(results), "--write", str(table)])
     record = json.loads(results.read_text())
     precisions = _dtype_variants(_parser().parse_args(argv))

@@ -438,3 +438,15 @@ def test_a_step_cache_serves_only_the_steps_after_the_guided_ones(tiny_pipe):
     assert not transformer.is_cache_enabled
     with pytest.raises(ValueError, match="cache runs on eager diffusers forwards"):
         CVGPipeline(tiny_pipe, cache=FirstBlockCacheConfig(), engine="torch")
+
+
+def test_first_block_cache_on_a_single_block_is_a_clear_error():
+    from diffusers import FirstBlockCacheConfig
+
+    from cvg.models.caching import cached_after
+    from cvg.models.tiny import tiny_wan_pipeline
+
+    transformer = tiny_wan_pipeline(0, 1).transformer
+    with pytest.raises(ValueError, match="at least 2 blocks"), cached_after(transformer, FirstBlockCacheConfig(), 0):
+        pass
+    assert not transformer.is_cache_enabled

@@ -27,6 +27,11 @@ def cached_after(
             "(transformer.disable_cache()) before asking cvg for one"
         )
 
+    if type(config).__name__ == "FirstBlockCacheConfig" and len(getattr(transformer, "blocks", ())) < 2:
+        raise ValueError(
+            "FirstBlockCache needs a transformer of at least 2 blocks (it skips the blocks after the first)"
+        )
+
     def step_done(i: int) -> None:
         if i + 1 == first_step:
             transformer.enable_cache(config)
