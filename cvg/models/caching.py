@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+from diffusers import FirstBlockCacheConfig
 
 
 @contextmanager
@@ -26,8 +27,7 @@ def cached_after(
             f"the transformer already runs a {type(transformer._cache_config).__name__}; disable it "
             "(transformer.disable_cache()) before asking cvg for one"
         )
-
-    if type(config).__name__ == "FirstBlockCacheConfig" and len(getattr(transformer, "blocks", ())) < 2:
+    if isinstance(config, FirstBlockCacheConfig) and len(getattr(transformer, "blocks", ())) < 2:
         raise ValueError(
             "FirstBlockCache needs a transformer of at least 2 blocks (it skips the blocks after the first)"
         )
