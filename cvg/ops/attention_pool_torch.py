@@ -6,10 +6,13 @@ the same width because SDPA's fused CPU and flash kernels need equal head dims.
 
 On CPU, a custom op (`cvg::attention_pool_cpu`, its autograd registered beside it) calls the fused
 kernel's forward, which also returns the log-sum-exp, so the selected columns come from one small
-[N, T] product and forward needs no augmented width; its backward op (`cvg::attention_pool_cpu_backward`)
-calls the fused kernel's backward on the augmented tensors chunk by chunk of queries. Saved for
-backward: q, k, v, out and the log-sum-exp. torch.compile and torch.export see the two ops, not their
-insides (`register_fake` gives their shapes).
+[N, T] product and forward needs no augmented width. Its backward op (`cvg::attention_pool_cpu_backward`)
+runs the fused kernel's backward at the plain head dim: the maps' gradient enters softmax's backward
+`dS = P ∘ (dP - rowsum(P ∘ dP))` through two terms, the row sums (folded into the `out` the kernel
+reads, which it uses for nothing else) and `P ∘ E` at the T selected columns (two [N, T] products added
+after). Where a row has a map gradient but no output gradient to fold into, it falls back to the kernel
+on the augmented tensors. Saved for backward: q, k, v, out, the log-sum-exp and the selected columns.
+torch.compile and torch.export see the two ops, not their insides (`register_fake` gives their shapes).
 
 Elsewhere, autograd through one augmented `scaled_dot_product_attention` call keeps the
 O(B·H·N·(D+T)) bound.
@@ -26,9 +29,11 @@ from cvg.ops.pooling import PoolSpec, pool_rows, unpool_rows
 
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-# Elements of one [B, H, rows, D+T] chunk: bounds the transient augmented copies of backward (1 MB fp32).
-_CHUNK_ELEMENTS = 1 << 18
+# Elements of one [B, H, rows, width] chunk of queries: bounds the transient copies of the fallback
+# backward (16 MB fp32); smaller chunks cost more calls than their memory saves (1 << 18: 1.3x slower).
+_CHUNK_ELEMENTS = 1 << 22
 _MIN_CHUNK_ROWS = 256
+_CACHED_ELEMENTS = 1 << 18  # a float32 chunk that stays in a core's cache (1 MB)
 
 
 def augment_keys_values(k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,10 +45,10 @@ def augment_keys_values(k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor) 
     return F.pad(k, (0, tokens.numel())), v_aug
 
 
-def _query_chunks(batch: int, heads: int, queries: int, width: int) -> Iterator[slice]:
-    """Query ranges of about `_CHUNK_ELEMENTS` elements over all batch items and heads: the fused CPU
+def _query_chunks(batch: int, heads: int, queries: int, width: int, elements: int = _CHUNK_ELEMENTS) -> Iterator[slice]:
+    """Query ranges of about `elements` elements over all batch items and heads: the fused CPU
     backward parallelises over (batch, head), so every call keeps all of them."""
-    rows = max(_MIN_CHUNK_ROWS, _CHUNK_ELEMENTS // (batch * heads * width))
+    rows = max(_MIN_CHUNK_ROWS, elements // (batch * heads * width))
     for start in range(0, queries, rows):
         yield slice(start, min(start + rows, queries))
 
@@ -53,12 +58,18 @@ def selected_probs(
 ) -> torch.Tensor:
     """`P[..., tokens]` from the log-sum-exp of each query row: `[B, H, N, T]` in float32 (or float64), no
     [N, M] tensor. The scores are formed in float32 as the fused kernel forms them: a half-precision score
-    of size 1e3 is off by up to 4 (bf16), and exp() of that error is no probability at all."""
+    of size 1e3 is off by up to 4 (bf16), and exp() of that error is no probability at all. Queries are
+    widened a chunk at a time, which stays in cache (half the time of widening q at once, measured)."""
+    batch, heads, queries, dim = q.shape
     wide = torch.promote_types(q.dtype, torch.float32)
-    scores = (q.to(wide) @ k[:, :, tokens].to(wide).transpose(-1, -2)) * scale
+    keys = k[:, :, tokens].to(wide).transpose(-1, -2)
+    scores = q.new_empty((batch, heads, queries, tokens.numel()), dtype=wide)
+    for n in _query_chunks(batch, heads, queries, dim, _CACHED_ELEMENTS):
+        torch.matmul(q[:, :, n].to(wide), keys, out=scores[:, :, n])
+    scores = scores.mul_(scale)
     if bias is not None:
-        scores = scores + bias[..., tokens]
-    return torch.exp(scores - lse[..., None].to(wide))
+        scores = scores.add_(bias[..., tokens])
+    return scores.sub_(lse[..., None]).exp_()
 
 
 # The fused CPU path as two torch.library custom ops over plain tensors and ints (flash-attention's
@@ -78,22 +89,25 @@ def attention_pool_cpu(
     num_groups: int,
     keep_heads: bool,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(out [B, H, N, D], pooled [B, G, T] or [B, H, G, T], lse [B, H, N])`; bias `[B, 1, 1, M]` or None."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(out [B, H, N, D], pooled [B, G, T] or [B, H, G, T], lse [B, H, N], rows [B, H, N, T])`: rows are
+    `P[..., tokens]` in float32 (float64 for float64), kept for backward; bias `[B, 1, 1, M]` or None."""
     spec = PoolSpec(groups, tokens, query_weight, num_groups, q.shape[1], keep_heads)
     # Forward needs no augmented width: the fused kernel's log-sum-exp gives the selected columns.
     out, lse = _FLASH_CPU(q, k, v, attn_mask=bias, scale=scale)
     rows = selected_probs(q, k, tokens, bias, lse, scale)
-    return out, pool_rows(rows, spec).to(q.dtype), lse  # pooled in float32, rounded once
+    return out, pool_rows(rows, spec).to(q.dtype), lse, rows  # pooled in float32, rounded once
 
 
 @attention_pool_cpu.register_fake
 def _(q, k, v, bias, groups, tokens, query_weight, num_groups, keep_heads, scale):
     batch, heads, queries, _ = q.shape
     pooled = (batch, heads, num_groups, tokens.shape[0]) if keep_heads else (batch, num_groups, tokens.shape[0])
+    wide = torch.promote_types(q.dtype, torch.float32)
     # The fused kernel writes the log-sum-exp query-major: [B, N, H] memory seen as [B, H, N].
-    lse = q.new_empty((batch, queries, heads), dtype=torch.promote_types(q.dtype, torch.float32)).transpose(1, 2)
-    return torch.empty_like(q), q.new_empty(pooled), lse
+    lse = q.new_empty((batch, queries, heads), dtype=wide).transpose(1, 2)
+    rows = q.new_empty((batch, heads, queries, tokens.shape[0]), dtype=wide)
+    return torch.empty_like(q), q.new_empty(pooled), lse, rows
 
 
 @torch.library.custom_op("cvg::attention_pool_cpu_backward", mutates_args=(), device_types="cpu")
@@ -105,6 +119,7 @@ def attention_pool_cpu_backward(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
+    rows: torch.Tensor,
     bias: torch.Tensor | None,
     groups: torch.Tensor,
     tokens: torch.Tensor,
@@ -113,23 +128,58 @@ def attention_pool_cpu_backward(
     keep_heads: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(dq, dk, dv)`: the fused kernel's backward on the augmented tensors, chunk by chunk of queries."""
+    """`(dq, dk, dv)`: the fused kernel's backward at the plain head dim, the maps' share added."""
     spec = PoolSpec(groups, tokens, query_weight, num_groups, q.shape[1], keep_heads)
+    # P ∘ E at the selected columns, and its row sums: the maps' share of rowsum(P ∘ dP).
+    weights = rows * unpool_rows(dpooled.to(rows.dtype), spec)
+    row_sums = weights.sum(-1)
+    out_folded = _fold_row_sums(out, dout, row_sums)
+    if out_folded is None:
+        return _backward_augmented(dout, dpooled, q, k, v, out, lse, rows, bias, spec, scale)
+    dq, dk, dv = _FLASH_CPU_BACKWARD(dout, q, k, v, out_folded, lse, 0.0, False, attn_mask=bias, scale=scale)
+    # The [N, T] products in the inputs' dtype: half-precision matmuls accumulate in float32.
+    weights = (weights * scale).to(q.dtype)
+    dq = dq.add_(weights @ k[:, :, tokens])
+    dk = dk.index_add_(2, tokens, weights.transpose(-1, -2) @ q)
+    return dq, dk, dv
+
+
+@attention_pool_cpu_backward.register_fake
+def _(dout, dpooled, q, k, v, out, lse, rows, bias, groups, tokens, query_weight, num_groups, keep_heads, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fold_row_sums(out: torch.Tensor, dout: torch.Tensor, row_sums: torch.Tensor) -> torch.Tensor | None:
+    """`out'` with rowsum(dout ∘ out') = rowsum(dout ∘ out) + row_sums, by adding row_sums · dout / |dout|²
+    to each row; the kernel reads `out` only for those row sums. None where a row with a row sum has no
+    output gradient to carry it (a block whose output the loss does not read), or the fold would overflow."""
+    if not row_sums.any():
+        return out
+    norms = torch.linalg.vecdot(dout, dout).to(row_sums.dtype)  # in dout's dtype: 4x faster than widening
+    carried = torch.where(row_sums == 0, 0.0, row_sums.abs() * norms.rsqrt())  # largest entry added
+    if not (carried <= torch.finfo(out.dtype).max / 4).all():
+        return None
+    coefficient = torch.where(row_sums == 0, 0.0, row_sums / norms)
+    return torch.addcmul(out, dout, coefficient[..., None].to(out.dtype))
+
+
+def _backward_augmented(dout, dpooled, q, k, v, out, lse, rows, bias, spec: PoolSpec, scale: float):
+    """The fused kernel's backward on `[q | 0]`, `[k | 0]`, `[v | onehot]`, chunk by chunk of queries."""
     batch, heads, queries, dim = q.shape
     n_tok = spec.num_tokens
-    k_aug, v_aug = augment_keys_values(k, v, tokens)
+    k_aug, v_aug = augment_keys_values(k, v, spec.tokens)
     drows = unpool_rows(dpooled, spec).to(q.dtype)
+    rows = rows.to(q.dtype)
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for n in _query_chunks(batch, heads, queries, dim + n_tok):
-        q_n, lse_n = q[:, :, n], lse[:, :, n]
-        rows = selected_probs(q_n, k, tokens, bias, lse_n, scale).to(q.dtype)
+        rows_n = rows[:, :, n]
         gq, gk, gv = _FLASH_CPU_BACKWARD(
-            torch.cat([dout[:, :, n], drows[:, :, n].expand_as(rows)], dim=-1),
-            F.pad(q_n, (0, n_tok)),
+            torch.cat([dout[:, :, n], drows[:, :, n].expand_as(rows_n)], dim=-1),
+            F.pad(q[:, :, n], (0, n_tok)),
             k_aug,
             v_aug,
-            torch.cat([out[:, :, n], rows], dim=-1),
-            lse_n,
+            torch.cat([out[:, :, n], rows_n], dim=-1),
+            lse[:, :, n],
             0.0,
             False,
             attn_mask=bias,
@@ -138,26 +188,35 @@ def attention_pool_cpu_backward(
         dq[:, :, n] = gq[..., :dim]
         dk += gk[..., :dim]
         dv += gv[..., :dim]
-        del gq, gk, gv, rows  # free before the next chunk's call, not after it
+        del gq, gk, gv  # free before the next chunk's call, not after it
     return dq, dk, dv
-
-
-@attention_pool_cpu_backward.register_fake
-def _(dout, dpooled, q, k, v, out, lse, bias, groups, tokens, query_weight, num_groups, keep_heads, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, bias, groups, tokens, query_weight, num_groups, keep_heads, scale = inputs
-    out, _, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias, groups, tokens, query_weight)
+    out, _, lse, rows = output
+    ctx.save_for_backward(q, k, v, out, lse, rows, bias, groups, tokens, query_weight)
     ctx.num_groups, ctx.keep_heads, ctx.scale = num_groups, keep_heads, scale
 
 
-def _backward(ctx, dout, dpooled, _dlse):
-    q, k, v, out, lse, bias, groups, tokens, query_weight = ctx.saved_tensors
+def _backward(ctx, dout, dpooled, _dlse, _drows):
+    q, k, v, out, lse, rows, bias, groups, tokens, query_weight = ctx.saved_tensors
     dq, dk, dv = attention_pool_cpu_backward(
-        dout, dpooled, q, k, v, out, lse, bias, groups, tokens, query_weight, ctx.num_groups, ctx.keep_heads, ctx.scale
+        dout,
+        dpooled,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        rows,
+        bias,
+        groups,
+        tokens,
+        query_weight,
+        ctx.num_groups,
+        ctx.keep_heads,
+        ctx.scale,
     )
     return dq, dk, dv, None, None, None, None, None, None, None
 
@@ -174,7 +233,7 @@ def attention_pool_torch(
     bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if q.device.type == "cpu":
-        out, pooled, _ = attention_pool_cpu(
+        out, pooled, _, _ = attention_pool_cpu(
             q, k, v, bias, spec.groups, spec.tokens, spec.query_weight, spec.num_groups, spec.keep_heads, scale
         )
         return out, pooled

@@ -10,6 +10,8 @@ from reference import make_problem
 
 from cvg import attention_pool
 from cvg.models.wan import cast_transformer, load_wan_pipeline
+from cvg.ops.attention_pool_torch import attention_pool_sdpa
+from cvg.ops.pooling import make_pool_spec
 from cvg.runtime.step_engine import StepEngine, StepShape
 
 RULE = 2.0  # allowed error relative to the stock bf16 computation's, as flash-attention tests
@@ -94,3 +96,37 @@ def test_cast_transformer_matches_diffusers_bf16_load(tiny_model_dir):
 def test_transformer_dtype_and_diffusers_dtype_together_are_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="not both"):
         load_wan_pipeline(tiny_model_dir, transformer_dtype=torch.bfloat16, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dout_rows", ["all", "half"])
+def test_attention_pool_bf16_map_gradients_are_as_accurate_as_augmented_sdpa_bf16(dout_rows):
+    """Gradients through both outputs against autograd through one augmented SDPA call in bf16 (values with
+    one-hot columns: what reading the maps costs with stock attention). With an output gradient in every
+    row the maps' share is folded into the fused backward; with half the rows lacking one, the fallback on
+    augmented tensors runs."""
+    p = make_problem(B=2, H=4, N=512, M=77, D=64, T=6, G=16, masked=True, keep_heads=False, seed=9)
+    p.q, p.k = p.q * 3, p.k * 3
+    spec = make_pool_spec(p.groups, p.tokens, p.num_groups, 4, False)
+    gen = torch.Generator().manual_seed(2)
+    grad_out = torch.randn(p.q.shape, generator=gen, dtype=torch.float64)
+    if dout_rows == "half":
+        grad_out[:, :, ::2] = 0
+    grad_pooled = torch.randn(2, p.num_groups, 6, generator=gen, dtype=torch.float64) * 50
+
+    def run(dtype, pool):
+        q, k, v = (x.detach().to(dtype).clone().requires_grad_() for x in (p.q, p.k, p.v))
+        if pool:
+            outputs = attention_pool(
+                q, k, v, p.groups, p.tokens, key_padding_mask=p.mask, num_groups=p.num_groups, backend="torch"
+            )
+        else:
+            bias = torch.zeros(p.mask.shape, dtype=dtype).masked_fill(p.mask, -torch.inf)[:, None, None]
+            outputs = attention_pool_sdpa(q, k, v, spec, 64**-0.5, bias)
+        torch.autograd.backward(outputs, (grad_out.to(dtype), grad_pooled.to(dtype)))
+        return *outputs, q.grad, k.grad, v.grad
+
+    want = run(torch.float64, pool=False)
+    stock = run(torch.bfloat16, pool=False)
+    got = run(torch.bfloat16, pool=True)
+    for name, g, s, w in zip(("out", "pooled", "dq", "dk", "dv"), got, stock, want, strict=True):
+        assert _err(g, w) <= RULE * _err(s, w), (name, _err(g, w), _err(s, w))

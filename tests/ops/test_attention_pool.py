@@ -240,3 +240,31 @@ def test_torch_backend_half_precision_at_large_logits_and_biases(dtype, logit, b
     )
     assert pooled.dtype == dtype and torch.isfinite(pooled).all()
     assert (pooled.double() - expected).abs().max() <= torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize(
+    "zero_rows, map_gradient, augmented",
+    [("none", True, False), ("none", False, False), ("some", True, True), ("all", True, True), ("all", False, False)],
+)
+def test_cpu_backward_paths_match_float64_naive(monkeypatch, zero_rows, map_gradient, augmented):
+    """The maps' gradient is folded into the fused backward wherever every row has an output gradient; a
+    row without one (its output unread) sends the call to the augmented fallback. Both match the reference."""
+    import cvg.ops.attention_pool_torch as module
+
+    calls = []
+    fallback = module._backward_augmented
+    monkeypatch.setattr(module, "_backward_augmented", lambda *a: calls.append(1) or fallback(*a))
+    p = make_problem(B=2, H=3, N=90, M=33, D=16, T=4, G=7, masked=True, keep_heads=False, seed=29)
+    gen = torch.Generator().manual_seed(3)
+    dout = torch.randn(p.q.shape, generator=gen, dtype=torch.float64)
+    dout[:, :, ::3] = 0 if zero_rows == "some" else dout[:, :, ::3]
+    dout = dout * 0 if zero_rows == "all" else dout
+    dpooled = torch.randn(2, 7, 4, generator=gen, dtype=torch.float64) * map_gradient
+    grads = {}
+    for backend, dtype in (("naive", torch.float64), ("torch", torch.float32)):
+        q, k, v = (t.to(dtype).requires_grad_() for t in (p.q, p.k, p.v))
+        outputs = attention_pool(q, k, v, p.groups, p.tokens, key_padding_mask=p.mask, num_groups=7, backend=backend)
+        grads[backend] = torch.autograd.grad(outputs, (q, k, v), (dout.to(dtype), dpooled.to(dtype)))
+    for got, want in zip(grads["torch"], grads["naive"], strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=ulps(want.float(), 128))
+    assert bool(calls) == augmented
