@@ -7,12 +7,13 @@ the same width because SDPA's fused CPU and flash kernels need equal head dims.
 On CPU, a custom op (`cvg::attention_pool_cpu`, its autograd registered beside it) calls the fused
 kernel's forward, which also returns the log-sum-exp, so the selected columns come from one small
 [N, T] product and forward needs no augmented width. Its backward op (`cvg::attention_pool_cpu_backward`)
-runs the fused kernel's backward at the plain head dim: the maps' gradient enters softmax's backward
-`dS = P ∘ (dP - rowsum(P ∘ dP))` through two terms, the row sums (folded into the `out` the kernel
-reads, which it uses for nothing else) and `P ∘ E` at the T selected columns (two [N, T] products added
-after). Where a row has a map gradient but no output gradient to fold into, it falls back to the kernel
-on the augmented tensors. Saved for backward: q, k, v, out, the log-sum-exp and the selected columns.
-torch.compile and torch.export see the two ops, not their insides (`register_fake` gives their shapes).
+runs the fused kernel's backward at the plain head dim, chunk by chunk of queries in float32. The maps'
+gradient enters softmax's backward `dS = P ∘ (dP - rowsum(P ∘ dP))` through two terms: the row sums,
+folded into the `out` the kernel reads (it uses `out` for nothing else), and `P ∘ E` at the T selected
+columns (two [N, T] products added after the call). A chunk with a row that has a map gradient but no
+output gradient to fold into runs the kernel on the augmented tensors instead. Saved for backward: q, k,
+v, out, the log-sum-exp, and in half precision the selected columns. torch.compile and torch.export see
+the two ops, not their insides (`register_fake` gives their shapes).
 
 Elsewhere, autograd through one augmented `scaled_dot_product_attention` call keeps the
 O(B·H·N·(D+T)) bound.
@@ -29,10 +30,13 @@ from cvg.ops.pooling import PoolSpec, pool_rows, unpool_rows
 
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-# Elements of one [B, H, rows, width] chunk of queries: bounds the transient copies of the fallback
-# backward (16 MB fp32); smaller chunks cost more calls than their memory saves (1 << 18: 1.3x slower).
-_CHUNK_ELEMENTS = 1 << 22
-_MIN_CHUNK_ROWS = 256
+# One backward call per chunk of queries: about `_CHUNK_BYTES` of [B, H, rows, D], at least
+# `_MIN_CHUNK_ROWS` rows (the fused kernel's large query blocks start at 768; 256-row chunks ran 1.5x
+# slower). The chunk bounds the backward's transient copies. Half precision runs one call: its fused
+# kernel pays per call (bf16 at N=16384, H=12, D=64: 1.29x SDPA in 1 MB chunks, 1.15x in two, 1.10x in
+# one, measured in one run), and its copies are half the size.
+_CHUNK_BYTES = {torch.float32: 1 << 20, torch.float64: 1 << 20}
+_MIN_CHUNK_ROWS = 768
 _CACHED_ELEMENTS = 1 << 18  # a float32 chunk that stays in a core's cache (1 MB)
 
 
@@ -45,10 +49,10 @@ def augment_keys_values(k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor) 
     return F.pad(k, (0, tokens.numel())), v_aug
 
 
-def _query_chunks(batch: int, heads: int, queries: int, width: int, elements: int = _CHUNK_ELEMENTS) -> Iterator[slice]:
-    """Query ranges of about `elements` elements over all batch items and heads: the fused CPU
-    backward parallelises over (batch, head), so every call keeps all of them."""
-    rows = max(_MIN_CHUNK_ROWS, elements // (batch * heads * width))
+def _query_chunks(batch: int, heads: int, queries: int, width: int, elements: int, min_rows: int) -> Iterator[slice]:
+    """Query ranges of about `elements` elements over all batch items and heads (at least `min_rows`
+    rows): the fused CPU backward parallelises over (batch, head), so every call keeps all of them."""
+    rows = max(min_rows, elements // (batch * heads * width))
     for start in range(0, queries, rows):
         yield slice(start, min(start + rows, queries))
 
@@ -64,7 +68,7 @@ def selected_probs(
     wide = torch.promote_types(q.dtype, torch.float32)
     keys = k[:, :, tokens].to(wide).transpose(-1, -2)
     scores = q.new_empty((batch, heads, queries, tokens.numel()), dtype=wide)
-    for n in _query_chunks(batch, heads, queries, dim, _CACHED_ELEMENTS):
+    for n in _query_chunks(batch, heads, queries, dim, _CACHED_ELEMENTS, 1):
         torch.matmul(q[:, :, n].to(wide), keys, out=scores[:, :, n])
     scores = scores.mul_(scale)
     if bias is not None:
@@ -119,7 +123,7 @@ def attention_pool_cpu_backward(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    rows: torch.Tensor,
+    rows: torch.Tensor | None,
     bias: torch.Tensor | None,
     groups: torch.Tensor,
     tokens: torch.Tensor,
@@ -128,20 +132,47 @@ def attention_pool_cpu_backward(
     keep_heads: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(dq, dk, dv)`: the fused kernel's backward at the plain head dim, the maps' share added."""
+    """`(dq, dk, dv)`: the fused kernel's backward, chunk by chunk of queries. `rows` (the selected columns)
+    are formed again per chunk when not kept (None)."""
     spec = PoolSpec(groups, tokens, query_weight, num_groups, q.shape[1], keep_heads)
-    # P ∘ E at the selected columns, and its row sums: the maps' share of rowsum(P ∘ dP).
-    weights = rows * unpool_rows(dpooled.to(rows.dtype), spec)
-    row_sums = weights.sum(-1)
-    out_folded = _fold_row_sums(out, dout, row_sums)
-    if out_folded is None:
-        return _backward_augmented(dout, dpooled, q, k, v, out, lse, rows, bias, spec, scale)
-    dq, dk, dv = _FLASH_CPU_BACKWARD(dout, q, k, v, out_folded, lse, 0.0, False, attn_mask=bias, scale=scale)
-    # The [N, T] products in the inputs' dtype: half-precision matmuls accumulate in float32.
-    weights = (weights * scale).to(q.dtype)
-    dq = dq.add_(weights @ k[:, :, tokens])
-    dk = dk.index_add_(2, tokens, weights.transpose(-1, -2) @ q)
-    return dq, dk, dv
+    batch, heads, queries, dim = q.shape
+    drows = unpool_rows(dpooled.to(lse.dtype), spec)
+    k_tokens, augmented = k[:, :, tokens], None
+    dq = torch.empty_like(q)
+    dk, dv, dk_tokens = (torch.zeros(t.shape, dtype=lse.dtype) for t in (k, v, k_tokens))
+    elements = _CHUNK_BYTES[q.dtype] // q.element_size() if q.dtype in _CHUNK_BYTES else q.numel()
+    for n in _query_chunks(batch, heads, queries, dim, elements, _MIN_CHUNK_ROWS):
+        q_n, dout_n, out_n, lse_n, drows_n = q[:, :, n], dout[:, :, n], out[:, :, n], lse[:, :, n], drows[:, :, n]
+        rows_n = selected_probs(q_n, k, tokens, bias, lse_n, scale) if rows is None else rows[:, :, n]
+        # The maps' share of softmax's row sums rowsum(P ∘ dP), folded into the `out` the kernel reads
+        # for nothing else; P ∘ E at the selected columns is added after the call.
+        coefficient = _fold_coefficient(dout_n, torch.linalg.vecdot(rows_n, drows_n))
+        if coefficient is None:  # a row with a map gradient and no output gradient: augmented tensors
+            augmented = augmented or augment_keys_values(k, v, tokens)
+            gq, gk, gv = _FLASH_CPU_BACKWARD(
+                torch.cat([dout_n, drows_n.expand_as(rows_n).to(q.dtype)], dim=-1),
+                F.pad(q_n, (0, spec.num_tokens)),
+                *augmented,
+                torch.cat([out_n, rows_n.to(q.dtype)], dim=-1),
+                lse_n,
+                0.0,
+                False,
+                attn_mask=bias,
+                scale=scale,
+            )
+            gq, gk, gv = gq[..., :dim], gk[..., :dim], gv[..., :dim]
+        else:
+            folded = torch.addcmul(out_n, dout_n, coefficient[..., None])
+            gq, gk, gv = _FLASH_CPU_BACKWARD(dout_n, q_n, k, v, folded, lse_n, 0.0, False, attn_mask=bias, scale=scale)
+            # P ∘ E's own terms, in the inputs' dtype: half-precision matmuls accumulate in float32.
+            weights = (rows_n * drows_n * scale).to(q.dtype)
+            gq = gq.add_(weights @ k_tokens)
+            dk_tokens += weights.transpose(-1, -2) @ q_n
+        dq[:, :, n] = gq
+        dk += gk
+        dv += gv
+        del gq, gk, gv  # free before the next chunk's call, not after it
+    return dq, dk.index_add_(2, tokens, dk_tokens).to(k.dtype), dv.to(v.dtype)
 
 
 @attention_pool_cpu_backward.register_fake
@@ -149,52 +180,25 @@ def _(dout, dpooled, q, k, v, out, lse, rows, bias, groups, tokens, query_weight
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _fold_row_sums(out: torch.Tensor, dout: torch.Tensor, row_sums: torch.Tensor) -> torch.Tensor | None:
-    """`out'` with rowsum(dout ∘ out') = rowsum(dout ∘ out) + row_sums, by adding row_sums · dout / |dout|²
-    to each row; the kernel reads `out` only for those row sums. None where a row with a row sum has no
-    output gradient to carry it (a block whose output the loss does not read), or the fold would overflow."""
+def _fold_coefficient(dout: torch.Tensor, row_sums: torch.Tensor) -> torch.Tensor | None:
+    """`c` `[B, H, N]` in dout's dtype such that adding `c · dout` to `out` adds `row_sums` to
+    rowsum(dout ∘ out): row_sums / |dout|². None where a row with a row sum has no output gradient to carry
+    it (a block whose output the loss does not read), or the fold would overflow."""
     if not row_sums.any():
-        return out
+        return row_sums.new_zeros(row_sums.shape, dtype=dout.dtype)
     norms = torch.linalg.vecdot(dout, dout).to(row_sums.dtype)  # in dout's dtype: 4x faster than widening
     carried = torch.where(row_sums == 0, 0.0, row_sums.abs() * norms.rsqrt())  # largest entry added
-    if not (carried <= torch.finfo(out.dtype).max / 4).all():
+    if not (carried <= torch.finfo(dout.dtype).max / 4).all():
         return None
-    coefficient = torch.where(row_sums == 0, 0.0, row_sums / norms)
-    return torch.addcmul(out, dout, coefficient[..., None].to(out.dtype))
-
-
-def _backward_augmented(dout, dpooled, q, k, v, out, lse, rows, bias, spec: PoolSpec, scale: float):
-    """The fused kernel's backward on `[q | 0]`, `[k | 0]`, `[v | onehot]`, chunk by chunk of queries."""
-    batch, heads, queries, dim = q.shape
-    n_tok = spec.num_tokens
-    k_aug, v_aug = augment_keys_values(k, v, spec.tokens)
-    drows = unpool_rows(dpooled, spec).to(q.dtype)
-    rows = rows.to(q.dtype)
-    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for n in _query_chunks(batch, heads, queries, dim + n_tok):
-        rows_n = rows[:, :, n]
-        gq, gk, gv = _FLASH_CPU_BACKWARD(
-            torch.cat([dout[:, :, n], drows[:, :, n].expand_as(rows_n)], dim=-1),
-            F.pad(q[:, :, n], (0, n_tok)),
-            k_aug,
-            v_aug,
-            torch.cat([out[:, :, n], rows_n], dim=-1),
-            lse[:, :, n],
-            0.0,
-            False,
-            attn_mask=bias,
-            scale=scale,
-        )
-        dq[:, :, n] = gq[..., :dim]
-        dk += gk[..., :dim]
-        dv += gv[..., :dim]
-        del gq, gk, gv  # free before the next chunk's call, not after it
-    return dq, dk, dv
+    return torch.where(row_sums == 0, 0.0, row_sums / norms).to(dout.dtype)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, bias, groups, tokens, query_weight, num_groups, keep_heads, scale = inputs
     out, _, lse, rows = output
+    # Kept where forming them again means widening q (half precision); else formed again per chunk of
+    # backward, which holds one [B, H, N, T] tensor less (a float32 [N, T] product is cheap).
+    rows = rows if rows.dtype != q.dtype else None
     ctx.save_for_backward(q, k, v, out, lse, rows, bias, groups, tokens, query_weight)
     ctx.num_groups, ctx.keep_heads, ctx.scale = num_groups, keep_heads, scale
 
