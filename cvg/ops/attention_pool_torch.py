@@ -95,7 +95,8 @@ def attention_pool_cpu(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(out [B, H, N, D], pooled [B, G, T] or [B, H, G, T], lse [B, H, N], rows [B, H, N, T])`: rows are
-    `P[..., tokens]` in float32 (float64 for float64), kept for backward; bias `[B, 1, 1, M]` or None."""
+    `P[..., tokens]` in float32 (float64 for float64), kept for backward in half precision; bias `[B, 1, 1, M]`
+    or None."""
     spec = PoolSpec(groups, tokens, query_weight, num_groups, q.shape[1], keep_heads)
     # Forward needs no augmented width: the fused kernel's log-sum-exp gives the selected columns.
     out, lse = _FLASH_CPU(q, k, v, attn_mask=bias, scale=scale)
