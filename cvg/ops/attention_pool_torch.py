@@ -147,8 +147,9 @@ def attention_pool_cpu_backward(
         rows_n = selected_probs(q_n, k, tokens, bias, lse_n, scale) if rows is None else rows[:, :, n]
         # The maps' share of softmax's row sums rowsum(P ∘ dP), folded into the `out` the kernel reads
         # for nothing else; P ∘ E at the selected columns is added after the call.
-        coefficient = _fold_coefficient(dout_n, torch.linalg.vecdot(rows_n, drows_n))
-        if coefficient is None:  # a row with a map gradient and no output gradient: augmented tensors
+        row_sums = torch.linalg.vecdot(rows_n, drows_n)
+        folded = _fold_row_sums(out_n, dout_n, row_sums)
+        if folded is None:  # a row with a map gradient and no output gradient: augmented tensors
             augmented = augmented or augment_keys_values(k, v, tokens)
             gq, gk, gv = _FLASH_CPU_BACKWARD(
                 torch.cat([dout_n, drows_n.expand_as(rows_n).to(q.dtype)], dim=-1),
@@ -163,12 +164,12 @@ def attention_pool_cpu_backward(
             )
             gq, gk, gv = gq[..., :dim], gk[..., :dim], gv[..., :dim]
         else:
-            folded = torch.addcmul(out_n, dout_n, coefficient[..., None])
             gq, gk, gv = _FLASH_CPU_BACKWARD(dout_n, q_n, k, v, folded, lse_n, 0.0, False, attn_mask=bias, scale=scale)
-            # P ∘ E's own terms, in the inputs' dtype: half-precision matmuls accumulate in float32.
-            weights = (rows_n * drows_n * scale).to(q.dtype)
-            gq = gq.add_(weights @ k_tokens)
-            dk_tokens += weights.transpose(-1, -2) @ q_n
+            if folded is not out_n:  # the chunk has a map gradient
+                # P ∘ E's own terms, in the inputs' dtype: half-precision matmuls accumulate in float32.
+                weights = (rows_n * drows_n * scale).to(q.dtype)
+                gq = gq.add_(weights @ k_tokens)
+                dk_tokens += weights.transpose(-1, -2) @ q_n
         dq[:, :, n] = gq
         dk += gk
         dv += gv
@@ -181,17 +182,18 @@ def _(dout, dpooled, q, k, v, out, lse, rows, bias, groups, tokens, query_weight
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _fold_coefficient(dout: torch.Tensor, row_sums: torch.Tensor) -> torch.Tensor | None:
-    """`c` `[B, H, N]` in dout's dtype such that adding `c · dout` to `out` adds `row_sums` to
-    rowsum(dout ∘ out): row_sums / |dout|². None where a row with a row sum has no output gradient to carry
-    it (a block whose output the loss does not read), or the fold would overflow."""
+def _fold_row_sums(out: torch.Tensor, dout: torch.Tensor, row_sums: torch.Tensor) -> torch.Tensor | None:
+    """`out'` with rowsum(dout ∘ out') = rowsum(dout ∘ out) + row_sums, by adding row_sums / |dout|² · dout
+    to each row: `out` itself when no row has a row sum. None where a row with a row sum has no output
+    gradient to carry it (a block whose output the loss does not read), or the fold would overflow."""
     if not row_sums.any():
-        return row_sums.new_zeros(row_sums.shape, dtype=dout.dtype)
+        return out
     norms = torch.linalg.vecdot(dout, dout).to(row_sums.dtype)  # in dout's dtype: 4x faster than widening
     carried = torch.where(row_sums == 0, 0.0, row_sums.abs() * norms.rsqrt())  # largest entry added
     if not (carried <= torch.finfo(dout.dtype).max / 4).all():
         return None
-    return torch.where(row_sums == 0, 0.0, row_sums / norms).to(dout.dtype)
+    coefficient = torch.where(row_sums == 0, 0.0, row_sums / norms).to(dout.dtype)
+    return torch.addcmul(out, dout, coefficient[..., None])
 
 
 def _setup_context(ctx, inputs, output) -> None:
