@@ -181,15 +181,17 @@ class CompiledEngine(StepEngine):
 
     def __init__(self, transformer: torch.nn.Module, shape: StepShape, cache_dir: Path | None = None):
         super().__init__(transformer, shape)
-        if transformer.device.type == "cuda":  # CUDA graphs
-            self.compiled = torch.compile(self.forward, dynamic=False, mode="reduce-overhead")
-        else:  # weights frozen in (oneDNN linears, prepacked: 1.7x in bf16 here); later weight changes unseen
-            self.compiled = torch.compile(self.forward, dynamic=False, options={"freezing": True})
+        cuda = transformer.device.type == "cuda"
+        self.compiled = torch.compile(self.forward, dynamic=False, mode="reduce-overhead" if cuda else None)
+        # On CPU the weights are frozen into the graph (oneDNN linears, prepacked); later weight changes go
+        # unseen. torch 2.13's `torch.compile(options={"freezing": True})` leaves the parameters graph inputs
+        # (measured): the config is patched around every call instead, the one that compiles included.
+        self._config = contextlib.nullcontext() if cuda else torch._inductor.config.patch(freezing=True)
         with torch.no_grad():
             self._run(*self._example())
 
     def _run(self, latents, timestep, text, key_bias):
-        with self.forward.biased():
+        with self.forward.biased(), self._config:
             return self.compiled(latents, timestep, text, key_bias).clone()  # CUDA-graph outputs are reused
 
 

@@ -40,6 +40,19 @@ def test_backend_matches_eager(tiny_pipe, tmp_path, backend):
         assert (engine(x, t, e) - _eager(tiny_pipe, x, t, e)).abs().max() <= 1e-4
     with pytest.raises(ValueError, match="attends to 64 text rows: the text has 64 rows before its zero padding"):
         engine(x, t, _inputs(3, real=64)[2])
+    # Eager torch reads the weights at every call; the others hold their own copy (ONNX's export, the
+    # compiled engine's frozen graph with prepacked oneDNN weights).
+    before = engine(x, t, e)
+    weight = tiny_pipe.transformer.proj_out.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(1.0)
+    try:
+        changed = (engine(x, t, e) - before).abs().max() > 1e-3
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert changed == (backend == "torch")
 
 
 def test_text_is_read_once_but_again_when_changed(tiny_pipe, tmp_path):
