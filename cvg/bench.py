@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
             "guidance the way Attend-and-Excite runs it: its processor replaces every attention (self and cross) "
             "for the whole run and materialises each softmax; naive-cross-guided materialises only the "
             "cross-attention (a stronger baseline). Guided steps use the defaults: every block recorded, "
-            "gradient checkpointing on, one update per guided step, Wan's zero text padding collapsed (exact; "
+            "no gradient checkpointing (its rule: only past 1 GiB of saved activations), one update per guided "
+            "step, Wan's zero text padding collapsed (exact; "
             "the naive baselines attend over all 512 text tokens, as Attend-and-Excite does). The diffusers row "
             "times `WanPipeline.__call__` with diffusers' own VAE decode."
         )

@@ -5,14 +5,16 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from diffusers import UniPCMultistepScheduler, WanPipeline
+from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from tolerance import ulps
 
+from cvg.guidance import sampler
 from cvg.guidance.classifier import ClassifierConfig, ClassifierObjective, CompositionClassifier
 from cvg.guidance.composition import CompositionError
 from cvg.guidance.config import GuidanceConfig
 from cvg.guidance.objectives import MotionDirection, SpatialRelation, TokenPresence
 from cvg.guidance.sampler import Denoiser
+from cvg.models.wan import cast_transformer
 from cvg.pipeline import CVGPipeline
 
 SMALL = dict(height=64, width=64, num_frames=9, num_inference_steps=6, max_sequence_length=64)
@@ -218,6 +220,55 @@ def test_checkpointing_changes_memory_not_results(tiny_pipe):
         results[0],
         CVGPipeline(tiny_pipe)(PROMPTS["spatial"][0], None, generator=_seeded(4), output_type="latent", **SMALL).frames,
     )
+
+
+@pytest.mark.parametrize("budget, checkpoints", [(None, False), (0, True)])
+def test_checkpointing_by_default_only_past_the_activation_budget(tiny_pipe, monkeypatch, budget, checkpoints):
+    """checkpointing=None: the tiny model's guided steps run without recomputation, and with it once its
+    activations pass the budget."""
+    if budget is not None:
+        monkeypatch.setattr(sampler, "ACTIVATION_BUDGET_BYTES", budget)
+    calls = []
+    monkeypatch.setattr(sampler, "_checkpoint_block", lambda block, *args: calls.append(block) or block(*args))
+    config = GuidanceConfig(guide_steps=1, pool=(1, 1, 1))
+    CVGPipeline(tiny_pipe, guidance=config)(*PROMPTS["spatial"], generator=_seeded(4), output_type="latent", **SMALL)
+    assert bool(calls) == checkpoints
+
+
+LATENTS = torch.randn(1, 16, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # 768 video tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saved_activation_estimate_bounds_what_blocks_save(dtype):
+    """The checkpointing rule's estimate is at least what Wan blocks save for the latent's gradient (weights
+    frozen; measured with saved-tensor hooks as blocks 2-3 of a 3-block model over a 1-block one), and
+    within 3x of it."""
+
+    def saved(num_layers: int) -> tuple[int, WanTransformer3DModel]:
+        torch.manual_seed(0)
+        model = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
+            text_dim=384, freq_dim=256, ffn_dim=256, num_layers=num_layers, rope_max_seq_len=32,
+        )  # fmt: skip
+        cast_transformer(model.requires_grad_(False), dtype)
+        storages = {}
+
+        def keep(tensor):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            model(
+                hidden_states=LATENTS.to(dtype).requires_grad_(),
+                timestep=torch.tensor([500.0]),
+                encoder_hidden_states=torch.randn(1, 16, 384, dtype=dtype),
+                return_dict=False,
+            )
+        return sum(storages.values()), model
+
+    (one, _), (three, model) = saved(1), saved(3)
+    estimate = sampler.saved_activation_bytes(model, LATENTS, blocks=2)
+    assert three - one <= estimate <= 3 * (three - one)
 
 
 @pytest.mark.parametrize("base_dim, dim_mult", [(3, [1, 1, 1, 1]), (8, [1, 2, 2])])

@@ -50,7 +50,11 @@ class GuidanceConfig:
     layers: list[int] | None = documented(None, "blocks whose maps are read, e.g. 0,1,2; None: all")
     pool: tuple[int, int, int] = documented((1, 2, 2), "pooling of the frames,height,width token grid")
     backend: str = documented("auto", "attention_pool backend")
-    checkpointing: bool = documented(True, "recompute blocks in backward: activations of one block at a time")
+    checkpointing: bool | None = documented(
+        None,
+        "recompute blocks in backward (activations of one block at a time); None: only where the recorded "
+        "blocks' saved activations would pass 1 GiB (cvg.guidance.sampler.saved_activation_bytes)",
+    )
     collapse_padding: bool = documented(
         True, "guided forwards skip Wan's zero text padding, exactly (cvg.models.padding)"
     )
