@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -24,7 +22,7 @@ import torch.nn.functional as F
 
 from cvg import attention_pool
 from cvg.experiments.memory import ISOLATED_ENV, peak_extra_bytes
-from cvg.experiments.report import json_child, write_section
+from cvg.experiments.report import json_child, machine_line, write_section
 from cvg.io.files import write_text_atomic
 
 FULL = dict(B=1, H=12, N=16384, M=512, D=64, T=8)
@@ -99,8 +97,7 @@ def measure(size: dict, repeats: int) -> list[dict]:
 def table(results: list[dict], size: dict) -> str:
     by = {(r["backend"], r["mode"]): r for r in results}
     lines = [
-        f"attention_pool, CPU ({os.cpu_count()} cores, torch {torch.__version__}, {platform.machine()}), "
-        + ", ".join(f"{k}={v}" for k, v in size.items()),
+        f"attention_pool, {machine_line()}, " + ", ".join(f"{k}={v}" for k, v in size.items()),
         "",
         "| backend | pass | median time (s) | peak extra memory (MiB) | time / sdpa | time / naive | memory / naive |",
         "|---|---|---|---|---|---|---|",
