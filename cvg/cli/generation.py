@@ -165,6 +165,13 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-sequence-length", type=TEXT_TOKENS, default=512, help="text tokens (Wan pads to this)")
     _dtype_flag(parser)
     parser.add_argument(
+        "--vae-dtype",
+        choices=PRECISIONS,
+        default="float32",
+        help="precision of the VAE decode, chosen apart from the transformer's: bfloat16 decodes the shipped "
+        "model's clips 1.3x faster on this CPU, within 3.4 of 255 levels (default float32)",
+    )
+    parser.add_argument(
         "--batch-cfg",
         action=argparse.BooleanOptionalAction,
         default=False,
@@ -191,7 +198,7 @@ def _dtype_flag(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=PRECISIONS,
         default="float32",
-        help="precision of the transformer; the VAE decodes in float32 (default float32)",
+        help="precision of the transformer (default float32)",
     )
 
 
@@ -206,7 +213,12 @@ def _load(args: argparse.Namespace):
     objective = None if args.objective == "auto" else objective_for(args.objective)
     if args.engine is not None and args.first_block_cache is not None:
         raise ValueError("--first-block-cache runs on eager diffusers forwards; --engine bypasses its hooks")
-    pipe = CVGPipeline.from_pretrained(args.model, objective=objective, transformer_dtype=getattr(torch, args.dtype))
+    pipe = CVGPipeline.from_pretrained(
+        args.model,
+        objective=objective,
+        transformer_dtype=getattr(torch, args.dtype),
+        vae_dtype=getattr(torch, args.vae_dtype),
+    )
     pipe.guidance, pipe.batch_cfg, pipe.engine = guidance, args.batch_cfg, args.engine
     if args.first_block_cache is not None:
         from diffusers import FirstBlockCacheConfig

@@ -21,16 +21,26 @@ from cvg.models.vae_cpu import cpu_decoding
 MANIFEST = "generator.json"  # beside a saved WanPipeline: which packaged text encoder it was trained with
 
 
-def load_wan_pipeline(path: str | Path, transformer_dtype: torch.dtype | None = None, **kwargs) -> WanPipeline:
+def load_wan_pipeline(
+    path: str | Path,
+    transformer_dtype: torch.dtype | None = None,
+    vae_dtype: torch.dtype | None = None,
+    **kwargs,
+) -> WanPipeline:
     """`WanPipeline.from_pretrained` on a local directory, with the packaged MiniLM put back where the
     directory's `generator.json` names it in place of a saved text encoder (cvg's trained generators).
     `transformer_dtype` loads the transformer in that precision (diffusers keeps its norms, time embedding
-    and modulation in float32) and the rest in float32: the VAE's decode quality is kept apart."""
+    and modulation in float32); the VAE's precision is chosen apart (`vae_dtype`, default float32: decode
+    quality matters more than its time), the rest loads in float32."""
     path = Path(path)
-    if transformer_dtype is not None:
+    if transformer_dtype is not None or vae_dtype is not None:
         if "dtype" in kwargs or "torch_dtype" in kwargs:
-            raise ValueError("give transformer_dtype or diffusers' dtype, not both")
-        kwargs["dtype"] = {"transformer": transformer_dtype, "default": torch.float32}
+            raise ValueError("give transformer_dtype/vae_dtype or diffusers' dtype, not both")
+        kwargs["dtype"] = {
+            "transformer": transformer_dtype or torch.float32,
+            "vae": vae_dtype or torch.float32,
+            "default": torch.float32,
+        }
     manifest = path / MANIFEST
     if manifest.is_file() and read_json_object(manifest).get("text_encoder") == PACKAGE:
         if "text_encoder" not in kwargs:
@@ -97,7 +107,7 @@ def decode_latents(pipe: WanPipeline, latents: torch.Tensor, output_type: str):
     mean, std = (x.to(latents.device, latents.dtype) for x in latent_normalisation(vae))
     with cpu_decoding(vae):
         video = vae.decode(latents / (1.0 / std) + mean, return_dict=False)[0]  # WanPipeline's own arithmetic
-    return pipe.video_processor.postprocess_video(video, output_type=output_type)
+    return pipe.video_processor.postprocess_video(video.float(), output_type=output_type)
 
 
 def video_size(

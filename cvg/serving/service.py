@@ -56,17 +56,18 @@ class Engine:
         threads: int | None = None,
         transformer_dtype: torch.dtype | None = None,
         batch_cfg: bool = False,
+        vae_dtype: torch.dtype | None = None,
     ):
         """The size defaults to the one a cvg-trained model records (`cvg.pipeline.video_size`); `classifier`
         (a `cvg train-classifier` directory) guides with the learned classifier instead of the training-free
         objectives. Each request runs with `threads` intra-op threads (default `cvg.threads.thread_count()`),
         whichever thread calls it, so a request's pixels equal the sequential run's. `transformer_dtype`
-        (e.g. torch.bfloat16) loads the transformer in that precision, the VAE in float32; `batch_cfg` runs the
-        two forwards of classifier-free guidance as one batch of two (`CVGPipeline`)."""
+        (e.g. torch.bfloat16) loads the transformer in that precision, `vae_dtype` the VAE (default float32);
+        `batch_cfg` runs the two forwards of classifier-free guidance as one batch of two (`CVGPipeline`)."""
         pipe = (
             model
             if isinstance(model, CVGPipeline)
-            else CVGPipeline.from_pretrained(model, transformer_dtype=transformer_dtype)
+            else CVGPipeline.from_pretrained(model, transformer_dtype=transformer_dtype, vae_dtype=vae_dtype)
         )
         self.pipe = CVGPipeline(pipe.pipe, pipe.objective, guidance or pipe.guidance, backend, cache_dir, batch_cfg)
         self.pipe.pipe.set_progress_bar_config(disable=True)  # a server's stderr is for its own logs

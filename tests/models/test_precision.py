@@ -130,3 +130,38 @@ def test_attention_pool_bf16_map_gradients_are_as_accurate_as_augmented_sdpa_bf1
     got = run(torch.bfloat16, pool=True)
     for name, g, s, w in zip(("out", "pooled", "dq", "dk", "dv"), got, stock, want, strict=True):
         assert _err(g, w) <= RULE * _err(s, w), (name, _err(g, w), _err(s, w))
+
+
+def test_vae_dtype_is_chosen_apart(tiny_model_dir):
+    pipe = load_wan_pipeline(tiny_model_dir, vae_dtype=torch.bfloat16)
+    assert pipe.vae.dtype == torch.bfloat16 and pipe.transformer.dtype == torch.float32
+    assert load_wan_pipeline(tiny_model_dir, transformer_dtype=torch.bfloat16).vae.dtype == torch.float32
+
+
+def test_bf16_vae_decode_is_as_accurate_as_diffusers_bf16_decode(tiny_model_dir):
+    """A bf16 VAE through cvg's CPU decode paths against the float64 decode, beside diffusers' own bf16
+    decode; `decode_latents` hands back float32 video either way."""
+    from diffusers import AutoencoderKLWan
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+
+    from cvg.models.vae_cpu import cpu_decoding
+    from cvg.models.wan import decode_latents
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True]
+    )
+    for m in vae.modules():
+        if isinstance(m, WanRMS_norm):
+            torch.nn.init.uniform_(m.gamma, 0.5, 1.5)
+    latents = torch.randn(1, 16, 3, 16, 16)
+    with torch.no_grad():
+        want = copy.deepcopy(vae).double().decode(latents.double()).sample
+        bf16 = vae.to(torch.bfloat16).eval()
+        stock = bf16.decode(latents.to(torch.bfloat16)).sample
+        with cpu_decoding(bf16):
+            got = bf16.decode(latents.to(torch.bfloat16)).sample
+    assert 0 < _err(got, want) <= RULE * _err(stock, want), (_err(got, want), _err(stock, want))
+    pipe = load_wan_pipeline(tiny_model_dir, vae_dtype=torch.bfloat16)
+    video = decode_latents(pipe, torch.randn(1, pipe.vae.config.z_dim, 2, 8, 8), "pt")
+    assert video.dtype == torch.float32 and torch.isfinite(video).all()
