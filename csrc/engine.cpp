@@ -104,6 +104,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options) {
     opts["cache_dir"] = options.cache_dir;
     opts["classifier"] = options.classifier;
     opts["dtype"] = options.dtype;
+    opts["vae_dtype"] = options.vae_dtype;
     auto impl = std::make_unique<Impl>();
     impl->engine = embedding.attr("open_engine")(model_dir, opts);
     impl->generate = embedding.attr("generate");

@@ -19,10 +19,11 @@ from cvg.serving.service import Engine
 def open_engine(model: str, options: dict) -> Engine:
     """`options`: height, width, frames (0 = the model's size), steps, guide_steps, guidance_scale,
     backend ("" = diffusers eager), cache_dir ("" = default), classifier ("" = training-free objectives),
-    dtype (the transformer's precision: float32, bfloat16 or float16)."""
-    dtype = options.get("dtype", "float32")
-    if dtype not in PRECISIONS:
-        raise ValueError(f"dtype must be one of {', '.join(PRECISIONS)}, got {dtype!r}")
+    dtype (the transformer's precision: float32, bfloat16 or float16), vae_dtype (the VAE's, the same choices)."""
+    dtypes = {name: options.get(name, "float32") for name in ("dtype", "vae_dtype")}
+    for name, dtype in dtypes.items():
+        if dtype not in PRECISIONS:
+            raise ValueError(f"{name} must be one of {', '.join(PRECISIONS)}, got {dtype!r}")
     return Engine(
         model,
         options["height"] or None,
@@ -34,7 +35,8 @@ def open_engine(model: str, options: dict) -> Engine:
         classifier=options["classifier"] or None,
         backend=options["backend"] or None,
         cache_dir=options["cache_dir"] or None,
-        transformer_dtype=getattr(torch, dtype),
+        transformer_dtype=getattr(torch, dtypes["dtype"]),
+        vae_dtype=getattr(torch, dtypes["vae_dtype"]),
     )
 
 

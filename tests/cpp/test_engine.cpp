@@ -105,6 +105,10 @@ int main(int argc, char** argv) {
   const std::string bad_dtype = error_of([&] { cvg::Engine(model, half); });
   check(one_line_naming(bad_dtype, "float64"), "an unknown dtype is a one-line cvg::Error: " + bad_dtype);
   half.dtype = "bfloat16";
+  half.vae_dtype = "float64";
+  const std::string bad_vae_dtype = error_of([&] { cvg::Engine(model, half); });
+  check(one_line_naming(bad_vae_dtype, "vae_dtype"), "an unknown vae_dtype is a one-line cvg::Error: " + bad_vae_dtype);
+  half.vae_dtype = "bfloat16";
   const cvg::Engine bf16(model, half);
   const cvg::Video video = bf16.generate(requests[0].prompt, requests[0].composition, requests[0].seed);
   check(video.pixels.size() == bf16.frame_bytes() && video.objective_values.size() == sequential[0].objective_values.size(),

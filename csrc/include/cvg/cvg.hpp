@@ -46,7 +46,8 @@ struct EngineOptions {
                                  // or "" for diffusers eager
   std::string cache_dir;         // step-engine cache ("" = cvg's default)
   std::string classifier;        // a `cvg train-classifier` directory to guide with ("" = training-free objectives)
-  std::string dtype = "float32";  // the transformer's precision: float32, bfloat16 or float16 (the VAE stays float32)
+  std::string dtype = "float32";      // the transformer's precision: float32, bfloat16 or float16
+  std::string vae_dtype = "float32";  // the VAE decode's precision, chosen apart (same choices)
   // The Python whose packages (cvg, torch, diffusers) the engine uses: a virtual environment's
   // bin/python. "" = the CVG_PYTHON environment variable, else the Python cvg was built against.
   std::string python;
