@@ -15,6 +15,7 @@ from cvg.ops.pooling import make_pool_spec
 from cvg.runtime.step_engine import StepEngine, StepShape
 
 RULE = 2.0  # allowed error relative to the stock bf16 computation's, as flash-attention tests
+HALF_TYPES = (torch.bfloat16, torch.float16)  # float16 runs on CPU too (torch's reference kernels)
 
 
 def _err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -23,12 +24,12 @@ def _err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def transformers(tiny_model_dir):
-    """The tiny transformer in float64 (reference) and as diffusers loads it in bf16 (norms, time
-    embedding and modulation kept in float32)."""
+    """The tiny transformer in float64 (reference) and as diffusers loads it in bf16 and in float16 (norms,
+    time embedding and modulation kept in float32)."""
     float32 = load_wan_pipeline(tiny_model_dir).transformer
-    bf16 = load_wan_pipeline(tiny_model_dir, transformer_dtype=torch.bfloat16).transformer
-    assert bf16.dtype == torch.bfloat16
-    return copy.deepcopy(float32).double(), bf16
+    low = {dtype: load_wan_pipeline(tiny_model_dir, transformer_dtype=dtype).transformer for dtype in HALF_TYPES}
+    assert all(low[dtype].dtype == dtype for dtype in HALF_TYPES)
+    return copy.deepcopy(float32).double(), low
 
 
 def _inputs(transformer, seed=0):
@@ -40,21 +41,23 @@ def _inputs(transformer, seed=0):
 
 
 @torch.no_grad()
-def test_step_engine_in_bf16_is_as_accurate_as_diffusers_bf16(transformers):
-    reference, bf16 = transformers
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+def test_step_engine_in_half_precision_is_as_accurate_as_diffusers(transformers, dtype):
+    reference, low = transformers
     latents, t, text = _inputs(reference)
     want = reference(latents.double(), t, text.double(), return_dict=False)[0]
-    stock = bf16(latents.to(torch.bfloat16), t, text.to(torch.bfloat16), return_dict=False)[0]
-    text16 = text.to(torch.bfloat16)
-    engine = StepEngine(bf16, StepShape.of(latents.to(torch.bfloat16), text16))
-    got = engine(latents.to(torch.bfloat16), t, text16)
-    assert got.dtype == torch.bfloat16
+    stock = low[dtype](latents.to(dtype), t, text.to(dtype), return_dict=False)[0]
+    text16 = text.to(dtype)
+    engine = StepEngine(low[dtype], StepShape.of(latents.to(dtype), text16))
+    got = engine(latents.to(dtype), t, text16)
+    assert got.dtype == dtype
     assert _err(got, want) <= RULE * _err(stock, want), (_err(got, want), _err(stock, want))
 
 
+@pytest.mark.parametrize("dtype", HALF_TYPES)
 @pytest.mark.parametrize("keep_heads", [False, True])
-def test_attention_pool_bf16_is_as_accurate_as_sdpa_bf16(keep_heads):
-    """out, dq, dk, dv against SDPA in bf16; pooled against the maps of a bf16 softmax (what a stock
+def test_attention_pool_half_is_as_accurate_as_sdpa_half(keep_heads, dtype):
+    """out, dq, dk, dv against SDPA in the same half type; pooled against the maps of a softmax in it (what a stock
     processor that reads attention probabilities gets), all measured on float64."""
     p = make_problem(B=2, H=4, N=512, M=77, D=64, T=6, G=16, masked=False, keep_heads=keep_heads, seed=7)
     p.q, p.k = p.q * 3, p.k * 3  # large logits: where half-precision softmax statistics go wrong
@@ -78,8 +81,8 @@ def test_attention_pool_bf16_is_as_accurate_as_sdpa_bf16(keep_heads):
         return out, pooled, q.grad, k.grad, v.grad
 
     want = run(torch.float64, pool=False)
-    stock = run(torch.bfloat16, pool=False)
-    got = run(torch.bfloat16, pool=True)
+    stock = run(dtype, pool=False)
+    got = run(dtype, pool=True)
     for name, g, s, w in zip(("out", "pooled", "dq", "dk", "dv"), got, stock, want, strict=True):
         assert _err(g, w) <= RULE * _err(s, w), (name, _err(g, w), _err(s, w))
 
