@@ -62,24 +62,28 @@ def problems(draw, max_n: int = 160, max_heads: int = 3, keys=None, head_dims=(8
     )
 
 
-def run(problem: Problem, backend: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Outputs and q/k/v gradients of one backend, for fixed random output gradients, in float64."""
+def run(
+    problem: Problem, backend: str, dtype: torch.dtype, device: str = "cpu", key_bias: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Outputs and q/k/v gradients of one backend on `device`, for fixed random output gradients, in
+    float64 on the CPU."""
     p = problem
-    q, k, v = (t.to(dtype).requires_grad_() for t in (p.q, p.k, p.v))
+    q, k, v = (t.to(device, dtype).requires_grad_() for t in (p.q, p.k, p.v))
     out, pooled = attention_pool(
         q,
         k,
         v,
-        p.groups,
-        p.tokens,
-        key_padding_mask=p.mask,
+        p.groups.to(device),
+        p.tokens.to(device),
+        key_padding_mask=None if p.mask is None else p.mask.to(device),
+        key_bias=None if key_bias is None else key_bias.to(device, dtype),
         keep_heads=p.keep_heads,
         num_groups=p.num_groups,
         backend=backend,
     )
     dout, dpooled = _output_gradients(out.shape, pooled.shape)
-    dq, dk, dv = torch.autograd.grad((out, pooled), (q, k, v), (dout.to(dtype), dpooled.to(dtype)))
-    return {name: t.detach().double() for name, t in zip(NAMES, (out, pooled, dq, dk, dv), strict=True)}
+    dq, dk, dv = torch.autograd.grad((out, pooled), (q, k, v), (dout.to(device, dtype), dpooled.to(device, dtype)))
+    return {name: t.detach().cpu().double() for name, t in zip(NAMES, (out, pooled, dq, dk, dv), strict=True)}
 
 
 NAMES = ("out", "pooled", "dq", "dk", "dv")
