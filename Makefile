@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint check-kernels bench cpp clean
+.PHONY: demo test lint check-kernels gpu-bundle gpu-check-dry bench cpp clean
 
 $(STAMP): requirements.txt requirements-dev.txt setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,13 @@ lint: $(STAMP)
 
 check-kernels: $(STAMP)
 	$(PY) -m cvg.kernels.check
+
+# A lent GPU machine runs benchmarks/gpu_check.py from the bundle these build (docs/gpu.md).
+gpu-bundle: $(STAMP)
+	$(PY) benchmarks/gpu_check.py --prepare
+
+gpu-check-dry: $(STAMP)
+	$(PY) benchmarks/gpu_check.py --dry-run
 
 bench: $(STAMP)
 	$(PY) benchmarks/attention_pool.py --write benchmarks/RESULTS.md

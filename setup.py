@@ -3,9 +3,13 @@
 `kernels/` (the Triton kernels) installs as `cvg.kernels`, never as a top-level `kernels` module.
 """
 
+import os
+
 from setuptools import setup
 
 try:  # the optional native extension cvg._C (csrc/); cvg works without it (see cvg/io/native.py)
+    if os.environ.get("CVG_NO_NATIVE") == "1":  # a pure-Python wheel (benchmarks/gpu_check.py --prepare)
+        raise ImportError("CVG_NO_NATIVE=1")
     from pybind11.setup_helpers import Pybind11Extension
 
     ext_modules = [

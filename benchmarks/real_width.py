@@ -38,46 +38,55 @@ def video_tokens(frames: int, height: int, width: int) -> tuple[int, int, int]:
     return (frames - 1) // 4 + 1, height // 16, width // 16
 
 
-def _build(dtype: torch.dtype):
+def build_transformer(dtype: torch.dtype, device: str = "cpu", layers: int | None = None):
+    """The real-width transformer with random weights (`layers` fewer blocks for a smoke run)."""
     from diffusers import WanTransformer3DModel
 
     from cvg.models.wan import cast_transformer
 
+    config = json.loads(CONFIG.read_text()) | ({"num_layers": layers} if layers else {})
     torch.manual_seed(0)
-    model = WanTransformer3DModel.from_config(json.loads(CONFIG.read_text())).eval()
+    with torch.device(device):
+        model = WanTransformer3DModel.from_config(config).eval()
     return cast_transformer(model, dtype) if dtype != torch.float32 else model
 
 
-def _measure(variant: str, frames: int, height: int, width: int, dtype: torch.dtype) -> dict:
-    """Seconds and peak extra bytes of one call of `variant`, in this process."""
+def step_call(variant: str, model, frames: int, height: int, width: int):
+    """One call of `variant` on `model` at this clip size: the unguided step under no_grad as the pipeline
+    runs it, or a guided step's objective and latent gradient."""
     from cvg.guidance.composition import Composition
     from cvg.guidance.config import GuidanceConfig
     from cvg.guidance.objectives import objective_for
     from cvg.guidance.sampler import Denoiser
-    from cvg.models.minilm import load_minilm
+    from cvg.models.minilm import minilm_tokenizer
 
-    model = _build(dtype)
-    tokenizer, _ = load_minilm()
+    tokenizer = minilm_tokenizer()
     bound = Composition.parse(COMPOSITION).bind(tokenizer, [PROMPT], TEXT_ROWS)
     gen = torch.Generator().manual_seed(1)
     f, h, w = video_tokens(frames, height, width)
-    latents = torch.randn(1, model.config.in_channels, f, 2 * h, 2 * w, generator=gen)
+    latents = torch.randn(1, model.config.in_channels, f, 2 * h, 2 * w, generator=gen).to(model.device)
     prompt_rows = len(tokenizer(PROMPT).input_ids)
     text = torch.zeros(2, TEXT_ROWS, model.config.text_dim)
     text[:, :prompt_rows] = torch.randn(2, prompt_rows, model.config.text_dim, generator=gen)
-    text = text.to(dtype)
+    text = text.to(model.device, model.dtype)
     denoiser = Denoiser(model, text[:1], text[1:], guidance_scale=5.0)
-    t = torch.tensor([900.0])
+    t = torch.tensor([900.0], device=model.device)
     materialised = variant.endswith("materialised maps")
     config = GuidanceConfig(backend="naive" if materialised else "auto", collapse_padding=not materialised)
     objective = objective_for("spatial")
 
     def call():
         if variant == "unguided step":
-            with torch.no_grad():  # as the pipeline runs it
+            with torch.no_grad():
                 return denoiser.predict(latents, t, 0, 0.9, 20)
         return denoiser.score(latents, t, objective, bound, config, gradient=True)[2]
 
+    return call
+
+
+def _measure(variant: str, frames: int, height: int, width: int, dtype: torch.dtype) -> dict:
+    """Seconds and peak extra bytes of one call of `variant`, in this process."""
+    call = step_call(variant, build_transformer(dtype), frames, height, width)
     call()  # warm-up: one-off allocations (oneDNN primitives, RoPE tables) stay out of the figures
     start = time.perf_counter()
     out, peak = peak_extra_bytes(call)
