@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,8 +25,8 @@ from cvg.guidance.composition import Composition
 from cvg.guidance.config import GuidanceConfig
 from cvg.guidance.objectives import GEOMETRIC_KINDS, Objective, SumObjective, objective_for
 from cvg.guidance.sampler import Denoiser, GuidedStep, denoise, select_noise
-from cvg.io.files import read_json_object
 from cvg.models.caching import cached_after
+from cvg.models.families import directory_family, family
 from cvg.models.patching import swapped
 from cvg.models.wan import decode_latents, generator_description, load_wan_pipeline, trimmed_prompt_embeds
 from cvg.runtime.guided_graph import GuidedStepGraph, graph_key
@@ -49,7 +50,8 @@ class CVGOutput:
 
 
 class CVGPipeline:
-    """Compositional guidance around a diffusers `WanPipeline` (Wan 2.1 / 2.2 text-to-video)."""
+    """Compositional guidance around a diffusers `WanPipeline`: Wan 2.1, Wan 2.2 A14B (two experts, split at
+    `boundary_ratio`) and Wan 2.2 TI2V-5B (`expand_timesteps`) text-to-video."""
 
     def __init__(
         self,
@@ -69,18 +71,23 @@ class CVGPipeline:
         unguided steps after the guided ones (`cvg.models.caching`); it needs eager forwards."""
         if not isinstance(pipe, WanPipeline):
             raise TypeError(f"CVGPipeline wraps a diffusers WanPipeline, got {type(pipe).__name__}")
-        if pipe.config.expand_timesteps:
-            raise ValueError("CVGPipeline does not support Wan2.2 TI2V pipelines (expand_timesteps=True) yet")
-        if pipe.transformer_2 is not None:
-            raise ValueError("CVGPipeline does not support two-transformer Wan2.2 pipelines (transformer_2) yet")
+        if pipe.transformer is None:
+            raise ValueError("CVGPipeline needs the pipeline's transformer (Wan 2.2's high-noise expert); it is None")
+        if pipe.config.boundary_ratio is not None and pipe.transformer_2 is None:
+            raise ValueError(
+                f"a two-expert Wan 2.2 pipeline (boundary_ratio={pipe.config.boundary_ratio}) needs transformer_2, "
+                "its low-noise expert; it is None"
+            )
         self.pipe, self.objective = pipe, objective
+        self.family = family(pipe.config.boundary_ratio, pipe.config.expand_timesteps)  # cvg.models.families
         self.guidance = guidance or GuidanceConfig()
         if engine is not None and engine not in (*STEP_BACKENDS, "auto"):
             raise ValueError(f"engine must be one of {', '.join(STEP_BACKENDS)}, auto or None, got {engine!r}")
         if cache is not None and engine is not None:
             raise ValueError(f"cache runs on eager diffusers forwards; engine={engine!r} bypasses its hooks")
         self.engine, self.engine_cache, self.batch_cfg, self.cache = engine, engine_cache, batch_cfg, cache
-        self._engines: dict[tuple[str, StepShape], StepEngine] = {}
+        self._engines: dict[tuple[str, str, StepShape], StepEngine] = {}
+        self.classifier_expert: str | None = None  # which expert a loaded classifier reads (`load_classifier`)
         self._graphs: dict[str, GuidedStepGraph] = {}  # guided steps, with the engine; most recent last
         self._objectives: dict[str, Objective] = {}  # training-free ones per composition kind, kept
         self._texts: dict[tuple, torch.Tensor] = {}  # encoded prompts, most recent last
@@ -128,26 +135,31 @@ class CVGPipeline:
             self._texts.pop(next(iter(self._texts)))
         return embeds.clone()  # the caller's to change
 
-    def step_engine(self, latents: torch.Tensor, *text_embeds: torch.Tensor) -> StepEngine:
-        """The engine for this shape and every given text, built on first use (`cvg export` builds its cache
-        ahead of time)."""
-        key = (self.engine, StepShape.of(latents.to(self.pipe.transformer.dtype), *text_embeds))
+    @property
+    def experts(self) -> dict[str, torch.nn.Module]:
+        """The transformers that denoise, by component name: `transformer`, and for a two-expert Wan 2.2
+        pipeline `transformer_2` (its low-noise expert; WanPipeline ignores one without `boundary_ratio`)."""
+        pipe = self.pipe
+        if pipe.config.boundary_ratio is None:
+            return {"transformer": pipe.transformer}
+        return {"transformer": pipe.transformer, "transformer_2": pipe.transformer_2}
+
+    def step_engine(self, latents: torch.Tensor, *text_embeds: torch.Tensor, expert: str = "transformer") -> StepEngine:
+        """The engine of one expert for this shape and every given text, built on first use (`cvg export`
+        builds its cache ahead of time)."""
+        model = self.experts[expert]
+        key = (self.engine, expert, StepShape.of(latents.to(model.dtype), *text_embeds))
         if key not in self._engines:
-            self._engines[key] = build_engine(self.pipe.transformer, key[1], self.engine, self.engine_cache)
+            self._engines[key] = build_engine(model, key[2], self.engine, self.engine_cache)
         return self._engines[key]
 
     @classmethod
     def from_pretrained(cls, path: str | Path, objective: Objective | None = None, **kwargs) -> CVGPipeline:
-        """Load a local diffusers Wan directory (no hub access)."""
+        """Load a local diffusers Wan directory (no hub access); `kwargs` go to `load_wan_pipeline`."""
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise ValueError(f"{str(path)!r} is not a diffusers pipeline directory (no model_index.json)")
-        class_name = read_json_object(index).get("_class_name")
-        if class_name != "WanPipeline":
-            raise ValueError(f"{str(path)!r} holds a {class_name}, not a WanPipeline")
+        directory_family(path)  # an unsupported pipeline or a missing expert: one line, before any weight loads
         try:
             pipe = load_wan_pipeline(path, **kwargs)
         except Exception as e:  # a torn weight file, a config that misses fields, ...: say which, in one line
@@ -156,11 +168,21 @@ class CVGPipeline:
 
     def load_classifier(self, directory: str | Path) -> None:
         """Guide with a trained compositional classifier (`cvg train-classifier`) from now on; it must have
-        been trained on this generator's maps, recorded as `self.guidance` records them."""
+        been trained on the maps of this generator (of one of its experts), recorded as `self.guidance`
+        records them. Guided steps must then run on that expert."""
         from cvg.guidance.classifier import ClassifierObjective
 
-        description = generator_description(self.pipe.transformer, self.guidance.layers, self.guidance.pool)
-        self.objective = ClassifierObjective.from_pretrained(directory, description)
+        mismatch = None
+        for name, model in self.experts.items():
+            description = generator_description(model, self.guidance.layers, self.guidance.pool)
+            try:
+                self.objective = ClassifierObjective.from_pretrained(directory, description)
+            except ValueError as e:
+                mismatch = mismatch or e
+                continue
+            self.classifier_expert = name
+            return
+        raise mismatch
 
     def bind(self, prompt: str | list[str], composition: Composition | str, max_sequence_length: int = 512):
         """The composition tied to the prompts as the pipeline tokenizes them (Wan cleans prompts first)."""
@@ -181,6 +203,7 @@ class CVGPipeline:
         num_frames: int = 81,
         num_inference_steps: int = 50,
         guidance_scale: float = 5.0,
+        guidance_scale_2: float | None = None,
         guide_steps: int | None = None,
         guidance_strength: float | None = None,
         iterations: int | None = None,
@@ -216,6 +239,7 @@ class CVGPipeline:
             max_sequence_length,
             latents,
             config.pool if guided else None,
+            guidance_scale_2,
         )
         objective, bound = None, None
         if guided:
@@ -239,16 +263,38 @@ class CVGPipeline:
             device=device,
         )
         marks.append(time.perf_counter())
-        dtype = pipe.transformer.dtype
-        denoiser = Denoiser(
-            pipe.transformer,
-            prompt_embeds.to(dtype),
-            None if negative_embeds is None else negative_embeds.to(dtype),
-            guidance_scale,
-            batch_cfg=self.batch_cfg,
-        )
+        dtype = pipe.transformer.dtype  # WanPipeline's: both experts get text (and latents) in the first one's
+        scales = {
+            "transformer": guidance_scale,
+            "transformer_2": guidance_scale if guidance_scale_2 is None else guidance_scale_2,
+        }
+        experts = {
+            name: Denoiser(
+                model,
+                prompt_embeds.to(dtype),
+                None if negative_embeds is None else negative_embeds.to(dtype),
+                scales[name],
+                batch_cfg=self.batch_cfg,
+                token_timesteps=pipe.config.expand_timesteps,
+            )
+            for name, model in self.experts.items()
+        }
+        denoiser = experts["transformer"]
+        if "transformer_2" in experts:
+            denoiser.low_noise = experts["transformer_2"]
+            denoiser.boundary = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
 
         timesteps = pipe.scheduler.timesteps
+        guided_steps = config.guide_steps if objective is not None else 0  # also the first step a cache may serve
+        guiding = {
+            name for name, d in experts.items() if any(denoiser.expert(t) is d for t in timesteps[:guided_steps])
+        }
+        if self.classifier_expert is not None and self.objective is not None and guiding - {self.classifier_expert}:
+            raise ValueError(
+                f"the classifier reads {self.classifier_expert}'s maps, but guided steps run on "
+                f"{', '.join(sorted(guiding - {self.classifier_expert}))} (Wan 2.2 switches experts at timestep "
+                f"{denoiser.boundary:g}); guide fewer steps"
+            )
         batch = prompt_embeds.shape[0]
         latents = pipe.prepare_latents(
             batch,
@@ -267,19 +313,28 @@ class CVGPipeline:
                 randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)
                 for _ in range(config.candidates - 1)
             ]
-            latents, scores = select_noise(denoiser, noises, timesteps[0], objective, bound, config)
+            first = denoiser.expert(timesteps[0])
+            latents, scores = select_noise(first, noises, timesteps[0], objective, bound, config)
         pipe.scheduler.set_begin_index(0)
         if self.engine is not None:
-            if denoiser.cfg_embeds is not None:  # the engine serves the doubled batch
-                denoiser.engine = self.step_engine(torch.cat([latents, latents]), denoiser.cfg_embeds)
-            else:
-                texts = [e for e in (denoiser.prompt_embeds, denoiser.negative_prompt_embeds) if e is not None]
-                denoiser.engine = self.step_engine(latents, *texts)
-            if objective is not None:
-                denoiser.graph = self.guided_graph(denoiser, objective, bound, config, latents, timesteps[0])
+            for name, expert in experts.items():
+                if expert.cfg_embeds is not None:  # the engine serves the doubled batch
+                    expert.engine = self.step_engine(torch.cat([latents, latents]), expert.cfg_embeds, expert=name)
+                else:
+                    texts = [e for e in (expert.prompt_embeds, expert.negative_prompt_embeds) if e is not None]
+                    expert.engine = self.step_engine(latents, *texts, expert=name)
+                if name in guiding:
+                    t = next(t for t in timesteps if denoiser.expert(t) is expert)
+                    expert.graph = self.guided_graph(expert, objective, bound, config, latents, t)
 
-        guided_steps = config.guide_steps if objective is not None else 0  # also the first step a cache may serve
-        with cached_after(pipe.transformer, self.cache, guided_steps) as cache_step:
+        with ExitStack() as caches:
+            cache_steps = [
+                caches.enter_context(cached_after(m, self.cache, guided_steps)) for m in self.experts.values()
+            ]
+
+            def cache_step(i: int) -> None:
+                for step in cache_steps:
+                    step(i)
 
             def step_done(i, t, x):
                 marks.append(time.perf_counter())
@@ -329,6 +384,7 @@ class CVGPipeline:
         max_sequence_length: int,
         latents: torch.Tensor | None,
         pool: tuple[int, int, int] | None = None,
+        guidance_scale_2: float | None = None,
     ) -> None:
         """WanPipeline's checks, and what it lets through silently: sizes of zero or of the wrong multiple,
         frame counts the VAE rounds down, absurd step counts, non-finite scales, non-finite latents, and
@@ -347,6 +403,10 @@ class CVGPipeline:
             raise ValueError(f"num_inference_steps must be between 1 and {MAX_STEPS}, got {num_inference_steps}")
         if not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        if guidance_scale_2 is not None and pipe.config.boundary_ratio is None:
+            raise ValueError("guidance_scale_2 is for two-expert Wan 2.2 pipelines (a boundary_ratio); this has none")
+        if guidance_scale_2 is not None and not math.isfinite(guidance_scale_2):
+            raise ValueError(f"guidance_scale_2 must be finite, got {guidance_scale_2}")
         if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
             raise ValueError(f"num_videos_per_prompt must be at least 1, got {num_videos_per_prompt}")
         limit = pipe.tokenizer.model_max_length if pipe.tokenizer is not None else MAX_TEXT_TOKENS

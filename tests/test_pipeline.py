@@ -189,7 +189,7 @@ def test_bad_input(tiny_pipe, tmp_path):
     with pytest.raises(ValueError, match="not a diffusers pipeline directory"):
         CVGPipeline.from_pretrained(tmp_path)
     (tmp_path / "model_index.json").write_text('{"_class_name": "CogVideoXPipeline"}')
-    with pytest.raises(ValueError, match="holds a CogVideoXPipeline, not a WanPipeline"):
+    with pytest.raises(ValueError, match="holds a CogVideoXPipeline; cvg guides WanPipeline pipelines"):
         CVGPipeline.from_pretrained(tmp_path)
 
 

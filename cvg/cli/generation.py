@@ -354,33 +354,32 @@ def export_engine(args: argparse.Namespace) -> None:
 
     import torch
 
-    from cvg.models.wan import load_wan_pipeline
+    from cvg.pipeline import CVGPipeline
     from cvg.runtime.step_engine import StepShape, build_engine
 
     if len(args.shape) != 3:
         raise ValueError(f"--shape must be HEIGHTxWIDTHxFRAMES, got {'x'.join(map(str, args.shape))}")
     height, width, frames = args.shape
-    pipe = load_wan_pipeline(args.model, transformer_dtype=getattr(torch, args.dtype))
-    vae, transformer = pipe.vae.config, pipe.transformer
-    latents = torch.empty(
-        args.batch,
-        transformer.config.in_channels,
-        (frames - 1) // vae.scale_factor_temporal + 1,
-        height // vae.scale_factor_spatial,
-        width // vae.scale_factor_spatial,
-        dtype=transformer.dtype,
-    )
-    # Zero text: the engine's text_keys is then its smallest (64), which every prompt of under 64 tokens fits.
-    text = torch.zeros(args.batch, args.max_sequence_length, transformer.config.text_dim, dtype=transformer.dtype)
-    start = time.perf_counter()
-    engine = build_engine(transformer, StepShape.of(latents, text), args.backend, args.cache)
-    print(
-        json.dumps(
-            {
-                "backend": engine.backend,
-                "shape": StepShape.of(latents, text).key(),
-                "seconds": round(time.perf_counter() - start, 2),
-                "file": str(getattr(engine, "path", "")),
-            }
+    pipe = CVGPipeline.from_pretrained(args.model, transformer_dtype=getattr(torch, args.dtype))
+    vae = pipe.pipe.vae.config
+    for name, transformer in pipe.experts.items():  # Wan 2.2 A14B: an engine per expert, a line each
+        latents = torch.empty(
+            args.batch,
+            transformer.config.in_channels,
+            (frames - 1) // vae.scale_factor_temporal + 1,
+            height // vae.scale_factor_spatial,
+            width // vae.scale_factor_spatial,
+            dtype=transformer.dtype,
         )
-    )
+        # Zero text: the engine's text_keys is then its smallest (64), which every prompt of under 64 tokens fits.
+        text = torch.zeros(args.batch, args.max_sequence_length, transformer.config.text_dim, dtype=transformer.dtype)
+        start = time.perf_counter()
+        engine = build_engine(transformer, StepShape.of(latents, text), args.backend, args.cache)
+        report = {
+            "expert": name,
+            "backend": engine.backend,
+            "shape": StepShape.of(latents, text).key(),
+            "seconds": round(time.perf_counter() - start, 2),
+            "file": str(getattr(engine, "path", "")),
+        }
+        print(json.dumps(report))

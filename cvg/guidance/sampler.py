@@ -7,7 +7,9 @@ objective is already at `target_loss` is left where it is (the step is bounded: 
 the objective past what its classifier was trained to be confident of). Then the step continues as in
 diffusers: a gradient-free prediction (with classifier-free guidance when on) and the scheduler's step,
 with solver history that cannot overwrite the guided latent (`guided_solver`). Later steps are
-unguided. With no guided step this is WanPipeline's loop, op for op. Before the loop, the pipeline may
+unguided. Each step runs on the expert WanPipeline would choose for its timestep (Wan 2.2 A14B: the
+high-noise transformer, then the low-noise one; `Denoiser.expert`). With no guided step this is
+WanPipeline's loop, op for op. Before the loop, the pipeline may
 choose the initial noise among several by the same objective (`select_noise`).
 """
 
@@ -90,6 +92,9 @@ class Denoiser:
     engine: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # cvg.runtime's StepEngine
     graph: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None  # guided steps; see cvg.runtime.guided_graph
     batch_cfg: bool = False  # the conditional and unconditional forwards as one batch of both texts
+    token_timesteps: bool = False  # Wan 2.2 TI2V (`expand_timesteps`): eager forwards get a timestep per token
+    low_noise: Denoiser | None = None  # Wan 2.2 A14B's low-noise expert: serves the timesteps below `boundary`
+    boundary: float | None = None  # `boundary_ratio` x the scheduler's training timesteps
     cfg_embeds: torch.Tensor | None = field(init=False, default=None)  # that batch's text, built once
 
     def __post_init__(self) -> None:
@@ -98,7 +103,23 @@ class Denoiser:
 
     @property
     def cfg(self) -> bool:
-        return self.negative_prompt_embeds is not None and self.guidance_scale > 1.0
+        """Classifier-free guidance: on when there is a negative text, as in WanPipeline (which encodes one
+        when `guidance_scale > 1`, and then applies Wan 2.2's `guidance_scale_2` whatever its value)."""
+        return self.negative_prompt_embeds is not None
+
+    def expert(self, t: torch.Tensor) -> Denoiser:
+        """The denoiser that serves timestep `t`, as `WanPipeline.__call__` chooses: the low-noise expert
+        (its own transformer, guidance scale, engine and guided graph) below the boundary, else this one."""
+        if self.low_noise is None or t >= self.boundary:
+            return self
+        return self.low_noise
+
+    def timestep(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The transformer's timestep input at `latents`: `[B]`, or for TI2V `[B, tokens]` as WanPipeline
+        builds it for text-to-video (every token at `t`)."""
+        if not self.token_timesteps:
+            return t.expand(latents.shape[0])
+        return t.expand(latents.shape[0], latents[0, 0].numel() // math.prod(self.transformer.config.patch_size))
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, step: int, sigma: float, total: int) -> torch.Tensor:
         """The noise prediction of WanPipeline for one step, classifier-free guidance included (in
@@ -107,22 +128,21 @@ class Denoiser:
         context = {"step_index": step, "sigma": sigma, "num_inference_steps": total}
         if self.cfg and self.batch_cfg:
             both = torch.cat([latents, latents])
-            noise, uncond = self._forward(both, t.expand(both.shape[0]), self.cfg_embeds, "cfg", context).chunk(2)
+            noise, uncond = self._forward(both, t, self.cfg_embeds, "cfg", context).chunk(2)
             return uncond + self.guidance_scale * (noise - uncond)
-        timestep = t.expand(latents.shape[0])
-        noise = self._forward(latents, timestep, self.prompt_embeds, "cond", context)
+        noise = self._forward(latents, t, self.prompt_embeds, "cond", context)
         if self.cfg:
-            uncond = self._forward(latents, timestep, self.negative_prompt_embeds, "uncond", context)
+            uncond = self._forward(latents, t, self.negative_prompt_embeds, "uncond", context)
             noise = uncond + self.guidance_scale * (noise - uncond)
         return noise
 
-    def _forward(self, latents, timestep, embeds, label: str, context: dict) -> torch.Tensor:
-        if self.engine is not None:
-            return self.engine(latents, timestep, embeds)
+    def _forward(self, latents, t, embeds, label: str, context: dict) -> torch.Tensor:
+        if self.engine is not None:  # one timestep per item: TI2V's per-token ones are all `t` in text-to-video
+            return self.engine(latents, t.expand(latents.shape[0]), embeds)
         with self.transformer.cache_context(label, **context):
             return self.transformer(
                 hidden_states=latents,
-                timestep=timestep,
+                timestep=self.timestep(latents, t),
                 encoder_hidden_states=embeds,
                 attention_kwargs=self.attention_kwargs,
                 return_dict=False,
@@ -156,7 +176,7 @@ class Denoiser:
             try:
                 model(
                     hidden_states=latents.to(model.dtype),
-                    timestep=t.expand(latents.shape[0]),
+                    timestep=self.timestep(latents, t),
                     encoder_hidden_states=inputs.text,
                     return_dict=False,
                 )
@@ -321,11 +341,12 @@ def denoise(
     history: list[GuidedStep] = []
     total = len(timesteps)
     steps = progress(enumerate(timesteps), total) if progress else enumerate(timesteps)
-    # A guided-step graph (cvg.runtime.guided_graph) stands for `latent_update` with this composition when there is one.
-    update = denoiser.graph or partial(latent_update, denoiser, objective=objective, bound=bound, config=config)
     guided = config.guide_steps if objective is not None else 0
     with guided_solver(scheduler, guided):
         for i, t in steps:
+            current = denoiser.expert(t)  # Wan 2.2: the expert of this timestep guides and denoises
+            # A guided-step graph (cvg.runtime.guided_graph) stands for `latent_update` where the expert has one.
+            update = current.graph or partial(latent_update, current, objective=objective, bound=bound, config=config)
             for it in range(config.iterations if i < guided else 0):
                 latents, loss, maps, skipped = update(latents, t)
                 _warn_skipped(skipped)
@@ -333,7 +354,7 @@ def denoise(
                 if config.target_loss is not None and it + 1 < config.iterations and _all_at_target(loss, config):
                     break
             with torch.no_grad():
-                noise = denoiser.predict(latents, t, i, float(scheduler.sigmas[i]), total)
+                noise = current.predict(latents, t, i, float(scheduler.sigmas[i]), total)
                 latents = scheduler.step(noise, t, latents, return_dict=False)[0]
             if on_step is not None:
                 on_step(i, t, latents)

@@ -29,15 +29,16 @@ def load_wan_pipeline(
 ) -> WanPipeline:
     """`WanPipeline.from_pretrained` on a local directory, with the packaged MiniLM put back where the
     directory's `generator.json` names it in place of a saved text encoder (cvg's trained generators).
-    `transformer_dtype` loads the transformer in that precision (diffusers keeps its norms, time embedding
-    and modulation in float32); the VAE's precision is chosen apart (`vae_dtype`, default float32: decode
-    quality matters more than its time), the rest loads in float32."""
+    `transformer_dtype` loads the transformer (both experts of Wan 2.2 A14B) in that precision (diffusers
+    keeps its norms, time embedding and modulation in float32); the VAE's precision is chosen apart
+    (`vae_dtype`, default float32: decode quality matters more than its time), the rest loads in float32."""
     path = Path(path)
     if transformer_dtype is not None or vae_dtype is not None:
         if "dtype" in kwargs or "torch_dtype" in kwargs:
             raise ValueError("give transformer_dtype/vae_dtype or diffusers' dtype, not both")
         kwargs["dtype"] = {
             "transformer": transformer_dtype or torch.float32,
+            "transformer_2": transformer_dtype or torch.float32,  # Wan 2.2's low-noise expert, where there is one
             "vae": vae_dtype or torch.float32,
             "default": torch.float32,
         }

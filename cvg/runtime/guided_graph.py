@@ -35,6 +35,7 @@ def graph_key(
     text_rows = padded_length(denoiser.prompt_embeds) if config.collapse_padding else denoiser.prompt_embeds.shape[1]
     return repr(
         (
+            id(denoiser.transformer),  # Wan 2.2: each expert its own graph
             tuple(latents.shape),
             latents.dtype,
             latents.device,

@@ -33,6 +33,9 @@ class _FixedVelocity:
     def predict(self, latents, t, step, sigma, total):
         return torch.randn(SHAPE, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
 
+    def expert(self, t):
+        return self
+
     def graph(self, latents, t):
         moved = latents + self.delta if t == self.at else latents
         return moved, torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.bool)

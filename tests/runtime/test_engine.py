@@ -273,7 +273,7 @@ def test_serving_engine_batches_cfg_on_an_engine_of_twice_the_batch(tiny_pipe):
     runs = {}
     for batched in (False, True):
         engine = Engine(CVGPipeline(tiny_pipe), 64, 64, 9, **size, backend="torch", batch_cfg=batched)
-        (shape,) = [shape for _, shape in engine.pipe._engines]
+        (shape,) = [shape for _, _, shape in engine.pipe._engines]
         assert shape.batch == (2 if batched else 1)
         runs[batched] = engine.generate(*request).frames
     assert np.abs(runs[True] - runs[False]).max() <= ulps(torch.as_tensor(runs[False]), 1024)
