@@ -163,7 +163,13 @@ class Composition:
             if match is None:
                 raise CompositionError(f"composition word {_clip(entity)} is not in the prompt {_clip(prompt)}")
             start, end = match.span()
-            indices = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+            # A token inside the word, or a sentencepiece word mark ("▁", its offsets the space before the
+            # word) standing alone just before it: all pieces of a word a T5 tokenizer splits.
+            indices = [
+                i
+                for i, (a, b) in enumerate(offsets)
+                if b > a and a < end and (b > start or (b == start and not prompt[a:b].strip()))
+            ]
             if not indices:
                 raise CompositionError(f"composition word {entity!r} lies past the first {max_length} prompt tokens")
             found.append(indices)

