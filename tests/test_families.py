@@ -178,7 +178,7 @@ def test_each_expert_runs_on_its_own_engine(wan22, batch_cfg):
     assert (out.frames - eager.frames).abs().max() <= 1e-4  # the engine drops padding: float rounding
 
 
-def test_from_pretrained_and_bad_layouts(wan22, tmp_path):
+def test_from_pretrained_and_bad_layouts(wan22, tmp_path, capsys):
     path = tmp_path / "wan22"
     wan22.save_pretrained(str(path))
     family = CVGPipeline(wan22).family
@@ -200,6 +200,9 @@ def test_from_pretrained_and_bad_layouts(wan22, tmp_path):
     else:
         with pytest.raises(ValueError, match="guidance_scale_2 is for two-expert Wan 2.2 pipelines"):
             CVGPipeline(wan22)("a red cube", None, guidance_scale_2=3.0, **kw)
+        argv = ["generate", "--model", str(path), "--prompt", "a red cube", "--out", str(tmp_path / "x.mp4")]
+        assert main([*argv, "--guidance-scale-2", "3", "--quiet"]) == 2
+        assert "guidance_scale_2 is for two-expert Wan 2.2 pipelines" in capsys.readouterr().err
     index = json.loads((path / "model_index.json").read_text())
     (path / "model_index.json").write_text(json.dumps({**index, "_class_name": "CogVideoXPipeline"}))
     with pytest.raises(ValueError, match=r"holds a CogVideoXPipeline; cvg guides WanPipeline pipelines \(wan2.1, "):
@@ -249,6 +252,8 @@ def test_generate_writes_a_video_and_maps(wan22, tmp_path, capsys):
     ]
     argv += ["--out", str(out), "--save-maps", str(maps), "--height", size, "--width", size, "--frames", "9"]
     argv += ["--steps", "4", "--pool", "1", "--quiet", "--max-sequence-length", "64"]
+    if CVGPipeline(wan22).family == "wan2.2-a14b":
+        argv += ["--guidance-scale-2", "3"]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     default = GuidanceConfig()

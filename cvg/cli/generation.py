@@ -162,6 +162,12 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     )
     config_flags(parser, GuidanceConfig, GUIDANCE_FLAGS)
     parser.add_argument("--guidance-scale", type=FINITE, default=5.0, help="classifier-free guidance scale (default 5)")
+    parser.add_argument(
+        "--guidance-scale-2",
+        type=FINITE,
+        default=None,
+        help="Wan 2.2 A14B: the low-noise expert's classifier-free guidance scale (default: --guidance-scale)",
+    )
     parser.add_argument("--max-sequence-length", type=TEXT_TOKENS, default=512, help="text tokens (Wan pads to this)")
     _dtype_flag(parser)
     parser.add_argument(
@@ -233,6 +239,8 @@ def _load(args: argparse.Namespace):
     }
     if args.guide_steps is not None:  # asked for: checked against the steps, never shortened
         call["guide_steps"] = args.guide_steps
+    if args.guidance_scale_2 is not None:  # a one-expert pipeline refuses it by name
+        call["guidance_scale_2"] = args.guidance_scale_2
     return pipe, call
 
 
