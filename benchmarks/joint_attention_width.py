@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
 
-from cvg.experiments.memory import ISOLATED_ENV, peak_extra_bytes
-from cvg.experiments.report import json_child, machine_line, publish
+from cvg.experiments.memory import ISOLATED_ENV, warm_peak
+from cvg.experiments.report import clip_size, json_child, machine_line, publish
 
 CONFIG = Path(__file__).with_name("configs") / "cogvideox-2b-transformer.json"
 VARIANTS = ("unguided block", "guided block", "guided block, materialised maps")
@@ -66,22 +65,6 @@ def block_call(variant: str, frames: int, height: int, width: int):
     return call
 
 
-def _measure(variant: str, frames: int, height: int, width: int) -> dict:
-    call = block_call(variant, frames, height, width)
-    call()  # warm-up: one-off allocations stay out of the figures
-    start = time.perf_counter()
-    out, peak = peak_extra_bytes(call)
-    seconds = time.perf_counter() - start
-    if not torch.isfinite(out).all():
-        raise FloatingPointError(f"{variant}: non-finite output")
-    return {"seconds": seconds, "peak_bytes": peak}
-
-
-def _size(text: str) -> tuple[int, int, int]:
-    height, width, frames = (int(x) for x in text.split("x"))
-    return frames, height, width
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -91,10 +74,10 @@ def main() -> None:
     )
     parser.add_argument("--write", type=Path, help="record the table in this Markdown file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=_size, help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=clip_size, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(_measure(args.child, *args.size)))
+        print(json.dumps(warm_peak(block_call(args.child, *args.size), args.child)))
         return
     config = json.loads(CONFIG.read_text())
     heads, text = config["num_attention_heads"], config["max_text_seq_length"]
@@ -107,7 +90,7 @@ def main() -> None:
         "float32 tensor (MiB) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for frames, height, width in (_size(s) for s in args.sizes.split(",")):
+    for frames, height, width in (clip_size(s) for s in args.sizes.split(",")):
         tokens = math.prod(video_tokens(frames, height, width))
         argv = ["benchmarks/joint_attention_width.py", "--size", f"{height}x{width}x{frames}", "--child"]
         measured = {v: json_child([*argv, v], ISOLATED_ENV, f"{v} at {height}x{width}x{frames}") for v in VARIANTS}

@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
 
-from cvg.experiments.memory import ISOLATED_ENV, peak_extra_bytes
-from cvg.experiments.report import json_child, machine_line, publish
+from cvg.experiments.memory import ISOLATED_ENV, warm_peak
+from cvg.experiments.report import clip_size, json_child, machine_line, publish
 
 CONFIG = Path(__file__).with_name("configs") / "wan2.1-t2v-1.3b-transformer.json"
 PROMPT, COMPOSITION = "a red cube to the left of a blue ball", "red cube left of blue ball"
@@ -84,18 +83,6 @@ def step_call(variant: str, model, frames: int, height: int, width: int):
     return call
 
 
-def _measure(variant: str, frames: int, height: int, width: int, dtype: torch.dtype) -> dict:
-    """Seconds and peak extra bytes of one call of `variant`, in this process."""
-    call = step_call(variant, build_transformer(dtype), frames, height, width)
-    call()  # warm-up: one-off allocations (oneDNN primitives, RoPE tables) stay out of the figures
-    start = time.perf_counter()
-    out, peak = peak_extra_bytes(call)
-    seconds = time.perf_counter() - start
-    if not torch.isfinite(out).all():
-        raise FloatingPointError(f"{variant}: non-finite output")
-    return {"seconds": seconds, "peak_bytes": peak}
-
-
 def modelled_bytes(variant: str, config: dict, grid: tuple[int, int, int], dtype_bytes: int) -> dict[str, int]:
     """What each path must hold at its peak, by its maths (batch 1, every block recorded):
     - a block's saved activations for the latent's gradient: `sampler.saved_activation_bytes`'s upper
@@ -134,11 +121,6 @@ def _child(variant: str, size: tuple[int, int, int], dtype: str) -> dict:
     return json_child(argv, ISOLATED_ENV, f"{variant} at {height}x{width}x{frames}")
 
 
-def _size(text: str) -> tuple[int, int, int]:
-    height, width, frames = (int(x) for x in text.split("x"))
-    return frames, height, width
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -149,15 +131,16 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--write", type=Path, help="record the table in this Markdown file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=_size, help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=clip_size, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(_measure(args.child, *args.size, getattr(torch, args.dtype))))
+        call = step_call(args.child, build_transformer(getattr(torch, args.dtype)), *args.size)
+        print(json.dumps(warm_peak(call, args.child)))
         return
     config = json.loads(CONFIG.read_text())
     dtype_bytes = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
     rows = []
-    for size in (_size(s) for s in args.sizes.split(",")):
+    for size in (clip_size(s) for s in args.sizes.split(",")):
         grid = video_tokens(*size)
         tokens = math.prod(grid)
         for variant in VARIANTS:

@@ -79,7 +79,6 @@ class CVGPipeline:
                 "its low-noise expert; it is None"
             )
         self.pipe, self.objective = pipe, objective
-        self.family = family(pipe.config.boundary_ratio, pipe.config.expand_timesteps)  # cvg.models.families
         self.guidance = guidance or GuidanceConfig()
         if engine is not None and engine not in (*STEP_BACKENDS, "auto"):
             raise ValueError(f"engine must be one of {', '.join(STEP_BACKENDS)}, auto or None, got {engine!r}")
@@ -134,6 +133,11 @@ class CVGPipeline:
         while len(self._texts) > MAX_TEXTS:
             self._texts.pop(next(iter(self._texts)))
         return embeds.clone()  # the caller's to change
+
+    @property
+    def family(self) -> str:
+        """The layout of the wrapped pipeline (`cvg.models.families`): wan2.1, wan2.2-a14b or wan2.2-ti2v."""
+        return family(self.pipe.config.boundary_ratio, self.pipe.config.expand_timesteps)
 
     @property
     def experts(self) -> dict[str, torch.nn.Module]:
@@ -286,9 +290,8 @@ class CVGPipeline:
 
         timesteps = pipe.scheduler.timesteps
         guided_steps = config.guide_steps if objective is not None else 0  # also the first step a cache may serve
-        guiding = {
-            name for name, d in experts.items() if any(denoiser.expert(t) is d for t in timesteps[:guided_steps])
-        }
+        served = denoiser.experts_for(timesteps)
+        guiding = {name for name, d in experts.items() if any(s is d for s in served[:guided_steps])}
         if self.classifier_expert is not None and self.objective is not None and guiding - {self.classifier_expert}:
             raise ValueError(
                 f"the classifier reads {self.classifier_expert}'s maps, but guided steps run on "
@@ -313,8 +316,7 @@ class CVGPipeline:
                 randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)
                 for _ in range(config.candidates - 1)
             ]
-            first = denoiser.expert(timesteps[0])
-            latents, scores = select_noise(first, noises, timesteps[0], objective, bound, config)
+            latents, scores = select_noise(served[0], noises, timesteps[0], objective, bound, config)
         pipe.scheduler.set_begin_index(0)
         if self.engine is not None:
             for name, expert in experts.items():
@@ -324,8 +326,8 @@ class CVGPipeline:
                     texts = [e for e in (expert.prompt_embeds, expert.negative_prompt_embeds) if e is not None]
                     expert.engine = self.step_engine(latents, *texts, expert=name)
                 if name in guiding:
-                    t = next(t for t in timesteps if denoiser.expert(t) is expert)
-                    expert.graph = self.guided_graph(expert, objective, bound, config, latents, t)
+                    first = next(i for i, s in enumerate(served) if s is expert)
+                    expert.graph = self.guided_graph(expert, objective, bound, config, latents, timesteps[first])
 
         with ExitStack() as caches:
             cache_steps = [

@@ -10,13 +10,13 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
+from guided import OBJECTIVES, PROMPTS, objective_after_guided_steps
+from guided import seeded as _seeded
 from PIL import Image
 
 from cvg.cli import main
-from cvg.guidance.classifier import ClassifierConfig, ClassifierObjective, CompositionClassifier
+from cvg.guidance.classifier import ClassifierConfig, CompositionClassifier
 from cvg.guidance.config import GuidanceConfig
-from cvg.guidance.objectives import MotionDirection, SpatialRelation, TokenPresence
-from cvg.guidance.sampler import Denoiser
 from cvg.models.families import directory_family
 from cvg.models.tiny import tiny_wan_pipeline
 from cvg.models.wan import generator_description
@@ -25,11 +25,6 @@ from cvg.pipeline import CVGPipeline
 WAN22 = ("wan2.2-a14b", "wan2.2-ti2v")
 # TI2V's VAE is 16x spatial: 128 px gives the same 4x4 token grid as 64 px on Wan 2.1's 8x VAE
 SIZES = {"wan2.2-a14b": 64, "wan2.2-ti2v": 128}
-PROMPTS = {
-    "spatial": ("a red cube to the left of a blue ball", "red cube left of blue ball"),
-    "motion": ("a blue ball moves right", "blue ball moves right"),
-    "presence": ("a red cube and a blue ball", "red cube and blue ball"),
-}
 
 
 @functools.cache
@@ -46,10 +41,6 @@ def wan22(request):
 def _small(pipe) -> dict:
     size = SIZES[CVGPipeline(pipe).family]
     return dict(height=size, width=size, num_frames=9, num_inference_steps=6, max_sequence_length=64)
-
-
-def _seeded(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 def test_the_tiny_layouts_are_wan22s():
@@ -111,49 +102,13 @@ def test_each_expert_serves_its_timesteps_guided_steps_included():
     assert len(out.steps) == 4
 
 
-def _classifier():
-    torch.manual_seed(0)
-    classifier = CompositionClassifier(ClassifierConfig(layers=2, tiles=(3, 4, 4), label_dim=8))
-    label = torch.randn(1, 8)
-    return ClassifierObjective(classifier, encoder=lambda labels: label.expand(len(labels), -1))
-
-
-OBJECTIVES = {
-    "presence": ("presence", TokenPresence()),
-    "spatial": ("spatial", SpatialRelation()),
-    "motion": ("motion", MotionDirection()),
-    "classifier": ("spatial", _classifier()),
-}
-
-
-def _objective_after_guided_steps(pipe, kind, objective, seed, guide_steps):
-    """The objective at the latent after the first 2 scheduler steps, read at the third step's timestep
-    by the expert that serves it."""
-    prompt, composition = PROMPTS[kind]
-    config = GuidanceConfig(guide_steps=guide_steps, strength=0.3, pool=(1, 1, 1))
-    cvg = CVGPipeline(pipe, objective=objective, guidance=config)
-    captured = {}
-
-    def keep(i, t, latents):
-        if i == 1:
-            captured["latents"] = latents.clone()
-
-    small = _small(pipe)
-    cvg(prompt, composition, guidance_scale=5.0, generator=_seeded(seed), output_type="latent", on_step=keep, **small)
-    embeds, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, max_sequence_length=64)
-    t = pipe.scheduler.timesteps[2]
-    assert t >= 0.875 * 1000  # Wan 2.2 A14B: still the high-noise expert's
-    denoiser = Denoiser(pipe.transformer, embeds, None, 1.0, token_timesteps=pipe.config.expand_timesteps)
-    loss, _, _ = denoiser.score(captured["latents"], t, objective, cvg.bind(prompt, composition, 64), config)
-    return loss.item()
-
-
 @pytest.mark.parametrize("name", list(OBJECTIVES))
 def test_guidance_lowers_the_objective(wan22, name):
     kind, objective = OBJECTIVES[name]
     for seed in range(5):
-        guided = _objective_after_guided_steps(wan22, kind, objective, seed, guide_steps=2)
-        unguided = _objective_after_guided_steps(wan22, kind, objective, seed, guide_steps=0)
+        guided = objective_after_guided_steps(wan22, kind, objective, seed, 2, _small(wan22))
+        unguided = objective_after_guided_steps(wan22, kind, objective, seed, 0, _small(wan22))
+        assert wan22.scheduler.timesteps[2] >= 0.875 * 1000  # Wan 2.2 A14B: read by the high-noise expert
         assert guided < unguided, f"{name}, seed {seed}: guided {guided:.5f} >= unguided {unguided:.5f}"
 
 

@@ -6,27 +6,18 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from guided import OBJECTIVES, PROMPTS, classifier_objective, objective_after_guided_steps
+from guided import seeded as _seeded
 from tolerance import ulps
 
 from cvg.guidance import sampler
-from cvg.guidance.classifier import ClassifierConfig, ClassifierObjective, CompositionClassifier
 from cvg.guidance.composition import CompositionError
 from cvg.guidance.config import GuidanceConfig
-from cvg.guidance.objectives import MotionDirection, SpatialRelation, TokenPresence
-from cvg.guidance.sampler import Denoiser
+from cvg.guidance.objectives import MotionDirection, SpatialRelation
 from cvg.models.wan import cast_transformer
 from cvg.pipeline import CVGPipeline
 
 SMALL = dict(height=64, width=64, num_frames=9, num_inference_steps=6, max_sequence_length=64)
-PROMPTS = {
-    "spatial": ("a red cube to the left of a blue ball", "red cube left of blue ball"),
-    "motion": ("a blue ball moves right", "blue ball moves right"),
-    "presence": ("a red cube and a blue ball", "red cube and blue ball"),
-}
-
-
-def _seeded(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 @pytest.mark.parametrize("guidance_scale", [5.0, 1.0])
@@ -86,46 +77,12 @@ def test_encoded_prompts_are_kept_until_the_encoder_changes():
     assert len(calls) == 4 and not torch.equal(changed[0], first[0])
 
 
-def _classifier_objective():
-    torch.manual_seed(0)
-    classifier = CompositionClassifier(ClassifierConfig(layers=2, tiles=(3, 4, 4), label_dim=8))
-    label = torch.randn(1, 8)
-    return ClassifierObjective(classifier, encoder=lambda labels: label.expand(len(labels), -1))
-
-
-OBJECTIVES = {
-    "presence": ("presence", TokenPresence()),
-    "spatial": ("spatial", SpatialRelation()),
-    "motion": ("motion", MotionDirection()),
-    "classifier": ("spatial", _classifier_objective()),
-}
-
-
-def _objective_after_guided_steps(pipe, kind, objective, seed, guide_steps):
-    """The objective at the latent after the first 2 scheduler steps, read at the third step's timestep."""
-    prompt, composition = PROMPTS[kind]
-    config = GuidanceConfig(guide_steps=guide_steps, strength=0.3, pool=(1, 1, 1))
-    cvg = CVGPipeline(pipe, objective=objective, guidance=config)
-    captured = {}
-
-    def keep(i, t, latents):
-        if i == 1:
-            captured["latents"] = latents.clone()
-
-    cvg(prompt, composition, guidance_scale=5.0, generator=_seeded(seed), output_type="latent", on_step=keep, **SMALL)
-    embeds, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, max_sequence_length=64)
-    denoiser = Denoiser(pipe.transformer, embeds, None, 1.0)
-    bound = cvg.bind(prompt, composition, 64)
-    loss, _, _ = denoiser.score(captured["latents"], pipe.scheduler.timesteps[2], objective, bound, config)
-    return loss.item()
-
-
 @pytest.mark.parametrize("name", list(OBJECTIVES))
 def test_guidance_lowers_the_objective(tiny_pipe, name):
     kind, objective = OBJECTIVES[name]
     for seed in range(5):
-        guided = _objective_after_guided_steps(tiny_pipe, kind, objective, seed, guide_steps=2)
-        unguided = _objective_after_guided_steps(tiny_pipe, kind, objective, seed, guide_steps=0)
+        guided = objective_after_guided_steps(tiny_pipe, kind, objective, seed, 2, SMALL)
+        unguided = objective_after_guided_steps(tiny_pipe, kind, objective, seed, 0, SMALL)
         assert guided < unguided, f"{name}, seed {seed}: guided {guided:.5f} >= unguided {unguided:.5f}"
 
 
@@ -411,7 +368,7 @@ def test_geometric_adds_the_training_free_objective_to_the_classifier(tiny_pipe)
     """`geometric`: for spatial and motion compositions the guided loss is the classifier's plus the
     kind's training-free objective (its target the classifier's); presence compositions keep the classifier's."""
     base = GuidanceConfig(guide_steps=1, pool=(1, 1, 1), geometric=False)
-    objective = _classifier_objective()
+    objective = classifier_objective()
     for kind, extra in (("spatial", SpatialRelation()), ("motion", MotionDirection()), ("presence", None)):
         prompt, composition = PROMPTS[kind]
         kw = dict(generator=_seeded(0), output_type="latent", guidance_strength=0.0, **SMALL)

@@ -7,6 +7,7 @@ import functools
 import numpy as np
 import pytest
 import torch
+from guided import objective_after_guided_steps
 
 from cvg.guidance.composition import Composition
 from cvg.guidance.config import GuidanceConfig
@@ -16,6 +17,7 @@ from cvg.models.tiny import tiny_wan_pipeline
 from cvg.pipeline import CVGPipeline
 
 SMALL = dict(height=64, width=64, num_frames=9, num_inference_steps=4, max_sequence_length=512)
+SIX_STEPS = dict(SMALL, num_inference_steps=6)
 
 
 @functools.cache
@@ -74,26 +76,8 @@ def test_maps_over_the_collapsed_padding_are_the_maps_over_512_tokens(gradient):
         torch.testing.assert_close(grad, full_grad, rtol=0, atol=1e-5 * full_grad.abs().max().item())
 
 
-def _objective_after_guided_steps(pipe, seed, guide_steps):
-    """The spatial objective at the latent after the first 2 of 6 steps, read at the third's timestep."""
-    prompt, composition = "a red cube to the left of a blue ball", "red cube left of blue ball"
-    config = GuidanceConfig(guide_steps=guide_steps, strength=0.3, pool=(1, 1, 1))
-    cvg, captured = CVGPipeline(pipe, guidance=config), {}
-
-    def keep(i, t, latents):
-        if i == 1:
-            captured["latents"] = latents.clone()
-
-    kw = dict(SMALL, num_inference_steps=6, output_type="latent")
-    cvg(prompt, composition, generator=torch.Generator().manual_seed(seed), on_step=keep, **kw)
-    embeds, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, max_sequence_length=512)
-    denoiser, bound = Denoiser(pipe.transformer, embeds, None, 1.0), cvg.bind(prompt, composition)
-    loss, _, _ = denoiser.score(captured["latents"], pipe.scheduler.timesteps[2], SpatialRelation(), bound, config)
-    return loss.item()
-
-
 def test_guidance_lowers_the_objective_on_the_umt5_path():
     for seed in range(5):
-        guided = _objective_after_guided_steps(_umt5_pipe(), seed, guide_steps=2)
-        unguided = _objective_after_guided_steps(_umt5_pipe(), seed, guide_steps=0)
+        guided = objective_after_guided_steps(_umt5_pipe(), "spatial", SpatialRelation(), seed, 2, SIX_STEPS)
+        unguided = objective_after_guided_steps(_umt5_pipe(), "spatial", SpatialRelation(), seed, 0, SIX_STEPS)
         assert guided < unguided, f"seed {seed}: guided {guided:.5f} >= unguided {unguided:.5f}"

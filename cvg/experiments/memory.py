@@ -8,6 +8,7 @@ mark (reset through /proc/self/clear_refs) measures what the work itself held at
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -31,3 +32,17 @@ def peak_extra_bytes(work: Callable[[], _R]) -> tuple[_R, int]:
     before = _status_kib("VmRSS")
     result = work()
     return result, max(0, _status_kib("VmHWM") - before) * 1024
+
+
+def warm_peak(call: Callable, what: str) -> dict[str, float]:
+    """Seconds and peak extra bytes of one `call()` after a warm-up call (one-off allocations, oneDNN
+    primitives, RoPE tables, stay out of the figures); a non-finite result is an error naming `what`."""
+    import torch
+
+    call()
+    start = time.perf_counter()
+    out, peak = peak_extra_bytes(call)
+    seconds = time.perf_counter() - start
+    if not torch.isfinite(out).all():
+        raise FloatingPointError(f"{what}: non-finite output")
+    return {"seconds": seconds, "peak_bytes": peak}

@@ -72,3 +72,9 @@ def json_child(argv: list[str], env: dict[str, str], what: str) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{what} failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def clip_size(text: str) -> tuple[int, int, int]:
+    """A `HEIGHTxWIDTHxFRAMES` command-line size as (frames, height, width)."""
+    height, width, frames = (int(x) for x in text.split("x"))
+    return frames, height, width

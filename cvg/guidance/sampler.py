@@ -8,7 +8,7 @@ the objective past what its classifier was trained to be confident of). Then the
 diffusers: a gradient-free prediction (with classifier-free guidance when on) and the scheduler's step,
 with solver history that cannot overwrite the guided latent (`guided_solver`). Later steps are
 unguided. Each step runs on the expert WanPipeline would choose for its timestep (Wan 2.2 A14B: the
-high-noise transformer, then the low-noise one; `Denoiser.expert`). With no guided step this is
+high-noise transformer, then the low-noise one; `Denoiser.experts_for`). With no guided step this is
 WanPipeline's loop, op for op. Before the loop, the pipeline may
 choose the initial noise among several by the same objective (`select_noise`).
 """
@@ -107,12 +107,13 @@ class Denoiser:
         when `guidance_scale > 1`, and then applies Wan 2.2's `guidance_scale_2` whatever its value)."""
         return self.negative_prompt_embeds is not None
 
-    def expert(self, t: torch.Tensor) -> Denoiser:
-        """The denoiser that serves timestep `t`, as `WanPipeline.__call__` chooses: the low-noise expert
-        (its own transformer, guidance scale, engine and guided graph) below the boundary, else this one."""
-        if self.low_noise is None or t >= self.boundary:
-            return self
-        return self.low_noise
+    def experts_for(self, timesteps: torch.Tensor) -> list[Denoiser]:
+        """Per step, the denoiser that serves its timestep, as `WanPipeline.__call__` chooses: the low-noise
+        expert (its own transformer, guidance scale, engine and guided graph) below the boundary, else this
+        one. The timesteps are read on the host once, and only for two experts."""
+        if self.low_noise is None:
+            return [self] * len(timesteps)
+        return [self if t >= self.boundary else self.low_noise for t in timesteps.tolist()]
 
     def timestep(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The transformer's timestep input at `latents`: `[B]`, or for TI2V `[B, tokens]` as WanPipeline
@@ -342,9 +343,10 @@ def denoise(
     total = len(timesteps)
     steps = progress(enumerate(timesteps), total) if progress else enumerate(timesteps)
     guided = config.guide_steps if objective is not None else 0
+    served = denoiser.experts_for(timesteps)  # Wan 2.2: the expert of a step's timestep guides and denoises it
     with guided_solver(scheduler, guided):
         for i, t in steps:
-            current = denoiser.expert(t)  # Wan 2.2: the expert of this timestep guides and denoises
+            current = served[i]
             # A guided-step graph (cvg.runtime.guided_graph) stands for `latent_update` where the expert has one.
             update = current.graph or partial(latent_update, current, objective=objective, bound=bound, config=config)
             for it in range(config.iterations if i < guided else 0):

@@ -25,6 +25,7 @@ from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.embeddings import apply_rotary_emb
 
 from cvg.models.patching import swapped
+from cvg.models.processors import block_indices
 from cvg.ops.attention_pool import attention_pool_with_spec
 from cvg.ops.pooling import PoolSpec, grid_groups, make_pool_spec
 
@@ -119,9 +120,7 @@ def record_joint_maps(
     for the block; a pre-hook reads the video grid from its latents `[B, F, C, H, W]`."""
     _check_transformer(transformer)
     config, blocks = transformer.config, transformer.transformer_blocks
-    chosen = list(range(len(blocks))) if layers is None else [i + len(blocks) if i < 0 else i for i in layers]
-    if not chosen or any(not 0 <= i < len(blocks) for i in chosen):
-        raise ValueError(f"layers must index the transformer's {len(blocks)} blocks, got {list(layers or [])}")
+    chosen = block_indices(len(blocks), layers)
     recorder = JointMapRecorder(
         tokens=torch.as_tensor(tokens, dtype=torch.long),
         pool=(pool,) * 3 if isinstance(pool, int) else tuple(pool),
@@ -134,8 +133,6 @@ def record_joint_maps(
         _, frames, _, height, width = kwargs.get("hidden_states", args[0] if args else None).shape
         recorder.set_grid((frames // frames_per_token, height // side, width // side))
 
-    processors = [
-        (blocks[i].attn1, "processor", PoolingCogVideoXAttnProcessor(recorder, i)) for i in sorted(set(chosen))
-    ]
+    processors = [(blocks[i].attn1, "processor", PoolingCogVideoXAttnProcessor(recorder, i)) for i in chosen]
     with transformer.register_forward_pre_hook(read_grid, with_kwargs=True), swapped(processors):
         yield recorder

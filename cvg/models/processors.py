@@ -191,9 +191,14 @@ def _check_transformer(transformer) -> None:
 
 
 def resolve_layers(transformer, layers: Sequence[int] | None) -> list[int]:
-    """Block indices to record; None means every block. Negative indices count from the end."""
+    """Block indices of a Wan transformer to record (`block_indices`)."""
     _check_transformer(transformer)
-    count = len(transformer.blocks)
+    return block_indices(len(transformer.blocks), layers)
+
+
+def block_indices(count: int, layers: Sequence[int] | None) -> list[int]:
+    """Indices, sorted and unique, of `layers` among `count` blocks; None means every block. Negative
+    indices count from the end."""
     chosen = list(range(count)) if layers is None else [i + count if i < 0 else i for i in layers]
     bad = [i for i in chosen if not 0 <= i < count]
     if bad or not chosen:

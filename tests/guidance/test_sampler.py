@@ -33,8 +33,8 @@ class _FixedVelocity:
     def predict(self, latents, t, step, sigma, total):
         return torch.randn(SHAPE, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
 
-    def expert(self, t):
-        return self
+    def experts_for(self, timesteps):
+        return [self] * len(timesteps)
 
     def graph(self, latents, t):
         moved = latents + self.delta if t == self.at else latents
