@@ -1,4 +1,4 @@
-"""`CVGPipeline`: wrap a diffusers `WanPipeline` and generate with compositional guidance.
+"""`CVGPipeline`: wrap a diffusers `WanPipeline` or `CogVideoXPipeline` and generate with compositional guidance.
 
 pipe = cvg.CVGPipeline.from_pretrained("path/to/wan")            # or cvg.CVGPipeline(wan_pipe)
 out = pipe("a red cube to the left of a blue ball", composition="red cube left of blue ball",
@@ -16,8 +16,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from diffusers import WanPipeline
-from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from diffusers.utils.torch_utils import randn_tensor
 
 from cvg.guidance.binding import BoundComposition
@@ -26,9 +24,9 @@ from cvg.guidance.config import GuidanceConfig
 from cvg.guidance.objectives import GEOMETRIC_KINDS, Objective, SumObjective, objective_for
 from cvg.guidance.sampler import Denoiser, GuidedStep, denoise, select_noise
 from cvg.models.caching import cached_after
-from cvg.models.families import directory_family, family
+from cvg.models.families import directory_adapter, pipeline_family
 from cvg.models.patching import swapped
-from cvg.models.wan import decode_latents, generator_description, load_wan_pipeline, trimmed_prompt_embeds
+from cvg.models.wan import generator_description
 from cvg.runtime.guided_graph import GuidedStepGraph, graph_key
 from cvg.runtime.step_engine import STEP_BACKENDS, StepEngine, StepShape, build_engine
 
@@ -50,30 +48,32 @@ class CVGOutput:
 
 
 class CVGPipeline:
-    """Compositional guidance around a diffusers `WanPipeline`: Wan 2.1, Wan 2.2 A14B (two experts, split at
-    `boundary_ratio`) and Wan 2.2 TI2V-5B (`expand_timesteps`) text-to-video."""
+    """Compositional guidance around a diffusers `WanPipeline` (Wan 2.1, Wan 2.2 A14B with two experts split
+    at `boundary_ratio`, Wan 2.2 TI2V-5B with `expand_timesteps`) or `CogVideoXPipeline`, text-to-video.
+    What differs between them is in their adapter (`cvg.models.families`)."""
 
     def __init__(
         self,
-        pipe: WanPipeline,
+        pipe,
         objective: Objective | None = None,
         guidance: GuidanceConfig | None = None,
         engine: str | None = None,
         engine_cache: str | Path | None = None,
-        batch_cfg: bool = False,
+        batch_cfg: bool | None = None,
         cache: object | None = None,
     ):
         """`engine` runs the gradient-free transformer forwards on a `cvg.runtime.step_engine` backend ("auto",
         "onnxruntime", ...), built once per shape and kept; None runs them in eager diffusers. `batch_cfg` runs
         the conditional and unconditional forwards of a step as one batch of two (equal to the two forwards
-        within float rounding; the engine is then built for the doubled batch). `cache` is a diffusers cache
+        within float rounding; the engine is then built for the doubled batch); None runs them as the wrapped
+        pipeline does (WanPipeline apart, CogVideoXPipeline as one batch). `cache` is a diffusers cache
         config (`FirstBlockCacheConfig`, `MagCacheConfig`, `TaylorSeerCacheConfig`, ...) applied to the
-        unguided steps after the guided ones (`cvg.models.caching`); it needs eager forwards."""
-        if not isinstance(pipe, WanPipeline):
-            raise TypeError(f"CVGPipeline wraps a diffusers WanPipeline, got {type(pipe).__name__}")
+        unguided steps after the guided ones (`cvg.models.caching`); it needs eager forwards. CogVideoX runs
+        eager forwards only, without a step cache."""
+        self.adapter = pipeline_family(pipe)
         if pipe.transformer is None:
             raise ValueError("CVGPipeline needs the pipeline's transformer (Wan 2.2's high-noise expert); it is None")
-        if pipe.config.boundary_ratio is not None and pipe.transformer_2 is None:
+        if getattr(pipe.config, "boundary_ratio", None) is not None and pipe.transformer_2 is None:
             raise ValueError(
                 f"a two-expert Wan 2.2 pipeline (boundary_ratio={pipe.config.boundary_ratio}) needs transformer_2, "
                 "its low-noise expert; it is None"
@@ -84,6 +84,8 @@ class CVGPipeline:
             raise ValueError(f"engine must be one of {', '.join(STEP_BACKENDS)}, auto or None, got {engine!r}")
         if cache is not None and engine is not None:
             raise ValueError(f"cache runs on eager diffusers forwards; engine={engine!r} bypasses its hooks")
+        if batch_cfg is None:  # as the wrapped pipeline runs them: WanPipeline two forwards, CogVideoX one batch
+            batch_cfg = self.adapter.batched_cfg
         self.engine, self.engine_cache, self.batch_cfg, self.cache = engine, engine_cache, batch_cfg, cache
         self._engines: dict[tuple[str, str, StepShape], StepEngine] = {}
         self.classifier_expert: str | None = None  # which expert a loaded classifier reads (`load_classifier`)
@@ -116,7 +118,8 @@ class CVGPipeline:
     def encode_prompt(self, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`WanPipeline.encode_prompt` (same arguments and checks) with the text encoder run over the prompts'
         own tokens (`trimmed_prompt_embeds`: equal to float rounding), and the `MAX_TEXTS` most recently
-        encoded prompts kept. A kept encoding is reused only for the same encoder with unchanged weights."""
+        encoded prompts kept. A kept encoding is reused only for the same encoder with unchanged weights.
+        CogVideoX's encoder runs over the padding as CogVideoXPipeline runs it (`adapter.text_embeds`)."""
         with swapped([(self.pipe, "_get_t5_prompt_embeds", self._encoded)]):
             return self.pipe.encode_prompt(**kwargs)
 
@@ -128,7 +131,7 @@ class CVGPipeline:
         key = (encoder, weights, tuple(prompts), videos, length, str(device), dtype)
         embeds = self._texts.pop(key, None)
         if embeds is None:
-            embeds = trimmed_prompt_embeds(self.pipe, prompts, videos, length, device, dtype)
+            embeds = self.adapter.text_embeds(self.pipe, prompts, videos, length, device, dtype)
         self._texts[key] = embeds
         while len(self._texts) > MAX_TEXTS:
             self._texts.pop(next(iter(self._texts)))
@@ -136,17 +139,15 @@ class CVGPipeline:
 
     @property
     def family(self) -> str:
-        """The layout of the wrapped pipeline (`cvg.models.families`): wan2.1, wan2.2-a14b or wan2.2-ti2v."""
-        return family(self.pipe.config.boundary_ratio, self.pipe.config.expand_timesteps)
+        """The layout of the wrapped pipeline (`cvg.models.families`): wan2.1, wan2.2-a14b, wan2.2-ti2v or
+        cogvideox."""
+        return self.adapter.name(self.pipe)
 
     @property
     def experts(self) -> dict[str, torch.nn.Module]:
         """The transformers that denoise, by component name: `transformer`, and for a two-expert Wan 2.2
         pipeline `transformer_2` (its low-noise expert; WanPipeline ignores one without `boundary_ratio`)."""
-        pipe = self.pipe
-        if pipe.config.boundary_ratio is None:
-            return {"transformer": pipe.transformer}
-        return {"transformer": pipe.transformer, "transformer_2": pipe.transformer_2}
+        return self.adapter.experts(self.pipe)
 
     def step_engine(self, latents: torch.Tensor, *text_embeds: torch.Tensor, expert: str = "transformer") -> StepEngine:
         """The engine of one expert for this shape and every given text, built on first use (`cvg export`
@@ -159,15 +160,17 @@ class CVGPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, objective: Objective | None = None, **kwargs) -> CVGPipeline:
-        """Load a local diffusers Wan directory (no hub access); `kwargs` go to `load_wan_pipeline`."""
+        """Load a local diffusers Wan or CogVideoX directory (no hub access), its family read from
+        `model_index.json`; `kwargs` go to `load_wan_pipeline` or `load_cogvideox_pipeline`
+        (`transformer_dtype`, `vae_dtype`, diffusers' own)."""
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
-        directory_family(path)  # an unsupported pipeline or a missing expert: one line, before any weight loads
+        adapter = directory_adapter(path)  # an unsupported pipeline or a missing expert: one line, before loading
         try:
-            pipe = load_wan_pipeline(path, **kwargs)
+            pipe = adapter.load(path, **kwargs)
         except Exception as e:  # a torn weight file, a config that misses fields, ...: say which, in one line
-            raise ValueError(f"cannot load the Wan pipeline in {str(path)!r}: {type(e).__name__}: {e}") from e
+            raise ValueError(f"cannot load the {adapter.label} in {str(path)!r}: {type(e).__name__}: {e}") from e
         return cls(pipe, objective)
 
     def load_classifier(self, directory: str | Path) -> None:
@@ -188,12 +191,14 @@ class CVGPipeline:
             return
         raise mismatch
 
-    def bind(self, prompt: str | list[str], composition: Composition | str, max_sequence_length: int = 512):
-        """The composition tied to the prompts as the pipeline tokenizes them (Wan cleans prompts first)."""
+    def bind(self, prompt: str | list[str], composition: Composition | str, max_sequence_length: int | None = None):
+        """The composition tied to the prompts as the pipeline tokenizes them (Wan cleans prompts first), padded
+        to `max_sequence_length` (default: the family's)."""
+        max_sequence_length = max_sequence_length or self.adapter.text_length
         if isinstance(composition, str):
             composition = Composition.parse(composition)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        return composition.bind(self.pipe.tokenizer, [prompt_clean(p) for p in prompts], max_sequence_length)
+        prompts = [self.adapter.clean_prompt(p) for p in ([prompt] if isinstance(prompt, str) else prompt)]
+        return composition.bind(self.pipe.tokenizer, prompts, max_sequence_length)
 
     @torch.no_grad()
     def __call__(
@@ -215,10 +220,16 @@ class CVGPipeline:
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "np",
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
         on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> CVGOutput:
-        pipe = self.pipe
+        """Generate as the wrapped pipeline's `__call__` does, guided in the first steps when a `composition`
+        is given. `max_sequence_length` defaults to the family's (Wan 512, CogVideoX 226)."""
+        pipe, adapter = self.pipe, self.adapter
+        if not adapter.step_engines and (self.engine is not None or self.cache is not None):
+            raise ValueError(f"{self.family} runs eager forwards: engine and cache are for Wan pipelines")
+        if max_sequence_length is None:
+            max_sequence_length = adapter.text_length
         overrides = {"guide_steps": guide_steps, "strength": guidance_strength, "iterations": iterations}
         config = replace(self.guidance, **{k: v for k, v in overrides.items() if v is not None})
         if guide_steps is not None:  # asked for by number: not by noise level
@@ -228,8 +239,9 @@ class CVGPipeline:
         config.check(num_inference_steps)
         device = pipe._execution_device
         pipe.scheduler.set_timesteps(num_inference_steps, device=device)
+        solver = adapter.solver(pipe, generator)  # the scheduler, behind the step call the sampler makes
         if config.guide_sigma is not None:  # the window by noise level: every step at or above it
-            config = replace(config, guide_steps=int((pipe.scheduler.sigmas[:-1] >= config.guide_sigma).sum()))
+            config = replace(config, guide_steps=int((solver.sigmas[:-1] >= config.guide_sigma).sum()))
         guided = composition is not None and config.guide_steps > 0
         self.check_inputs(
             prompt,
@@ -267,27 +279,10 @@ class CVGPipeline:
             device=device,
         )
         marks.append(time.perf_counter())
-        dtype = pipe.transformer.dtype  # WanPipeline's: both experts get text (and latents) in the first one's
-        scales = {
-            "transformer": guidance_scale,
-            "transformer_2": guidance_scale if guidance_scale_2 is None else guidance_scale_2,
-        }
-        experts = {
-            name: Denoiser(
-                model,
-                prompt_embeds.to(dtype),
-                None if negative_embeds is None else negative_embeds.to(dtype),
-                scales[name],
-                batch_cfg=self.batch_cfg,
-                token_timesteps=pipe.config.expand_timesteps,
-            )
-            for name, model in self.experts.items()
-        }
+        batch = prompt_embeds.shape[0]
+        latents = adapter.prepare_latents(pipe, batch, height, width, num_frames, device, generator, latents)
+        experts = self.denoisers(prompt_embeds, negative_embeds, latents, guidance_scale, guidance_scale_2)
         denoiser = experts["transformer"]
-        if "transformer_2" in experts:
-            denoiser.low_noise = experts["transformer_2"]
-            denoiser.boundary = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
-
         timesteps = pipe.scheduler.timesteps
         guided_steps = config.guide_steps if objective is not None else 0  # also the first step a cache may serve
         served = denoiser.experts_for(timesteps)
@@ -298,18 +293,6 @@ class CVGPipeline:
                 f"{', '.join(sorted(guiding - {self.classifier_expert}))} (Wan 2.2 switches experts at timestep "
                 f"{denoiser.boundary:g}); guide fewer steps"
             )
-        batch = prompt_embeds.shape[0]
-        latents = pipe.prepare_latents(
-            batch,
-            pipe.transformer.config.in_channels,
-            height,
-            width,
-            num_frames,
-            torch.float32,
-            device,
-            generator,
-            latents,
-        )
         scores = None
         if objective is not None and config.candidates > 1:
             noises = [latents] + [
@@ -317,7 +300,6 @@ class CVGPipeline:
                 for _ in range(config.candidates - 1)
             ]
             latents, scores = select_noise(served[0], noises, timesteps[0], objective, bound, config)
-        pipe.scheduler.set_begin_index(0)
         if self.engine is not None:
             for name, expert in experts.items():
                 if expert.cfg_embeds is not None:  # the engine serves the doubled batch
@@ -351,7 +333,7 @@ class CVGPipeline:
 
             latents, history = denoise(
                 denoiser,
-                pipe.scheduler,
+                solver,
                 latents,
                 timesteps,
                 objective,
@@ -360,7 +342,7 @@ class CVGPipeline:
                 on_step=step_done,
                 progress=self._progress,
             )
-        frames = latents if output_type == "latent" else decode_latents(pipe, latents, output_type)
+        frames = latents if output_type == "latent" else adapter.decode(pipe, latents, num_frames, output_type)
         marks.append(time.perf_counter())
         pipe.maybe_free_model_hooks()
         guided = 1 + guided_steps  # index of the last guided step's mark
@@ -372,6 +354,40 @@ class CVGPipeline:
         }
         maps, values = [s.maps for s in history], [s.loss for s in history]
         return CVGOutput(frames, maps, values, history, bound, scores, timings)
+
+    def denoisers(
+        self,
+        prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor | None,
+        latents: torch.Tensor,
+        guidance_scale: float = 5.0,
+        guidance_scale_2: float | None = None,
+    ) -> dict[str, Denoiser]:
+        """Per expert, what a step at `latents` runs: its transformer, the texts in its dtype (WanPipeline's
+        rule: both experts get them in the first one's), its CFG scale and the family's other inputs. A
+        two-expert pipeline's `transformer` hands the timesteps below the boundary to `transformer_2`."""
+        pipe = self.pipe
+        dtype = pipe.transformer.dtype
+        scales = {
+            "transformer": guidance_scale,
+            "transformer_2": guidance_scale if guidance_scale_2 is None else guidance_scale_2,
+        }
+        experts = {
+            name: Denoiser(
+                model,
+                prompt_embeds.to(dtype),
+                None if negative_embeds is None else negative_embeds.to(dtype),
+                scales[name],
+                batch_cfg=self.batch_cfg,
+                token_timesteps=getattr(pipe.config, "expand_timesteps", False),
+                forward_kwargs=self.adapter.forward_kwargs(pipe, latents),
+            )
+            for name, model in self.experts.items()
+        }
+        if "transformer_2" in experts:
+            experts["transformer"].low_noise = experts["transformer_2"]
+            experts["transformer"].boundary = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
+        return experts
 
     def check_inputs(
         self,
@@ -388,11 +404,11 @@ class CVGPipeline:
         pool: tuple[int, int, int] | None = None,
         guidance_scale_2: float | None = None,
     ) -> None:
-        """WanPipeline's checks, and what it lets through silently: sizes of zero or of the wrong multiple,
-        frame counts the VAE rounds down, absurd step counts, non-finite scales, non-finite latents, and
-        (guided) pooling tiles wider than the token grid, whose maps could not say where anything is."""
+        """The wrapped pipeline's checks, and what it lets through silently: sizes of zero or of the wrong
+        multiple, frame counts the VAE rounds down, absurd step counts, non-finite scales, non-finite latents,
+        and (guided) pooling tiles wider than the token grid, whose maps could not say where anything is."""
         pipe = self.pipe
-        spatial = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
+        spatial = self.adapter.spatial_multiple(pipe)
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value < spatial or value % spatial:
                 raise ValueError(f"{name} must be a positive multiple of {spatial}, got {value}")
@@ -405,7 +421,7 @@ class CVGPipeline:
             raise ValueError(f"num_inference_steps must be between 1 and {MAX_STEPS}, got {num_inference_steps}")
         if not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
-        if guidance_scale_2 is not None and pipe.config.boundary_ratio is None:
+        if guidance_scale_2 is not None and getattr(pipe.config, "boundary_ratio", None) is None:
             raise ValueError("guidance_scale_2 is for two-expert Wan 2.2 pipelines (a boundary_ratio); this has none")
         if guidance_scale_2 is not None and not math.isfinite(guidance_scale_2):
             raise ValueError(f"guidance_scale_2 must be finite, got {guidance_scale_2}")
@@ -418,13 +434,9 @@ class CVGPipeline:
             )
         if latents is not None and not torch.isfinite(latents).all():
             raise ValueError("latents contain non-finite values")
-        pipe.check_inputs(prompt, negative_prompt, height, width)
+        self.adapter.check_pipeline_inputs(pipe, prompt, negative_prompt, height, width)
         if pool is not None:
-            grid = (
-                ((num_frames - 1) // temporal + 1) // pipe.transformer.config.patch_size[0],
-                height // spatial,
-                width // spatial,
-            )
+            grid = self.adapter.token_grid(pipe, height, width, num_frames)
             for axis, size, factor in zip(("frames", "height", "width"), grid, pool, strict=True):
                 if factor > size:
                     raise ValueError(f"pool {tuple(pool)} is wider than the token grid {grid} along {axis}")

@@ -6,7 +6,6 @@ import torch
 from cvg.guidance.classifier import ClassifierConfig, ClassifierObjective, CompositionClassifier
 from cvg.guidance.config import GuidanceConfig
 from cvg.guidance.objectives import MotionDirection, SpatialRelation, TokenPresence
-from cvg.guidance.sampler import Denoiser
 from cvg.pipeline import CVGPipeline
 
 PROMPTS = {
@@ -38,7 +37,8 @@ OBJECTIVES = {
 
 def objective_after_guided_steps(pipe, kind: str, objective, seed: int, guide_steps: int, size: dict) -> float:
     """The objective at the latent after the first 2 scheduler steps (of `size`'s schedule), read at the
-    third step's timestep by `pipe.transformer` (with TI2V's per-token timesteps where the pipeline has them)."""
+    third step's timestep by `pipe.transformer` as the pipeline runs it (TI2V's per-token timesteps,
+    CogVideoX's rotary embeddings)."""
     prompt, composition = PROMPTS[kind]
     config = GuidanceConfig(guide_steps=guide_steps, strength=0.3, pool=(1, 1, 1))
     cvg, captured = CVGPipeline(pipe, objective=objective, guidance=config), {}
@@ -49,8 +49,8 @@ def objective_after_guided_steps(pipe, kind: str, objective, seed: int, guide_st
 
     cvg(prompt, composition, guidance_scale=5.0, generator=seeded(seed), output_type="latent", on_step=keep, **size)
     text = size["max_sequence_length"]
-    embeds, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, max_sequence_length=text)
-    denoiser = Denoiser(pipe.transformer, embeds, None, 1.0, token_timesteps=pipe.config.expand_timesteps)
+    embeds, _ = cvg.encode_prompt(prompt=prompt, do_classifier_free_guidance=False, max_sequence_length=text)
+    denoiser = cvg.denoisers(embeds, None, captured["latents"], 1.0)["transformer"]
     bound = cvg.bind(prompt, composition, text)
     loss, _, _ = denoiser.score(captured["latents"], pipe.scheduler.timesteps[2], objective, bound, config)
     return loss.item()

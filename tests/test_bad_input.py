@@ -216,7 +216,7 @@ GENERATOR_DAMAGE = {
     ),
     "model_index.json misses the class": (
         lambda m: (m / "model_index.json").write_text("{}"),
-        "names no pipeline class (_class_name); cvg guides WanPipeline",
+        "names no pipeline class (_class_name); cvg guides WanPipeline, CogVideoXPipeline",
     ),
     "transformer config not JSON": (
         lambda m: (m / "transformer" / "config.json").write_text("nope"),

@@ -139,14 +139,14 @@ def test_bad_input(tiny_pipe, tmp_path):
         cvg("a red cube", "red cube", guide_steps=7, **SMALL)
     with pytest.raises(CompositionError, match="'green ball' is not in the prompt"):
         cvg("a red cube", "red cube left of green ball", **SMALL)
-    with pytest.raises(TypeError, match="wraps a diffusers WanPipeline"):
+    with pytest.raises(TypeError, match="expected a diffusers WanPipeline or CogVideoXPipeline, got object"):
         CVGPipeline(object())
     with pytest.raises(FileNotFoundError, match="does not exist"):
         CVGPipeline.from_pretrained(tmp_path / "missing")
     with pytest.raises(ValueError, match="not a diffusers pipeline directory"):
         CVGPipeline.from_pretrained(tmp_path)
-    (tmp_path / "model_index.json").write_text('{"_class_name": "CogVideoXPipeline"}')
-    with pytest.raises(ValueError, match="holds a CogVideoXPipeline; cvg guides WanPipeline pipelines"):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "LTXPipeline"}')
+    with pytest.raises(ValueError, match="holds a LTXPipeline; cvg guides WanPipeline, CogVideoXPipeline pipelines"):
         CVGPipeline.from_pretrained(tmp_path)
 
 
@@ -316,7 +316,7 @@ def test_non_finite_values_never_reach_the_video(tiny_pipe, monkeypatch):
 
     monkeypatch.setattr(tiny_pipe.transformer, "forward", poisoned)
     decoded = []
-    monkeypatch.setattr("cvg.pipeline.decode_latents", lambda *a, **k: decoded.append(1))
+    monkeypatch.setattr("cvg.models.wan.decode_latents", lambda *a, **k: decoded.append(1))
     with pytest.raises(FloatingPointError, match="non-finite at denoising step 2 .* nothing was decoded"):
         pipe("a red cube", guidance_scale=1.0, generator=_seeded(0), **SMALL)
     assert not decoded

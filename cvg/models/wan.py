@@ -112,15 +112,21 @@ def decode_latents(pipe: WanPipeline, latents: torch.Tensor, output_type: str):
 
 
 def video_size(
-    path: str | Path, height: int | None = None, width: int | None = None, num_frames: int | None = None
+    path: str | Path,
+    height: int | None = None,
+    width: int | None = None,
+    num_frames: int | None = None,
+    default: dict[str, int] | None = None,
 ) -> dict[str, int]:
-    """The size asked for, else the size a cvg-trained model's manifest records, else Wan's 480x832x81."""
+    """The size asked for, else the size a cvg-trained model's manifest records, else `default` (Wan's
+    480x832x81 when not given)."""
     manifest = Path(path) / MANIFEST
     recipe = read_json_object(manifest).get("recipe", {}) if manifest.is_file() else {}
+    default = default or {"height": 480, "width": 832, "num_frames": 81}
     return {
-        "height": recipe.get("size", 480) if height is None else height,
-        "width": recipe.get("size", 832) if width is None else width,
-        "num_frames": recipe.get("frames", 81) if num_frames is None else num_frames,
+        "height": recipe.get("size", default["height"]) if height is None else height,
+        "width": recipe.get("size", default["width"]) if width is None else width,
+        "num_frames": recipe.get("frames", default["num_frames"]) if num_frames is None else num_frames,
     }
 
 

@@ -55,7 +55,7 @@ class Engine:
         cache_dir: str | Path | None = None,
         threads: int | None = None,
         transformer_dtype: torch.dtype | None = None,
-        batch_cfg: bool = False,
+        batch_cfg: bool | None = None,
         vae_dtype: torch.dtype | None = None,
     ):
         """The size defaults to the one a cvg-trained model records (`cvg.pipeline.video_size`); `classifier`
