@@ -8,6 +8,7 @@
     cvg export --model DIR --shape 64x64x17          # build a step engine (ONNX Runtime, ...) ahead of serving
     cvg eval --videos DIR                            # judge clips against their compositions
     cvg make-tiny-model DIR     # a random tiny Wan pipeline with a real text encoder, for trying things out
+    cvg serve --model DIR --port 8000                # video jobs over HTTP: POST /v1/videos, poll, fetch
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cvg.cli import data, generation, training
+from cvg.cli import data, generation, serving, training
 from cvg.cli.arguments import Parser
 from cvg.guidance.composition import CompositionError
 from cvg.runtime import EngineError
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Every command's flags; building it imports nothing heavy (`cvg --help` answers at once)."""
     parser = Parser(prog="cvg", description="Compositional guidance for text-to-video diffusion.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (generation, data, training):
+    for group in (generation, data, training, serving):
         group.add_parsers(commands)
     return parser
 

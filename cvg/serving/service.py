@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -94,30 +95,81 @@ class Engine:
         engines = list(self.pipe._engines.values())
         return engines[0].backend if engines else "torch (diffusers eager)"
 
-    def generate(
-        self, prompt: str, composition: Composition | str | None = None, seed: int = 0, output_type: str = "np"
-    ) -> CVGOutput:
-        """One video at the engine's shape; safe to call from several threads (calls run one at a time)."""
+    def settings(self, **overrides) -> EngineConfig:
+        """The engine's call settings with a request's `overrides` (height, width, num_frames,
+        num_inference_steps, guidance_scale; None keeps the engine's)."""
+        return replace(self.config, **{k: v for k, v in overrides.items() if v is not None})
+
+    def check(
+        self,
+        prompt: str,
+        composition: Composition | str | None = None,
+        negative_prompt: str | None = None,
+        guide_steps: int | None = None,
+        **overrides,
+    ) -> None:
+        """What `generate` would refuse, found without generating: a ValueError (or CompositionError) naming
+        the problem, so a server can answer at once instead of failing a queued job later."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("prompt must be a non-empty string")
-        c = self.config
+        c = self.settings(**overrides)
+        pool = None
         if composition is not None:
-            bound = self.pipe.bind(prompt, composition, c.max_sequence_length)  # bad words fail here, unlocked
+            bound = self.pipe.bind(prompt, composition, c.max_sequence_length)
             if len(bound.tokens) > c.max_composition_tokens:
                 raise ValueError(
                     f"the composition needs {len(bound.tokens)} prompt tokens; this engine was built "
                     f"for at most {c.max_composition_tokens}"
                 )
+            pool = self.pipe.guidance.pool
+        if guide_steps is not None:
+            replace(self.pipe.guidance, guide_steps=guide_steps).check(c.num_inference_steps)
+        self.pipe.check_inputs(
+            prompt,
+            negative_prompt,
+            c.height,
+            c.width,
+            c.num_frames,
+            c.num_inference_steps,
+            c.guidance_scale,
+            1,
+            c.max_sequence_length,
+            None,
+            pool,
+        )
+
+    def generate(
+        self,
+        prompt: str,
+        composition: Composition | str | None = None,
+        seed: int = 0,
+        output_type: str = "np",
+        *,
+        negative_prompt: str | None = None,
+        guide_steps: int | None = None,
+        guidance_strength: float | None = None,
+        on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+        **overrides,
+    ) -> CVGOutput:
+        """One video, at the engine's shape unless `overrides` say otherwise (`settings`); safe to call from
+        several threads (calls run one at a time). `on_step(i, t, latents)` sees every denoising step: an
+        exception it raises ends the generation there, with nothing decoded."""
+        self.check(prompt, composition, negative_prompt, guide_steps, **overrides)
+        c = self.settings(**overrides)
         with self._lock, pinned_threads(self.threads):
             return self.pipe(
                 prompt,
                 composition,
+                negative_prompt=negative_prompt,
                 height=c.height,
                 width=c.width,
                 num_frames=c.num_frames,
                 num_inference_steps=c.num_inference_steps,
                 guidance_scale=c.guidance_scale,
+                guide_steps=guide_steps,
+                guidance_strength=guidance_strength,
                 max_sequence_length=c.max_sequence_length,
                 output_type=output_type,
                 generator=torch.Generator().manual_seed(seed),
+                on_step=on_step,
             )

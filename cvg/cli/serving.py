@@ -1,0 +1,75 @@
+"""`cvg serve`: video jobs over HTTP (`cvg.serving.api`) on a loaded model."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+from cvg.cli.arguments import POSITIVE, STEPS, number
+from cvg.models import PRECISIONS
+from cvg.runtime import STEP_BACKENDS
+
+TOKEN_VARIABLE = "CVG_SERVE_TOKEN"
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve video jobs over HTTP (POST /v1/videos, poll, fetch, DELETE to cancel)",
+        description="Serve a local diffusers pipeline as asynchronous video jobs: POST /v1/videos, "
+        "GET /v1/videos/{id}, GET /v1/videos/{id}/content, DELETE /v1/videos/{id}, /healthz, /metrics; "
+        "the OpenAPI spec at /openapi.json.",
+    )
+    serve.add_argument("--model", required=True, help="local diffusers pipeline directory")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=number(int, 0, 65535), default=8000, help="port (default 8000; 0: any free)")
+    serve.add_argument(
+        "--token",
+        help=f"bearer token every request but /healthz must carry (default: ${TOKEN_VARIABLE}, else none)",
+    )
+    serve.add_argument("--queue-size", type=POSITIVE, default=16, help="jobs that may wait (default 16; more: 429)")
+    serve.add_argument(
+        "--keep-seconds",
+        type=number(float, 1),
+        default=3600.0,
+        help="how long a finished job and its files are kept (default 3600)",
+    )
+    serve.add_argument(
+        "--out-dir", help="where the server writes job outputs (default: a new temporary directory of its own)"
+    )
+    serve.add_argument("--classifier", metavar="DIR", help="guide with a classifier from cvg train-classifier")
+    serve.add_argument("--steps", type=STEPS, default=20, help="default denoising steps of a job (default 20)")
+    serve.add_argument("--dtype", choices=PRECISIONS, default="float32", help="transformer precision")
+    serve.add_argument(
+        "--engine",
+        choices=(*STEP_BACKENDS, "auto", "eager"),
+        default="auto",
+        help="step engine of the unguided forwards (default auto; eager: diffusers' own forwards)",
+    )
+    serve.set_defaults(run=serve_jobs)
+
+
+def serve_jobs(args: argparse.Namespace) -> None:
+    import torch
+    import uvicorn
+
+    from cvg.serving.api import create_app
+    from cvg.serving.jobs import JobQueue
+    from cvg.serving.service import Engine
+
+    token = args.token or os.environ.get(TOKEN_VARIABLE) or None
+    directory = args.out_dir or tempfile.mkdtemp(prefix="cvg-serve-")
+    engine = Engine(
+        args.model,
+        num_inference_steps=args.steps,
+        classifier=args.classifier,
+        backend=None if args.engine == "eager" else args.engine,
+        transformer_dtype=getattr(torch, args.dtype),
+    )
+    jobs = JobQueue(engine, directory, max_queued=args.queue_size, keep_seconds=args.keep_seconds)
+    print(f"cvg serve: {args.model} on http://{args.host}:{args.port}, outputs in {directory}", flush=True)
+    try:
+        uvicorn.run(create_app(jobs, token), host=args.host, port=args.port, log_level="warning")
+    finally:
+        jobs.close(timeout=60)

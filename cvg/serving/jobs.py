@@ -1,0 +1,264 @@
+"""Video jobs: a bounded queue in front of an `Engine`, run by one worker thread, with progress, cancellation
+at the next denoising step, outputs written atomically under a directory the server owns, and retention.
+
+    jobs = JobQueue(engine, directory, max_queued=16, keep_seconds=3600)
+    job = jobs.submit(VideoJobRequest(prompt="a red cube to the left of a blue ball",
+                                      composition="red cube left of blue ball"))
+    jobs.get(job.id).status      # queued -> running (job.step of job.total) -> succeeded | failed | cancelled
+    jobs.cancel(job.id)          # a running job stops at its next step; nothing is decoded or written
+
+A job's files are named by its id (32 hex digits the queue makes), never by anything a client sends, and
+the queue deletes only files it wrote. This module knows nothing of HTTP (`cvg.serving.api` serves it).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cvg.io.video import maps_picture, save_frames, save_image
+from cvg.serving.service import Engine
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class VideoJobRequest:
+    """What a client asks for; None takes the engine's setting."""
+
+    prompt: str
+    composition: str | None = None
+    negative_prompt: str | None = None
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    guide_steps: int | None = None
+    guidance_strength: float | None = None
+    maps: bool = False  # also write the maps picture of the last guided step
+
+    def engine_arguments(self) -> dict:
+        arguments = asdict(self)
+        del arguments["maps"]
+        return arguments
+
+
+@dataclass
+class Job:
+    id: str
+    request: VideoJobRequest
+    status: str = "queued"
+    step: int = 0  # denoising steps done
+    total: int = 0
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)  # "video", "maps": what this job wrote
+    cancel_requested: threading.Event = field(default_factory=threading.Event)
+
+    def view(self) -> dict:
+        """The job as a client sees it (no paths)."""
+        return {
+            "id": self.id,
+            "status": self.status,
+            "progress": {"step": self.step, "total": self.total},
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "error": self.error,
+            "timings": self.timings,
+            "content": sorted(self.files),
+        }
+
+
+class QueueFull(RuntimeError):
+    """The queue holds `max_queued` jobs already."""
+
+
+class JobCancelled(Exception):
+    """Raised at a step boundary of a job whose cancellation was asked for."""
+
+
+@dataclass
+class JobEvents:
+    """Callbacks for metrics: a step's seconds, a finished job (its status and seconds)."""
+
+    on_step: Callable[[float], None] = lambda seconds: None
+    on_finish: Callable[[str, float], None] = lambda status, seconds: None
+
+
+class JobQueue:
+    def __init__(
+        self,
+        engine: Engine,
+        directory: str | Path,
+        max_queued: int = 16,
+        keep_seconds: float = 3600.0,
+        events: JobEvents | None = None,
+        fps: int = 16,
+    ):
+        """Jobs run one at a time on `engine` (its lock serialises generations anyway); at most `max_queued`
+        wait. Finished jobs, and the files they wrote into `directory`, are dropped `keep_seconds` after
+        they finish."""
+        if max_queued < 1:
+            raise ValueError(f"max_queued must be at least 1, got {max_queued}")
+        self.engine, self.directory = engine, Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.max_queued, self.keep_seconds, self.fps = max_queued, keep_seconds, fps
+        self.events = events or JobEvents()
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._waiting: list[str] = []
+        self._lock = threading.Condition()
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name="cvg-jobs", daemon=True)
+        self._worker.start()
+
+    def submit(self, request: VideoJobRequest) -> Job:
+        """Queue a request the engine accepts (checked now: ValueError / CompositionError naming the
+        problem), or QueueFull."""
+        self.engine.check(
+            request.prompt,
+            request.composition,
+            request.negative_prompt,
+            request.guide_steps,
+            height=request.height,
+            width=request.width,
+            num_frames=request.num_frames,
+            num_inference_steps=request.num_inference_steps,
+            guidance_scale=request.guidance_scale,
+        )
+        if request.maps and not request.composition:
+            raise ValueError("maps needs a composition: the maps are those guidance reads")
+        with self._lock:
+            self._expire()
+            if self._closed:
+                raise RuntimeError("the job queue is closed")
+            if len(self._waiting) >= self.max_queued:
+                raise QueueFull(f"{len(self._waiting)} jobs are queued already (the limit)")
+            steps = self.engine.settings(num_inference_steps=request.num_inference_steps).num_inference_steps
+            job = Job(uuid.uuid4().hex, request, total=steps)
+            self._jobs[job.id] = job
+            self._waiting.append(job.id)
+            self._lock.notify_all()
+            return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            self._expire()
+            return self._jobs.get(job_id)
+
+    def cancel(self, job_id: str) -> Job | None:
+        """A queued job is cancelled now; a running one at its next step boundary; a finished one is
+        forgotten, with the files it wrote. None: no such job."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return None
+            if job.status == "queued":
+                self._waiting.remove(job_id)
+                self._finish(job, "cancelled")
+            elif job.status == "running":
+                job.cancel_requested.set()
+            else:
+                self._forget(job)
+            return job
+
+    def counts(self) -> dict[str, int]:
+        """Jobs held, by status."""
+        with self._lock:
+            counts = dict.fromkeys(STATES, 0)
+            for job in self._jobs.values():
+                counts[job.status] += 1
+            return counts
+
+    @property
+    def queued(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Cancel what waits and what runs, stop the worker."""
+        with self._lock:
+            self._closed = True
+            for job_id in self._waiting:
+                self._finish(self._jobs[job_id], "cancelled", "the server is shutting down")
+            self._waiting.clear()
+            for job in self._jobs.values():
+                if job.status == "running":
+                    job.cancel_requested.set()
+            self._lock.notify_all()
+        self._worker.join(timeout)
+
+    def wait(self, job_id: str, timeout: float) -> Job:
+        """The job once finished, or as it is after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while (job := self._jobs[job_id]).status not in FINISHED and time.monotonic() < deadline:
+                self._lock.wait(deadline - time.monotonic())
+            return job
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._waiting and not self._closed:
+                    self._lock.wait()
+                if self._closed:
+                    return
+                job = self._jobs[self._waiting.pop(0)]
+                job.status, job.started = "running", time.time()
+            try:
+                self._generate(job)
+                status, error = "succeeded", None
+            except JobCancelled:
+                status, error = "cancelled", None
+            except Exception as e:  # the job fails with a one-line reason; the queue goes on
+                status, error = "failed", " ".join(f"{type(e).__name__}: {e}".split())[:500]
+            with self._lock:
+                self._finish(job, status, error)
+
+    def _generate(self, job: Job) -> None:
+        request, last = job.request, [time.perf_counter()]
+
+        def step_done(i, t, latents):
+            now = time.perf_counter()
+            last[0], seconds, job.step = now, now - last[0], i + 1
+            self.events.on_step(seconds)
+            if job.cancel_requested.is_set():
+                raise JobCancelled
+
+        if job.cancel_requested.is_set():
+            raise JobCancelled
+        out = self.engine.generate(**request.engine_arguments(), on_step=step_done)
+        job.timings = {k: round(v, 4) for k, v in out.timings.items()}
+        files = {"video": save_frames(out.frames[0], self.directory / f"{job.id}.mp4", fps=self.fps)}
+        if request.maps and out.maps:
+            bound = out.composition
+            maps = bound.entity_maps(out.maps[-1].mean(dim=1))[0].numpy()  # last guided step, layers averaged
+            picture = maps_picture(maps, out.frames[0], list(bound.composition.entities))
+            files["maps"] = save_image(picture, self.directory / f"{job.id}.maps.png")
+        job.files = files
+
+    def _finish(self, job: Job, status: str, error: str | None = None) -> None:
+        job.status, job.error, job.finished = status, error, time.time()
+        self.events.on_finish(status, job.finished - (job.started or job.created))
+        self._lock.notify_all()
+
+    def _forget(self, job: Job) -> None:
+        for path in job.files.values():  # only what this queue wrote, under its own names
+            path.unlink(missing_ok=True)
+        del self._jobs[job.id]
+
+    def _expire(self) -> None:
+        horizon = time.time() - self.keep_seconds
+        for job in [j for j in self._jobs.values() if j.status in FINISHED and j.finished < horizon]:
+            self._forget(job)

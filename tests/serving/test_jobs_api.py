@@ -1,0 +1,274 @@
+"""`cvg serve`'s job API on the shipped model: queued -> running (with progress) -> succeeded, content that
+decodes to the asked frames, DELETE ending a running job within one step, one-line 400/401/404/409/413/
+422/429 answers after which the server keeps serving, metrics, retention, and the CLI on loopback."""
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import imageio.v2 as imageio
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from cvg.serving.api import create_app
+from cvg.serving.jobs import JobQueue
+from cvg.serving.service import Engine
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / "models" / "compshapes-wan"
+PROMPT, COMPOSITION = "a red cube to the left of a blue ball", "red cube left of blue ball"
+JOB = {"prompt": PROMPT, "composition": COMPOSITION, "seed": 1}
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(MODEL, num_inference_steps=4, backend=None)
+
+
+class Gate:
+    """Holds the worker after a given step of every job until released (so a test sees a running job)."""
+
+    def __init__(self, after_step: int):
+        self.after_step, self.steps, self.reached, self.release = after_step, 0, threading.Event(), threading.Event()
+        self.inner = None  # the server's own step callback (metrics), still called
+
+    def __call__(self, seconds: float) -> None:
+        self.inner(seconds)
+        self.steps += 1
+        if self.steps == self.after_step:
+            self.reached.set()
+            assert self.release.wait(60), "the test never released the worker"
+
+
+def _server(engine, tmp_path, gate=None, **options):
+    token = options.pop("token", None)
+    jobs = JobQueue(engine, tmp_path / "out", **options)
+    client = TestClient(create_app(jobs, token=token))
+    if gate is not None:
+        gate.inner, jobs.events.on_step = jobs.events.on_step, gate
+    return jobs, client
+
+
+@pytest.fixture
+def served(engine, tmp_path):
+    jobs, client = _server(engine, tmp_path)
+    yield jobs, client
+    jobs.close(timeout=60)
+
+
+def _wait(client, job_id: str, headers=None) -> dict:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        view = client.get(f"/v1/videos/{job_id}", headers=headers).json()
+        if view["status"] in ("succeeded", "failed", "cancelled"):
+            return view
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def test_a_job_runs_with_progress_and_its_content_decodes(engine, tmp_path):
+    gate = Gate(after_step=2)
+    jobs, client = _server(engine, tmp_path, gate)
+    try:
+        answer = client.post("/v1/videos", json={**JOB, "maps": True})
+        assert answer.status_code == 202, answer.text
+        job = answer.json()
+        assert job["status"] in ("queued", "running") and job["progress"]["total"] == 4
+        assert client.get(f"/v1/videos/{job['id']}/content").status_code == 409  # not ready
+        assert gate.reached.wait(60)
+        running = client.get(f"/v1/videos/{job['id']}").json()
+        assert running["status"] == "running" and running["progress"] == {"step": 2, "total": 4}
+        gate.release.set()
+        done = _wait(client, job["id"])
+        assert done["status"] == "succeeded" and done["progress"]["step"] == 4 and done["error"] is None
+        assert set(done["timings"]) == {"text_encoding", "guided_steps", "unguided_steps", "vae_decode"}
+        video = client.get(f"/v1/videos/{job['id']}/content")
+        assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
+        frames = imageio.mimread(io.BytesIO(video.content), format="mp4")
+        assert len(frames) == 17 and frames[0].shape == (64, 64, 3)
+        maps = client.get(f"/v1/videos/{job['id']}/content", params={"variant": "maps"})
+        assert maps.status_code == 200 and Image.open(io.BytesIO(maps.content)).width > 0
+        metrics = client.get("/metrics").text
+        assert 'cvg_jobs{state="succeeded"} 1.0' in metrics and "cvg_queue_depth 0.0" in metrics
+        assert "cvg_step_seconds_count 4.0" in metrics and 'cvg_jobs_finished_total{state="succeeded"} 1.0' in metrics
+    finally:
+        gate.release.set()
+        jobs.close(timeout=60)
+
+
+def test_delete_ends_a_running_job_within_one_step_and_a_queued_one_at_once(engine, tmp_path):
+    gate = Gate(after_step=1)
+    jobs, client = _server(engine, tmp_path, gate)
+    try:
+        first = client.post("/v1/videos", json=JOB).json()
+        second = client.post("/v1/videos", json={**JOB, "seed": 2}).json()
+        assert gate.reached.wait(60)
+        queued = client.delete(f"/v1/videos/{second['id']}").json()
+        assert queued["status"] == "cancelled" and not queued["deleted"]
+        running = client.delete(f"/v1/videos/{first['id']}").json()
+        assert running["status"] == "running" and not running["deleted"]  # stops at its next step boundary
+        gate.release.set()
+        done = _wait(client, first["id"])
+        assert done["status"] == "cancelled" and done["progress"]["step"] == 1 and done["content"] == []
+        assert list((tmp_path / "out").iterdir()) == []  # nothing decoded, nothing written
+        assert client.get(f"/v1/videos/{first['id']}/content").status_code == 409
+        finished = client.post("/v1/videos", json=JOB).json()
+        assert _wait(client, finished["id"])["status"] == "succeeded"
+        written = list((tmp_path / "out").iterdir())
+        assert [p.name for p in written] == [f"{finished['id']}.mp4"]
+        deleted = client.delete(f"/v1/videos/{finished['id']}").json()
+        assert deleted["deleted"] and not written[0].exists()
+        assert client.get(f"/v1/videos/{finished['id']}").status_code == 404
+    finally:
+        gate.release.set()
+        jobs.close(timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (b"{not json", 400, "the body is not JSON"),
+        (json.dumps({**JOB, "colour": "red"}).encode(), 422, "colour: Extra inputs are not permitted"),
+        (json.dumps({**JOB, "prompt": ""}).encode(), 422, "prompt: String should have at least 1 character"),
+        (json.dumps({**JOB, "seed": -1}).encode(), 422, "seed: Input should be greater than or equal to 0"),
+        (json.dumps({**JOB, "height": 68}).encode(), 422, "height must be a positive multiple of 8, got 68"),
+        (json.dumps({**JOB, "num_frames": 10}).encode(), 422, "num_frames must be 4k+1"),
+        (json.dumps({**JOB, "composition": "red cube left of green ball"}).encode(), 422, "'green ball' is not in"),
+        (json.dumps({**JOB, "guide_steps": 30}).encode(), 422, "guide_steps must be between 0 and"),
+        (json.dumps({"prompt": "a red cube", "maps": True}).encode(), 422, "maps needs a composition"),
+        (json.dumps({**JOB, "prompt": "x" * 70000}).encode(), 413, "the body is over 65536 bytes"),
+    ],
+)
+def test_bad_requests_get_one_line_errors_and_the_server_keeps_serving(served, body, status, message):
+    jobs, client = served
+    answer = client.post("/v1/videos", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert message in error and "\n" not in error
+    assert client.post("/v1/videos", json=JOB).status_code == 202  # still serving
+    assert jobs.counts()["queued"] + jobs.counts()["running"] + jobs.counts()["succeeded"] == 1
+
+
+def test_a_body_without_length_over_the_limit_is_413(served):
+    _, client = served
+
+    def chunks():
+        for _ in range(40):
+            yield b"x" * 4096
+
+    answer = client.post("/v1/videos", content=chunks(), headers={"content-type": "application/json"})
+    assert answer.status_code == 413 and answer.json()["error"] == "the body is over 65536 bytes"
+
+
+def test_unknown_or_malformed_job_ids_are_404_never_paths(served):
+    _, client = served
+    for job_id in ("0" * 32, "..%2F..%2Fetc%2Fpasswd", "ZZZ"):
+        answer = client.get(f"/v1/videos/{job_id}/content")
+        assert answer.status_code == 404 and answer.json()["error"] in (f"no job {job_id!r}", "Not Found")
+
+
+def test_a_full_queue_answers_429_with_retry_after(engine, tmp_path):
+    gate = Gate(after_step=1)
+    jobs, client = _server(engine, tmp_path, gate, max_queued=1)
+    try:
+        client.post("/v1/videos", json=JOB)
+        assert gate.reached.wait(60)  # the first runs
+        assert client.post("/v1/videos", json=JOB).status_code == 202  # the second waits
+        full = client.post("/v1/videos", json=JOB)
+        assert full.status_code == 429 and full.headers["retry-after"] == "5"
+        assert full.json()["error"] == "1 jobs are queued already (the limit)"
+    finally:
+        gate.release.set()
+        jobs.close(timeout=60)
+
+
+def test_the_token_guards_every_route_but_health(engine, tmp_path):
+    jobs, client = _server(engine, tmp_path, token="s3cret")
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+            answer = client.post("/v1/videos", json=JOB, headers=headers)
+            assert answer.status_code == 401 and answer.headers["www-authenticate"] == "Bearer"
+            assert client.get("/metrics", headers=headers).status_code == 401
+        assert client.get("/healthz").json()["status"] == "ok"
+        good = {"Authorization": "Bearer s3cret"}
+        job = client.post("/v1/videos", json=JOB, headers=good)
+        assert job.status_code == 202
+        assert _wait(client, job.json()["id"], good)["status"] == "succeeded"
+    finally:
+        jobs.close(timeout=60)
+
+
+def test_finished_jobs_and_only_their_files_expire(engine, tmp_path):
+    jobs, client = _server(engine, tmp_path, keep_seconds=0.5)
+    try:
+        mine = tmp_path / "out" / "notes.txt"
+        mine.write_text("not the server's")
+        job = client.post("/v1/videos", json=JOB).json()
+        assert _wait(client, job["id"])["status"] == "succeeded"
+        video = tmp_path / "out" / f"{job['id']}.mp4"
+        assert video.exists()
+        time.sleep(0.6)
+        assert client.get(f"/v1/videos/{job['id']}").status_code == 404
+        assert not video.exists() and mine.read_text() == "not the server's"
+    finally:
+        jobs.close(timeout=60)
+
+
+def test_openapi_and_health(served):
+    _, client = served
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/videos", "/v1/videos/{job_id}", "/v1/videos/{job_id}/content", "/healthz"} <= set(spec["paths"])
+    assert client.get("/healthz").json()["family"] == "wan2.1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cvg_serve_on_loopback(tmp_path):
+    import httpx
+
+    port = _free_port()
+    command = [sys.executable, "-m", "cvg", "serve", "--model", str(MODEL), "--port", str(port)]
+    command += ["--steps", "4", "--engine", "eager", "--out-dir", str(tmp_path / "out")]
+    env = {**os.environ, "CVG_SERVE_TOKEN": "t0ken"}
+    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer t0ken"}
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "cvg serve did not start"
+                time.sleep(0.2)
+        assert httpx.post(f"{base}/v1/videos", json=JOB, timeout=30).status_code == 401
+        job = httpx.post(f"{base}/v1/videos", json=JOB, headers=auth, timeout=30).json()
+        while (view := httpx.get(f"{base}/v1/videos/{job['id']}", headers=auth, timeout=30).json())["status"] in (
+            "queued",
+            "running",
+        ):
+            time.sleep(0.1)
+        assert view["status"] == "succeeded"
+        content = httpx.get(f"{base}/v1/videos/{job['id']}/content", headers=auth, timeout=30)
+        assert len(imageio.mimread(io.BytesIO(content.content), format="mp4")) == 17
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            raise
+    assert server.returncode == 0, server.stderr.read()
