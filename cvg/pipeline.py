@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from cvg.guidance.binding import BoundComposition
+from cvg.guidance.binding import BoundBatch, BoundComposition
 from cvg.guidance.composition import Composition
 from cvg.guidance.config import GuidanceConfig
-from cvg.guidance.objectives import GEOMETRIC_KINDS, Objective, SumObjective, objective_for
+from cvg.guidance.objectives import GEOMETRIC_KINDS, ItemwiseObjective, Objective, SumObjective, objective_for
 from cvg.guidance.sampler import Denoiser, GuidedStep, denoise, select_noise
 from cvg.models.caching import cached_after
 from cvg.models.families import directory_adapter, pipeline_family
@@ -42,7 +42,7 @@ class CVGOutput:
     maps: list[torch.Tensor] = field(default_factory=list)  # per guided update: [B, layers, f, h, w, T]
     objective_values: list[torch.Tensor] = field(default_factory=list)  # per guided update: [B]
     steps: list[GuidedStep] = field(default_factory=list)
-    composition: BoundComposition | None = None
+    composition: BoundComposition | BoundBatch | None = None  # a BoundBatch where each prompt had its own
     candidate_scores: torch.Tensor | None = None  # [candidates, B] objective of each initial noise, when chosen
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase of this call
 
@@ -204,7 +204,7 @@ class CVGPipeline:
     def __call__(
         self,
         prompt: str | list[str],
-        composition: Composition | str | None = None,
+        composition: Composition | str | list[Composition | str] | None = None,
         *,
         negative_prompt: str | list[str] | None = None,
         height: int = 480,
@@ -224,7 +224,9 @@ class CVGPipeline:
         on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> CVGOutput:
         """Generate as the wrapped pipeline's `__call__` does, guided in the first steps when a `composition`
-        is given. `max_sequence_length` defaults to the family's (Wan 512, CogVideoX 226)."""
+        is given: one for every prompt, or a list of one per prompt (each item guided to its own, as a
+        server batches requests; `generator` may then be a list too). `max_sequence_length` defaults to the
+        family's (Wan 512, CogVideoX 226)."""
         pipe, adapter = self.pipe, self.adapter
         if not adapter.step_engines and (self.engine is not None or self.cache is not None):
             raise ValueError(f"{self.family} runs eager forwards: engine and cache are for Wan pipelines")
@@ -258,15 +260,22 @@ class CVGPipeline:
             guidance_scale_2,
         )
         objective, bound = None, None
-        if guided:
+        if guided and isinstance(composition, list | tuple):  # one per prompt: each item guided to its own
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if len(composition) != len(prompts) or num_videos_per_prompt != 1:
+                raise ValueError(
+                    f"a list of compositions needs one per prompt and num_videos_per_prompt 1; got {len(composition)} "
+                    f"for {len(prompts)} prompts, {num_videos_per_prompt} videos each"
+                )
+            items = [self.bind(p, c, max_sequence_length) for p, c in zip(prompts, composition, strict=True)]
+            bound = BoundBatch.of(items)
+            objective = ItemwiseObjective([self._objective(item.composition.kind, config) for item in items])
+        elif guided:
             bound = self.bind(prompt, composition, max_sequence_length)
-            kind = bound.composition.kind
-            training_free = self._objectives.setdefault(kind, objective_for(kind))
-            objective = self.objective or training_free
-            if self.objective is not None and config.geometric and kind in GEOMETRIC_KINDS:
-                objective = SumObjective(self.objective, training_free)
-            if config.target_loss is None and config.bounded:  # the objective's own bound, if it has one
-                config = replace(config, target_loss=getattr(objective, "target_loss", None))
+            objective = self._objective(bound.composition.kind, config)
+        if guided and config.target_loss is None and config.bounded:  # the objective's own bound, if it has one
+            target = getattr(objective, "target_loss", None)  # per item ([B]) for an itemwise objective
+            config = replace(config, target_loss=target.to(device) if torch.is_tensor(target) else target)
 
         do_cfg = guidance_scale > 1.0
         marks = [time.perf_counter()]  # phase boundaries: start, text encoded, each step done, decoded
@@ -354,6 +363,17 @@ class CVGPipeline:
         }
         maps, values = [s.maps for s in history], [s.loss for s in history]
         return CVGOutput(frames, maps, values, history, bound, scores, timings)
+
+    def _objective(self, kind: str, config: GuidanceConfig) -> Objective:
+        """The objective for a composition kind: the loaded classifier (with the kind's training-free
+        objective added where it measures the composition itself and `config.geometric`), else the
+        training-free one (kept per kind)."""
+        training_free = self._objectives.setdefault(kind, objective_for(kind))
+        if self.objective is None:
+            return training_free
+        if config.geometric and kind in GEOMETRIC_KINDS:
+            return SumObjective(self.objective, training_free)
+        return self.objective
 
     def denoisers(
         self,

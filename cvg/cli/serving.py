@@ -38,9 +38,27 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--out-dir", help="where the server writes job outputs (default: a new temporary directory of its own)"
     )
+    serve.add_argument(
+        "--max-batch",
+        type=POSITIVE,
+        default=1,
+        help="queued jobs of the same settings run as one batch, up to this many (default 1: each alone, "
+        "exact; batched items equal their solo runs to float rounding)",
+    )
+    serve.add_argument(
+        "--batch-window",
+        type=number(float, 0, 10),
+        default=0.05,
+        help="seconds a job waits for others to batch with (default 0.05)",
+    )
     serve.add_argument("--classifier", metavar="DIR", help="guide with a classifier from cvg train-classifier")
     serve.add_argument("--steps", type=STEPS, default=20, help="default denoising steps of a job (default 20)")
     serve.add_argument("--dtype", choices=PRECISIONS, default="float32", help="transformer precision")
+    serve.add_argument(
+        "--batch-cfg",
+        action=argparse.BooleanOptionalAction,
+        help="a step's conditional and unconditional forwards as one batch (default: as the model's pipeline)",
+    )
     serve.add_argument(
         "--engine",
         choices=(*STEP_BACKENDS, "auto", "eager"),
@@ -66,8 +84,16 @@ def serve_jobs(args: argparse.Namespace) -> None:
         classifier=args.classifier,
         backend=None if args.engine == "eager" else args.engine,
         transformer_dtype=getattr(torch, args.dtype),
+        batch_cfg=args.batch_cfg,
     )
-    jobs = JobQueue(engine, directory, max_queued=args.queue_size, keep_seconds=args.keep_seconds)
+    jobs = JobQueue(
+        engine,
+        directory,
+        max_queued=args.queue_size,
+        keep_seconds=args.keep_seconds,
+        max_batch=args.max_batch,
+        batch_window=args.batch_window,
+    )
     print(f"cvg serve: {args.model} on http://{args.host}:{args.port}, outputs in {directory}", flush=True)
     try:
         uvicorn.run(create_app(jobs, token), host=args.host, port=args.port, log_level="warning")

@@ -42,3 +42,39 @@ class BoundComposition:
                     weights[b, cols, e] = 1.0 / len(cols)
             self._weights[key] = weights.to(device, dtype)
         return self._weights[key]
+
+
+@dataclass(frozen=True)
+class BoundBatch:
+    """A batch whose items carry compositions of their own (served requests run as one batch): the token
+    list maps are recorded for, the union of the items', and each item's composition bound to it."""
+
+    tokens: torch.Tensor  # [T] the union of the items' token indices
+    items: tuple[BoundComposition, ...]  # one per batch item, each bound to one prompt, columns into `tokens`
+
+    @classmethod
+    def of(cls, bounds: list[BoundComposition]) -> BoundBatch:
+        """From compositions each bound to one prompt (`Composition.bind` of a single prompt)."""
+        if any(len(b.columns) != 1 for b in bounds):
+            raise ValueError("BoundBatch.of takes compositions bound to one prompt each")
+        tokens = sorted({int(i) for b in bounds for i in b.tokens})
+        column = {token: c for c, token in enumerate(tokens)}
+        shared = torch.tensor(tokens)
+        items = tuple(
+            BoundComposition(
+                b.composition,
+                shared,
+                (tuple([column[int(b.tokens[c])] for c in cols] for cols in b.columns[0]),),
+            )
+            for b in bounds
+        )
+        return cls(shared, items)
+
+    @property
+    def composition(self) -> tuple:
+        """The items' compositions (what a guided-step graph is specialised to)."""
+        return tuple(item.composition for item in self.items)
+
+    @property
+    def columns(self) -> tuple:
+        return tuple(item.columns[0] for item in self.items)

@@ -124,3 +124,24 @@ GEOMETRIC_KINDS = ("spatial", "motion")  # kinds whose training-free objective m
 def objective_for(kind: str) -> Objective:
     """The training-free objective that fits a composition kind."""
     return {"spatial": SpatialRelation, "motion": MotionDirection, "presence": TokenPresence}[kind]()
+
+
+class ItemwiseObjective:
+    """Item i of the batch scored by `objectives[i]` on its own maps and composition (`BoundBatch`): served
+    requests with different compositions and objectives guided in one run. `target_loss` is per item
+    (`[B]`, 0 for an objective without one, which bounds a non-negative loss as no target does)."""
+
+    def __init__(self, objectives: list[Objective]):
+        self.objectives = objectives
+        targets = [getattr(o, "target_loss", None) for o in objectives]
+        self.target_loss = None if all(t is None for t in targets) else torch.tensor([t or 0.0 for t in targets])
+
+    def __call__(self, maps: torch.Tensor, bound, timestep: torch.Tensor | None = None) -> torch.Tensor:
+        if maps.shape[0] != len(self.objectives):
+            raise ValueError(f"{maps.shape[0]} maps for {len(self.objectives)} itemwise objectives")
+        return torch.cat(
+            [
+                o(maps[i : i + 1], item, timestep)
+                for i, (o, item) in enumerate(zip(self.objectives, bound.items, strict=True))
+            ]
+        )

@@ -71,7 +71,8 @@ def _step(grad: torch.Tensor, loss: torch.Tensor, config: GuidanceConfig) -> tor
     if config.normalize == "none":
         return config.strength * grad
     if config.normalize == "polyak":
-        excess = (loss - (config.target_loss or 0.0)).clamp_min(0.0).view(shape)
+        target = 0.0 if config.target_loss is None else config.target_loss  # a [B] tensor for itemwise objectives
+        excess = (loss - target).clamp_min(0.0).view(shape)
         step = grad * excess / grad.square().sum(dims, keepdim=True).clamp_min(1e-30)
         rms = step.square().mean(dims, keepdim=True).sqrt()
         return step * (config.strength / rms.clamp_min(1e-30)).clamp(max=1.0)

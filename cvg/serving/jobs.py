@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cvg.io.video import maps_picture, save_frames, save_image
@@ -45,10 +45,9 @@ class VideoJobRequest:
     guidance_strength: float | None = None
     maps: bool = False  # also write the maps picture of the last guided step
 
-    def engine_arguments(self) -> dict:
-        arguments = asdict(self)
-        del arguments["maps"]
-        return arguments
+    def item(self) -> dict:
+        """What varies within a batch (`Engine.generate_batch`)."""
+        return {k: getattr(self, k) for k in ("prompt", "composition", "negative_prompt", "seed")}
 
 
 @dataclass
@@ -106,15 +105,19 @@ class JobQueue:
         keep_seconds: float = 3600.0,
         events: JobEvents | None = None,
         fps: int = 16,
+        max_batch: int = 1,
+        batch_window: float = 0.05,
     ):
-        """Jobs run one at a time on `engine` (its lock serialises generations anyway); at most `max_queued`
-        wait. Finished jobs, and the files they wrote into `directory`, are dropped `keep_seconds` after
-        they finish."""
-        if max_queued < 1:
-            raise ValueError(f"max_queued must be at least 1, got {max_queued}")
+        """Jobs run on `engine` one denoising run at a time; at most `max_queued` wait. With `max_batch` > 1,
+        up to that many queued jobs of the same settings (size, steps, scales, guidance window; guided or
+        not) run as one batch, waiting up to `batch_window` seconds for company. Finished jobs, and the files
+        they wrote into `directory`, are dropped `keep_seconds` after they finish."""
+        if max_queued < 1 or max_batch < 1:
+            raise ValueError(f"max_queued and max_batch must be at least 1, got {max_queued} and {max_batch}")
         self.engine, self.directory = engine, Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.max_queued, self.keep_seconds, self.fps = max_queued, keep_seconds, fps
+        self.max_batch, self.batch_window = max_batch, batch_window
         self.events = events or JobEvents()
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._waiting: list[str] = []
@@ -208,45 +211,98 @@ class JobQueue:
             return job
 
     def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self._waiting and not self._closed:
-                    self._lock.wait()
-                if self._closed:
-                    return
-                job = self._jobs[self._waiting.pop(0)]
-                job.status, job.started = "running", time.time()
+        while (batch := self._next_batch()) is not None:
             try:
-                self._generate(job)
-                status, error = "succeeded", None
+                outcomes = self._generate(batch)
             except JobCancelled:
-                status, error = "cancelled", None
-            except Exception as e:  # the job fails with a one-line reason; the queue goes on
-                status, error = "failed", " ".join(f"{type(e).__name__}: {e}".split())[:500]
+                outcomes = {job.id: ("cancelled", None) for job in batch}
+            except Exception as e:  # the jobs fail with a one-line reason; the queue goes on
+                error = " ".join(f"{type(e).__name__}: {e}".split())[:500]
+                outcomes = {job.id: ("failed", error) for job in batch}
             with self._lock:
-                self._finish(job, status, error)
+                for job in batch:
+                    self._finish(job, *outcomes[job.id])
 
-    def _generate(self, job: Job) -> None:
-        request, last = job.request, [time.perf_counter()]
+    def _batch_key(self, request: VideoJobRequest) -> tuple:
+        """Jobs with equal keys may share a denoising run."""
+        settings = self.engine.settings(
+            height=request.height,
+            width=request.width,
+            num_frames=request.num_frames,
+            num_inference_steps=request.num_inference_steps,
+            guidance_scale=request.guidance_scale,
+        )
+        return settings, request.guide_steps, request.guidance_strength, request.composition is None
+
+    def _next_batch(self) -> list[Job] | None:
+        """The oldest waiting job and, up to `max_batch`, later ones that may share its run (waiting up to
+        `batch_window` for them); None once the queue is closed."""
+        with self._lock:
+            while not self._waiting and not self._closed:
+                self._lock.wait()
+            if self._closed:
+                return None
+            batch = [self._jobs[self._waiting.pop(0)]]
+            key, deadline = self._batch_key(batch[0].request), time.monotonic() + self.batch_window
+            while len(batch) < self.max_batch and not self._closed:
+                matching = [i for i in self._waiting if self._batch_key(self._jobs[i].request) == key]
+                for job_id in matching[: self.max_batch - len(batch)]:
+                    self._waiting.remove(job_id)
+                    batch.append(self._jobs[job_id])
+                if len(batch) == self.max_batch or (left := deadline - time.monotonic()) <= 0:
+                    break
+                self._lock.wait(left)
+            for job in batch:
+                job.status, job.started = "running", time.time()
+            return batch
+
+    def _generate(self, batch: list[Job]) -> dict[str, tuple[str, str | None]]:
+        """Run a batch and write each job's files; per job id, (status, error)."""
+        last = [time.perf_counter()]
 
         def step_done(i, t, latents):
             now = time.perf_counter()
-            last[0], seconds, job.step = now, now - last[0], i + 1
+            last[0], seconds = now, now - last[0]
+            for job in batch:
+                job.step = i + 1
             self.events.on_step(seconds)
-            if job.cancel_requested.is_set():
+            if all(job.cancel_requested.is_set() for job in batch):
                 raise JobCancelled
 
-        if job.cancel_requested.is_set():
+        if all(job.cancel_requested.is_set() for job in batch):
             raise JobCancelled
-        out = self.engine.generate(**request.engine_arguments(), on_step=step_done)
-        job.timings = {k: round(v, 4) for k, v in out.timings.items()}
-        files = {"video": save_frames(out.frames[0], self.directory / f"{job.id}.mp4", fps=self.fps)}
-        if request.maps and out.maps:
-            bound = out.composition
-            maps = bound.entity_maps(out.maps[-1].mean(dim=1))[0].numpy()  # last guided step, layers averaged
-            picture = maps_picture(maps, out.frames[0], list(bound.composition.entities))
+        first = batch[0].request
+        out = self.engine.generate_batch(
+            [job.request.item() for job in batch],
+            guide_steps=first.guide_steps,
+            guidance_strength=first.guidance_strength,
+            on_step=step_done,
+            height=first.height,
+            width=first.width,
+            num_frames=first.num_frames,
+            num_inference_steps=first.num_inference_steps,
+            guidance_scale=first.guidance_scale,
+        )
+        timings = {k: round(v, 4) for k, v in out.timings.items()}
+        outcomes = {}
+        for i, job in enumerate(batch):
+            if job.cancel_requested.is_set():  # cancelled while its batch ran on: nothing of it is written
+                outcomes[job.id] = ("cancelled", None)
+                continue
+            job.timings = {**timings, "batch": len(batch)}
+            job.files = self._write(job, out, i)
+            outcomes[job.id] = ("succeeded", None)
+        return outcomes
+
+    def _write(self, job: Job, out, i: int) -> dict[str, Path]:
+        frames = out.frames[i]
+        files = {"video": save_frames(frames, self.directory / f"{job.id}.mp4", fps=self.fps)}
+        if job.request.maps and out.maps:
+            bound = out.composition.items[i]
+            maps = bound.entity_maps(out.maps[-1][i : i + 1].mean(dim=1))[0].numpy()  # last guided step
+            picture = maps_picture(maps, frames, list(bound.composition.entities))
             files["maps"] = save_image(picture, self.directory / f"{job.id}.maps.png")
-        job.files = files
+        return files
 
     def _finish(self, job: Job, status: str, error: str | None = None) -> None:
         job.status, job.error, job.finished = status, error, time.time()

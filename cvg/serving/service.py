@@ -155,6 +155,36 @@ class Engine:
         several threads (calls run one at a time). `on_step(i, t, latents)` sees every denoising step: an
         exception it raises ends the generation there, with nothing decoded."""
         self.check(prompt, composition, negative_prompt, guide_steps, **overrides)
+        generator = torch.Generator().manual_seed(seed)
+        guidance = {"guide_steps": guide_steps, "guidance_strength": guidance_strength}
+        return self._run(prompt, composition, negative_prompt, generator, output_type, on_step, guidance, overrides)
+
+    def generate_batch(
+        self,
+        items: list[dict],
+        output_type: str = "np",
+        *,
+        guide_steps: int | None = None,
+        guidance_strength: float | None = None,
+        on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+        **overrides,
+    ) -> CVGOutput:
+        """Several requests with the same settings as one denoising run: each item a dict of `prompt`,
+        `composition`, `seed` and `negative_prompt`, guided to its own composition (all guided or none).
+        Item i of the output is the request run alone to float rounding (batched matmuls round apart)."""
+        for item in items:
+            self.check(item["prompt"], item.get("composition"), item.get("negative_prompt"), guide_steps, **overrides)
+        compositions = [item.get("composition") for item in items]
+        if len({c is None for c in compositions}) > 1:
+            raise ValueError("a batch is guided for every item or for none")
+        prompts = [item["prompt"] for item in items]
+        negatives = [item.get("negative_prompt") or "" for item in items]  # WanPipeline's default negative
+        generators = [torch.Generator().manual_seed(item.get("seed", 0)) for item in items]
+        guidance = {"guide_steps": guide_steps, "guidance_strength": guidance_strength}
+        composition = None if compositions[0] is None else compositions
+        return self._run(prompts, composition, negatives, generators, output_type, on_step, guidance, overrides)
+
+    def _run(self, prompt, composition, negative_prompt, generator, output_type, on_step, guidance, overrides):
         c = self.settings(**overrides)
         with self._lock, pinned_threads(self.threads):
             return self.pipe(
@@ -166,10 +196,9 @@ class Engine:
                 num_frames=c.num_frames,
                 num_inference_steps=c.num_inference_steps,
                 guidance_scale=c.guidance_scale,
-                guide_steps=guide_steps,
-                guidance_strength=guidance_strength,
                 max_sequence_length=c.max_sequence_length,
                 output_type=output_type,
-                generator=torch.Generator().manual_seed(seed),
+                generator=generator,
                 on_step=on_step,
+                **guidance,
             )

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import imageio.v2 as imageio
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -89,7 +90,8 @@ def test_a_job_runs_with_progress_and_its_content_decodes(engine, tmp_path):
         gate.release.set()
         done = _wait(client, job["id"])
         assert done["status"] == "succeeded" and done["progress"]["step"] == 4 and done["error"] is None
-        assert set(done["timings"]) == {"text_encoding", "guided_steps", "unguided_steps", "vae_decode"}
+        assert set(done["timings"]) == {"text_encoding", "guided_steps", "unguided_steps", "vae_decode", "batch"}
+        assert done["timings"]["batch"] == 1
         video = client.get(f"/v1/videos/{job['id']}/content")
         assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
         frames = imageio.mimread(io.BytesIO(video.content), format="mp4")
@@ -272,3 +274,49 @@ def test_cvg_serve_on_loopback(tmp_path):
             server.kill()
             raise
     assert server.returncode == 0, server.stderr.read()
+
+
+BATCH = [
+    {"prompt": PROMPT, "composition": COMPOSITION, "seed": 1},
+    {"prompt": "a blue ball moves right", "composition": "blue ball moves right", "seed": 2},
+    {"prompt": "a green triangle and a red ball", "composition": "green triangle and red ball", "seed": 3},
+    {"prompt": "a yellow square above a purple circle", "composition": "yellow square above purple circle", "seed": 4},
+]
+
+
+def test_a_batch_of_requests_is_each_request_run_alone(engine):
+    """Different prompts, compositions (so objectives) and seeds in one run: each item is its solo run to
+    float32 rounding, which batched matmuls take apart and four steps carry on. Measured: up to 1.4e-4 on
+    latents of up to 8.9 (1.8e-5 of their size); the same request on 1 and on 2 threads differs by 3.5e-5."""
+    batch = engine.generate_batch(BATCH, output_type="latent")
+    for i, item in enumerate(BATCH):
+        alone = engine.generate(**item, output_type="latent")
+        scale = alone.frames.abs().max()
+        assert (batch.frames[i] - alone.frames[0]).abs().max() <= 5e-5 * scale
+        for batched, solo in zip(batch.objective_values, alone.objective_values, strict=True):
+            assert torch.isclose(batched[i], solo[0], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="a batch is guided for every item or for none"):
+        engine.generate_batch([BATCH[0], {"prompt": PROMPT}])
+
+
+def test_queued_jobs_of_the_same_settings_share_a_run(engine, tmp_path):
+    gate = Gate(after_step=1)
+    jobs, client = _server(engine, tmp_path, gate, max_batch=4, batch_window=0.5)
+    try:
+        held = client.post("/v1/videos", json={**JOB, "seed": 9}).json()
+        assert gate.reached.wait(60)  # the first runs alone; the next four queue behind it
+        ids = [client.post("/v1/videos", json=item).json()["id"] for item in BATCH]
+        other = client.post("/v1/videos", json={**JOB, "num_inference_steps": 3}).json()  # other settings
+        cancelled = client.post("/v1/videos", json={**JOB, "seed": 5}).json()
+        client.delete(f"/v1/videos/{cancelled['id']}")
+        gate.release.set()
+        views = [_wait(client, job_id) for job_id in [held["id"], *ids, other["id"]]]
+        assert all(v["status"] == "succeeded" for v in views)
+        assert [v["timings"]["batch"] for v in views] == [1, 4, 4, 4, 4, 1]
+        for job_id in ids:
+            frames = imageio.mimread(io.BytesIO(client.get(f"/v1/videos/{job_id}/content").content), format="mp4")
+            assert len(frames) == 17
+        assert _wait(client, cancelled["id"])["status"] == "cancelled"
+    finally:
+        gate.release.set()
+        jobs.close(timeout=60)
