@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import tempfile
+import threading
 
 from cvg.cli.arguments import POSITIVE, STEPS, number
 from cvg.models import PRECISIONS
@@ -51,6 +53,12 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         default=0.05,
         help="seconds a job waits for others to batch with (default 0.05)",
     )
+    serve.add_argument(
+        "--ray-replicas",
+        type=POSITIVE,
+        help="run the engines as this many Ray Serve replicas on a local Ray cluster (the optional 'serve' "
+        "extra), behind the same API",
+    )
     serve.add_argument("--classifier", metavar="DIR", help="guide with a classifier from cvg train-classifier")
     serve.add_argument("--steps", type=STEPS, default=20, help="default denoising steps of a job (default 20)")
     serve.add_argument("--dtype", choices=PRECISIONS, default="float32", help="transformer precision")
@@ -70,32 +78,60 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
 def serve_jobs(args: argparse.Namespace) -> None:
     import torch
-    import uvicorn
-
-    from cvg.serving.api import create_app
-    from cvg.serving.jobs import JobQueue
-    from cvg.serving.service import Engine
 
     token = args.token or os.environ.get(TOKEN_VARIABLE) or None
     directory = args.out_dir or tempfile.mkdtemp(prefix="cvg-serve-")
-    engine = Engine(
-        args.model,
-        num_inference_steps=args.steps,
-        classifier=args.classifier,
-        backend=None if args.engine == "eager" else args.engine,
-        transformer_dtype=getattr(torch, args.dtype),
-        batch_cfg=args.batch_cfg,
-    )
-    jobs = JobQueue(
-        engine,
-        directory,
-        max_queued=args.queue_size,
-        keep_seconds=args.keep_seconds,
-        max_batch=args.max_batch,
-        batch_window=args.batch_window,
-    )
+    engine_options = {
+        "num_inference_steps": args.steps,
+        "classifier": args.classifier,
+        "backend": None if args.engine == "eager" else args.engine,
+        "transformer_dtype": getattr(torch, args.dtype),
+        "batch_cfg": args.batch_cfg,
+    }
+    queue_options = {
+        "max_queued": args.queue_size,
+        "keep_seconds": args.keep_seconds,
+        "max_batch": args.max_batch,
+        "batch_window": args.batch_window,
+    }
     print(f"cvg serve: {args.model} on http://{args.host}:{args.port}, outputs in {directory}", flush=True)
+    if args.ray_replicas:
+        _serve_on_ray(args, directory, token, engine_options, queue_options)
+    else:
+        _serve_here(args, directory, token, engine_options, queue_options)
+
+
+def _serve_here(args, directory: str, token: str | None, engine_options: dict, queue_options: dict) -> None:
+    import uvicorn
+
+    from cvg.serving.api import create_app
+    from cvg.serving.jobs import EngineRunner, JobQueue
+    from cvg.serving.service import Engine
+
+    jobs = JobQueue(EngineRunner(Engine(args.model, **engine_options)), directory, **queue_options)
     try:
         uvicorn.run(create_app(jobs, token), host=args.host, port=args.port, log_level="warning")
     finally:
         jobs.close(timeout=60)
+
+
+def _serve_on_ray(args, directory: str, token: str | None, engine_options: dict, queue_options: dict) -> None:
+    try:
+        import ray
+        from ray import serve
+
+        from cvg.serving.ray_serve import build_app
+    except ImportError as e:
+        raise ValueError(f"--ray-replicas needs Ray Serve (pip install 'ray[serve]'): {e}") from None
+    stop = threading.Event()  # Ray's driver loop does not end on SIGINT: wait for it ourselves
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    ray.init(include_dashboard=False)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        app = build_app(str(args.model), directory, args.ray_replicas, None, engine_options, token, **queue_options)
+        serve.run(app, name="cvg", route_prefix="/")
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -196,7 +196,7 @@ def create_app(jobs: JobQueue, token: str | None = None, max_body_bytes: int = M
 
     @app.get("/healthz")
     def health() -> dict:
-        return {"status": "ok", "family": jobs.engine.pipe.family, "queued": jobs.queued, "states": list(STATES)}
+        return {"status": "ok", "family": jobs.runner.family, "queued": jobs.queued, "states": list(STATES)}
 
     @app.get("/metrics", dependencies=[Depends(authorised)])
     def prometheus() -> Response:

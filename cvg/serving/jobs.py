@@ -1,7 +1,8 @@
-"""Video jobs: a bounded queue in front of an `Engine`, run by one worker thread, with progress, cancellation
-at the next denoising step, outputs written atomically under a directory the server owns, and retention.
+"""Video jobs: a bounded queue in front of a runner (an `Engine` in this process, `EngineRunner`, or engine
+replicas elsewhere, `cvg.serving.ray_serve`), with progress, cancellation at the next denoising step,
+batching, outputs written atomically under a directory the server owns, and retention.
 
-    jobs = JobQueue(engine, directory, max_queued=16, keep_seconds=3600)
+    jobs = JobQueue(EngineRunner(engine), directory, max_queued=16, keep_seconds=3600)
     job = jobs.submit(VideoJobRequest(prompt="a red cube to the left of a blue ball",
                                       composition="red cube left of blue ball"))
     jobs.get(job.id).status      # queued -> running (job.step of job.total) -> succeeded | failed | cancelled
@@ -21,8 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cvg.io.video import maps_picture, save_frames, save_image
-from cvg.serving.service import Engine
+import numpy as np
+
+from cvg.io.video import maps_picture, save_frames, save_image, to_uint8
+from cvg.serving.service import Engine, EngineConfig
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -49,6 +52,60 @@ class VideoJobRequest:
         """What varies within a batch (`Engine.generate_batch`)."""
         return {k: getattr(self, k) for k in ("prompt", "composition", "negative_prompt", "seed")}
 
+    def overrides(self) -> dict:
+        """What it asks of the engine's call settings (`Engine.settings`)."""
+        return {k: getattr(self, k) for k in ("height", "width", "num_frames", "num_inference_steps", "guidance_scale")}
+
+
+@dataclass
+class VideoResult:
+    """One job's output: frames `[F, H, W, 3]` uint8, the entity maps of its last guided step `[f, h, w, E]`
+    with the entities' names (None unguided), the run's timings."""
+
+    frames: np.ndarray
+    maps: np.ndarray | None
+    entities: list[str]
+    timings: dict[str, float]
+    served_by: str = ""  # which engine replica ran it, where there are several
+
+
+class EngineRunner:
+    """Runs batches of jobs on an `Engine` in this process (the runner `JobQueue` takes)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.family = engine.pipe.family
+
+    def check(self, request: VideoJobRequest) -> None:
+        self.engine.check(
+            request.prompt, request.composition, request.negative_prompt, request.guide_steps, **request.overrides()
+        )
+
+    def settings(self, request: VideoJobRequest) -> EngineConfig:
+        return self.engine.settings(**request.overrides())
+
+    def run(self, requests: list[VideoJobRequest], on_step) -> list[VideoResult]:
+        """One denoising run for `requests` (of equal settings); `on_step(i)` after each step may raise to
+        end it."""
+        first = requests[0]
+        out = self.engine.generate_batch(
+            [r.item() for r in requests],
+            guide_steps=first.guide_steps,
+            guidance_strength=first.guidance_strength,
+            on_step=lambda i, t, latents: on_step(i),
+            **first.overrides(),
+        )
+        timings = {k: round(v, 4) for k, v in out.timings.items()}
+        results = []
+        for i, request in enumerate(requests):
+            maps, entities = None, []
+            if request.maps and out.maps:
+                bound = out.composition.items[i]
+                maps = bound.entity_maps(out.maps[-1][i : i + 1].mean(dim=1))[0].numpy()  # layers averaged
+                entities = list(bound.composition.entities)
+            results.append(VideoResult(to_uint8(out.frames[i]), maps, entities, timings))
+        return results
+
 
 @dataclass
 class Job:
@@ -63,6 +120,7 @@ class Job:
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)  # "video", "maps": what this job wrote
+    served_by: str = ""
     cancel_requested: threading.Event = field(default_factory=threading.Event)
 
     def view(self) -> dict:
@@ -77,6 +135,7 @@ class Job:
             "error": self.error,
             "timings": self.timings,
             "content": sorted(self.files),
+            "served_by": self.served_by,
         }
 
 
@@ -99,7 +158,7 @@ class JobEvents:
 class JobQueue:
     def __init__(
         self,
-        engine: Engine,
+        runner: EngineRunner,
         directory: str | Path,
         max_queued: int = 16,
         keep_seconds: float = 3600.0,
@@ -107,14 +166,18 @@ class JobQueue:
         fps: int = 16,
         max_batch: int = 1,
         batch_window: float = 0.05,
+        workers: int = 1,
     ):
-        """Jobs run on `engine` one denoising run at a time; at most `max_queued` wait. With `max_batch` > 1,
+        """Jobs run on `runner`, `workers` denoising runs at a time (1 for an engine in this process; one per
+        replica elsewhere); at most `max_queued` wait. With `max_batch` > 1,
         up to that many queued jobs of the same settings (size, steps, scales, guidance window; guided or
         not) run as one batch, waiting up to `batch_window` seconds for company. Finished jobs, and the files
         they wrote into `directory`, are dropped `keep_seconds` after they finish."""
-        if max_queued < 1 or max_batch < 1:
-            raise ValueError(f"max_queued and max_batch must be at least 1, got {max_queued} and {max_batch}")
-        self.engine, self.directory = engine, Path(directory)
+        if min(max_queued, max_batch, workers) < 1:
+            raise ValueError(
+                f"max_queued, max_batch and workers must be at least 1, got {max_queued}, {max_batch}, {workers}"
+            )
+        self.runner, self.directory = runner, Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.max_queued, self.keep_seconds, self.fps = max_queued, keep_seconds, fps
         self.max_batch, self.batch_window = max_batch, batch_window
@@ -123,23 +186,14 @@ class JobQueue:
         self._waiting: list[str] = []
         self._lock = threading.Condition()
         self._closed = False
-        self._worker = threading.Thread(target=self._run, name="cvg-jobs", daemon=True)
-        self._worker.start()
+        self._workers = [threading.Thread(target=self._run, name=f"cvg-jobs-{i}", daemon=True) for i in range(workers)]
+        for worker in self._workers:
+            worker.start()
 
     def submit(self, request: VideoJobRequest) -> Job:
         """Queue a request the engine accepts (checked now: ValueError / CompositionError naming the
         problem), or QueueFull."""
-        self.engine.check(
-            request.prompt,
-            request.composition,
-            request.negative_prompt,
-            request.guide_steps,
-            height=request.height,
-            width=request.width,
-            num_frames=request.num_frames,
-            num_inference_steps=request.num_inference_steps,
-            guidance_scale=request.guidance_scale,
-        )
+        self.runner.check(request)
         if request.maps and not request.composition:
             raise ValueError("maps needs a composition: the maps are those guidance reads")
         with self._lock:
@@ -148,8 +202,7 @@ class JobQueue:
                 raise RuntimeError("the job queue is closed")
             if len(self._waiting) >= self.max_queued:
                 raise QueueFull(f"{len(self._waiting)} jobs are queued already (the limit)")
-            steps = self.engine.settings(num_inference_steps=request.num_inference_steps).num_inference_steps
-            job = Job(uuid.uuid4().hex, request, total=steps)
+            job = Job(uuid.uuid4().hex, request, total=self.runner.settings(request).num_inference_steps)
             self._jobs[job.id] = job
             self._waiting.append(job.id)
             self._lock.notify_all()
@@ -200,7 +253,8 @@ class JobQueue:
                 if job.status == "running":
                     job.cancel_requested.set()
             self._lock.notify_all()
-        self._worker.join(timeout)
+        for worker in self._workers:
+            worker.join(timeout)
 
     def wait(self, job_id: str, timeout: float) -> Job:
         """The job once finished, or as it is after `timeout` seconds."""
@@ -225,14 +279,12 @@ class JobQueue:
 
     def _batch_key(self, request: VideoJobRequest) -> tuple:
         """Jobs with equal keys may share a denoising run."""
-        settings = self.engine.settings(
-            height=request.height,
-            width=request.width,
-            num_frames=request.num_frames,
-            num_inference_steps=request.num_inference_steps,
-            guidance_scale=request.guidance_scale,
+        return (
+            self.runner.settings(request),
+            request.guide_steps,
+            request.guidance_strength,
+            request.composition is None,
         )
-        return settings, request.guide_steps, request.guidance_strength, request.composition is None
 
     def _next_batch(self) -> list[Job] | None:
         """The oldest waiting job and, up to `max_batch`, later ones that may share its run (waiting up to
@@ -260,7 +312,7 @@ class JobQueue:
         """Run a batch and write each job's files; per job id, (status, error)."""
         last = [time.perf_counter()]
 
-        def step_done(i, t, latents):
+        def step_done(i: int) -> None:
             now = time.perf_counter()
             last[0], seconds = now, now - last[0]
             for job in batch:
@@ -271,36 +323,21 @@ class JobQueue:
 
         if all(job.cancel_requested.is_set() for job in batch):
             raise JobCancelled
-        first = batch[0].request
-        out = self.engine.generate_batch(
-            [job.request.item() for job in batch],
-            guide_steps=first.guide_steps,
-            guidance_strength=first.guidance_strength,
-            on_step=step_done,
-            height=first.height,
-            width=first.width,
-            num_frames=first.num_frames,
-            num_inference_steps=first.num_inference_steps,
-            guidance_scale=first.guidance_scale,
-        )
-        timings = {k: round(v, 4) for k, v in out.timings.items()}
+        results = self.runner.run([job.request for job in batch], step_done)
         outcomes = {}
-        for i, job in enumerate(batch):
+        for job, result in zip(batch, results, strict=True):
             if job.cancel_requested.is_set():  # cancelled while its batch ran on: nothing of it is written
                 outcomes[job.id] = ("cancelled", None)
                 continue
-            job.timings = {**timings, "batch": len(batch)}
-            job.files = self._write(job, out, i)
+            job.timings, job.served_by = {**result.timings, "batch": len(batch)}, result.served_by
+            job.files = self._write(job, result)
             outcomes[job.id] = ("succeeded", None)
         return outcomes
 
-    def _write(self, job: Job, out, i: int) -> dict[str, Path]:
-        frames = out.frames[i]
-        files = {"video": save_frames(frames, self.directory / f"{job.id}.mp4", fps=self.fps)}
-        if job.request.maps and out.maps:
-            bound = out.composition.items[i]
-            maps = bound.entity_maps(out.maps[-1][i : i + 1].mean(dim=1))[0].numpy()  # last guided step
-            picture = maps_picture(maps, frames, list(bound.composition.entities))
+    def _write(self, job: Job, result: VideoResult) -> dict[str, Path]:
+        files = {"video": save_frames(result.frames, self.directory / f"{job.id}.mp4", fps=self.fps)}
+        if result.maps is not None:
+            picture = maps_picture(result.maps, result.frames, result.entities)
             files["maps"] = save_image(picture, self.directory / f"{job.id}.maps.png")
         return files
 

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from cvg.serving.api import create_app
-from cvg.serving.jobs import JobQueue
+from cvg.serving.jobs import EngineRunner, JobQueue
 from cvg.serving.service import Engine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,7 +51,7 @@ class Gate:
 
 def _server(engine, tmp_path, gate=None, **options):
     token = options.pop("token", None)
-    jobs = JobQueue(engine, tmp_path / "out", **options)
+    jobs = JobQueue(EngineRunner(engine), tmp_path / "out", **options)
     client = TestClient(create_app(jobs, token=token))
     if gate is not None:
         gate.inner, jobs.events.on_step = jobs.events.on_step, gate
