@@ -26,6 +26,7 @@ import torch
 from cvg.guidance.binding import BoundComposition
 from cvg.guidance.config import GuidanceConfig
 from cvg.guidance.objectives import Objective
+from cvg.models.context_parallel import reduce_gradient
 from cvg.models.families import transformer_family
 from cvg.models.padding import collapse_padding
 from cvg.models.patching import swapped
@@ -212,7 +213,7 @@ class Denoiser:
         latents = latents.detach().requires_grad_(gradient)
         with self._recorded(latents, t, inputs or self.prepare(bound, config), config, gradient) as maps:
             loss = objective(maps, bound, t)
-            grad = torch.autograd.grad(loss.sum(), latents)[0] if gradient else None
+            grad = reduce_gradient(self.transformer, torch.autograd.grad(loss.sum(), latents)[0]) if gradient else None
         return loss.detach(), maps.detach(), grad
 
 

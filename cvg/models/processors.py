@@ -30,6 +30,7 @@ from diffusers.models.transformers.transformer_wan import (
     _get_qkv_projections,
 )
 
+from cvg.models.context_parallel import context_parallel_group, shard_pool_spec, sum_over_ranks
 from cvg.models.patching import swapped
 from cvg.ops.attention_pool import attention_pool_with_spec
 from cvg.ops.pooling import PoolSpec, grid_groups, make_pool_spec
@@ -83,6 +84,7 @@ class MapRecorder(TextBias):
     grid: tuple[int, int, int] | None = None  # video-token grid of the current forward
     tiles: tuple[int, int, int] | None = None
     maps: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, (H,) G, T]
+    group: object | None = None  # context parallelism: the ranks that share the video tokens (`recording` sets it)
     _spec: PoolSpec | None = None
     _keys_checked: int = 0
 
@@ -115,6 +117,8 @@ class MapRecorder(TextBias):
             self._spec = make_pool_spec(
                 groups.to(device), self.tokens, math.prod(self.tiles), self.heads, self.keep_heads
             )
+            if self.group is not None:  # this rank's queries only; the ranks' maps add up (`stacked`)
+                self._spec = shard_pool_spec(self._spec, self.group)
             self.grid = grid
         self.maps = {}
 
@@ -133,6 +137,8 @@ class MapRecorder(TextBias):
         if not self.maps:
             raise RuntimeError("MapRecorder: nothing recorded; were the recorded layers reached?")
         maps = torch.stack([m if m.dim() == 3 else m.mean(1) for _, m in sorted(self.maps.items())], dim=1)
+        if self.group is not None:
+            maps = sum_over_ranks(maps, self.group)
         return maps.unflatten(2, self.tiles)
 
 
@@ -242,6 +248,7 @@ def recording(transformer, recorder: MapRecorder, layers: Sequence[int] | None =
     _check_transformer(transformer)
     chosen = resolve_layers(transformer, layers)
     patch = transformer.config.patch_size
+    recorder.group = context_parallel_group(transformer)
 
     def read_grid(module, args, kwargs):
         latents = kwargs.get("hidden_states", args[0] if args else None)
