@@ -275,7 +275,8 @@ class JobQueue:
                 outcomes = {job.id: ("failed", error) for job in batch}
             with self._lock:
                 for job in batch:
-                    self._finish(job, *outcomes[job.id])
+                    if job.status == "running":  # not ended already by a cancellation mid-batch
+                        self._finish(job, *outcomes[job.id])
 
     def _batch_key(self, request: VideoJobRequest) -> tuple:
         """Jobs with equal keys may share a denoising run."""
@@ -315,8 +316,11 @@ class JobQueue:
         def step_done(i: int) -> None:
             now = time.perf_counter()
             last[0], seconds = now, now - last[0]
-            for job in batch:
-                job.step = i + 1
+            with self._lock:
+                for job in batch:
+                    job.step = i + 1
+                    if job.cancel_requested.is_set() and job.status == "running":  # its batch runs on
+                        self._finish(job, "cancelled")
             self.events.on_step(seconds)
             if all(job.cancel_requested.is_set() for job in batch):
                 raise JobCancelled

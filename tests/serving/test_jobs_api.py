@@ -320,3 +320,20 @@ def test_queued_jobs_of_the_same_settings_share_a_run(engine, tmp_path):
     finally:
         gate.release.set()
         jobs.close(timeout=60)
+
+
+def test_a_job_cancelled_in_a_running_batch_ends_at_the_next_step_and_the_rest_go_on(engine, tmp_path):
+    gate = Gate(after_step=1)
+    jobs, client = _server(engine, tmp_path, gate, max_batch=2, batch_window=2.0)
+    try:
+        first, second = (client.post("/v1/videos", json=item).json() for item in BATCH[:2])
+        assert gate.reached.wait(60)  # the two run as one batch, held after its first step
+        client.delete(f"/v1/videos/{first['id']}")
+        gate.release.set()
+        cancelled, done = _wait(client, first["id"]), _wait(client, second["id"])
+        assert cancelled["status"] == "cancelled" and cancelled["progress"]["step"] == 2  # the next step
+        assert done["status"] == "succeeded" and done["timings"]["batch"] == 2
+        assert [p.name for p in (tmp_path / "out").iterdir()] == [f"{second['id']}.mp4"]
+    finally:
+        gate.release.set()
+        jobs.close(timeout=60)
