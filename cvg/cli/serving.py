@@ -45,7 +45,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         type=POSITIVE,
         default=1,
         help="queued jobs of the same settings run as one batch, up to this many (default 1: each alone, "
-        "exact; batched items equal their solo runs to float rounding)",
+        "exact; batched items equal their solo runs to float rounding; a step engine is built once per batch size)",
     )
     serve.add_argument(
         "--batch-window",
