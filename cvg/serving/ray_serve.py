@@ -123,7 +123,8 @@ class RayRunner:
         raise RuntimeError("the generator's stream ended without results")
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})  # waits on HTTP and on the generators: no core of its own
+# Waits on HTTP and on the generators: no core of its own, and many requests at once (polls are cheap).
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 @serve.ingress()
 class VideoApi:
     """The HTTP API and the job table (keep one replica: the jobs live here)."""
