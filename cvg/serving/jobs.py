@@ -256,14 +256,6 @@ class JobQueue:
         for worker in self._workers:
             worker.join(timeout)
 
-    def wait(self, job_id: str, timeout: float) -> Job:
-        """The job once finished, or as it is after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while (job := self._jobs[job_id]).status not in FINISHED and time.monotonic() < deadline:
-                self._lock.wait(deadline - time.monotonic())
-            return job
-
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
             try:
