@@ -9,26 +9,34 @@ batching, outputs written atomically under a directory the server owns, and rete
     jobs.cancel(job.id)          # a running job stops at its next step; nothing is decoded or written
 
 A job's files are named by its id (32 hex digits the queue makes), never by anything a client sends, and
-the queue deletes only files it wrote. This module knows nothing of HTTP (`cvg.serving.api` serves it).
+the queue deletes only files it wrote. Each job's record (`<id>.job.json`, written atomically when it is
+queued, starts and ends) survives the process: a queue opened on the same directory takes the finished
+jobs back and runs again those that were queued or running when the last one stopped. This module knows
+nothing of HTTP (`cvg.serving.api` serves it).
 """
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 import time
 import uuid
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from cvg.io.files import write_text_atomic
 from cvg.io.video import maps_picture, save_frames, save_image, to_uint8
 from cvg.serving.service import Engine, EngineConfig
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
+RECORD = re.compile(r"([0-9a-f]{32})\.job\.json")
 
 
 @dataclass(frozen=True)
@@ -123,6 +131,15 @@ class Job:
     served_by: str = ""
     cancel_requested: threading.Event = field(default_factory=threading.Event)
 
+    def record(self) -> dict:
+        """What survives the process (`JobQueue` reads it back)."""
+        fields = ("id", "status", "total", "created", "started", "finished", "error", "timings", "served_by")
+        return {
+            **{k: getattr(self, k) for k in fields},
+            "request": asdict(self.request),
+            "files": {k: p.name for k, p in self.files.items()},
+        }
+
     def view(self) -> dict:
         """The job as a client sees it (no paths)."""
         return {
@@ -186,6 +203,7 @@ class JobQueue:
         self._waiting: list[str] = []
         self._lock = threading.Condition()
         self._closed = False
+        self._restore()
         self._workers = [threading.Thread(target=self._run, name=f"cvg-jobs-{i}", daemon=True) for i in range(workers)]
         for worker in self._workers:
             worker.start()
@@ -205,6 +223,7 @@ class JobQueue:
             job = Job(uuid.uuid4().hex, request, total=self.runner.settings(request).num_inference_steps)
             self._jobs[job.id] = job
             self._waiting.append(job.id)
+            self._save(job)
             self._lock.notify_all()
             return job
 
@@ -243,15 +262,10 @@ class JobQueue:
             return len(self._waiting)
 
     def close(self, timeout: float | None = None) -> None:
-        """Cancel what waits and what runs, stop the worker."""
+        """Stop: running jobs end at their next step. What waits and what ran stays queued in its record,
+        for the next queue on this directory."""
         with self._lock:
             self._closed = True
-            for job_id in self._waiting:
-                self._finish(self._jobs[job_id], "cancelled", "the server is shutting down")
-            self._waiting.clear()
-            for job in self._jobs.values():
-                if job.status == "running":
-                    job.cancel_requested.set()
             self._lock.notify_all()
         for worker in self._workers:
             worker.join(timeout)
@@ -261,6 +275,9 @@ class JobQueue:
             try:
                 outcomes = self._generate(batch)
             except JobCancelled:
+                if self._closed:  # interrupted by close(), not by its clients: queued again for the next queue
+                    self._requeue(batch)
+                    continue
                 outcomes = {job.id: ("cancelled", None) for job in batch}
             except Exception as e:  # the jobs fail with a one-line reason; the queue goes on
                 error = " ".join(f"{type(e).__name__}: {e}".split())[:500]
@@ -299,6 +316,7 @@ class JobQueue:
                 self._lock.wait(left)
             for job in batch:
                 job.status, job.started = "running", time.time()
+                self._save(job)
             return batch
 
     def _generate(self, batch: list[Job]) -> dict[str, tuple[str, str | None]]:
@@ -306,6 +324,8 @@ class JobQueue:
         last = [time.perf_counter()]
 
         def step_done(i: int) -> None:
+            if self._closed:
+                raise JobCancelled
             now = time.perf_counter()
             last[0], seconds = now, now - last[0]
             with self._lock:
@@ -339,13 +359,47 @@ class JobQueue:
 
     def _finish(self, job: Job, status: str, error: str | None = None) -> None:
         job.status, job.error, job.finished = status, error, time.time()
+        self._save(job)
         self.events.on_finish(status, job.finished - (job.started or job.created))
         self._lock.notify_all()
 
+    def _requeue(self, batch: list[Job]) -> None:
+        with self._lock:
+            for job in batch:
+                if job.status == "running":
+                    job.status, job.started, job.step = "queued", None, 0
+                    self._save(job)
+
+    def _record_path(self, job_id: str) -> Path:
+        return self.directory / f"{job_id}.job.json"
+
+    def _save(self, job: Job) -> None:
+        write_text_atomic(self._record_path(job.id), json.dumps(job.record()))
+
     def _forget(self, job: Job) -> None:
-        for path in job.files.values():  # only what this queue wrote, under its own names
+        for path in [*job.files.values(), self._record_path(job.id)]:  # only what this queue wrote, under its names
             path.unlink(missing_ok=True)
         del self._jobs[job.id]
+
+    def _restore(self) -> None:
+        """The jobs recorded in the directory, oldest first: finished ones as they ended, the others queued
+        again from their first step (a process that stopped mid-run wrote nothing of them)."""
+        records = []
+        for path in self.directory.iterdir():
+            if RECORD.fullmatch(path.name):
+                try:
+                    records.append(json.loads(path.read_text()))
+                except (OSError, ValueError) as e:  # not ours to delete: say so and leave it
+                    warnings.warn(f"cvg serve: job record {path.name} is unreadable ({e}); left as it is", stacklevel=2)
+        for record in sorted(records, key=lambda r: r["created"]):
+            files = {k: self.directory / name for k, name in record.pop("files").items()}
+            files = {k: path for k, path in files.items() if path.exists()}  # what is left of its outputs
+            job = Job(**{**record, "request": VideoJobRequest(**record["request"]), "files": files})
+            self._jobs[job.id] = job
+            if job.status not in FINISHED:
+                job.status, job.started = "queued", None
+                self._waiting.append(job.id)
+                self._save(job)
 
     def _expire(self) -> None:
         horizon = time.time() - self.keep_seconds

@@ -65,6 +65,11 @@ def served(engine, tmp_path):
     jobs.close(timeout=60)
 
 
+def _outputs(directory: Path) -> list[str]:
+    """What jobs wrote there, their records aside."""
+    return sorted(p.name for p in directory.iterdir() if not p.name.endswith(".job.json"))
+
+
 def _wait(client, job_id: str, headers=None) -> dict:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -120,14 +125,14 @@ def test_delete_ends_a_running_job_within_one_step_and_a_queued_one_at_once(engi
         gate.release.set()
         done = _wait(client, first["id"])
         assert done["status"] == "cancelled" and done["progress"]["step"] == 1 and done["content"] == []
-        assert list((tmp_path / "out").iterdir()) == []  # nothing decoded, nothing written
+        assert _outputs(tmp_path / "out") == []  # nothing decoded, nothing written
         assert client.get(f"/v1/videos/{first['id']}/content").status_code == 409
         finished = client.post("/v1/videos", json=JOB).json()
         assert _wait(client, finished["id"])["status"] == "succeeded"
-        written = list((tmp_path / "out").iterdir())
-        assert [p.name for p in written] == [f"{finished['id']}.mp4"]
+        assert _outputs(tmp_path / "out") == [f"{finished['id']}.mp4"]
         deleted = client.delete(f"/v1/videos/{finished['id']}").json()
-        assert deleted["deleted"] and not written[0].exists()
+        assert deleted["deleted"] and not (tmp_path / "out" / f"{finished['id']}.mp4").exists()
+        assert not (tmp_path / "out" / f"{finished['id']}.job.json").exists()
         assert client.get(f"/v1/videos/{finished['id']}").status_code == 404
     finally:
         gate.release.set()
@@ -220,6 +225,7 @@ def test_finished_jobs_and_only_their_files_expire(engine, tmp_path):
         time.sleep(0.6)
         assert client.get(f"/v1/videos/{job['id']}").status_code == 404
         assert not video.exists() and mine.read_text() == "not the server's"
+        assert not (tmp_path / "out" / f"{job['id']}.job.json").exists()
     finally:
         jobs.close(timeout=60)
 
@@ -333,7 +339,82 @@ def test_a_job_cancelled_in_a_running_batch_ends_at_the_next_step_and_the_rest_g
         cancelled, done = _wait(client, first["id"]), _wait(client, second["id"])
         assert cancelled["status"] == "cancelled" and cancelled["progress"]["step"] == 2  # the next step
         assert done["status"] == "succeeded" and done["timings"]["batch"] == 2
-        assert [p.name for p in (tmp_path / "out").iterdir()] == [f"{second['id']}.mp4"]
+        assert _outputs(tmp_path / "out") == [f"{second['id']}.mp4"]
     finally:
         gate.release.set()
         jobs.close(timeout=60)
+
+
+def test_jobs_outlive_their_queue(engine, tmp_path):
+    """A queue closed mid-run leaves its running and queued jobs queued in their records; the next queue on
+    the directory runs them, and serves what the first one finished."""
+    gate = Gate(after_step=1)
+    jobs, client = _server(engine, tmp_path)
+    done = client.post("/v1/videos", json=JOB).json()
+    assert _wait(client, done["id"])["status"] == "succeeded"
+    gate.inner, jobs.events.on_step = jobs.events.on_step, gate
+    running, queued = (client.post("/v1/videos", json={**JOB, "seed": s}).json() for s in (2, 3))
+    assert gate.reached.wait(60)
+    closing = threading.Thread(target=jobs.close, kwargs={"timeout": 60})
+    closing.start()
+    time.sleep(0.2)
+    gate.release.set()  # the held job meets the closed queue at its next step
+    closing.join(60)
+    records = {p.name: json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.job.json")}
+    assert {r["id"]: r["status"] for r in records.values()} == {
+        done["id"]: "succeeded",
+        running["id"]: "queued",
+        queued["id"]: "queued",
+    }
+    again, client = _server(engine, tmp_path)
+    try:
+        assert client.get(f"/v1/videos/{done['id']}/content").status_code == 200
+        for job in (running, queued):
+            assert _wait(client, job["id"])["status"] == "succeeded"
+        assert _outputs(tmp_path / "out") == sorted(f"{j['id']}.mp4" for j in (done, running, queued))
+    finally:
+        again.close(timeout=60)
+
+
+def test_a_job_survives_a_killed_server(tmp_path):
+    """`cvg serve` killed (SIGKILL) mid-job; started again on the same --out-dir, it has the job back and
+    runs it from its first step (then cancelled, to keep the test short)."""
+    import httpx
+
+    def start():
+        port = _free_port()
+        command = [sys.executable, "-m", "cvg", "serve", "--model", str(MODEL), "--port", str(port)]
+        command += ["--steps", "4", "--engine", "eager", "--out-dir", str(tmp_path / "out")]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stderr.read()
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    return process, base
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "cvg serve did not start"
+                time.sleep(0.2)
+
+    process, base = start()
+    try:
+        job = httpx.post(f"{base}/v1/videos", json={**JOB, "num_inference_steps": 200}, timeout=30).json()
+        while httpx.get(f"{base}/v1/videos/{job['id']}", timeout=30).json()["progress"]["step"] < 2:
+            time.sleep(0.05)
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+    process, base = start()
+    try:
+        deadline = time.monotonic() + 120
+        while (view := httpx.get(f"{base}/v1/videos/{job['id']}", timeout=30).json())["progress"]["step"] < 1:
+            assert view["status"] in ("queued", "running") and time.monotonic() < deadline, view
+            time.sleep(0.05)
+        assert view["status"] == "running" and view["progress"]["total"] == 200
+        httpx.delete(f"{base}/v1/videos/{job['id']}", timeout=30)
+        while (view := httpx.get(f"{base}/v1/videos/{job['id']}", timeout=30).json())["status"] != "cancelled":
+            assert time.monotonic() < deadline, view
+            time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
