@@ -383,23 +383,28 @@ class JobQueue:
 
     def _restore(self) -> None:
         """The jobs recorded in the directory, oldest first: finished ones as they ended, the others queued
-        again from their first step (a process that stopped mid-run wrote nothing of them)."""
-        records = []
+        again from their first step (a process that stopped mid-run wrote nothing of them). A record that
+        cannot be read is left where it is, with a warning: it is not this queue's to delete."""
+        jobs = []
         for path in self.directory.iterdir():
             if RECORD.fullmatch(path.name):
                 try:
-                    records.append(json.loads(path.read_text()))
-                except (OSError, ValueError) as e:  # not ours to delete: say so and leave it
-                    warnings.warn(f"cvg serve: job record {path.name} is unreadable ({e}); left as it is", stacklevel=2)
-        for record in sorted(records, key=lambda r: r["created"]):
-            files = {k: self.directory / name for k, name in record.pop("files").items()}
-            files = {k: path for k, path in files.items() if path.exists()}  # what is left of its outputs
-            job = Job(**{**record, "request": VideoJobRequest(**record["request"]), "files": files})
+                    jobs.append(self._job_from(json.loads(path.read_text())))
+                except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+                    warnings.warn(
+                        f"cvg serve: job record {path.name} is unreadable ({e!r}); left as it is", stacklevel=2
+                    )
+        for job in sorted(jobs, key=lambda j: j.created):
             self._jobs[job.id] = job
             if job.status not in FINISHED:
                 job.status, job.started = "queued", None
                 self._waiting.append(job.id)
                 self._save(job)
+
+    def _job_from(self, record: dict) -> Job:
+        files = {k: self.directory / name for k, name in record.pop("files").items()}
+        files = {k: path for k, path in files.items() if path.exists()}  # what is left of its outputs
+        return Job(**{**record, "request": VideoJobRequest(**record["request"]), "files": files})
 
     def _expire(self) -> None:
         horizon = time.time() - self.keep_seconds

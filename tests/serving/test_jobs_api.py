@@ -366,12 +366,17 @@ def test_jobs_outlive_their_queue(engine, tmp_path):
         running["id"]: "queued",
         queued["id"]: "queued",
     }
-    again, client = _server(engine, tmp_path)
+    (tmp_path / "out" / f"{'f' * 32}.job.json").write_text('{"id": "torn')  # not JSON: warned about, kept
+    (tmp_path / "out" / f"{'e' * 32}.job.json").write_text('{"id": "x"}')  # not a job record
+    with pytest.warns(UserWarning, match="is unreadable"):
+        again, client = _server(engine, tmp_path)
+    assert (tmp_path / "out" / f"{'f' * 32}.job.json").exists()
     try:
         assert client.get(f"/v1/videos/{done['id']}/content").status_code == 200
         for job in (running, queued):
             assert _wait(client, job["id"])["status"] == "succeeded"
         assert _outputs(tmp_path / "out") == sorted(f"{j['id']}.mp4" for j in (done, running, queued))
+        assert client.get(f"/v1/videos/{'e' * 32}").status_code == 404
     finally:
         again.close(timeout=60)
 
