@@ -81,17 +81,14 @@ class CogVideoXSolver:
         accepted = inspect.signature(scheduler.step).parameters
         self.kwargs = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in accepted}
         self.previous: tuple[torch.Tensor, torch.Tensor] | None = None  # (timestep, predicted sample)
+        # Per step of the schedule set before this solver is made, then 0 (as flow-matching schedulers list them).
+        alpha = scheduler.alphas_cumprod[scheduler.timesteps.cpu().long()].double()
+        signal, noise = alpha.sqrt(), (1 - alpha).sqrt()
+        self.sigmas = torch.cat([noise / (signal + noise), torch.zeros(1, dtype=alpha.dtype)]).float()
 
     @property
     def timesteps(self) -> torch.Tensor:
         return self.scheduler.timesteps
-
-    @property
-    def sigmas(self) -> torch.Tensor:
-        """Per step, then 0 at the end (as flow-matching schedulers list them)."""
-        alpha = self.scheduler.alphas_cumprod[self.scheduler.timesteps.cpu().long()].double()
-        signal, noise = alpha.sqrt(), (1 - alpha).sqrt()
-        return torch.cat([noise / (signal + noise), torch.zeros(1, dtype=alpha.dtype)]).float()
 
     def step(self, noise: torch.Tensor, t: torch.Tensor, latents: torch.Tensor, return_dict: bool = False) -> tuple:
         if not isinstance(self.scheduler, CogVideoXDPMScheduler):

@@ -37,6 +37,7 @@ from cvg.serving.service import Engine, EngineConfig
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
 RECORD = re.compile(r"([0-9a-f]{32})\.job\.json")
+OUTPUTS = {"video": "{id}.mp4", "maps": "{id}.maps.png"}  # a job's files, by kind: named by its id alone
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ class Job:
     finished: float | None = None
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
-    files: dict[str, Path] = field(default_factory=dict)  # "video", "maps": what this job wrote
+    files: dict[str, Path] = field(default_factory=dict)  # kind ("video", "maps") -> what this job wrote
     served_by: str = ""
     cancel_requested: threading.Event = field(default_factory=threading.Event)
 
@@ -137,7 +138,7 @@ class Job:
         return {
             **{k: getattr(self, k) for k in fields},
             "request": asdict(self.request),
-            "files": {k: p.name for k, p in self.files.items()},
+            "files": sorted(self.files),  # their kinds: the names follow from the id (OUTPUTS)
         }
 
     def view(self) -> dict:
@@ -351,11 +352,14 @@ class JobQueue:
         return outcomes
 
     def _write(self, job: Job, result: VideoResult) -> dict[str, Path]:
-        files = {"video": save_frames(result.frames, self.directory / f"{job.id}.mp4", fps=self.fps)}
+        files = {"video": save_frames(result.frames, self._output(job.id, "video"), fps=self.fps)}
         if result.maps is not None:
             picture = maps_picture(result.maps, result.frames, result.entities)
-            files["maps"] = save_image(picture, self.directory / f"{job.id}.maps.png")
+            files["maps"] = save_image(picture, self._output(job.id, "maps"))
         return files
+
+    def _output(self, job_id: str, kind: str) -> Path:
+        return self.directory / OUTPUTS[kind].format(id=job_id)
 
     def _finish(self, job: Job, status: str, error: str | None = None) -> None:
         job.status, job.error, job.finished = status, error, time.time()
@@ -402,7 +406,10 @@ class JobQueue:
                 self._save(job)
 
     def _job_from(self, record: dict) -> Job:
-        files = {k: self.directory / name for k, name in record.pop("files").items()}
+        if not RECORD.fullmatch(f"{record['id']}.job.json"):
+            raise ValueError(f"a job id of 32 hex digits, got {str(record['id'])[:40]!r}")
+        # Paths come from the id and known kinds, never from the record: a record cannot point elsewhere.
+        files = {k: self._output(record["id"], k) for k in record.pop("files") if k in OUTPUTS}
         files = {k: path for k, path in files.items() if path.exists()}  # what is left of its outputs
         return Job(**{**record, "request": VideoJobRequest(**record["request"]), "files": files})
 

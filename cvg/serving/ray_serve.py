@@ -95,7 +95,7 @@ class RayRunner:
         return self._base()[1]
 
     def settings(self, request: VideoJobRequest) -> EngineConfig:
-        return replace(self._base()[0], **{k: v for k, v in request.overrides().items() if v is not None})
+        return self._base()[0].with_overrides(**request.overrides())
 
     def check(self, request: VideoJobRequest) -> None:
         reason = self.generator.check.remote(request).result()

@@ -37,6 +37,10 @@ class EngineConfig:
     max_sequence_length: int = 512
     max_composition_tokens: int = 16  # per request; more is refused rather than silently truncated
 
+    def with_overrides(self, **overrides) -> EngineConfig:
+        """These settings with a request's `overrides` (None keeps the setting)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
 
 class Engine:
     def __init__(
@@ -98,7 +102,7 @@ class Engine:
     def settings(self, **overrides) -> EngineConfig:
         """The engine's call settings with a request's `overrides` (height, width, num_frames,
         num_inference_steps, guidance_scale; None keeps the engine's)."""
-        return replace(self.config, **{k: v for k, v in overrides.items() if v is not None})
+        return self.config.with_overrides(**overrides)
 
     def check(
         self,

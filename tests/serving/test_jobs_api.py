@@ -423,3 +423,35 @@ def test_a_job_survives_a_killed_server(tmp_path):
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=60)
+
+
+def test_a_record_cannot_make_the_queue_delete_a_file_it_did_not_write(engine, tmp_path):
+    """Output paths follow from the job id: a record naming another file (here, an old job's record edited
+    by hand) never leads the queue to it, even when the job expires and its files are removed."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone else's")
+    out = tmp_path / "out"
+    out.mkdir()
+    job_id = "d" * 32
+    (out / f"{job_id}.mp4").write_bytes(b"an old output")
+    record = {
+        "id": job_id,
+        "status": "succeeded",
+        "total": 4,
+        "created": 0.0,
+        "started": 0.0,
+        "finished": 0.0,
+        "error": None,
+        "timings": {},
+        "served_by": "",
+        "request": {"prompt": PROMPT},
+        "files": {"video": "../victim.txt"},
+    }
+    (out / f"{job_id}.job.json").write_text(json.dumps(record))
+    jobs, client = _server(engine, tmp_path, keep_seconds=1.0)
+    try:
+        assert client.get(f"/v1/videos/{job_id}").status_code == 404  # finished long ago: expired at once
+        assert victim.read_text() == "someone else's"
+        assert not (out / f"{job_id}.mp4").exists() and not (out / f"{job_id}.job.json").exists()
+    finally:
+        jobs.close(timeout=60)
