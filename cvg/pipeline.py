@@ -322,7 +322,10 @@ class CVGPipeline:
 
         with ExitStack() as caches:
             cache_steps = [
-                caches.enter_context(cached_after(m, self.cache, guided_steps)) for m in self.experts.values()
+                caches.enter_context(
+                    cached_after(m, self.cache, guided_steps, sum(s is experts[n] for s in served[guided_steps:]))
+                )
+                for n, m in self.experts.items()
             ]
 
             def cache_step(i: int) -> None:

@@ -14,6 +14,7 @@ from cvg.guidance import sampler
 from cvg.guidance.composition import CompositionError
 from cvg.guidance.config import GuidanceConfig
 from cvg.guidance.objectives import MotionDirection, SpatialRelation
+from cvg.models.caching import WAN_TAYLORSEER_MODULES
 from cvg.models.wan import cast_transformer
 from cvg.pipeline import CVGPipeline
 
@@ -408,18 +409,35 @@ def test_batched_cfg_is_the_two_forwards_in_one(tiny_pipe, engine):
     assert torch.equal(runs[False].objective_values[0], runs[True].objective_values[0])  # the first guided read
 
 
-def test_a_step_cache_serves_only_the_steps_after_the_guided_ones(tiny_pipe):
-    """diffusers' FirstBlockCache on the later steps: the guided steps run as without it (same objective
-    values), the later ones change, the cache is on exactly from the first unguided step and off after the
-    call, also when the call raises; with a step engine it is refused."""
-    from diffusers import FirstBlockCacheConfig
+SERVED = SMALL["num_inference_steps"] - 2  # the steps a cache serves after 2 guided ones
 
+
+def _step_caches() -> dict:
+    """One config of each of diffusers' step caches that works on Wan, set to skip or predict what it can."""
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+    return {
+        "first-block": FirstBlockCacheConfig(threshold=1e9),
+        "taylorseer": TaylorSeerCacheConfig(
+            cache_interval=2, disable_cache_before_step=1, cache_identifiers=WAN_TAYLORSEER_MODULES
+        ),
+        "magcache": MagCacheConfig(
+            threshold=1e9, retention_ratio=0.0, num_inference_steps=SERVED, mag_ratios=[1.0] * SERVED
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["first-block", "taylorseer", "magcache"])
+def test_a_step_cache_serves_only_the_steps_after_the_guided_ones(tiny_pipe, name):
+    """diffusers' FirstBlockCache, TaylorSeer and MagCache on the later steps: the guided steps run as without
+    it (same objective values), the later ones change, the cache is on exactly from the first unguided step
+    and off after the call, also when the call raises; with a step engine it is refused."""
     prompt, composition = PROMPTS["spatial"]
     kw = dict(SMALL, guidance_scale=5.0, output_type="latent", guide_steps=2)
     config = GuidanceConfig(strength=0.3, pool=(1, 1, 1))
     transformer = tiny_pipe.transformer
     runs, seen = {}, {}
-    for cache in (None, FirstBlockCacheConfig(threshold=1e9)):  # that threshold skips every block it can
+    for cache in (None, _step_caches()[name]):
         pipe = CVGPipeline(tiny_pipe, SpatialRelation(), config, cache=cache)
         on = seen[cache is not None] = []
         runs[cache is not None] = pipe(
@@ -440,12 +458,39 @@ def test_a_step_cache_serves_only_the_steps_after_the_guided_ones(tiny_pipe):
         if i == 3:
             raise RuntimeError("stop")
 
-    pipe = CVGPipeline(tiny_pipe, SpatialRelation(), config, cache=FirstBlockCacheConfig())
+    pipe = CVGPipeline(tiny_pipe, SpatialRelation(), config, cache=_step_caches()[name])
     with pytest.raises(RuntimeError, match="stop"):
         pipe(prompt, composition, generator=_seeded(0), on_step=fail, **kw)
     assert not transformer.is_cache_enabled
     with pytest.raises(ValueError, match="cache runs on eager diffusers forwards"):
-        CVGPipeline(tiny_pipe, cache=FirstBlockCacheConfig(), engine="torch")
+        CVGPipeline(tiny_pipe, cache=_step_caches()[name], engine="torch")
+
+
+def test_a_step_cache_that_would_do_nothing_or_misread_its_steps_is_refused_before_a_step(tiny_pipe):
+    """diffusers' TaylorSeer defaults match no Wan module (it would run uncached, silently); MagCache's ratios
+    are per served step, so a config for another count would skip the wrong steps: one-line errors, raised
+    before the first step, the transformer left without a cache."""
+    from diffusers import MagCacheConfig, TaylorSeerCacheConfig
+
+    prompt, composition = PROMPTS["spatial"]
+    kw = dict(SMALL, guidance_scale=5.0, output_type="latent", guide_steps=2)
+    steps = []
+    refused = [
+        (
+            TaylorSeerCacheConfig(),
+            "TaylorSeerCacheConfig hooks no module of this WanTransformer3DModel.*cache_identifiers",
+        ),
+        (
+            MagCacheConfig(num_inference_steps=6, mag_ratios=[1.0] * 6),
+            rf"MagCacheConfig\(num_inference_steps=6\): the cache serves {SERVED} steps here.*"
+            rf"num_inference_steps={SERVED}",
+        ),
+    ]
+    for cache, message in refused:
+        pipe = CVGPipeline(tiny_pipe, SpatialRelation(), GuidanceConfig(pool=(1, 1, 1)), cache=cache)
+        with pytest.raises(ValueError, match=message):
+            pipe(prompt, composition, generator=_seeded(0), on_step=lambda i, t, x: steps.append(i), **kw)
+        assert steps == [] and not tiny_pipe.transformer.is_cache_enabled
 
 
 def test_first_block_cache_on_a_single_block_is_a_clear_error():

@@ -201,6 +201,14 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         help="diffusers' FirstBlockCache at this threshold on the unguided steps after the guided ones "
         "(default off; time and verdicts in benchmarks/RESULTS.md)",
     )
+    parser.add_argument(
+        "--taylorseer-cache",
+        type=POSITIVE,
+        metavar="INTERVAL",
+        help="diffusers' TaylorSeer on the unguided steps after the guided ones: each block's attentions and "
+        "feed-forward computed every INTERVAL steps and predicted between (default off; time and verdicts in "
+        "benchmarks/RESULTS.md)",
+    )
 
 
 def _dtype_flag(parser: argparse.ArgumentParser) -> None:
@@ -221,8 +229,12 @@ def _load(args: argparse.Namespace):
 
     guidance = config_from(args, GuidanceConfig, GUIDANCE_FLAGS)
     objective = None if args.objective == "auto" else objective_for(args.objective)
-    if args.engine is not None and args.first_block_cache is not None:
-        raise ValueError("--first-block-cache runs on eager diffusers forwards; --engine bypasses its hooks")
+    caches = [flag for flag in ("first_block_cache", "taylorseer_cache") if getattr(args, flag) is not None]
+    if len(caches) > 1:
+        raise ValueError("--first-block-cache and --taylorseer-cache: choose one step cache")
+    if args.engine is not None and caches:
+        flag = "--" + caches[0].replace("_", "-")
+        raise ValueError(f"{flag} runs on eager diffusers forwards; --engine bypasses its hooks")
     pipe = CVGPipeline.from_pretrained(
         args.model,
         objective=objective,
@@ -236,6 +248,14 @@ def _load(args: argparse.Namespace):
         from diffusers import FirstBlockCacheConfig
 
         pipe.cache = FirstBlockCacheConfig(threshold=args.first_block_cache)
+    if args.taylorseer_cache is not None:
+        from diffusers import TaylorSeerCacheConfig
+
+        from cvg.models.caching import WAN_TAYLORSEER_MODULES
+
+        pipe.cache = TaylorSeerCacheConfig(
+            cache_interval=args.taylorseer_cache, cache_identifiers=WAN_TAYLORSEER_MODULES
+        )
     if args.classifier:
         pipe.load_classifier(args.classifier)
     call = {

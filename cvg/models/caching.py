@@ -9,16 +9,21 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-from diffusers import FirstBlockCacheConfig
+from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+# The modules TaylorSeer predicts on Wan: each block's attentions and feed-forward. diffusers' defaults
+# (`blocks.*attn`) match no Wan module name (they end in attn1, attn2).
+WAN_TAYLORSEER_MODULES = [r"^blocks\.\d+\.(attn1|attn2|ffn)$"]
 
 
 @contextmanager
 def cached_after(
-    transformer: torch.nn.Module, config: object | None, first_step: int
+    transformer: torch.nn.Module, config: object | None, first_step: int, served_steps: int | None = None
 ) -> Iterator[Callable[[int], None]]:
     """Yields `step_done(i)`, to be called after each denoising step: the cache `config` (None: none) is
     enabled once step `first_step - 1` is done (at once when `first_step` is 0), and disabled on the way
-    out, whatever raised."""
+    out, whatever raised. `served_steps`: how many steps the cache will serve (MagCache's ratios are per
+    served step)."""
     if config is None:
         yield lambda i: None
         return
@@ -27,10 +32,7 @@ def cached_after(
             f"the transformer already runs a {type(transformer._cache_config).__name__}; disable it "
             "(transformer.disable_cache()) before asking cvg for one"
         )
-    if isinstance(config, FirstBlockCacheConfig) and len(getattr(transformer, "blocks", ())) < 2:
-        raise ValueError(
-            "FirstBlockCache needs a transformer of at least 2 blocks (it skips the blocks after the first)"
-        )
+    check_cache(transformer, config, served_steps)
 
     def step_done(i: int) -> None:
         if i + 1 == first_step:
@@ -43,3 +45,33 @@ def cached_after(
     finally:
         if transformer.is_cache_enabled:  # ours: none was on at the start
             transformer.disable_cache()
+
+
+def check_cache(transformer: torch.nn.Module, config: object, served_steps: int | None = None) -> None:
+    """A one-line ValueError where `config` would do nothing or the wrong thing on `transformer`, before any
+    step runs: FirstBlockCache on one block; MagCache calibrated for another number of served steps (its
+    ratios are indexed by the step it serves); a cache whose module patterns match nothing here (diffusers'
+    TaylorSeer defaults name `blocks.*attn`, which no Wan module's name ends with: it would run uncached,
+    silently)."""
+    if isinstance(config, FirstBlockCacheConfig) and len(getattr(transformer, "blocks", ())) < 2:
+        raise ValueError(
+            "FirstBlockCache needs a transformer of at least 2 blocks (it skips the blocks after the first)"
+        )
+    if isinstance(config, MagCacheConfig) and served_steps is not None and config.num_inference_steps != served_steps:
+        raise ValueError(
+            f"MagCacheConfig(num_inference_steps={config.num_inference_steps}): the cache serves {served_steps} "
+            f"steps here (those after the guided ones); calibrate and set num_inference_steps={served_steps}"
+        )
+    transformer.enable_cache(config)
+    try:
+        hooked = sum(
+            bool(getattr(m, "_diffusers_hook", None) and m._diffusers_hook._hook_order) for m in transformer.modules()
+        )
+    finally:
+        transformer.disable_cache()
+    if not hooked:
+        hint = f" (for Wan: cache_identifiers={WAN_TAYLORSEER_MODULES}, or use_lite_mode=True)"
+        raise ValueError(
+            f"{type(config).__name__} hooks no module of this {type(transformer).__name__}, so nothing would be "
+            f"cached{hint if isinstance(config, TaylorSeerCacheConfig) else ''}"
+        )

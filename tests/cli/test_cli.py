@@ -13,6 +13,7 @@ from cvg.cli import build_parser, generation, main
 from cvg.cli.arguments import config_from
 from cvg.cli.generation import GUIDANCE_FLAGS
 from cvg.guidance.config import GuidanceConfig
+from cvg.models.caching import WAN_TAYLORSEER_MODULES
 
 SMALL = [
     "--height",
@@ -58,28 +59,44 @@ def test_geometric_flag(flag, geometric):
 
 
 @pytest.mark.parametrize(
-    ("flags", "batched", "threshold", "engine"),
+    ("flags", "batched", "cache", "engine"),
     [
         ([], False, None, None),
         (["--batch-cfg"], True, None, None),
-        (["--first-block-cache", "0.1"], False, 0.1, None),
+        (["--first-block-cache", "0.1"], False, ("FirstBlockCacheConfig", "threshold", 0.1), None),
+        (["--taylorseer-cache", "3"], False, ("TaylorSeerCacheConfig", "cache_interval", 3), None),
         (["--engine", "compiled", "--batch-cfg"], True, None, "compiled"),
     ],
 )
-def test_execution_flags_reach_the_pipeline(tiny_model_dir, flags, batched, threshold, engine):
+def test_execution_flags_reach_the_pipeline(tiny_model_dir, flags, batched, cache, engine):
     """`--batch-cfg` runs the two forwards of classifier-free guidance as one batch, `--first-block-cache`
-    caches the later steps, `--engine` runs them on a step engine; all off by default."""
+    and `--taylorseer-cache` cache the later steps (TaylorSeer on Wan's modules), `--engine` runs them on a
+    step engine; all off by default."""
     argv = ["generate", "--model", str(tiny_model_dir), "--prompt", "p", "--out", "o.mp4", *flags]
     pipe, _ = generation._load(build_parser().parse_args(argv))
     assert pipe.batch_cfg is batched
-    assert (pipe.cache and pipe.cache.threshold) == threshold
+    if cache is None:
+        assert pipe.cache is None
+    else:
+        kind, field, value = cache
+        assert (type(pipe.cache).__name__, getattr(pipe.cache, field)) == (kind, value)
+    if "--taylorseer-cache" in flags:
+        assert pipe.cache.cache_identifiers == WAN_TAYLORSEER_MODULES
     assert pipe.engine == engine
 
 
-def test_a_cache_with_an_engine_is_refused():
-    argv = ["generate", "--model", "m", "--prompt", "p", "--out", "o.mp4", "--engine", "torch"]
-    with pytest.raises(ValueError, match="--first-block-cache runs on eager diffusers forwards"):
-        generation._load(build_parser().parse_args([*argv, "--first-block-cache", "0.1"]))
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--engine", "torch", "--first-block-cache", "0.1"], "--first-block-cache runs on eager diffusers forwards"),
+        (["--engine", "torch", "--taylorseer-cache", "2"], "--taylorseer-cache runs on eager diffusers forwards"),
+        (["--first-block-cache", "0.1", "--taylorseer-cache", "2"], "choose one step cache"),
+    ],
+)
+def test_a_cache_with_an_engine_or_another_cache_is_refused(flags, message):
+    argv = ["generate", "--model", "m", "--prompt", "p", "--out", "o.mp4", *flags]
+    with pytest.raises(ValueError, match=message):
+        generation._load(build_parser().parse_args(argv))
 
 
 def test_generate_mp4_and_maps(tiny_model_dir, tmp_path, capsys):

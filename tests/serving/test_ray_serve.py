@@ -1,5 +1,6 @@
 """`cvg serve` on Ray Serve, on a local Ray cluster on this CPU: two generator replicas serve 8 concurrent
-jobs through the same HTTP API, and a replica killed mid-job loses no job silently."""
+jobs through the same HTTP API, a generator replica killed mid-job loses no job silently, and the ingress
+killed mid-job comes back (Serve restarts it) with its jobs, read from their records."""
 
 import io
 import socket
@@ -57,6 +58,22 @@ def _finished(base: str, job_id: str, timeout: float = 300) -> dict:
     return view
 
 
+def _actors(kind: str) -> list[dict]:
+    """The live Serve replicas of deployment `kind` (actors named SERVE_REPLICA::app#deployment#<id>)."""
+    return [a for a in ray.util.list_named_actors(all_namespaces=True) if f"#{kind}#" in a["name"]]
+
+
+def _kill(actor: dict) -> None:
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+
+
+def _running(base: str, ids: list[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(httpx.get(f"{base}/v1/videos/{i}", timeout=60).json()["progress"]["step"] for i in ids):
+        assert time.monotonic() < deadline, "the jobs never started"
+        time.sleep(0.05)
+
+
 def test_two_replicas_serve_eight_concurrent_jobs(cluster):
     with ThreadPoolExecutor(8) as pool:
         ids = list(pool.map(lambda i: _submit(cluster, i), range(8)))
@@ -71,13 +88,10 @@ def test_two_replicas_serve_eight_concurrent_jobs(cluster):
 
 def test_a_replica_killed_mid_job_loses_no_job_silently(cluster):
     ids = [_submit(cluster, i) for i in range(2)]
-    deadline = time.monotonic() + 120
-    while not all(httpx.get(f"{cluster}/v1/videos/{i}", timeout=60).json()["progress"]["step"] for i in ids):
-        assert time.monotonic() < deadline, "the jobs never started"
-        time.sleep(0.05)
-    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "VideoGenerator" in a["name"]]
+    _running(cluster, ids)
+    replicas = _actors("VideoGenerator")
     assert len(replicas) == 2
-    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    _kill(replicas[0])
     killed = replicas[0]["name"].rsplit("#", 1)[-1]  # SERVE_REPLICA::app#deployment#<replica id>
     views = [_finished(cluster, job_id) for job_id in ids]
     for view in views:  # each job either ran again elsewhere or failed saying why; none hangs or vanishes
@@ -90,3 +104,28 @@ def test_a_replica_killed_mid_job_loses_no_job_silently(cluster):
         if view["status"] == "succeeded":
             content = httpx.get(f"{cluster}/v1/videos/{view['id']}/content", timeout=60).content
             assert len(imageio.mimread(io.BytesIO(content), format="mp4")) == 17
+
+
+def test_the_ingress_killed_mid_job_comes_back_with_its_jobs(cluster):
+    done, job = _submit(cluster, 2), _submit(cluster, 3)
+    assert _finished(cluster, done)["status"] == "succeeded"
+    _running(cluster, [job])
+    (ingress,) = _actors("VideoApi")
+    _kill(ingress)  # the job table goes with it; the records on disk stay
+    deadline = time.monotonic() + 180
+    while True:  # the proxy has no ingress (5xx, or no answer) until Serve has started another
+        try:
+            answer = httpx.get(f"{cluster}/v1/videos/{job}", timeout=10)
+            if answer.status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "Serve never brought the ingress back"
+        time.sleep(0.5)
+    assert [a["name"] for a in _actors("VideoApi")] != [ingress["name"]]
+    view = _finished(cluster, job)
+    assert view["status"] == "succeeded", view  # run again from its first step by the new ingress
+    assert _finished(cluster, done)["status"] == "succeeded"  # the finished job is served from its record
+    for job_id in (done, job):
+        content = httpx.get(f"{cluster}/v1/videos/{job_id}/content", timeout=60).content
+        assert len(imageio.mimread(io.BytesIO(content), format="mp4")) == 17
