@@ -8,7 +8,9 @@ Two deployments: `VideoGenerator`, one `Engine` per replica, runs a batch of job
 and hands batches to the generators through a `RayRunner`, with as many job workers as generator replicas
 (autoscaling on ongoing requests adds replicas up to `max_replicas`). A generator replica that dies
 mid-batch (killed, out of memory) fails nothing silently: the batch is retried once on another replica,
-and a second failure fails its jobs with the reason. Needs the `serve` extra's Ray (`pip install "ray[serve]"`).
+and a second failure fails its jobs with the reason. An ingress that dies is started again by Serve; it
+reads the job records on its directory (`JobQueue`), serves the finished jobs and runs again those that were
+queued or running (tested). Needs the `serve` extra's Ray (`pip install "ray[serve]"`).
 """
 
 from __future__ import annotations
