@@ -1,5 +1,7 @@
 """Two cvg processes on one machine: per-clip time alone and side by side, with cvg's threading policy
-(`cvg.threads`: passive OpenMP waiting, threads sized to the cores) and with libgomp's active waiting.
+(`cvg.threads`: passive OpenMP waiting, threads sized to the cores), with idle workers spinning for
+GOMP_SPINCOUNT turns before they sleep (libgomp's default when OMP_WAIT_POLICY is unset is 300k, "about
+3 ms"), and with libgomp's active waiting.
 
     python benchmarks/shared_cores.py --write benchmarks/RESULTS.md
 
@@ -34,11 +36,22 @@ for seed in range(int(sys.argv[2]) + 1):
     seconds.append(time.perf_counter() - start)
 print(json.dumps({"seconds": seconds[1:], "threads": torch.get_num_threads()}))
 """
-POLICIES = {"cvg (passive, sized)": {}, "active waiting": {"OMP_WAIT_POLICY": "ACTIVE"}}
+POLICIES = {
+    "cvg (passive, sized)": {},
+    "spin 300": {"GOMP_SPINCOUNT": "300"},
+    "spin 3k": {"GOMP_SPINCOUNT": "3000"},
+    "spin 30k": {"GOMP_SPINCOUNT": "30000"},
+    "spin 300k (libgomp's default)": {"GOMP_SPINCOUNT": "300000"},
+    "active waiting": {"OMP_WAIT_POLICY": "ACTIVE"},
+}
 
 
 def run(processes: int, clips: int, env: dict[str, str]) -> list[dict]:
-    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "CVG_NUM_THREADS")}
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "CVG_NUM_THREADS")
+    }
     argv = [sys.executable, "-c", CHILD, str(MODEL), str(clips)]
     children = [
         subprocess.Popen(argv, env={**base, **env}, stdout=subprocess.PIPE, text=True) for _ in range(processes)

@@ -8,7 +8,9 @@ with a second process running. So cvg:
 - sets `OMP_WAIT_POLICY=PASSIVE` unless the environment says otherwise: idle workers sleep. libgomp reads
   it once, when it is loaded, so `import cvg` must come before `import torch` for it to take effect
   (`python -m cvg` and `cvg` do); otherwise set it yourself. Sleeping workers wake later: a process
-  alone ran 20-40% slower (benchmarks/RESULTS.md), so one with the machine to itself may set ACTIVE.
+  alone runs about a third slower than with workers that spin a while first (benchmarks/RESULTS.md,
+  shared_cores), so one with the cores to itself should set GOMP_SPINCOUNT=3000 (most of the gain, the
+  least harm if another process turns up; ACTIVE was slower alone and 4× slower shared).
 - sizes torch's intra-op pool to the cores this process is given (its CPU affinity and its cgroup's CPU
   quota), never more. `CVG_NUM_THREADS=N` (the knob) sets it outright; `OMP_NUM_THREADS` is respected.
 """
