@@ -9,8 +9,9 @@ with a second process running. So cvg:
   it once, when it is loaded, so `import cvg` must come before `import torch` for it to take effect
   (`python -m cvg` and `cvg` do); otherwise set it yourself. Sleeping workers wake later: a process
   alone runs about a third slower than with workers that spin a while first (benchmarks/RESULTS.md,
-  shared_cores), so one with the cores to itself should set GOMP_SPINCOUNT=3000 (most of the gain, the
-  least harm if another process turns up; ACTIVE was slower alone and 4× slower shared).
+  shared_cores), so a script with the cores to itself may set GOMP_SPINCOUNT=3000 (most of the gain, the
+  least harm if another process turns up; ACTIVE was slower alone and 4× slower shared). Measured from
+  the main thread: generations run from a worker thread (`cvg serve`'s jobs) gained little.
 - sizes torch's intra-op pool to the cores this process is given (its CPU affinity and its cgroup's CPU
   quota), never more. `CVG_NUM_THREADS=N` (the knob) sets it outright; `OMP_NUM_THREADS` is respected.
 """
