@@ -10,8 +10,9 @@ with a second process running. So cvg:
   (`python -m cvg` and `cvg` do); otherwise set it yourself. Sleeping workers wake later: a process
   alone runs about a third slower than with workers that spin a while first (benchmarks/RESULTS.md,
   shared_cores), so a script with the cores to itself may set GOMP_SPINCOUNT=3000 (most of the gain, the
-  least harm if another process turns up; ACTIVE was slower alone and 4× slower shared). Measured from
-  the main thread: generations run from a worker thread (`cvg serve`'s jobs) gained little.
+  least harm if another process turns up; ACTIVE was slower alone and 4× slower shared), with all its torch
+  work on one thread: libgomp throttles spinning to 100 turns once its teams hold more threads than CPUs,
+  and every thread that runs a parallel op keeps a team.
 - sizes torch's intra-op pool to the cores this process is given (its CPU affinity and its cgroup's CPU
   quota), never more. `CVG_NUM_THREADS=N` (the knob) sets it outright; `OMP_NUM_THREADS` is respected.
 """
