@@ -1,6 +1,8 @@
-"""Killing a CLI job at a chosen moment, for the kill-and-resume tests."""
+"""Processes the tests start: killing a CLI job at a chosen moment (the kill-and-resume tests), a free
+loopback port for a server or a process group."""
 
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -15,3 +17,10 @@ def kill_when(argv: list[str], ready: Callable[[], bool], extra: float = 0.0, ti
     time.sleep(extra)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def free_port() -> int:
+    """A loopback port no one listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -15,6 +15,8 @@ gradient.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.distributed as dist
 
@@ -48,14 +50,7 @@ def shard_pool_spec(spec: PoolSpec, group: dist.ProcessGroup) -> PoolSpec:
     rank, ranks = dist.get_rank(group), dist.get_world_size(group)
     if spec.groups.numel() % ranks:
         raise ValueError(f"{spec.groups.numel()} video tokens do not split evenly over {ranks} ranks")
-    return PoolSpec(
-        spec.groups.chunk(ranks)[rank],
-        spec.tokens,
-        spec.query_weight.chunk(ranks)[rank],
-        spec.num_groups,
-        spec.num_heads,
-        spec.keep_heads,
-    )
+    return replace(spec, groups=spec.groups.chunk(ranks)[rank], query_weight=spec.query_weight.chunk(ranks)[rank])
 
 
 class _SumOverRanks(torch.autograd.Function):

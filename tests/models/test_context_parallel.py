@@ -2,25 +2,19 @@
 objective and the latent gradient of a guided step, and a guided generation, equal the single process's."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from processes import free_port
 
 RANK_SCRIPT = Path(__file__).with_name("cp_rank.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(out: Path, world: int) -> dict:
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, str(RANK_SCRIPT), "--world", str(world), "--port", str(port), "--out", str(out)]
     ranks = [
         subprocess.Popen([*command, "--rank", str(r)], env=os.environ.copy(), stderr=subprocess.PIPE, text=True)

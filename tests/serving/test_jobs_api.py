@@ -6,7 +6,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from processes import free_port
 
 from cvg.serving.api import create_app
 from cvg.serving.jobs import EngineRunner, JobQueue
@@ -237,16 +237,10 @@ def test_openapi_and_health(served):
     assert client.get("/healthz").json()["family"] == "wan2.1"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_cvg_serve_on_loopback(tmp_path):
     import httpx
 
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "cvg", "serve", "--model", str(MODEL), "--port", str(port)]
     command += ["--steps", "4", "--engine", "eager", "--out-dir", str(tmp_path / "out")]
     env = {**os.environ, "CVG_SERVE_TOKEN": "t0ken"}
@@ -387,7 +381,7 @@ def test_a_job_survives_a_killed_server(tmp_path):
     import httpx
 
     def start():
-        port = _free_port()
+        port = free_port()
         command = [sys.executable, "-m", "cvg", "serve", "--model", str(MODEL), "--port", str(port)]
         command += ["--steps", "4", "--engine", "eager", "--out-dir", str(tmp_path / "out")]
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

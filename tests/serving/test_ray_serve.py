@@ -3,13 +3,13 @@ jobs through the same HTTP API, a generator replica killed mid-job loses no job 
 killed mid-job comes back (Serve restarts it) with its jobs, read from their records."""
 
 import io
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import imageio.v2 as imageio
 import pytest
+from processes import free_port
 
 ray = pytest.importorskip("ray", reason="Ray Serve is cvg's optional 'serve' extra (pip install 'ray[serve]')")
 serve = pytest.importorskip("ray.serve")
@@ -24,16 +24,10 @@ PROMPTS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     out = tmp_path_factory.mktemp("ray-out")
     engine = {"num_inference_steps": 8, "backend": None, "threads": 1}  # 2 replicas x 1 thread on 2 cores
