@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cvg.compshapes.grammar import CATEGORIES, Clip, held_out, sample_clip
+from cvg.compshapes.grammar import CATEGORIES, SPLITS, Clip, sample_clip, split_of
 from cvg.compshapes.world import render
 from cvg.io.files import LockedError, atomic_path, locked, read_json_object, remove_stale_temporaries, write_text_atomic
 
@@ -29,18 +29,16 @@ def clip_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-SPLITS = ("all", "train", "heldout")
-
-
 def split_clip(seed: int, index: int, category: str, split: str = "all", **size) -> Clip:
-    """Clip `index` of a set with base `seed`, drawn again (fresh streams) until its prompt is in `split`:
-    "train" never yields a held-out prompt, "heldout" only those, "all" takes the first draw."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    """Clip `index` of a set with base `seed`, drawn again (fresh streams) until its prompt is in `split`
+    (`grammar.split_of`: "train", "dev" or "test") with a counterfactual of the same split; "all" takes the
+    first draw."""
+    if split not in ("all", *SPLITS):
+        raise ValueError(f"split must be one of all, {', '.join(SPLITS)}, got {split!r}")
     for attempt in range(1000):
         clip_rng = clip_seed(seed, index) if attempt == 0 else clip_seed(seed, index * 1000 + attempt)
         clip = sample_clip(clip_rng, category, **size)
-        if split == "all" or held_out(clip.prompt) == (split == "heldout"):
+        if split == "all" or (split_of(clip.prompt) == split and clip.counterfactuals):
             return clip
     raise RuntimeError(f"no {split} prompt in 1000 draws of category {category!r}")
 
@@ -169,7 +167,7 @@ def write_dataset(
     split: str = "all",
 ) -> int:
     """Write clips `0..count-1` (categories in turn) that are not there yet; returns how many were written.
-    `split` restricts prompts to the training or held-out part (see `grammar.held_out`)."""
+    `split` restricts prompts to one sealed split (see `grammar.split_of`)."""
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
     written = 0

@@ -1,27 +1,35 @@
-"""The CompShapes judge: find the objects in frames by colour, estimate their shapes, positions and
-trajectories, and say whether a composition holds, with a reason. No learned parts.
+"""The CompShapes judge: find the objects in frames by colour, name their shapes, positions and tracks,
+and say whether a composition holds, with a reason and, for a failure, whether it failed on drawing (an
+entity of the prompt missing) or on the composition (everything drawn, arranged, bound, moved or counted
+wrong). No learned parts.
 
-Detection: each pixel takes the palette colour it is nearest to, if nearer than the background and
-within `max_colour_distance`; connected regions of one colour are candidates. Within a region, each
-pixel's coverage (alpha) is its position between the background and the colour; pixels over half covered
-form the object, kept if it has at least `min_area` of them. A 3x3 median filter first removes pixel
-noise. Shape from the object's reach from its centroid in 8 directions (see `classify_shape`).
+Detection: each pixel is read as a blend of the background and one palette colour, the one whose blend
+line passes nearest (within `max_colour_distance`); its coverage (alpha) is how far along that line it
+lies. Connected regions of one colour are candidates; pixels over half covered form the object, kept if
+it has at least `min_area` of them. A 3x3 median filter first removes pixel
+noise. Shape: every CompShapes shape fills the box around its centre edge to edge, so the object's box
+gives a centre and a size, and the shape is the one whose outline there overlaps the object best
+(intersection over union, searched over half-pixel shifts); below `MIN_SHAPE_IOU` the object is a "blob",
+no shape at all.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
-from cvg.compshapes.world import BACKGROUND, COLOURS, PLURALS, SHAPE_WORDS
+from cvg.compshapes.world import BACKGROUND, COLOURS, SHAPES, WORD_TO_COLOUR, WORD_TO_SHAPE, shape_mask
 from cvg.guidance.composition import Composition, CompositionError
 
-_PALETTE = np.asarray(list(COLOURS.values()), np.float32)
+_BACKGROUND = np.asarray(BACKGROUND, np.float32)
+_TOWARDS = np.asarray(list(COLOURS.values()), np.float32) - _BACKGROUND  # [colours, 3]
 _NAMES = list(COLOURS)
-_WORD_TO_SHAPE = {w: s for s, words in SHAPE_WORDS.items() for w in words}
-_WORD_TO_SHAPE |= {PLURALS[w]: s for w, s in list(_WORD_TO_SHAPE.items())}
+BLOB = "blob"  # an object no shape's outline fits
+MIN_SHAPE_IOU = 0.6
+DRAWING, COMPOSITION = "drawing", "composition"  # what a failed verdict failed on
 
 
 @dataclass(frozen=True)
@@ -37,56 +45,72 @@ class Detection:
 class Verdict:
     ok: bool
     reason: str
+    failure: str | None = None  # DRAWING or COMPOSITION when not ok
 
 
 def entity_colour_shape(entity: str) -> tuple[str, str]:
-    """'red cube' -> ('red', 'square'); articles and other words are ignored."""
+    """'red cube' -> ('red', 'square'), 'crimson balls' -> ('red', 'circle'); articles and other words are
+    ignored."""
     words = entity.lower().split()
-    colours = [w for w in words if w in COLOURS]
-    shapes = [_WORD_TO_SHAPE[w] for w in words if w in _WORD_TO_SHAPE]
+    colours = [WORD_TO_COLOUR[w] for w in words if w in WORD_TO_COLOUR]
+    shapes = [WORD_TO_SHAPE[w] for w in words if w in WORD_TO_SHAPE]
     if len(colours) != 1 or len(shapes) != 1:
         raise CompositionError(f"CompShapes entities name one colour and one shape, got {entity!r}")
     return colours[0], shapes[0]
 
 
-_AXES = np.array([[1, 0], [-1, 0], [0, 1], [0, -1]], np.float32)  # x right, y down
-_DIAGONALS = np.array([[1, 1], [1, -1], [-1, 1], [-1, -1]], np.float32) / np.sqrt(2)
+_SHIFTS = (-0.5, 0.0, 0.5)
 
 
-def classify_shape(xs: np.ndarray, ys: np.ndarray) -> str:
-    """Shape of a solid region from how far it reaches from its centroid in 8 directions: a triangle
-    (apex up) reaches twice as far up as down; a square reaches sqrt(2) times farther along diagonals."""
-    points = np.stack([xs - xs.mean(), ys - ys.mean()], axis=1).astype(np.float32)
-    axes = (points @ _AXES.T).max(axis=0)  # right, left, down, up
-    diagonals = (points @ _DIAGONALS.T).max(axis=0)
-    if axes[3] > 1.3 * axes[2]:
-        return "triangle"
-    return "square" if diagonals.mean() > 1.18 * axes.mean() else "circle"
+def classify_shape(solid: np.ndarray) -> str:
+    """The shape whose outline best overlaps a solid region (bool [h, w], its box cut tight), or BLOB."""
+    ys, xs = np.nonzero(solid)
+    pad = 2
+    grid = np.pad(solid, pad)
+    gy, gx = np.mgrid[0 : grid.shape[0], 0 : grid.shape[1]] + 0.5
+    cx, cy = (xs.min() + xs.max() + 1) / 2 + pad, (ys.min() + ys.max() + 1) / 2 + pad
+    size = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) / 2
+    best, best_iou = BLOB, MIN_SHAPE_IOU
+    for shape in SHAPES:
+        for dx, dy, dr in itertools.product(_SHIFTS, _SHIFTS, _SHIFTS):
+            outline = shape_mask(shape, gx - cx - dx, gy - cy - dy, size + dr)
+            iou = (outline & grid).sum() / max((outline | grid).sum(), 1)
+            if iou > best_iou:
+                best, best_iou = shape, iou
+    return best
 
 
-def detect(frame: np.ndarray, min_area: int = 12, max_colour_distance: float = 110.0) -> list[Detection]:
+def detect(frame: np.ndarray, min_area: int = 12, max_colour_distance: float = 60.0) -> list[Detection]:
     """Objects in one `[H, W, 3]` frame."""
-    pixels = ndimage.median_filter(frame, size=(3, 3, 1)).astype(np.float32)  # speckle noise off, edges kept
-    distances = np.linalg.norm(pixels[..., None, :] - _PALETTE, axis=-1)  # [H, W, colours]
+    # Each pixel is read as a blend of the background and one palette colour (an anti-aliased edge is one):
+    # its colour is the palette entry whose blend line passes nearest, its coverage (alpha) how far along.
+    # Colours are read after a 3x3 median filter (speckle noise off); coverage, which gives the outline,
+    # before it (the filter would round a thin cross's arms off).
+    pixels = ndimage.median_filter(frame, size=(3, 3, 1)).astype(np.float32)
+    alpha, distances = _blend(pixels)
     nearest = distances.argmin(-1)
-    background = np.linalg.norm(pixels - np.asarray(BACKGROUND, np.float32), axis=-1)
-    best = distances.min(-1)
-    coloured = (best < background) & (best < max_colour_distance)
+    coloured = (distances.min(-1) < max_colour_distance) & (alpha.max(-1) > 0.1)
+    alpha = _blend(frame.astype(np.float32))[0]
     found = []
     for index, name in enumerate(_NAMES):
-        colour = _PALETTE[index]
-        towards = colour - np.asarray(BACKGROUND, np.float32)
-        alpha = ((pixels - np.asarray(BACKGROUND, np.float32)) @ towards) / (towards @ towards)
         labels, _ = ndimage.label(coloured & (nearest == index))
         for number, region in enumerate(ndimage.find_objects(labels), start=1):
-            solid = (labels[region] == number) & (alpha[region] > 0.5)
+            solid = (labels[region] == number) & (alpha[region][..., index] > 0.5)
             area = int(solid.sum())
             if area < min_area:
                 continue
             ys, xs = np.nonzero(solid)
             x, y = region[1].start + xs.mean() + 0.5, region[0].start + ys.mean() + 0.5
-            found.append(Detection(name, classify_shape(xs, ys), float(x), float(y), area))
+            tight = solid[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+            found.append(Detection(name, classify_shape(tight), float(x), float(y), area))
     return found
+
+
+def _blend(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel and palette colour: coverage along the background-to-colour line, and distance from it."""
+    offset = pixels - _BACKGROUND  # [H, W, 3]
+    alpha = np.clip((offset @ _TOWARDS.T) / (_TOWARDS**2).sum(1), 0, 1)  # [H, W, colours]
+    return alpha, np.linalg.norm(offset[..., None, :] - alpha[..., None] * _TOWARDS, axis=-1)
 
 
 def _matches(detections: list[Detection], colour: str, shape: str) -> list[Detection]:
@@ -103,23 +127,35 @@ def judge_detections(
 ) -> Verdict:
     """`judge` on detections made once per clip (`size` is the frames' (height, width))."""
     frames_count = len(per_frame)
+    if frames_count == 0:
+        raise ValueError("a clip of 0 frames cannot be judged")
     entities = [entity_colour_shape(e) for e in composition.entities]
 
     def present(colour, shape):
         return [_matches(d, colour, shape) for d in per_frame]
 
+    def seen_in(colour, shape) -> int:
+        return sum(bool(m) for m in present(colour, shape))
+
     for colour, shape in entities:
-        seen = sum(bool(m) for m in present(colour, shape))
+        seen = seen_in(colour, shape)
         if seen < min_fraction * frames_count:
-            return Verdict(False, f"no {colour} {shape} in {frames_count - seen} of {frames_count} frames")
+            reason = f"no {colour} {shape} in {frames_count - seen} of {frames_count} frames"
+            return Verdict(False, reason, DRAWING)
 
     kind = composition.kind
     if kind == "presence" and composition.count is not None:
         counts = [len(m) for m in present(*entities[0])]
         majority = int(np.bincount(counts).argmax())
         ok = majority == composition.count
-        return Verdict(ok, f"{majority} {entities[0][0]} {entities[0][1]}s in most frames, {composition.count} asked")
+        reason = f"{majority} {entities[0][0]} {entities[0][1]}s in most frames, {composition.count} asked"
+        return Verdict(ok, reason, None if ok else COMPOSITION)
     if kind == "presence":
+        if len(entities) == 2:  # the swapped binding drawn too: the colours are not bound to their nouns
+            (c1, s1), (c2, s2) = entities
+            for colour, shape in ((c2, s1), (c1, s2)):
+                if (c1, s1) != (colour, shape) != (c2, s2) and seen_in(colour, shape) >= min_fraction * frames_count:
+                    return Verdict(False, f"a {colour} {shape} is drawn too (the other entity's colour)", COMPOSITION)
         return Verdict(True, "every entity is present")
 
     axis, sign = composition.axis_sign
@@ -130,14 +166,25 @@ def judge_detections(
                 a, b = max(subj, key=lambda d: d.area), max(obj, key=lambda d: d.area)
                 offsets.append(sign * ((a.x - b.x) if axis == 0 else (a.y - b.y)))
         if len(offsets) < min_fraction * frames_count:
-            return Verdict(False, "subject and object are seen together in too few frames")
+            return Verdict(False, "subject and object are seen together in too few frames", DRAWING)
         holds = sum(o > 2.0 for o in offsets)
-        return Verdict(holds > len(offsets) / 2, f"relation holds in {holds} of {len(offsets)} frames")
+        ok = holds > len(offsets) / 2
+        return Verdict(ok, f"relation holds in {holds} of {len(offsets)} frames", None if ok else COMPOSITION)
+    return _judge_track(present(*entities[0]), size, axis, sign)
 
-    track = [max(m, key=lambda d: d.area) for m in present(*entities[0]) if m]
-    along = [(d.x if axis == 0 else d.y) for d in track]
-    across = [(d.y if axis == 0 else d.x) for d in track]
-    travel, drift = sign * (along[-1] - along[0]), abs(across[-1] - across[0])
+
+def _judge_track(found: list[list[Detection]], size: tuple[int, int], axis: int, sign: int) -> Verdict:
+    """Motion from the whole track: least-squares lines of position over time along and across the axis;
+    the fitted travel the asked way must pass 15% of the frame and the fitted drift across it."""
+    times = np.asarray([t for t, m in enumerate(found) if m], np.float64)
+    if len(times) < 2:
+        return Verdict(False, "seen in fewer than 2 frames: no motion to measure", DRAWING)
+    track = [max(m, key=lambda d: d.area) for m in found if m]
+    along = np.asarray([(d.x if axis == 0 else d.y) for d in track])
+    across = np.asarray([(d.y if axis == 0 else d.x) for d in track])
+    duration = len(found) - 1
+    travel = sign * np.polyfit(times, along, 1)[0] * duration
+    drift = abs(np.polyfit(times, across, 1)[0]) * duration
     span = size[1] if axis == 0 else size[0]
-    ok = travel > 0.15 * span and travel > drift
-    return Verdict(ok, f"travelled {travel:.1f} px the asked way (drift {drift:.1f} px)")
+    ok = bool(travel > 0.15 * span and travel > drift)
+    return Verdict(ok, f"travelled {travel:.1f} px the asked way (drift {drift:.1f} px)", None if ok else COMPOSITION)

@@ -1,9 +1,10 @@
 """Quality scores that need no outside model: a CompShapes Fréchet distance and artefact rates.
 
-The Fréchet distance compares feature statistics of two clip sets in the space of `ClipEncoder`, a small
-network trained by `train_encoder` on renders to say which colours and shapes are in a clip, how many
-objects there are and which way they move. The shipped weights (`assets/encoder`) come from
-`cvg train-encoder` with its defaults (seed 0).
+The Fréchet distance compares feature statistics of two clip sets in the space of `ClipEncoder`, the
+encoder half of a small frame autoencoder that `train_encoder` trains on training-split renders to redraw
+each frame from its code. It learns no composition label (no colour, shape, count, relation or motion
+target), so a clip that fixes its composition is not scored closer for that alone. The shipped weights
+(`assets/encoder`) come from `cvg train-encoder` with its defaults (seed 0).
 """
 
 from __future__ import annotations
@@ -18,17 +19,18 @@ from safetensors.torch import load_file, save_file
 from scipy import linalg
 from torch import nn
 
-from cvg.compshapes.grammar import CATEGORIES, sample_clip
+from cvg.compshapes.dataset import split_clip
+from cvg.compshapes.grammar import ALL_CATEGORIES
 from cvg.compshapes.judge import detect
-from cvg.compshapes.world import BACKGROUND, COLOURS, MOTIONS, SHAPES, render
+from cvg.compshapes.world import BACKGROUND, COLOURS, render
 from cvg.io.files import atomic_path, write_text_atomic
 
 DEFAULT_ENCODER = Path(__file__).parent / "assets" / "encoder"
-_MOTIONS = list(MOTIONS)
 
 
 class ClipEncoder(nn.Module):
-    """uint8 clips `[B, F, H, W, 3]` -> features `[B, 2 * width]` (mean and change over frames)."""
+    """uint8 clips `[B, F, H, W, 3]` (64x64 frames) -> features `[B, 2 * width]`: per-frame codes averaged
+    over the clip, and their change from the first frame to the last."""
 
     def __init__(self, width: int = 48):
         super().__init__()
@@ -38,55 +40,54 @@ class ClipEncoder(nn.Module):
             nn.GELU(),
             nn.Conv2d(16, 32, 3, stride=2, padding=1),
             nn.GELU(),
-            nn.Conv2d(32, width, 3, stride=2, padding=1),
+            nn.Conv2d(32, 32, 3, stride=2, padding=1),
             nn.GELU(),
-            nn.AdaptiveAvgPool2d(2),
             nn.Flatten(),
-            nn.Linear(4 * width, width),
+            nn.Linear(32 * 8 * 8, width),
         )
-        self.heads = nn.Linear(2 * width, len(COLOURS) + len(SHAPES) + len(_MOTIONS) + 3)
+        self.decoder = nn.Sequential(  # trained with the encoder, unused by `features`
+            nn.Linear(width, 32 * 8 * 8),
+            nn.Unflatten(1, (32, 8, 8)),
+            nn.GELU(),
+            nn.ConvTranspose2d(32, 32, 4, stride=2, padding=1),
+            nn.GELU(),
+            nn.ConvTranspose2d(32, 16, 4, stride=2, padding=1),
+            nn.GELU(),
+            nn.ConvTranspose2d(16, 3, 4, stride=2, padding=1),
+        )
+
+    @staticmethod
+    def _pixels(clips: torch.Tensor) -> torch.Tensor:
+        return clips.float().div(127.5).sub(1.0).flatten(0, 1).permute(0, 3, 1, 2)
 
     def features(self, clips: torch.Tensor) -> torch.Tensor:
         batch, frames = clips.shape[:2]
-        x = clips.float().div(127.5).sub(1.0).flatten(0, 1).permute(0, 3, 1, 2)
-        per_frame = self.frames(x).view(batch, frames, -1)
+        per_frame = self.frames(self._pixels(clips)).view(batch, frames, -1)
         return torch.cat([per_frame.mean(1), per_frame[:, -1] - per_frame[:, 0]], dim=1)
 
-    def forward(self, clips: torch.Tensor) -> torch.Tensor:
-        return self.heads(self.features(clips))
-
-
-def _targets(scene) -> tuple[np.ndarray, int, int]:
-    present = np.zeros(len(COLOURS) + len(SHAPES), np.float32)
-    for thing in scene.things:
-        present[list(COLOURS).index(thing.colour)] = 1
-        present[len(COLOURS) + SHAPES.index(thing.shape)] = 1
-    return present, _MOTIONS.index(scene.things[0].motion), len(scene.things) - 1
+    def reconstruction_loss(self, clips: torch.Tensor, object_weight: float = 10.0) -> torch.Tensor:
+        """Mean squared error of the redrawn frames, object pixels weighted up (they are a few percent)."""
+        x = self._pixels(clips)
+        background = torch.tensor(BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1
+        weight = 1 + (object_weight - 1) * ((x - background).abs().amax(1, keepdim=True) > 0.05).float()
+        return (weight * (self.decoder(self.frames(x)) - x) ** 2).mean()
 
 
 def train_encoder(out: str | os.PathLike, clips: int = 1600, epochs: int = 6, seed: int = 0) -> dict:
-    """Train `ClipEncoder` on `clips` renders (deterministic by seed); save it to `out`; return the log."""
+    """Train `ClipEncoder` as an autoencoder on `clips` training-split renders (deterministic by seed); save
+    it to `out`; return the log."""
     torch.manual_seed(seed)
-    data = [sample_clip(seed * 7919 + i, CATEGORIES[i % len(CATEGORIES)]) for i in range(clips)]
+    data = [split_clip(seed * 7919, i, ALL_CATEGORIES[i % len(ALL_CATEGORIES)], "train") for i in range(clips)]
     frames = torch.from_numpy(np.stack([render(c.scene) for c in data]))
-    presence, motion, count = zip(*(_targets(c.scene) for c in data), strict=True)
-    presence, motion, count = torch.from_numpy(np.stack(presence)), torch.tensor(motion), torch.tensor(count)
     model = ClipEncoder()
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    bce, ce = nn.BCEWithLogitsLoss(), nn.CrossEntropyLoss()
-    split = len(COLOURS) + len(SHAPES)
     log = []
     for epoch in range(epochs):
         order = torch.randperm(clips)
         total = 0.0
         for start in range(0, clips, 32):
             idx = order[start : start + 32]
-            logits = model(frames[idx])
-            loss = (
-                bce(logits[:, :split], presence[idx])
-                + ce(logits[:, split : split + len(_MOTIONS)], motion[idx])
-                + ce(logits[:, split + len(_MOTIONS) :], count[idx])
-            )
+            loss = model.reconstruction_loss(frames[idx])
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

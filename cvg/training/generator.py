@@ -56,14 +56,14 @@ class GeneratorRecipe:
     vae_lr: float = 2e-3
     kl_weight: float = 1e-5  # small: a sharp posterior; Wan normalises the latent scale anyway
     object_weight: float = 10.0  # object pixels count this many times a background pixel
-    vae_extra_motion: bool = False  # motion every other VAE clip (see VAE_CATEGORIES)
+    vae_extra_motion: bool = True  # motion every other VAE clip (see VAE_CATEGORIES)
     # transformer
     clips: int = 6000  # training clips encoded to latents
     heads: int = 6
     head_dim: int = 32
     layers: int = 4
     ffn_dim: int = 768
-    steps: int = 4400
+    steps: int = 4000
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 100
@@ -73,8 +73,22 @@ class GeneratorRecipe:
     text_tokens_fed: int | None = 32  # fewer keys per step, same maths (`cvg.models.padding`); None: all
     target: str = "mean"  # "sample" a latent from the VAE posterior, or take its "mean"
     shift: float = 3.0  # flow shift, in training sigmas and in the shipped scheduler
-    bf16: bool = True  # transformer forward under bfloat16 autocast (weights, loss and optimiser stay float32)
+    # Objects fill a few percent of the latent; their cells (any object pixel in the cell's frames) count
+    # this many times a background cell in the flow loss, so capacity goes to drawing them.
+    latent_object_weight: float = 5.0
+    # Transformer forward under bfloat16 autocast (weights, loss and optimiser stay float32): only where the
+    # CPU has bf16 instructions (without avx512_bf16 or AMX a bf16 matmul runs ~100x slower than float32).
+    bf16: bool = False
     checkpoint_every: int = 100
+
+
+# Which recipe fields each stage's result depends on: a resumed run may change the fields of stages that
+# have not started (the transformer's while the VAE trains), never those of a stage with a checkpoint.
+_VAE_FIELDS = ("seed", "frames", "size", "vae_base_dim", "z_dim", "vae_steps", "vae_batch", "vae_window", "vae_lr")
+STAGE_FIELDS = {
+    "vae.pt": (*_VAE_FIELDS, "kl_weight", "object_weight", "vae_extra_motion"),
+    "latents": ("clips",),
+}
 
 
 def _seeded(*parts: int) -> torch.Generator:
@@ -169,8 +183,9 @@ def encode_latents(
     """Posterior mean/std of every training clip and MiniLM embeddings of their prompts, in resumable chunks."""
 
     def encode(clips: list) -> dict:
-        posterior = vae.encode(to_pixels([render(c.scene) for c in clips])).latent_dist
-        return {"mean": posterior.mean, "std": posterior.std}
+        frames = [render(c.scene) for c in clips]
+        posterior = vae.encode(to_pixels(frames)).latent_dist
+        return {"mean": posterior.mean, "std": posterior.std, "objects": latent_object_mask(frames)}
 
     clips = training_clips(recipe, 2, 0, recipe.clips)  # scene specs only: each chunk renders its own
     parts = cached_chunks(clips, work / "latents", chunk, _prompts_of, encode, report)
@@ -186,9 +201,21 @@ def encode_latents(
     return {
         "mean": torch.cat([p["mean"] for p in parts]),
         "std": torch.cat([p["std"] for p in parts]),
+        "objects": torch.cat([p["objects"] for p in parts]),
         "prompt": torch.tensor([position[p] for p in prompts]),
         "embeds": embeds,
     }
+
+
+def latent_object_mask(frames: list[np.ndarray], spatial: int = 4, temporal: int = 4) -> torch.Tensor:
+    """Which latent cells hold any object pixel: bool [B, 1, F', H/spatial, W/spatial], cells laid out as the
+    causal VAE's (frame 0 alone, then `temporal` frames per latent frame)."""
+    background = np.asarray(BACKGROUND, np.int16)
+    drawn = torch.from_numpy(np.stack([(np.abs(f.astype(np.int16) - background).max(-1) > 12) for f in frames]))
+    first, rest = drawn[:, :1], drawn[:, 1:]
+    rest = rest.unflatten(1, (rest.shape[1] // temporal, temporal)).any(2)
+    cells = torch.cat([first, rest], 1).float()  # [B, F', H, W]
+    return (F.max_pool2d(cells, spatial) > 0).unsqueeze(1)
 
 
 def _prompts_of(clips: list) -> dict:
@@ -238,7 +265,8 @@ def train_transformer(
             noisy = (1 - sigma) * z + sigma * noise
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
                 pred = model(noisy, sigma.flatten() * 1000, text, return_dict=False)[0]
-            loss = F.mse_loss(pred.float(), noise - z)
+            weight = 1 + (recipe.latent_object_weight - 1) * latents["objects"][idx].float()
+            loss = (weight * (pred.float() - (noise - z)) ** 2).mean() / weight.mean()
             for group in opt.param_groups:
                 group["lr"] = recipe.lr * cosine_schedule(step, recipe.steps, recipe.warmup)
             opt.zero_grad(set_to_none=True)
@@ -289,10 +317,8 @@ def train_generator(out: str | os.PathLike, recipe: GeneratorRecipe = GeneratorR
 
 
 def _train_generator(out: Path, work: Path, recipe: GeneratorRecipe, report) -> dict:
-    recipe_path = work / "recipe.json"
-    if recipe_path.is_file() and json.loads(recipe_path.read_text()) != asdict(recipe):
-        raise ValueError(f"{work} holds a run with another recipe; remove it or train into another directory")
-    write_text_atomic(recipe_path, json.dumps(asdict(recipe), indent=1))
+    check_resumable(work, recipe)
+    write_text_atomic(work / "recipe.json", json.dumps(asdict(recipe), indent=1))
     tokenizer, text_encoder = load_minilm()
     timings = {}
     t = time.perf_counter()
@@ -314,6 +340,22 @@ def _train_generator(out: Path, work: Path, recipe: GeneratorRecipe, report) -> 
     )
     plot_losses(work / "log.jsonl", out / "loss.png")
     return json.loads((out / MANIFEST).read_text())
+
+
+def check_resumable(work: Path, recipe: GeneratorRecipe) -> None:
+    """Refuse to resume a run whose finished or started stages had other recipe fields (named)."""
+    path = work / "recipe.json"
+    if not path.is_file():
+        return
+    stored, asked = json.loads(path.read_text()), asdict(recipe)
+    changed = {k for k in {*stored, *asked} if stored.get(k) != asked.get(k)}
+    started = [stage for stage in (*STAGE_FIELDS, "transformer.pt") if (work / stage).exists()]
+    fixed = set().union(*(STAGE_FIELDS.get(s, asked) for s in started)) if started else set()
+    if "latents" in started or "transformer.pt" in started:
+        fixed |= set(STAGE_FIELDS["vae.pt"])  # later stages read the VAE
+    if clash := sorted(changed & fixed):
+        detail = ", ".join(f"{k}={stored.get(k)!r} (asked {asked.get(k)!r})" for k in clash)
+        raise ValueError(f"{work} holds a run started with {detail}; resume with those or train into another directory")
 
 
 def save_generator(pipe: WanPipeline, out: Path, manifest: dict) -> None:

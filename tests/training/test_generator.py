@@ -2,14 +2,14 @@
 
 import json
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
 import torch
 from diffusers import WanPipeline
 
-from cvg.compshapes.grammar import held_out
+from cvg.compshapes.grammar import split_of
 from cvg.guidance.config import GuidanceConfig
 from cvg.io.files import LockedError, locked
 from cvg.models.padding import collapse_padding
@@ -124,8 +124,22 @@ def test_bf16_recipe_runs_the_forward_in_bfloat16_and_keeps_float32_weights(toy_
 
 def test_another_recipe_in_the_same_directory_is_refused(toy_model):
     out, _ = toy_model
-    with pytest.raises(ValueError, match="another recipe"):
+    with pytest.raises(ValueError, match="run started with .*seed=0 \\(asked 1\\)"):
         train_generator(out, GeneratorRecipe(seed=1), report=lambda _: None)
+
+
+def test_a_stage_not_yet_started_may_change_its_recipe(tmp_path):
+    work = tmp_path / ".work"
+    work.mkdir()
+    (work / "recipe.json").write_text(json.dumps(asdict(TOY)))
+    (work / "vae.pt").write_bytes(b"")  # the VAE has started; latents and transformer have not
+    generator.check_resumable(work, replace(TOY, steps=TOY.steps + 5, clips=TOY.clips + 1))
+    with pytest.raises(ValueError, match="vae_lr"):
+        generator.check_resumable(work, replace(TOY, vae_lr=TOY.vae_lr * 2))
+    (work / "latents").mkdir()
+    with pytest.raises(ValueError, match="clips"):
+        generator.check_resumable(work, replace(TOY, clips=TOY.clips + 1))
+    generator.check_resumable(work, replace(TOY, lr=TOY.lr / 2))  # the transformer has not started
 
 
 def test_a_second_trainer_on_one_output_is_refused(toy_model):
@@ -164,7 +178,7 @@ def test_a_latent_chunk_of_other_clips_is_encoded_again(toy_model):
 
 def test_training_never_sees_held_out_prompts():
     clips = generator.training_clips(GeneratorRecipe(), 2, 0, 60)
-    assert not any(held_out(c.prompt) for c in clips)
+    assert all(split_of(p) == "train" for c in clips for p in (c.prompt, *(q for q, _ in c.counterfactuals)))
     assert {c.category for c in clips} == {"object", "attribute", "spatial", "motion", "numeracy"}
 
 
