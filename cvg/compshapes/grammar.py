@@ -17,6 +17,7 @@ entities themselves ("a red cube") recur across splits; exact compositions do no
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -64,6 +65,10 @@ NOVEL_COMPOSITIONS = {
 
 class GrammarError(ValueError):
     """A prompt the CompShapes grammar did not write (one-line message naming it)."""
+
+
+class LeakError(ValueError):
+    """A prompt of one sealed split found in a set built for another (one-line message naming it)."""
 
 
 @dataclass(frozen=True)
@@ -284,6 +289,24 @@ def family_key(prompt: str) -> str:
 def split_of(prompt: str) -> str:
     """The sealed split ("train", "dev" or "test") of a grammar prompt: its family's, by a stable hash."""
     return _SPLIT_OF_BUCKET[zlib.crc32(family_key(prompt).encode()) % len(_SPLIT_OF_BUCKET)]
+
+
+def check_sealed(clip: Clip, split: str = "train") -> Clip:
+    """`clip`, or LeakError if its prompt, paraphrases or counterfactual prompts belong to another split than
+    `split`. Prompts the grammar did not write belong to no split and pass."""
+    for prompt in (clip.prompt, *clip.paraphrases, *(p for p, _ in clip.counterfactuals)):
+        try:
+            found = split_of(prompt)
+        except GrammarError:
+            continue
+        if found != split:
+            raise LeakError(f"{prompt!r} is a {found}-split prompt; it may not reach a {split} set")
+    return clip
+
+
+def sealed(clips: Iterable[Clip], split: str = "train") -> Iterator[Clip]:
+    """`clips` through `check_sealed`: the first that leaks another split's prompt raises LeakError."""
+    return (check_sealed(clip, split) for clip in clips)
 
 
 def novel_composition(category: str, label: str) -> bool:

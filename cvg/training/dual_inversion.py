@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from cvg.compshapes.dataset import split_clip
 from cvg.compshapes.evaluate import auroc
-from cvg.compshapes.grammar import Clip
+from cvg.compshapes.grammar import Clip, check_sealed, sealed
 from cvg.guidance.classifier import ClassifierConfig, CompositionClassifier, LabelEncoder
 from cvg.io.files import locked, write_text_atomic
 from cvg.models.wan import generator_description, load_wan_pipeline, video_size
@@ -150,14 +150,10 @@ def evaluate_readings(model: CompositionClassifier, readings: Readings, encoder:
 
 
 def compshapes_clips(seed: int, stream: int, count: int, split: str, frames: int, size: int) -> list[Clip]:
-    """`count` CompShapes clips of the guided categories in turn, from one split ("train" or "heldout")."""
-    categories = GUIDED_CATEGORIES
-    return [
-        split_clip(
-            seed * 1000 + stream, i, categories[i % len(categories)], split, frames=frames, height=size, width=size
-        )
-        for i in range(count)
-    ]
+    """`count` CompShapes clips of the guided categories in turn, from one split ("train", "dev" or "test")."""
+    categories, size = GUIDED_CATEGORIES, {"frames": frames, "height": size, "width": size}
+    clips = (split_clip(seed * 1000 + stream, i, categories[i % len(categories)], split, **size) for i in range(count))
+    return list(sealed(clips, split))
 
 
 def train_and_evaluate(
@@ -209,7 +205,8 @@ def _train_and_evaluate(
     def source(folder, stream: int, count: int, split: str):
         if folder is None:
             return rendered(compshapes_clips(seed, stream, count, split, frames, height))
-        return itertools.islice(dataset_clips(folder, (frames, height, width)), count)
+        clips = itertools.islice(dataset_clips(folder, (frames, height, width)), count)
+        return ((check_sealed(clip, split), video) for clip, video in clips)
 
     def read(folder, stream: int, count: int, split: str) -> Readings:
         where = work / f"readings-{split}"
@@ -224,7 +221,7 @@ def _train_and_evaluate(
         readings = read_clips(pipe, source(folder, stream, count, split), reading, where, chunk, report)
         return replace(readings, timesteps=torch.tensor(guided_levels(pipe, reading)[1]))
 
-    train_set, held_set = read(data, 10, clips, "train"), read(heldout_data, 11, heldout, "heldout")
+    train_set, held_set = read(data, 10, clips, "train"), read(heldout_data, 11, heldout, "dev")
     read_seconds = time.perf_counter() - started
     encoder = LabelEncoder()
     heads = {  # name: (dual, training readings, held-out readings, where it is saved)

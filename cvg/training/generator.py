@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
 from cvg.compshapes.dataset import split_clip
-from cvg.compshapes.grammar import ALL_CATEGORIES
+from cvg.compshapes.grammar import ALL_CATEGORIES, sealed
 from cvg.compshapes.world import BACKGROUND, render
 from cvg.io.files import locked, write_text_atomic
 from cvg.models.minilm import PACKAGE, load_minilm
@@ -134,10 +134,12 @@ VAE_CATEGORIES = tuple(c for other in ALL_CATEGORIES if other != "motion" for c 
 def training_clips(recipe: GeneratorRecipe, stage: int, first: int, count: int, categories=ALL_CATEGORIES):
     """Clips `first..first+count-1` of a stage's stream, categories in turn, training prompts only."""
     size = {"frames": recipe.frames, "height": recipe.size, "width": recipe.size}
-    return [
-        split_clip(recipe.seed * 1000 + stage, i, categories[i % len(categories)], "train", **size)
-        for i in range(first, first + count)
-    ]
+    return list(
+        sealed(
+            split_clip(recipe.seed * 1000 + stage, i, categories[i % len(categories)], "train", **size)
+            for i in range(first, first + count)
+        )
+    )
 
 
 def train_vae(recipe: GeneratorRecipe, work: Path, report: Callable[[str], None] = print) -> AutoencoderKLWan:

@@ -42,8 +42,8 @@ def test_objects_stay_inside_the_frame():
 
 @pytest.mark.parametrize("size", [4.8, 5.2, 6.7, 8.0])
 def test_shapes_and_colours_are_told_apart(size):
-    for shape, colour in zip(SHAPES, COLOURS, strict=False):  # every shape, and a colour each in turn
-        for colour in (colour, list(COLOURS)[-1 - SHAPES.index(shape)]):
+    for index, shape in enumerate(SHAPES):  # every shape, each in two colours; every colour
+        for colour in (list(COLOURS)[index], list(COLOURS)[-1 - index]):
             frame = render(Scene((Thing(shape, colour, 30.3, 33.7, size),), frames=1))[0]
             (found,) = detect(frame)
             assert (found.shape, found.colour) == (shape, colour)
