@@ -9,8 +9,8 @@ lies. Connected regions of one colour are candidates; pixels over half covered f
 it has at least `min_area` of them. A 3x3 median filter first removes pixel
 noise. Shape: every CompShapes shape fills the box around its centre edge to edge, so the object's box
 gives a centre and a size, and the shape is the one whose outline there overlaps the object best
-(intersection over union, searched over half-pixel shifts); below `MIN_SHAPE_IOU` the object is a "blob",
-no shape at all.
+(intersection over union, searched over half-pixel shifts); below `MIN_SHAPE_IOU`, or in a box far from
+square, the object is a "blob", no shape at all.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ _TOWARDS = np.asarray(list(COLOURS.values()), np.float32) - _BACKGROUND  # [colo
 _NAMES = list(COLOURS)
 BLOB = "blob"  # an object no shape's outline fits
 MIN_SHAPE_IOU = 0.6
+MAX_ASPECT = 1.35  # a box longer than this on one side holds no CompShapes shape
 DRAWING, COMPOSITION = "drawing", "composition"  # what a failed verdict failed on
 
 
@@ -59,24 +60,26 @@ def entity_colour_shape(entity: str) -> tuple[str, str]:
     return colours[0], shapes[0]
 
 
-_SHIFTS = (-0.5, 0.0, 0.5)
+_DX, _DY, _DR = (np.array(v, np.float64)[:, None, None] for v in zip(*itertools.product((-0.5, 0.0, 0.5), repeat=3)))
 
 
 def classify_shape(solid: np.ndarray) -> str:
     """The shape whose outline best overlaps a solid region (bool [h, w], its box cut tight), or BLOB."""
     ys, xs = np.nonzero(solid)
+    width, height = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+    if max(width, height) > MAX_ASPECT * min(width, height):  # every shape's box is square
+        return BLOB
     pad = 2
     grid = np.pad(solid, pad)
     gy, gx = np.mgrid[0 : grid.shape[0], 0 : grid.shape[1]] + 0.5
     cx, cy = (xs.min() + xs.max() + 1) / 2 + pad, (ys.min() + ys.max() + 1) / 2 + pad
-    size = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) / 2
+    size = max(width, height) / 2
     best, best_iou = BLOB, MIN_SHAPE_IOU
-    for shape in SHAPES:
-        for dx, dy, dr in itertools.product(_SHIFTS, _SHIFTS, _SHIFTS):
-            outline = shape_mask(shape, gx - cx - dx, gy - cy - dy, size + dr)
-            iou = (outline & grid).sum() / max((outline | grid).sum(), 1)
-            if iou > best_iou:
-                best, best_iou = shape, iou
+    for shape in SHAPES:  # every shift at once: [shifts, h, w]
+        outline = shape_mask(shape, gx - cx - _DX, gy - cy - _DY, size + _DR)
+        iou = ((outline & grid).sum((1, 2)) / np.maximum((outline | grid).sum((1, 2)), 1)).max()
+        if iou > best_iou:
+            best, best_iou = shape, iou
     return best
 
 
@@ -109,8 +112,10 @@ def detect(frame: np.ndarray, min_area: int = 12, max_colour_distance: float = 6
 def _blend(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per pixel and palette colour: coverage along the background-to-colour line, and distance from it."""
     offset = pixels - _BACKGROUND  # [H, W, 3]
-    alpha = np.clip((offset @ _TOWARDS.T) / (_TOWARDS**2).sum(1), 0, 1)  # [H, W, colours]
-    return alpha, np.linalg.norm(offset[..., None, :] - alpha[..., None] * _TOWARDS, axis=-1)
+    along, length = offset @ _TOWARDS.T, (_TOWARDS**2).sum(1)  # [H, W, colours], [colours]
+    alpha = np.clip(along / length, 0, 1)
+    squared = (offset**2).sum(-1, keepdims=True) - 2 * alpha * along + alpha**2 * length  # |offset - alpha T|^2
+    return alpha, np.sqrt(np.maximum(squared, 0))
 
 
 def _matches(detections: list[Detection], colour: str, shape: str) -> list[Detection]:
