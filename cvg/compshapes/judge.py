@@ -60,7 +60,8 @@ def entity_colour_shape(entity: str) -> tuple[str, str]:
     return colours[0], shapes[0]
 
 
-_DX, _DY, _DR = (np.array(v, np.float64)[:, None, None] for v in zip(*itertools.product((-0.5, 0.0, 0.5), repeat=3)))
+# Half-pixel shifts of the outline's centre and size, searched at once: each [27, 1, 1].
+_DX, _DY, _DR = np.array(list(itertools.product((-0.5, 0.0, 0.5), repeat=3))).T[..., None, None]
 
 
 def classify_shape(solid: np.ndarray) -> str:
