@@ -6,8 +6,7 @@ import argparse
 import json
 
 from cvg.cli.arguments import COUNT, POSITIVE, SEED, number
-from cvg.compshapes.dataset import SPLITS
-from cvg.compshapes.grammar import CATEGORIES, SINGLE
+from cvg.compshapes.grammar import CATEGORIES, SINGLE, SPLITS
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -27,9 +26,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     )
     data.add_argument(
         "--split",
-        choices=SPLITS,
+        choices=("all", *SPLITS),
         default="all",
-        help="prompts: all, only training ones, or only the held-out fifth (default all)",
+        help="prompts: all, or only those of the sealed train, dev or test split (default all)",
     )
     data.set_defaults(run=compshapes_dataset)
 
@@ -61,7 +60,8 @@ def evaluate_videos(args: argparse.Namespace) -> None:
     for category, entry in report["categories"].items():
         low, high = entry["ci95"]
         line = (
-            f"{category:<10} accuracy {entry['accuracy']:.3f}  95% CI [{low:.3f}, {high:.3f}]  clips {entry['clips']}"
+            f"{category:<10} accuracy {entry['accuracy']:.3f}  95% CI [{low:.3f}, {high:.3f}] (by prompt)  "
+            f"clips {entry['clips']}  prompts {entry['prompts']}  drawn {entry['drawn']:.3f}"
         )
         if "counterfactual_rejection" in entry:
             line += f"  counterfactuals rejected {entry['counterfactual_rejection']:.3f}"

@@ -1,4 +1,5 @@
-"""Judging a set of videos against their compositions: per-category accuracy with 95% intervals.
+"""Judging a set of videos against their compositions: per-category accuracy with 95% intervals clustered by
+prompt, how often the entities were drawn at all and how often, drawn, they were composed right.
 
 The set is a directory in the dataset format (`index.jsonl` + frame files: `.npz` with `frames`, or any
 video imageio reads, e.g. `.mp4`); records without a category count under their composition's kind.
@@ -6,42 +7,21 @@ video imageio reads, e.g. `.mp4`); records without a category count under their 
 
 from __future__ import annotations
 
-import math
 import os
 from collections import defaultdict
 from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import rankdata
 
 from cvg.compshapes.dataset import INDEX, read_index
 from cvg.compshapes.grammar import CATEGORIES, sample_clip
-from cvg.compshapes.judge import detect, judge_detections
+from cvg.compshapes.judge import DRAWING, detect, judge_detections
+from cvg.compshapes.stats import cluster_bootstrap_interval, wilson_interval
 from cvg.compshapes.world import render
 from cvg.guidance.composition import Composition
 
 REFERENCE_SEED = 987_654_321  # fresh renders to compare against when no reference set is given
-
-
-def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (well-behaved at 0 and 1)."""
-    if total == 0:
-        return 0.0, 1.0
-    p = successes / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def auroc(scores, labels) -> float | None:
-    """Area under the ROC curve of `scores` for binary `labels` (ties count half); None without both classes."""
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
-    positives, negatives = int(labels.sum()), int((~labels).sum())
-    if not positives or not negatives:
-        return None
-    ranks = rankdata(scores)
-    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
 def load_frames(path: Path) -> np.ndarray:
@@ -69,11 +49,11 @@ def evaluate(
     records = [r for r in read_index(index or directory)[:limit] if ids is None or r.get("id") in ids]
     if not records:
         raise FileNotFoundError(f"no clips listed in {index or directory / INDEX}")
-    tallies: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # holds, total, rejected, counterfactuals
+    tallies: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # rejected, counterfactuals
     from cvg.compshapes.quality import artefact_counts, clip_features, load_encoder
 
     encoder = load_encoder() if quality else None
-    failures, features, counts = [], [], np.zeros(4)
+    verdicts, features, counts = [], [], np.zeros(4)
     for record in records:
         path = directory / record["file"]
         if not path.resolve().is_relative_to(directory.resolve()):  # an index names clips, never other files
@@ -81,6 +61,8 @@ def evaluate(
         if not path.is_file():
             raise FileNotFoundError(f"clip {record['file']!r} listed in the index is missing from {directory}")
         frames = load_frames(path)
+        if len(frames) == 0:
+            raise ValueError(f"clip {record['file']!r} in {directory} has no frames")
         detections, size = [detect(f) for f in frames], frames.shape[1:3]
         if quality:  # per clip, so no clip set is held in memory
             features.append(clip_features(encoder, [frames]))
@@ -88,24 +70,52 @@ def evaluate(
         composition = Composition.from_dict(record["composition"])
         category = record.get("category", composition.kind)
         verdict = judge_detections(detections, size, composition)
-        tally = tallies[category]
-        tally[0] += verdict.ok
-        tally[1] += 1
-        if not verdict.ok:
-            failures.append({"file": record["file"], "prompt": record.get("prompt"), "reason": verdict.reason})
+        verdicts.append(
+            {
+                "file": record["file"],
+                "prompt": record.get("prompt", record["file"]),  # no prompt: each clip its own cluster
+                "category": category,
+                "ok": verdict.ok,
+                "failure": verdict.failure,
+                "reason": verdict.reason,
+            }
+        )
         for counter in record.get("counterfactuals", []):
-            tally[2] += not judge_detections(detections, size, Composition.from_dict(counter["composition"])).ok
-            tally[3] += 1
-    report = {"categories": {}, "failures": failures}
-    for category, (holds, total, rejected, counterfactuals) in sorted(tallies.items()):
-        low, high = wilson_interval(holds, total)
-        entry = {"accuracy": holds / total, "ci95": [low, high], "clips": total}
+            tallies[category][0] += not judge_detections(
+                detections, size, Composition.from_dict(counter["composition"])
+            ).ok
+            tallies[category][1] += 1
+    report = {
+        "categories": {
+            c: summarise([v for v in verdicts if v["category"] == c]) for c in sorted({v["category"] for v in verdicts})
+        },
+        "all": summarise(verdicts),
+        "verdicts": verdicts,
+        "failures": [v for v in verdicts if not v["ok"]],
+    }
+    for category, (rejected, counterfactuals) in tallies.items():
         if counterfactuals:
-            entry["counterfactual_rejection"] = rejected / counterfactuals
-        report["categories"][category] = entry
+            report["categories"][category]["counterfactual_rejection"] = rejected / counterfactuals
     if quality:
         report["quality"] = quality_scores(np.concatenate(features), counts, frames.shape, encoder, reference)
     return report
+
+
+def summarise(verdicts: list[dict]) -> dict:
+    """Accuracy of judged clips with a 95% interval clustered by prompt (and Wilson's, which treats clips as
+    independent), how many were drawn (no entity missing) and how many of those were composed right."""
+    right = [v["ok"] for v in verdicts]
+    drawn = [v["failure"] != DRAWING for v in verdicts]
+    prompts = [v["prompt"] for v in verdicts]
+    return {
+        "accuracy": float(np.mean(right)),
+        "ci95": list(cluster_bootstrap_interval(right, prompts)),
+        "wilson95": list(wilson_interval(sum(right), len(right))),
+        "clips": len(verdicts),
+        "prompts": len(set(prompts)),
+        "drawn": float(np.mean(drawn)),
+        "composed_when_drawn": sum(right) / sum(drawn) if any(drawn) else None,
+    }
 
 
 def quality_scores(

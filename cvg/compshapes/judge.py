@@ -5,9 +5,8 @@ wrong). No learned parts.
 
 Detection: each pixel is read as a blend of the background and one palette colour, the one whose blend
 line passes nearest (within `max_colour_distance`); its coverage (alpha) is how far along that line it
-lies. Connected regions of one colour are candidates; pixels over half covered form the object, kept if
-it has at least `min_area` of them. A 3x3 median filter first removes pixel
-noise. Shape: every CompShapes shape fills the box around its centre edge to edge, so the object's box
+lies. An object is a connected part of the pixels of one colour covered over half, kept if it has at least
+`min_area` of them. Colours are read after a 3x3 median filter, which removes pixel noise. Shape: every CompShapes shape fills the box around its centre edge to edge, so the object's box
 gives a centre and a size, and the shape is the one whose outline there overlaps the object best
 (intersection over union, searched over half-pixel shifts); below `MIN_SHAPE_IOU`, or in a box far from
 square, the object is a "blob", no shape at all.
@@ -97,9 +96,11 @@ def detect(frame: np.ndarray, min_area: int = 12, max_colour_distance: float = 6
     alpha = _blend(frame.astype(np.float32))[0]
     found = []
     for index, name in enumerate(_NAMES):
-        labels, _ = ndimage.label(coloured & (nearest == index))
+        # Objects are the connected parts of the over-half-covered pixels: two shapes a pixel apart, whose
+        # blended edges touch, stay two.
+        labels, _ = ndimage.label(coloured & (nearest == index) & (alpha[..., index] > 0.5))
         for number, region in enumerate(ndimage.find_objects(labels), start=1):
-            solid = (labels[region] == number) & (alpha[region][..., index] > 0.5)
+            solid = labels[region] == number
             area = int(solid.sum())
             if area < min_area:
                 continue

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from cvg.compshapes.dataset import read_index
-from cvg.compshapes.evaluate import auroc, load_frames
+from cvg.compshapes.evaluate import load_frames
 from cvg.compshapes.judge import judge
+from cvg.compshapes.stats import auroc
 from cvg.guidance.composition import Composition
 from cvg.guidance.config import GuidanceConfig
 from cvg.guidance.objectives import Objective, objective_for

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from cvg.compshapes.dataset import split_clip
-from cvg.compshapes.evaluate import auroc
 from cvg.compshapes.grammar import Clip, check_sealed, sealed
+from cvg.compshapes.stats import auroc
 from cvg.guidance.classifier import ClassifierConfig, CompositionClassifier, LabelEncoder
 from cvg.io.files import locked, write_text_atomic
 from cvg.models.wan import generator_description, load_wan_pipeline, video_size

@@ -10,7 +10,7 @@ import torch
 
 from cvg.cli import main
 from cvg.compshapes.dataset import clip_seed, read_frames, read_index, split_clip, write_dataset
-from cvg.compshapes.evaluate import evaluate, wilson_interval
+from cvg.compshapes.evaluate import evaluate
 from cvg.compshapes.grammar import (
     ALL_CATEGORIES,
     CATEGORIES,
@@ -20,6 +20,7 @@ from cvg.compshapes.grammar import (
     split_of,
 )
 from cvg.compshapes.judge import detect, entity_colour_shape, judge_detections
+from cvg.compshapes.stats import wilson_interval
 from cvg.compshapes.world import COLOURS, SHAPES, WORD_TO_COLOUR, Scene, Thing, render
 from cvg.guidance.composition import Composition
 

@@ -5,7 +5,7 @@ import math
 import torch
 
 from cvg.compshapes.dataset import read_index, write_dataset
-from cvg.compshapes.evaluate import auroc
+from cvg.compshapes.stats import auroc
 from cvg.compshapes.videoset import generate_set
 from cvg.experiments import diagnostics
 from cvg.guidance.classifier import ClassifierConfig, ClassifierObjective, CompositionClassifier
