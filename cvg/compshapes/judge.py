@@ -6,8 +6,10 @@ wrong). No learned parts.
 Detection: each pixel is read as a blend of the background and one palette colour, the one whose blend
 line passes nearest (within `max_colour_distance`); its coverage (alpha) is how far along that line it
 lies. An object is a connected part of the pixels of one colour covered over half, kept if it has at least
-`min_area` of them. Colours are read after a 3x3 median filter, which removes pixel noise. Shape: every CompShapes shape fills the box around its centre edge to edge, so the object's box
-gives a centre and a size, and the shape is the one whose outline there overlaps the object best
+`min_area` of them. Colours are read after a 3x3 median filter, which removes pixel noise.
+
+Shape: every CompShapes shape fills the box around its centre edge to edge, so the object's box gives a
+centre and a size, and the shape is the one whose outline there overlaps the object best
 (intersection over union, searched over half-pixel shifts); below `MIN_SHAPE_IOU`, or in a box far from
 square, the object is a "blob", no shape at all.
 """
