@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 
 import torch
-from shipped import MODELS, held_out, parser, timed
+from shipped import MODELS, dev_clips, parser, timed
 
 from cvg.experiments.report import machine_line, publish
 from cvg.models.wan import load_wan_pipeline
@@ -28,7 +28,7 @@ def main() -> None:
         pipes.update({(dtype, batched): CVGPipeline(base, batch_cfg=batched) for batched in (False, True)})
     seconds: dict[tuple, list[float]] = {key: [] for key in pipes}
     differences: dict[str, float] = dict.fromkeys(DTYPES, 0.0)
-    for i, clip in held_out(args.clips):
+    for i, clip in dev_clips(args.clips):
         frames = {}
         for key, pipe in pipes.items():
             elapsed, out = timed(pipe, clip, i, composition=False)

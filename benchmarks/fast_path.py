@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 
 import torch
-from shipped import MODELS, held_out, parser, timed
+from shipped import MODELS, dev_clips, parser, timed
 
 from cvg.experiments.report import machine_line, publish
 from cvg.models.wan import load_wan_pipeline
@@ -37,7 +37,7 @@ def main() -> None:
     variants = [(path, guided) for path in PATHS for guided in (False, True)]
     first, runs = {}, {v: [] for v in variants}
     frames, vae_change = {}, 0.0
-    for i, clip in held_out(args.clips):
+    for i, clip in dev_clips(args.clips):
         for path, guided in variants:
             elapsed, out = timed(pipes[path], clip, i, composition=guided)
             frames[path, guided] = out.frames

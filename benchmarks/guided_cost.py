@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 
-from shipped import MODELS, held_out, parser, timed
+from shipped import MODELS, dev_clips, parser, timed
 
 from cvg.experiments.report import machine_line, publish
 from cvg.pipeline import CVGPipeline
@@ -21,7 +21,7 @@ def main() -> None:
     pipe.pipe.set_progress_bar_config(disable=True)
     seconds: dict[str, list[float]] = {"unguided": [], "guided": []}
     phases: list[dict] = []
-    for i, clip in held_out(args.clips):
+    for i, clip in dev_clips(args.clips):
         for name, guide_steps in (("unguided", 0), ("guided", None)):
             elapsed, out = timed(pipe, clip, i, guide_steps=guide_steps)
             if i:

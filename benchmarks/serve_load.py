@@ -73,7 +73,7 @@ class Server:
 
 
 def _requests(count: int) -> list[dict]:
-    clips = [split_clip(20_261_124, i, CATEGORIES[i % len(CATEGORIES)], "heldout") for i in range(1, count + 1)]
+    clips = [split_clip(20_261_124, i, CATEGORIES[i % len(CATEGORIES)], "dev") for i in range(1, count + 1)]
     return [{"prompt": c.prompt, "composition": c.composition.describe(), "seed": i} for i, c in enumerate(clips)]
 
 

@@ -17,7 +17,7 @@ import statistics
 
 import torch
 from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
-from shipped import MODELS, SIZE, held_out, parser, timed
+from shipped import MODELS, SIZE, dev_clips, parser, timed
 
 from cvg.compshapes.dataset import split_clip
 from cvg.compshapes.grammar import CATEGORIES
@@ -76,7 +76,7 @@ def main() -> None:
     seconds = {name: [] for name in pipes}
     right = dict.fromkeys(pipes, 0)
     change = dict.fromkeys(pipes, 0)
-    for i, clip in held_out(args.clips):
+    for i, clip in dev_clips(args.clips):
         frames = {}
         for name, pipe in pipes.items():
             elapsed, out = timed(pipe, clip, i)

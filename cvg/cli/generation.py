@@ -214,10 +214,17 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
 def _dtype_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
-        choices=PRECISIONS,
+        choices=(*PRECISIONS, "auto"),
         default="float32",
-        help="precision of the transformer (default float32)",
+        help="precision of the transformer (default float32); auto: bfloat16 where this machine runs it fast "
+        "(a GPU, or a CPU with AMX or avx512_bf16), else float32",
     )
+
+
+def _precision(name: str) -> str:
+    from cvg.hardware import fast_precision
+
+    return fast_precision() if name == "auto" else name
 
 
 def _load(args: argparse.Namespace):
@@ -238,7 +245,7 @@ def _load(args: argparse.Namespace):
     pipe = CVGPipeline.from_pretrained(
         args.model,
         objective=objective,
-        transformer_dtype=getattr(torch, args.dtype),
+        transformer_dtype=getattr(torch, _precision(args.dtype)),
         vae_dtype=getattr(torch, args.vae_dtype),
     )
     pipe.guidance, pipe.engine = guidance, args.engine
@@ -396,7 +403,7 @@ def export_engine(args: argparse.Namespace) -> None:
     if len(args.shape) != 3:
         raise ValueError(f"--shape must be HEIGHTxWIDTHxFRAMES, got {'x'.join(map(str, args.shape))}")
     height, width, frames = args.shape
-    pipe = CVGPipeline.from_pretrained(args.model, transformer_dtype=getattr(torch, args.dtype))
+    pipe = CVGPipeline.from_pretrained(args.model, transformer_dtype=getattr(torch, _precision(args.dtype)))
     vae = pipe.pipe.vae.config
     for name, transformer in pipe.experts.items():  # Wan 2.2 A14B: an engine per expert, a line each
         latents = torch.empty(

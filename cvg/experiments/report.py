@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from cvg.hardware import bf16_units, cpu_model
 from cvg.io.files import write_text_atomic
 
 
@@ -20,31 +21,6 @@ def machine_line() -> str:
     bf16 matmuls several times faster than avx512_bf16 alone), so the model and those units are named."""
     cores = f"{os.cpu_count()} cores"
     return f"CPU ({cpu_model()}, {cores}, {bf16_units()}, torch {torch.__version__}, {platform.machine()})"
-
-
-def _cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-
-
-def cpu_model() -> str:
-    for line in _cpuinfo().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown model"
-
-
-def bf16_units() -> str:
-    """Which bf16 instruction sets the CPU reports: 'amx_bf16', 'avx512_bf16' or 'no bf16 units'."""
-    flags = set()
-    for line in _cpuinfo().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    found = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
-    return "+".join(found) if found else "no bf16 units"
 
 
 def publish(text: str, path: Path | None, name: str) -> None:

@@ -182,7 +182,7 @@ def test_train_and_evaluate_saves_three_classifiers_and_resumes(tiny_model_dir, 
     training = TrainingConfig(epochs=2, batch=16, hidden_dim=16, label_smoothing=0.1)
     out = tmp_path / "classifier"
     held = tmp_path / "held"  # measured on a dataset folder, trained on fresh renders: both sources
-    write_dataset(held, 4, 5, ("spatial", "attribute"), SIZE["frames"], SIZE["height"], SIZE["width"], "heldout")
+    write_dataset(held, 4, 5, ("spatial", "attribute"), SIZE["frames"], SIZE["height"], SIZE["width"], "dev")
     reading = replace(CONFIG, source=source)
     run = dict(clips=8, heldout=4, reading=reading, training=training, report=lambda _: None, heldout_data=held)
     summary = dual_inversion.train_and_evaluate(model, out, **run)

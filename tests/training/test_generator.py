@@ -176,7 +176,7 @@ def test_a_latent_chunk_of_other_clips_is_encoded_again(toy_model):
         )
 
 
-def test_training_never_sees_held_out_prompts():
+def test_training_sees_train_split_prompts_only():
     clips = generator.training_clips(GeneratorRecipe(), 2, 0, 60)
     assert all(split_of(p) == "train" for c in clips for p in (c.prompt, *(q for q, _ in c.counterfactuals)))
     assert {c.category for c in clips} == {"object", "attribute", "spatial", "motion", "numeracy"}
