@@ -269,10 +269,10 @@ class CVGPipeline:
                 )
             items = [self.bind(p, c, max_sequence_length) for p, c in zip(prompts, composition, strict=True)]
             bound = BoundBatch.of(items)
-            objective = ItemwiseObjective([self._objective(item.composition.kind, config) for item in items])
+            objective = ItemwiseObjective([self.guiding_objective(item.composition.kind, config) for item in items])
         elif guided:
             bound = self.bind(prompt, composition, max_sequence_length)
-            objective = self._objective(bound.composition.kind, config)
+            objective = self.guiding_objective(bound.composition.kind, config)
         if guided and config.target_loss is None and config.bounded:  # the objective's own bound, if it has one
             target = getattr(objective, "target_loss", None)  # per item ([B]) for an itemwise objective
             config = replace(config, target_loss=target.to(device) if torch.is_tensor(target) else target)
@@ -367,7 +367,7 @@ class CVGPipeline:
         maps, values = [s.maps for s in history], [s.loss for s in history]
         return CVGOutput(frames, maps, values, history, bound, scores, timings)
 
-    def _objective(self, kind: str, config: GuidanceConfig) -> Objective:
+    def guiding_objective(self, kind: str, config: GuidanceConfig) -> Objective:
         """The objective for a composition kind: the loaded classifier (with the kind's training-free
         objective added where it measures the composition itself and `config.geometric`), else the
         training-free one (kept per kind)."""

@@ -6,11 +6,16 @@
 - step-0 AUROC: p(label) at each clip's initial noise (the head's reading at the first guided step)
   against the judge's verdict on the unguided clip grown from that same noise. Guidance at step 0 can
   only help if the head can rank noises at all: 0.5 is chance.
-- adversarial ratio: at the initial noise, the drop of the objective along the guidance direction (one
-  RMS-normalised step of `--strength`) against its mean absolute change along random directions of the
-  same size. A head whose gradient follows what the maps show changes about as fast along a random
-  direction as a smooth function would; a ratio in the hundreds with p jumping to ~1 is the signature
-  of an adversarial direction: the head is fooled, the video is not changed.
+- gradient-direction ratio: at the initial noise, the drop of the objective along the guidance direction
+  (one RMS-normalised step of `--strength`) against its mean absolute change along random directions of
+  the same size, reported over its baseline. For any smooth function of a D-dimensional latent that ratio
+  is about sqrt(pi D / 2) (a random direction's cosine with the gradient has mean absolute value
+  sqrt(2 / (pi D))): about 127 for D = 10,240. So the ratio alone says nothing; over its baseline, about 1
+  means the objective is locally linear at that step size, far above 1 that the step drops it more than
+  its slope predicts (a direction that fools the head faster than it changes the maps).
+
+Both are computed on the objective that guides: the classifier plus, where `GuidanceConfig.geometric`
+adds it, the training-free centroid term (`CVGPipeline.guiding_objective`).
 
 `--unguided` is a generated set (`cvg.compshapes.videoset.generate_set` with seed 0, as the findings' unguided row):
 each record's noise seed is its id.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +37,7 @@ from cvg.compshapes.judge import judge
 from cvg.compshapes.stats import auroc
 from cvg.guidance.composition import Composition
 from cvg.guidance.config import GuidanceConfig
-from cvg.guidance.objectives import Objective, objective_for
+from cvg.guidance.objectives import Objective
 from cvg.guidance.sampler import Denoiser
 from cvg.pipeline import CVGPipeline
 
@@ -57,15 +63,20 @@ def _initial(pipe: CVGPipeline, record: dict) -> tuple[Denoiser, object, torch.T
 
 
 def _objective(pipe: CVGPipeline, bound) -> Objective:
-    """The pipeline's objective, else the training-free one of the composition's kind (as guidance picks)."""
-    return pipe.objective or objective_for(bound.composition.kind)
+    """The objective the pipeline guides this composition's kind with."""
+    return pipe.guiding_objective(bound.composition.kind, pipe.guidance)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.square().mean().sqrt().clamp_min(1e-20)
 
 
-def adversarial_ratio(pipe: CVGPipeline, record: dict, strength: float, directions: int = 4) -> dict:
+def smooth_baseline(dimensions: int) -> float:
+    """The gradient-direction ratio of a smooth (locally linear) function of `dimensions` variables."""
+    return math.sqrt(math.pi * dimensions / 2)
+
+
+def gradient_direction_ratio(pipe: CVGPipeline, record: dict, strength: float, directions: int = 4) -> dict:
     """Objective drop along the normalised guidance step against random directions of the same RMS."""
     denoiser, bound, noise, t = _initial(pipe, record)
     config, objective = pipe.guidance, _objective(pipe, bound)
@@ -85,6 +96,7 @@ def adversarial_ratio(pipe: CVGPipeline, record: dict, strength: float, directio
         "drop_along_gradient": drop,
         "mean_random_change": spread,
         "ratio": drop / max(spread, 1e-12),
+        "ratio_over_smooth_baseline": drop / max(spread, 1e-12) / smooth_baseline(noise.numel()),
     }
 
 
@@ -100,11 +112,11 @@ def diagnose(
     pipe: CVGPipeline,
     unguided: str | Path,
     clips: int = 400,
-    adversarial_clips: int = 40,
+    direction_clips: int = 40,
     strength: float | None = None,
 ) -> dict:
     """Step-0 AUROC per category and overall over the first `clips` records of the generated set `unguided`,
-    and the adversarial ratio over its first `adversarial_clips`."""
+    and the gradient-direction ratio over its first `direction_clips`."""
     records = read_index(unguided)[:clips]
     if not records:
         raise FileNotFoundError(f"no generated clips in {unguided}")
@@ -119,11 +131,12 @@ def diagnose(
     for category in sorted(set(categories)):
         mask = np.array([c == category for c in categories])
         result["auroc"][category] = auroc(np.array(scores)[mask], np.array(verdicts)[mask])
-    ratios = [adversarial_ratio(pipe, r, strength) for r in records[:adversarial_clips]]
-    result["adversarial"] = {
+    ratios = [gradient_direction_ratio(pipe, r, strength) for r in records[:direction_clips]]
+    result["gradient_direction"] = {
         "clips": len(ratios),
         "strength": strength,
         "median_ratio": float(np.median([r["ratio"] for r in ratios])),
+        "median_ratio_over_smooth_baseline": float(np.median([r["ratio_over_smooth_baseline"] for r in ratios])),
         "median_drop_along_gradient": float(np.median([r["drop_along_gradient"] for r in ratios])),
         "median_random_change": float(np.median([r["mean_random_change"] for r in ratios])),
         "median_p_after_step": float(np.median([np.exp(-(r["loss"] - r["drop_along_gradient"])) for r in ratios])),
@@ -142,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--unguided", required=True, type=Path, help="the unguided generated set (findings row)")
     parser.add_argument("--clips", type=int, default=400, help="clips for the AUROC (default 400)")
-    parser.add_argument("--adversarial-clips", type=int, default=40, help="clips for the ratio (default 40)")
+    parser.add_argument("--direction-clips", type=int, default=40, help="clips for the ratio (default 40)")
     parser.add_argument(
         "--strength",
         type=float,
@@ -153,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe = CVGPipeline.from_pretrained(args.model)
     if args.classifier != "none":
         pipe.load_classifier(args.classifier)
-    print(json.dumps(diagnose(pipe, args.unguided, args.clips, args.adversarial_clips, args.strength), indent=1))
+    print(json.dumps(diagnose(pipe, args.unguided, args.clips, args.direction_clips, args.strength), indent=1))
 
 
 if __name__ == "__main__":

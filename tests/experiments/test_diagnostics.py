@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+import pytest
 import torch
 
 from cvg.compshapes.dataset import read_index, write_dataset
@@ -28,12 +30,12 @@ def test_diagnose_reads_the_unguided_noise_and_probes_the_gradient(tiny_pipe, tm
     specs, unguided = tmp_path / "specs", tmp_path / "unguided"
     write_dataset(specs, 4, 0, ("spatial", "motion"), frames=9, height=64, width=64)
     generate_set(pipe, specs, unguided, guide_steps=0, num_inference_steps=3, max_sequence_length=512)
-    result = diagnostics.diagnose(pipe, unguided, clips=4, adversarial_clips=2, strength=0.1)
+    result = diagnostics.diagnose(pipe, unguided, clips=4, direction_clips=2, strength=0.1)
     assert result["clips"] == 4 and set(result["auroc"]) == {"all", "spatial", "motion"}
     assert all(v is None or 0 <= v <= 1 for v in result["auroc"].values())
-    adversarial = result["adversarial"]
-    assert adversarial["clips"] == 2 and math.isfinite(adversarial["median_ratio"])
-    assert 0 < adversarial["median_p_before"] < 1
+    direction = result["gradient_direction"]
+    assert direction["clips"] == 2 and math.isfinite(direction["median_ratio"])
+    assert 0 < direction["median_p_before"] < 1
     # Step 0's reading is the unguided clip's own noise: the probability recomputed by hand matches.
     record = read_index(unguided)[0]
     denoiser, bound, noise, t = diagnostics._initial(pipe, record)
@@ -48,5 +50,21 @@ def test_diagnose_reads_the_unguided_noise_and_probes_the_gradient(tiny_pipe, tm
         torch.Generator().manual_seed(record["id"]),
     )
     assert torch.equal(noise, noise_again)
-    by_hand = torch.exp(-denoiser.score(noise, t, objective, bound, pipe.guidance)[0])
+    baseline = diagnostics.smooth_baseline(noise.numel())  # every clip's latent has this size
+    assert direction["median_ratio_over_smooth_baseline"] == pytest.approx(direction["median_ratio"] / baseline)
+    guiding = pipe.guiding_objective(bound.composition.kind, pipe.guidance)  # the head plus the centroid term
+    assert guiding is not objective
+    by_hand = torch.exp(-denoiser.score(noise, t, guiding, bound, pipe.guidance)[0])
     assert diagnostics.step0_probability(pipe, record) == float(by_hand)
+
+
+def test_a_linear_function_sits_at_the_smooth_baseline():
+    """Any smooth function's ratio of the drop along its normalised gradient to its mean absolute change
+    along random directions of the same size is sqrt(pi D / 2): what the diagnostic divides by."""
+    rng = np.random.default_rng(0)
+    dimensions = 10_240
+    gradient = rng.standard_normal(dimensions)
+    along = gradient @ (gradient / np.linalg.norm(gradient))
+    randoms = rng.standard_normal((2000, dimensions))
+    spread = np.abs(randoms / np.linalg.norm(randoms, axis=1, keepdims=True) @ gradient).mean()
+    assert along / spread / diagnostics.smooth_baseline(dimensions) == pytest.approx(1.0, abs=0.05)
