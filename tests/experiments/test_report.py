@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from cvg import hardware
 from cvg.experiments import report
 
 CPUINFO = """processor\t: 0
@@ -25,12 +26,22 @@ flags\t\t: fpu sse avx2 {flags}
     ],
 )
 def test_machine_line_names_model_and_bf16_units(monkeypatch, flags, units):
-    monkeypatch.setattr(report, "_cpuinfo", lambda: CPUINFO.format(flags=flags))
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda: CPUINFO.format(flags=flags))
     line = report.machine_line()
     assert line.startswith("CPU (Example CPU 9000, ")
     assert f", {units}, torch " in line
 
 
 def test_machine_line_without_cpuinfo(monkeypatch):
-    monkeypatch.setattr(report, "_cpuinfo", lambda: "")
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda: "")
     assert ", no bf16 units, torch " in report.machine_line()
+
+
+@pytest.mark.parametrize(
+    ("flags", "precision"),
+    [("avx512f avx512_bf16 amx_tile amx_bf16", "bfloat16"), ("avx512f avx512_bf16", "bfloat16"), ("", "float32")],
+)
+def test_auto_precision_is_bf16_only_where_the_cpu_has_bf16_units(monkeypatch, flags, precision):
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda: CPUINFO.format(flags=flags))
+    assert hardware.fast_precision() == precision
+    assert hardware.fast_precision("cuda") == "bfloat16"
