@@ -24,7 +24,9 @@ from cvg.experiments.report import machine_line, publish
 MODEL = Path(__file__).resolve().parent.parent / "models" / "compshapes-wan"
 CHILD = """
 import json, sys, time
-import cvg, torch
+import cvg.threads
+cvg.threads.configure()
+import torch
 from cvg.pipeline import CVGPipeline
 pipe = CVGPipeline.from_pretrained(sys.argv[1])
 pipe.pipe.set_progress_bar_config(disable=True)

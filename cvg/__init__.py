@@ -13,12 +13,9 @@ The package is in layers; each imports only those below it (checked by import-li
     ops                 the attention-pool op and its backends (Triton kernels in cvg.kernels)
     io, threads         files, videos, the native extension; how cvg shares the machine's cores
 
-`import cvg` loads nothing heavy: the public names below load on first use.
+`import cvg` loads nothing heavy and changes nothing in the process's environment: the public names below
+load on first use, and cvg's thread policy is applied by its entry points or by `cvg.threads.configure()`.
 """
-
-from cvg import threads
-
-threads.prepare_environment()  # before torch loads libgomp (cvg.threads)
 
 _PUBLIC = {
     "attention_pool": "cvg.ops.attention_pool",

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from cvg import threads
 from cvg.experiments.memory import ISOLATED_ENV, peak_extra_bytes
 from cvg.experiments.report import json_child, machine_line, write_section
 from cvg.io.files import write_text_atomic
@@ -275,6 +276,7 @@ def dtype_table(times: dict, args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    threads.configure()
     args = _parser().parse_args(argv)
     if args.memory:
         print(json.dumps(_memory_child(args.memory, args)))

@@ -6,8 +6,8 @@ default active wait) and steal each other's cores: one CompShapes clip took 2.2 
 with a second process running. So cvg:
 
 - sets `OMP_WAIT_POLICY=PASSIVE` unless the environment says otherwise: idle workers sleep. libgomp reads
-  it once, when it is loaded, so `import cvg` must come before `import torch` for it to take effect
-  (`python -m cvg` and `cvg` do); otherwise set it yourself. Sleeping workers wake later: a process
+  it once, when it is loaded, so `cvg.threads.configure()` must run before `import torch` for it to take
+  effect (`python -m cvg` and `cvg` do); otherwise set it yourself. Sleeping workers wake later: a process
   alone runs about a third slower than with workers that spin a while first (benchmarks/RESULTS.md,
   shared_cores), so a script with the cores to itself may set GOMP_SPINCOUNT=3000 (most of the gain, the
   least harm if another process turns up; ACTIVE was slower alone and 4× slower shared), with all its torch
@@ -29,9 +29,12 @@ from pathlib import Path
 KNOB = "CVG_NUM_THREADS"
 
 
-def prepare_environment() -> None:
-    """At `import cvg`: the OpenMP settings libgomp reads when it loads, so torch starts with
-    `thread_count()` intra-op threads; if torch is already loaded, its thread count is set instead."""
+def configure() -> None:
+    """Apply cvg's policy to this process: the OpenMP settings libgomp reads when it loads, so torch starts
+    with `thread_count()` intra-op threads and sleeping workers; if torch is already loaded, its thread
+    count is set instead. cvg's entry points call it (the `cvg` command and `cvg serve`, `python -m
+    cvg.bench`, the experiments); a program that embeds cvg calls it itself, before it imports torch.
+    `import cvg` alone changes nothing in the process's environment."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if "torch" not in sys.modules and (os.environ.get(KNOB) or not os.environ.get("OMP_NUM_THREADS")):
         os.environ["OMP_NUM_THREADS"] = str(thread_count())

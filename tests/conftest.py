@@ -5,7 +5,9 @@ import os
 # Triton reads TRITON_INTERPRET when it is first imported: import it here, with the variable set, before
 # any test can import it with the variable unset.
 os.environ.setdefault("TRITON_INTERPRET", "1")
-import cvg  # noqa: E402, F401  (before torch loads: cvg's threading policy, cvg.threads)
+import cvg.threads  # noqa: E402
+
+cvg.threads.configure()  # before torch loads: cvg's threading policy, as the entry points apply it
 
 try:
     import triton  # noqa: F401

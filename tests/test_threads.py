@@ -18,15 +18,37 @@ def _in_fresh_process(code: str, **env: str) -> str:
     return proc.stdout.strip()
 
 
-def test_import_sets_passive_waiting_and_sizes_the_pool():
-    code = "import os, cvg, torch; print(os.environ['OMP_WAIT_POLICY'], torch.get_num_threads())"
+CONFIGURED = "import os, cvg.threads; cvg.threads.configure(); import torch; "
+
+
+def test_import_leaves_the_environment_alone():
+    code = "import os; before = dict(os.environ); import cvg; print(dict(os.environ) == before)"
+    assert _in_fresh_process(code) == "True"
+    # Loading the pipeline changes only what torch and diffusers change themselves (inductor's cache dir).
+    code = (
+        "import os, torch, diffusers, torch._inductor.config; before = dict(os.environ); import cvg; "
+        "cvg.CVGPipeline; print(dict(os.environ) == before)"
+    )
+    assert _in_fresh_process(code) == "True"
+
+
+def test_configure_sets_passive_waiting_and_sizes_the_pool():
+    code = CONFIGURED + "print(os.environ['OMP_WAIT_POLICY'], torch.get_num_threads())"
     policy, count = _in_fresh_process(code).split()
     assert policy == "PASSIVE" and 1 <= int(count) <= available_cores()
     assert _in_fresh_process(code, OMP_WAIT_POLICY="ACTIVE").split()[0] == "ACTIVE"  # a choice is kept
 
 
+def test_the_command_line_configures_the_process():
+    code = (
+        "import os, sys, cvg.cli; assert 'OMP_WAIT_POLICY' not in os.environ and 'torch' not in sys.modules; "
+        "rc = cvg.cli.main(['eval', '--videos', '/nonexistent']); print(os.environ['OMP_WAIT_POLICY'], rc)"
+    )
+    assert _in_fresh_process(code).split()[-2:] == ["PASSIVE", "2"]
+
+
 def test_the_knob_sets_the_thread_count():
-    code = "import cvg, torch; print(torch.get_num_threads())"
+    code = CONFIGURED + "print(torch.get_num_threads())"
     assert _in_fresh_process(code, CVG_NUM_THREADS="1") == "1"
     assert _in_fresh_process(code, CVG_NUM_THREADS="3") == "3"
 

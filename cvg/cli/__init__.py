@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cvg import threads
 from cvg.cli import data, generation, serving, training
 from cvg.cli.arguments import Parser
 from cvg.guidance.composition import CompositionError
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    threads.configure()  # before any command loads torch
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cvg import threads
 from cvg.compshapes.dataset import read_index
 from cvg.compshapes.evaluate import load_frames
 from cvg.compshapes.judge import judge
@@ -146,6 +147,7 @@ def diagnose(
 
 
 def main(argv: list[str] | None = None) -> None:
+    threads.configure()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="models/compshapes-wan", help="the generator directory")
     parser.add_argument(

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cvg import threads
 from cvg.compshapes.dataset import read_index, write_dataset, write_index
 from cvg.compshapes.evaluate import evaluate
 from cvg.compshapes.grammar import NOVEL_COMPOSITIONS, novel_composition
@@ -178,6 +179,7 @@ def comparisons(results: dict[str, dict], unguided: str, cvg: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    threads.configure()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="models/compshapes-wan", help="the generator directory")
     parser.add_argument("--classifier", default="models/compshapes-classifier", help="cvg train-classifier output")

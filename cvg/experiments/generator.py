@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from cvg import threads
 from cvg.compshapes.dataset import ClipWriter, read_frames, read_index, write_dataset
 from cvg.compshapes.evaluate import evaluate
 from cvg.compshapes.grammar import ALL_CATEGORIES
@@ -97,6 +98,7 @@ def drawing_table(rows: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    threads.configure()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="models/compshapes-wan", help="the generator directory")
     parser.add_argument("--clips", type=int, default=500, help="clips, categories in turn (default 500)")

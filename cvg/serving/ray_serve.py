@@ -23,6 +23,7 @@ from dataclasses import replace
 from ray import serve
 from ray.exceptions import RayActorError
 
+from cvg import threads
 from cvg.guidance.composition import CompositionError
 from cvg.serving.api import create_app
 from cvg.serving.jobs import EngineRunner, JobCancelled, JobQueue, VideoJobRequest, VideoResult
@@ -34,6 +35,7 @@ RETRIES = 1  # a batch whose replica died runs once more, elsewhere
 @serve.deployment(max_ongoing_requests=1)  # one batch at a time: the engine runs one generation anyway
 class VideoGenerator:
     def __init__(self, model: str, options: dict):
+        threads.configure()  # a replica's process is an entry point of its own
         self.runner = EngineRunner(Engine(model, **options))
         self.replica = serve.get_replica_context().replica_id.unique_id
 
