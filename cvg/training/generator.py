@@ -36,7 +36,7 @@ from cvg.io.files import locked, write_text_atomic
 from cvg.models.minilm import PACKAGE, load_minilm
 from cvg.models.padding import collapse_padding
 from cvg.models.processors import KeyBiasWanAttnProcessor, TextBias, text_key_bias
-from cvg.models.wan import MANIFEST, to_pixels
+from cvg.models.wan import MANIFEST, model_key, to_pixels
 from cvg.training.loop import Checkpoint, LossLog, cached_chunks, cosine_schedule, plot_losses
 
 
@@ -57,6 +57,11 @@ class GeneratorRecipe:
     kl_weight: float = 1e-5  # small: a sharp posterior; Wan normalises the latent scale anyway
     object_weight: float = 10.0  # object pixels count this many times a background pixel
     vae_extra_motion: bool = True  # motion every other VAE clip (see VAE_CATEGORIES)
+    # A second VAE stage from the first's weights (fresh optimiser, fresh clips): more steps at a lower
+    # rate with frame 0 weighted up (the causal VAE gives it a latent frame of its own, drawn worst).
+    vae_refine_steps: int = 1500
+    vae_refine_lr: float = 5e-4
+    first_frame_weight: float = 4.0  # frame 0's pixels count this many times another frame's (refine only)
     # transformer
     clips: int = 6000  # training clips encoded to latents
     heads: int = 6
@@ -87,6 +92,7 @@ class GeneratorRecipe:
 _VAE_FIELDS = ("seed", "frames", "size", "vae_base_dim", "z_dim", "vae_steps", "vae_batch", "vae_window", "vae_lr")
 STAGE_FIELDS = {
     "vae.pt": (*_VAE_FIELDS, "kl_weight", "object_weight", "vae_extra_motion"),
+    "vae_refine.pt": ("vae_refine_steps", "vae_refine_lr", "first_frame_weight"),
     "latents": ("clips",),
 }
 
@@ -143,18 +149,28 @@ def training_clips(recipe: GeneratorRecipe, stage: int, first: int, count: int, 
 
 
 def train_vae(recipe: GeneratorRecipe, work: Path, report: Callable[[str], None] = print) -> AutoencoderKLWan:
+    """The VAE's two stages: from scratch (`vae.pt`), then refined from its weights (`vae_refine.pt`)."""
     torch.manual_seed(recipe.seed)
     vae = build_vae(recipe).train()
-    opt = torch.optim.AdamW(vae.parameters(), recipe.vae_lr, weight_decay=0.0)
-    ckpt, log = Checkpoint(work / "vae.pt", recipe.checkpoint_every), LossLog(work / "log.jsonl", "vae")
+    _vae_stage(recipe, vae, work, "vae", recipe.vae_steps, recipe.vae_lr, 1, 1.0, report)
+    if recipe.vae_refine_steps:  # from the first stage's final weights, which `vae` now holds
+        first = recipe.first_frame_weight
+        _vae_stage(recipe, vae, work, "vae_refine", recipe.vae_refine_steps, recipe.vae_refine_lr, 4, first, report)
+    return vae.eval()
+
+
+def _vae_stage(recipe, vae, work: Path, name: str, steps: int, lr: float, stream: int, first_frame: float, report):
+    """Train `vae` for `steps` (resumable from WORK/NAME.pt): clips of stream `stream`, weighted L1 + KL."""
+    opt = torch.optim.AdamW(vae.parameters(), lr, weight_decay=0.0)
+    ckpt, log = Checkpoint(work / f"{name}.pt", recipe.checkpoint_every), LossLog(work / "log.jsonl", name)
     start = ckpt.load(vae=vae, opt=opt)
     log.rewind(start)
     background = torch.tensor(BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1, 1) / 127.5 - 1
     categories = VAE_CATEGORIES if recipe.vae_extra_motion else ALL_CATEGORIES
     t0 = time.perf_counter()
-    for step in range(start, recipe.vae_steps):
-        gen = _seeded(recipe.seed, 1, step)
-        clips = training_clips(recipe, 1, step * recipe.vae_batch, recipe.vae_batch, categories)
+    for step in range(start, steps):
+        gen = _seeded(recipe.seed, stream, step)
+        clips = training_clips(recipe, stream, step * recipe.vae_batch, recipe.vae_batch, categories)
         offset = int(torch.randint(0, recipe.frames - recipe.vae_window + 1, (), generator=gen))
         x = to_pixels([render(c.scene)[offset : offset + recipe.vae_window] for c in clips])
         posterior = vae.encode(x).latent_dist
@@ -162,20 +178,21 @@ def train_vae(recipe: GeneratorRecipe, work: Path, report: Callable[[str], None]
         recon = vae.decode(z).sample
         # Objects are a few percent of the pixels; weigh them up so the background does not win.
         weight = 1 + (recipe.object_weight - 1) * ((x - background).abs().amax(1, keepdim=True) > 0.05).float()
+        if offset == 0 and first_frame != 1.0:
+            weight[:, :, 0] *= first_frame
         rec = (weight * (recon - x).abs()).mean()
         kl = 0.5 * (posterior.mean**2 + posterior.var - 1 - posterior.logvar).mean()
         loss = rec + recipe.kl_weight * kl
         for group in opt.param_groups:
-            group["lr"] = recipe.vae_lr * cosine_schedule(step, recipe.vae_steps, 50)
+            group["lr"] = lr * cosine_schedule(step, steps, 50)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         log.write(step + 1, loss=rec.item(), kl=kl.item())
         if (step + 1) % 50 == 0:
-            report(f"vae step {step + 1}/{recipe.vae_steps} recon {rec.item():.4f} ({time.perf_counter() - t0:.0f} s)")
-        ckpt.save(step + 1, done=step + 1 == recipe.vae_steps, vae=vae, opt=opt)
-    return vae.eval()
+            report(f"{name} step {step + 1}/{steps} recon {rec.item():.4f} ({time.perf_counter() - t0:.0f} s)")
+        ckpt.save(step + 1, done=step + 1 == steps, vae=vae, opt=opt)
 
 
 @torch.no_grad()
@@ -190,7 +207,7 @@ def encode_latents(
         return {"mean": posterior.mean, "std": posterior.std, "objects": latent_object_mask(frames)}
 
     clips = training_clips(recipe, 2, 0, recipe.clips)  # scene specs only: each chunk renders its own
-    parts = cached_chunks(clips, work / "latents", chunk, _prompts_of, encode, report)
+    parts = cached_chunks(clips, work / "latents", chunk, chunk_description(vae), encode, report)
     prompts = [p for part in parts for p in part["prompts"]]
     unique = ["", *sorted(set(prompts))]  # "" is the unconditional (negative) prompt
     position = {p: i for i, p in enumerate(unique)}
@@ -220,9 +237,11 @@ def latent_object_mask(frames: list[np.ndarray], spatial: int = 4, temporal: int
     return (F.max_pool2d(cells, spatial) > 0).unsqueeze(1)
 
 
-def _prompts_of(clips: list) -> dict:
-    """What a latent chunk records of its clips: a chunk of other clips is encoded again, not reused."""
-    return {"prompts": [c.prompt for c in clips]}
+def chunk_description(vae: AutoencoderKLWan) -> Callable[[list], dict]:
+    """What a latent chunk records: its clips' prompts and the VAE that encoded them (a hash of its weights).
+    A chunk of other clips, or of another VAE (a refined one, say), is encoded again, not reused."""
+    key = model_key(vae)
+    return lambda clips: {"prompts": [c.prompt for c in clips], "vae": key}
 
 
 def latent_stats(latents: dict) -> tuple[list[float], list[float]]:

@@ -120,7 +120,7 @@ def cached_chunks(
     def flush():
         path, which = work / f"{index:06d}.pt", describe(batch)
         record = torch.load(path, weights_only=True) if path.is_file() else None
-        if record is None or any(record.get(k, v) != v for k, v in which.items()):  # other clips' chunk
+        if record is None or any(record.get(k) != v for k, v in which.items()):  # other clips or readers
             record = {**read(batch), **which}
             with atomic_path(path) as tmp:
                 torch.save(record, tmp)

@@ -23,6 +23,7 @@ TOY = GeneratorRecipe(
     vae_base_dim=4,
     z_dim=4,
     vae_steps=3,
+    vae_refine_steps=2,
     vae_batch=1,
     clips=6,
     heads=2,
@@ -133,9 +134,12 @@ def test_a_stage_not_yet_started_may_change_its_recipe(tmp_path):
     work.mkdir()
     (work / "recipe.json").write_text(json.dumps(asdict(TOY)))
     (work / "vae.pt").write_bytes(b"")  # the VAE has started; latents and transformer have not
-    generator.check_resumable(work, replace(TOY, steps=TOY.steps + 5, clips=TOY.clips + 1))
+    generator.check_resumable(work, replace(TOY, steps=TOY.steps + 5, clips=TOY.clips + 1, vae_refine_steps=7))
     with pytest.raises(ValueError, match="vae_lr"):
         generator.check_resumable(work, replace(TOY, vae_lr=TOY.vae_lr * 2))
+    (work / "vae_refine.pt").write_bytes(b"")  # the refinement has started too
+    with pytest.raises(ValueError, match="vae_refine_steps"):
+        generator.check_resumable(work, replace(TOY, vae_refine_steps=7))
     (work / "latents").mkdir()
     with pytest.raises(ValueError, match="clips"):
         generator.check_resumable(work, replace(TOY, clips=TOY.clips + 1))
@@ -148,32 +152,29 @@ def test_a_second_trainer_on_one_output_is_refused(toy_model):
         train_generator(out, TOY, report=lambda _: None)
 
 
-def test_a_latent_chunk_of_other_clips_is_encoded_again(toy_model):
-    """The latent cache is the readings' chunk cache: a chunk records its clips' prompts and is reused
-    only for those clips."""
-    out, _ = toy_model
+def test_a_latent_chunk_of_other_clips_or_another_vae_is_encoded_again(toy_model):
+    """The latent cache is the readings' chunk cache: a chunk records its clips' prompts and its VAE and is
+    reused only for those clips encoded by that VAE."""
+    out, pipe = toy_model
     first = torch.load(out / ".work" / "latents" / "000000.pt", weights_only=True)
     clips = generator.training_clips(TOY, 2, 0, TOY.clips)
     assert first["prompts"] == [c.prompt for c in clips]
-    reused = loop.cached_chunks(
-        clips,
-        out / ".work" / "latents",
-        100,
-        generator._prompts_of,
-        lambda _: pytest.fail("re-encoded"),
-        report=lambda _: None,
-    )
-    assert torch.equal(reused[0]["mean"], first["mean"])
+    vae = generator.build_vae(TOY)
+    vae.load_state_dict(torch.load(out / ".work" / "vae_refine.pt", weights_only=True)["vae"])
+
+    def cached(clips, vae):
+        latents = out / ".work" / "latents"
+        describe, fail = generator.chunk_description(vae), lambda _: pytest.fail("re-encoded")
+        return loop.cached_chunks(clips, latents, 100, describe, fail, report=lambda _: None)
+
+    assert torch.equal(cached(clips, vae)[0]["mean"], first["mean"])
     other = generator.training_clips(replace(TOY, seed=5), 2, 0, TOY.clips)
     with pytest.raises(pytest.fail.Exception, match="re-encoded"):
-        loop.cached_chunks(
-            other,
-            out / ".work" / "latents",
-            100,
-            generator._prompts_of,
-            lambda _: pytest.fail("re-encoded"),
-            report=lambda _: None,
-        )
+        cached(other, vae)
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(1.0)  # another VAE: the same clips' latents differ
+    with pytest.raises(pytest.fail.Exception, match="re-encoded"):
+        cached(clips, vae)
 
 
 def test_training_sees_train_split_prompts_only():
