@@ -18,8 +18,9 @@ $(STAMP): requirements.txt requirements-dev.txt setup.py pyproject.toml
 # The shipped CompShapes generator and classifier (trained here by `cvg train-generator` and
 # `cvg train-classifier`, see docs/generator.md and docs/classifier.md).
 DEMO_MODEL := models/compshapes-wan
-DEMO_PROMPT := a red cube to the left of a blue ball
-DEMO_COMPOSITION := red cube left of blue ball
+# A test-split prompt (cvg.compshapes.grammar.split_of), chosen on 2026-12-07 before generator v4's training.
+DEMO_PROMPT := a red ball to the left of a blue cube
+DEMO_COMPOSITION := red ball left of blue cube
 DEMO_CLASSIFIER := models/compshapes-classifier
 
 # The fast path for a short run: the transformer in bf16 where this machine has bf16 units (else float32:
