@@ -328,7 +328,7 @@ def generate(args: argparse.Namespace) -> None:
         if not args.composition:
             raise ValueError("--judge needs --composition")
         verdict = judge(to_uint8(out.frames[0]), Composition.parse(args.composition))
-        report["verdict"] = {"ok": verdict.ok, "reason": verdict.reason}
+        report["verdict"] = {"ok": verdict.ok, "reason": verdict.reason, "failure": verdict.failure}
     if args.compare_seeds:
         report["comparison"] = _compare_seeds(pipe, call, args)
     print(json.dumps(report))
@@ -361,7 +361,7 @@ def _compare_seeds(pipe, call: dict, args: argparse.Namespace) -> dict:
             run = {"seed": seed, "run": name}
             if args.judge:
                 verdict = judge(frames, composition)
-                run.update(ok=verdict.ok, reason=verdict.reason)
+                run.update(ok=verdict.ok, reason=verdict.reason, failure=verdict.failure)
                 counts[name] += verdict.ok
             print(json.dumps(run), file=sys.stderr)
             runs.append(run)

@@ -202,7 +202,7 @@ def test_generate_with_the_judges_verdict(tiny_model_dir, tmp_path, capsys):
         == 0
     )
     verdict = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["verdict"]
-    assert verdict["ok"] is False and verdict["reason"]
+    assert verdict["ok"] is False and verdict["reason"] and verdict["failure"] in ("drawing", "composition")
 
 
 def test_compare_seeds_judges_each_run_and_draws_a_contact_sheet(tiny_model_dir, tmp_path, capsys):
