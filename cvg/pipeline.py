@@ -93,7 +93,7 @@ class CVGPipeline:
         self._objectives: dict[str, Objective] = {}  # training-free ones per composition kind, kept
         self._texts: dict[tuple, torch.Tensor] = {}  # encoded prompts, most recent last
 
-    def guided_graph(
+    def _guided_graph(
         self,
         denoiser: Denoiser,
         objective: Objective,
@@ -149,7 +149,9 @@ class CVGPipeline:
         pipeline `transformer_2` (its low-noise expert; WanPipeline ignores one without `boundary_ratio`)."""
         return self.adapter.experts(self.pipe)
 
-    def step_engine(self, latents: torch.Tensor, *text_embeds: torch.Tensor, expert: str = "transformer") -> StepEngine:
+    def _step_engine(
+        self, latents: torch.Tensor, *text_embeds: torch.Tensor, expert: str = "transformer"
+    ) -> StepEngine:
         """The engine of one expert for this shape and every given text, built on first use (`cvg export`
         builds its cache ahead of time)."""
         model = self.experts[expert]
@@ -194,7 +196,8 @@ class CVGPipeline:
     def bind(self, prompt: str | list[str], composition: Composition | str, max_sequence_length: int | None = None):
         """The composition tied to the prompts as the pipeline tokenizes them (Wan cleans prompts first), padded
         to `max_sequence_length` (default: the family's)."""
-        max_sequence_length = max_sequence_length or self.adapter.text_length
+        if max_sequence_length is None:
+            max_sequence_length = self.adapter.text_length
         if isinstance(composition, str):
             composition = Composition.parse(composition)
         prompts = [self.adapter.clean_prompt(p) for p in ([prompt] if isinstance(prompt, str) else prompt)]
@@ -223,27 +226,26 @@ class CVGPipeline:
         max_sequence_length: int | None = None,
         on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> CVGOutput:
-        """Generate as the wrapped pipeline's `__call__` does, guided in the first steps when a `composition`
-        is given: one for every prompt, or a list of one per prompt (each item guided to its own, as a
-        server batches requests; `generator` may then be a list too). `max_sequence_length` defaults to the
-        family's (Wan 512, CogVideoX 226)."""
-        pipe, adapter = self.pipe, self.adapter
-        if not adapter.step_engines and (self.engine is not None or self.cache is not None):
-            raise ValueError(f"{self.family} runs eager forwards: engine and cache are for Wan pipelines")
+        """Generate as the wrapped pipeline's `__call__` does, guided in the first steps toward `composition`.
+
+        Args:
+            prompt: the text prompt, or one per video of a batch.
+            composition: what must hold ("red cube left of blue ball", a `Composition`), one for every prompt,
+                or a list of one per prompt (each item guided to its own, as a server batches requests;
+                `generator` may then be a list too). None: unguided, the wrapped pipeline's loop op for op.
+            guide_steps, guidance_strength, iterations: this call's guidance window, update size and updates
+                per guided step (None: `self.guidance`'s; its window is shortened to a shorter schedule).
+            max_sequence_length: text tokens the prompt is padded to (None: the family's, Wan 512,
+                CogVideoX 226).
+            on_step: `on_step(i, t, latents)` after each denoising step; an exception it raises ends the
+                call there, with nothing decoded.
+            The others as in diffusers' `WanPipeline.__call__`.
+        """
+        marks = [time.perf_counter()]  # phase boundaries: start, text encoded, each step done, decoded
+        # 1. Check inputs, set the schedule and this call's guidance window on it
         if max_sequence_length is None:
-            max_sequence_length = adapter.text_length
-        overrides = {"guide_steps": guide_steps, "strength": guidance_strength, "iterations": iterations}
-        config = replace(self.guidance, **{k: v for k, v in overrides.items() if v is not None})
-        if guide_steps is not None:  # asked for by number: not by noise level
-            config = replace(config, guide_sigma=None)
-        else:  # the configured window, on a schedule shorter than it: every step
-            config = replace(config, guide_steps=min(config.guide_steps, num_inference_steps))
-        config.check(num_inference_steps)
-        device = pipe._execution_device
-        pipe.scheduler.set_timesteps(num_inference_steps, device=device)
-        solver = adapter.solver(pipe, generator)  # the scheduler, behind the step call the sampler makes
-        if config.guide_sigma is not None:  # the window by noise level: every step at or above it
-            config = replace(config, guide_steps=int((solver.sigmas[:-1] >= config.guide_sigma).sum()))
+            max_sequence_length = self.adapter.text_length
+        config, solver = self._schedule(num_inference_steps, generator, guide_steps, guidance_strength, iterations)
         guided = composition is not None and config.guide_steps > 0
         self.check_inputs(
             prompt,
@@ -259,78 +261,143 @@ class CVGPipeline:
             config.pool if guided else None,
             guidance_scale_2,
         )
-        objective, bound = None, None
-        if guided and isinstance(composition, list | tuple):  # one per prompt: each item guided to its own
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            if len(composition) != len(prompts) or num_videos_per_prompt != 1:
-                raise ValueError(
-                    f"a list of compositions needs one per prompt and num_videos_per_prompt 1; got {len(composition)} "
-                    f"for {len(prompts)} prompts, {num_videos_per_prompt} videos each"
-                )
-            items = [self.bind(p, c, max_sequence_length) for p, c in zip(prompts, composition, strict=True)]
-            bound = BoundBatch.of(items)
-            objective = ItemwiseObjective([self.guiding_objective(item.composition.kind, config) for item in items])
-        elif guided:
-            bound = self.bind(prompt, composition, max_sequence_length)
-            objective = self.guiding_objective(bound.composition.kind, config)
-        if guided and config.target_loss is None and config.bounded:  # the objective's own bound, if it has one
-            target = getattr(objective, "target_loss", None)  # per item ([B]) for an itemwise objective
-            config = replace(config, target_loss=target.to(device) if torch.is_tensor(target) else target)
-
-        do_cfg = guidance_scale > 1.0
-        marks = [time.perf_counter()]  # phase boundaries: start, text encoded, each step done, decoded
+        # 2. Bind the composition to the prompts' tokens and choose the objective that guides it
+        bound, objective = None, None
+        if guided:
+            bound, objective = self._bind_request(
+                prompt, composition, config, num_videos_per_prompt, max_sequence_length
+            )
+            config = self._bounded(config, objective)
+        # 3. Encode the prompts
+        device = self.pipe._execution_device
         prompt_embeds, negative_embeds = self.encode_prompt(
             prompt=prompt,
             negative_prompt=negative_prompt,
-            do_classifier_free_guidance=do_cfg,
+            do_classifier_free_guidance=guidance_scale > 1.0,
             num_videos_per_prompt=num_videos_per_prompt,
             max_sequence_length=max_sequence_length,
             device=device,
         )
         marks.append(time.perf_counter())
+        # 4. Prepare the latents (chosen among candidates by the objective) and each expert's denoiser
         batch = prompt_embeds.shape[0]
-        latents = adapter.prepare_latents(pipe, batch, height, width, num_frames, device, generator, latents)
-        experts = self.denoisers(prompt_embeds, negative_embeds, latents, guidance_scale, guidance_scale_2)
-        denoiser = experts["transformer"]
-        timesteps = pipe.scheduler.timesteps
-        guided_steps = config.guide_steps if objective is not None else 0  # also the first step a cache may serve
-        served = denoiser.experts_for(timesteps)
+        latents = self.adapter.prepare_latents(self.pipe, batch, height, width, num_frames, device, generator, latents)
+        experts = self._denoisers(prompt_embeds, negative_embeds, latents, guidance_scale, guidance_scale_2)
+        scores = None
+        if objective is not None and config.candidates > 1:
+            latents, scores = self._chosen_noise(experts["transformer"], latents, objective, bound, config, generator)
+        denoiser = self._built(experts, latents, objective, bound, config)
+        # 5. Denoise
+        latents, history = self._denoise(denoiser, solver, latents, objective, bound, config, marks, on_step)
+        # 6. Decode
+        frames = (
+            latents if output_type == "latent" else self.adapter.decode(self.pipe, latents, num_frames, output_type)
+        )
+        marks.append(time.perf_counter())
+        self.pipe.maybe_free_model_hooks()
+        timings = _timings(marks, config.guide_steps if objective is not None else 0)
+        maps, values = [s.maps for s in history], [s.loss for s in history]
+        return CVGOutput(frames, maps, values, history, bound, scores, timings)
+
+    def _schedule(self, num_inference_steps, generator, guide_steps, guidance_strength, iterations):
+        """This call's guidance config (the overrides given, the window fitted to the schedule, checked) and
+        the solver, after the scheduler's timesteps are set."""
+        overrides = {"guide_steps": guide_steps, "strength": guidance_strength, "iterations": iterations}
+        config = replace(self.guidance, **{k: v for k, v in overrides.items() if v is not None})
+        if guide_steps is not None:  # asked for by number: not by noise level
+            config = replace(config, guide_sigma=None)
+        else:  # the configured window, on a schedule shorter than it: every step
+            config = replace(config, guide_steps=min(config.guide_steps, num_inference_steps))
+        config.check(num_inference_steps)
+        self.pipe.scheduler.set_timesteps(num_inference_steps, device=self.pipe._execution_device)
+        solver = self.adapter.solver(self.pipe, generator)  # the scheduler, behind the step call the sampler makes
+        if config.guide_sigma is not None:  # the window by noise level: every step at or above it
+            config = replace(config, guide_steps=int((solver.sigmas[:-1] >= config.guide_sigma).sum()))
+        return config, solver
+
+    def _bind_request(self, prompt, composition, config: GuidanceConfig, videos: int, max_sequence_length: int):
+        """The composition bound to the prompts, and its objective; a list of compositions binds one per
+        prompt, each item guided to its own."""
+        if not isinstance(composition, list | tuple):
+            bound = self.bind(prompt, composition, max_sequence_length)
+            return bound, self.guiding_objective(bound.composition.kind, config)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if len(composition) != len(prompts) or videos != 1:
+            raise ValueError(
+                f"a list of compositions needs one per prompt and num_videos_per_prompt 1; got {len(composition)} "
+                f"for {len(prompts)} prompts, {videos} videos each"
+            )
+        items = [self.bind(p, c, max_sequence_length) for p, c in zip(prompts, composition, strict=True)]
+        objective = ItemwiseObjective([self.guiding_objective(item.composition.kind, config) for item in items])
+        return BoundBatch.of(items), objective
+
+    def _bounded(self, config: GuidanceConfig, objective: Objective) -> GuidanceConfig:
+        """With `config.bounded` and no target of its own: the objective's target loss, if it has one (per
+        item, `[B]`, for an itemwise objective)."""
+        if config.target_loss is not None or not config.bounded:
+            return config
+        target = getattr(objective, "target_loss", None)
+        return replace(
+            config, target_loss=target.to(self.pipe._execution_device) if torch.is_tensor(target) else target
+        )
+
+    def _chosen_noise(self, denoiser: Denoiser, latents, objective, bound, config, generator) -> tuple:
+        """Of `config.candidates` initial noises (`latents` the first), per item the one the objective
+        scores best at the first timestep, and every candidate's score."""
+        noises = [latents] + [
+            randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+            for _ in range(config.candidates - 1)
+        ]
+        first = self.pipe.scheduler.timesteps[0]
+        return select_noise(denoiser.experts_for(first.view(1))[0], noises, first, objective, bound, config)
+
+    def _built(self, experts: dict[str, Denoiser], latents, objective, bound, config) -> Denoiser:
+        """The first expert's denoiser, every expert built whole: with its step backend (`self.engine`)
+        and, where it guides, its guided-step graph; a two-expert pipeline's first one holds the second."""
+        timesteps = self.pipe.scheduler.timesteps
+        guided_steps = config.guide_steps if objective is not None else 0
+        served = experts["transformer"].experts_for(timesteps)
         guiding = {name for name, d in experts.items() if any(s is d for s in served[:guided_steps])}
         if self.classifier_expert is not None and self.objective is not None and guiding - {self.classifier_expert}:
             raise ValueError(
                 f"the classifier reads {self.classifier_expert}'s maps, but guided steps run on "
                 f"{', '.join(sorted(guiding - {self.classifier_expert}))} (Wan 2.2 switches experts at timestep "
-                f"{denoiser.boundary:g}); guide fewer steps"
+                f"{experts['transformer'].boundary:g}); guide fewer steps"
             )
-        scores = None
-        if objective is not None and config.candidates > 1:
-            noises = [latents] + [
-                randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-                for _ in range(config.candidates - 1)
-            ]
-            latents, scores = select_noise(served[0], noises, timesteps[0], objective, bound, config)
-        if self.engine is not None:
-            for name, expert in experts.items():
-                if expert.cfg_embeds is not None:  # the engine serves the doubled batch
-                    expert.engine = self.step_engine(torch.cat([latents, latents]), expert.cfg_embeds, expert=name)
-                else:
-                    texts = [e for e in (expert.prompt_embeds, expert.negative_prompt_embeds) if e is not None]
-                    expert.engine = self.step_engine(latents, *texts, expert=name)
-                if name in guiding:
-                    first = next(i for i, s in enumerate(served) if s is expert)
-                    expert.graph = self.guided_graph(expert, objective, bound, config, latents, timesteps[first])
+        if self.engine is None:
+            return experts["transformer"]
+        built: dict[str, Denoiser] = {}
+        for name in reversed(list(experts)):  # the low-noise expert first: the high-noise one holds it
+            expert = experts[name]
+            if expert.low_noise is not None:
+                expert = replace(expert, low_noise=built["transformer_2"])
+            if expert.cfg_embeds is not None:  # the engine serves the doubled batch
+                engine = self._step_engine(torch.cat([latents, latents]), expert.cfg_embeds, expert=name)
+            else:
+                texts = [e for e in (expert.prompt_embeds, expert.negative_prompt_embeds) if e is not None]
+                engine = self._step_engine(latents, *texts, expert=name)
+            graph = None
+            if name in guiding:
+                t = timesteps[next(i for i, s in enumerate(served) if s is experts[name])]
+                graph = self._guided_graph(expert, objective, bound, config, latents, t)
+            built[name] = replace(expert, engine=engine, graph=graph)
+        return built["transformer"]
 
+    def _denoise(self, denoiser: Denoiser, solver, latents, objective, bound, config, marks: list, on_step):
+        """The sampler's loop, with the step cache (`self.cache`) on the unguided steps after the guided ones,
+        a mark each step, and a check that the latents stay finite."""
+        timesteps = self.pipe.scheduler.timesteps
+        guided_steps = config.guide_steps if objective is not None else 0  # also the first step a cache may serve
+        served = denoiser.experts_for(timesteps)
         with ExitStack() as caches:
             cache_steps = [
                 caches.enter_context(
-                    cached_after(m, self.cache, guided_steps, sum(s is experts[n] for s in served[guided_steps:]))
+                    cached_after(
+                        model, self.cache, guided_steps, sum(s.transformer is model for s in served[guided_steps:])
+                    )
                 )
-                for n, m in self.experts.items()
+                for model in self.experts.values()
             ]
-
-            def cache_step(i: int) -> None:
-                for step in cache_steps:
-                    step(i)
 
             def step_done(i, t, x):
                 marks.append(time.perf_counter())
@@ -339,33 +406,13 @@ class CVGPipeline:
                         f"the latents became non-finite at denoising step {i} (timestep {float(t):g}); "
                         "nothing was decoded"
                     )
-                cache_step(i)
+                for cache_step in cache_steps:
+                    cache_step(i)
                 if on_step is not None:
                     on_step(i, t, x)
 
-            latents, history = denoise(
-                denoiser,
-                solver,
-                latents,
-                timesteps,
-                objective,
-                bound,
-                config,
-                on_step=step_done,
-                progress=self._progress,
-            )
-        frames = latents if output_type == "latent" else adapter.decode(pipe, latents, num_frames, output_type)
-        marks.append(time.perf_counter())
-        pipe.maybe_free_model_hooks()
-        guided = 1 + guided_steps  # index of the last guided step's mark
-        timings = {
-            "text_encoding": marks[1] - marks[0],
-            "guided_steps": marks[guided] - marks[1],
-            "unguided_steps": marks[-2] - marks[guided],
-            "vae_decode": marks[-1] - marks[-2],
-        }
-        maps, values = [s.maps for s in history], [s.loss for s in history]
-        return CVGOutput(frames, maps, values, history, bound, scores, timings)
+            progress = self._progress
+            return denoise(denoiser, solver, latents, timesteps, objective, bound, config, step_done, progress)
 
     def guiding_objective(self, kind: str, config: GuidanceConfig) -> Objective:
         """The objective for a composition kind: the loaded classifier (with the kind's training-free
@@ -378,7 +425,7 @@ class CVGPipeline:
             return SumObjective(self.objective, training_free)
         return self.objective
 
-    def denoisers(
+    def _denoisers(
         self,
         prompt_embeds: torch.Tensor,
         negative_embeds: torch.Tensor | None,
@@ -391,26 +438,26 @@ class CVGPipeline:
         two-expert pipeline's `transformer` hands the timesteps below the boundary to `transformer_2`."""
         pipe = self.pipe
         dtype = pipe.transformer.dtype
-        scales = {
-            "transformer": guidance_scale,
-            "transformer_2": guidance_scale if guidance_scale_2 is None else guidance_scale_2,
-        }
-        experts = {
-            name: Denoiser(
+        scales = {"transformer": guidance_scale, "transformer_2": guidance_scale_2}
+        if guidance_scale_2 is None:
+            scales["transformer_2"] = guidance_scale
+        experts: dict[str, Denoiser] = {}
+        for name, model in reversed(self.experts.items()):  # the low-noise expert first: the other holds it
+            low_noise = experts.get("transformer_2") if name == "transformer" else None
+            experts[name] = Denoiser(
                 model,
                 prompt_embeds.to(dtype),
                 None if negative_embeds is None else negative_embeds.to(dtype),
                 scales[name],
                 batch_cfg=self.batch_cfg,
                 token_timesteps=getattr(pipe.config, "expand_timesteps", False),
+                low_noise=low_noise,
+                boundary=None
+                if low_noise is None
+                else pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps,
                 forward_kwargs=self.adapter.forward_kwargs(pipe, latents),
             )
-            for name, model in self.experts.items()
-        }
-        if "transformer_2" in experts:
-            experts["transformer"].low_noise = experts["transformer_2"]
-            experts["transformer"].boundary = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
-        return experts
+        return {name: experts[name] for name in self.experts}
 
     def check_inputs(
         self,
@@ -431,6 +478,8 @@ class CVGPipeline:
         multiple, frame counts the VAE rounds down, absurd step counts, non-finite scales, non-finite latents,
         and (guided) pooling tiles wider than the token grid, whose maps could not say where anything is."""
         pipe = self.pipe
+        if not self.adapter.step_engines and (self.engine is not None or self.cache is not None):
+            raise ValueError(f"{self.family} runs eager forwards: engine and cache are for Wan pipelines")
         spatial = self.adapter.spatial_multiple(pipe)
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value < spatial or value % spatial:
@@ -469,3 +518,15 @@ class CVGPipeline:
             for item in iterable:
                 yield item
                 bar.update()
+
+
+def _timings(marks: list[float], guided_steps: int) -> dict[str, float]:
+    """Seconds per phase, from the marks at the start, after text encoding, after each step and after
+    decoding."""
+    guided = 1 + guided_steps  # index of the last guided step's mark
+    return {
+        "text_encoding": marks[1] - marks[0],
+        "guided_steps": marks[guided] - marks[1],
+        "unguided_steps": marks[-2] - marks[guided],
+        "vae_decode": marks[-1] - marks[-2],
+    }
