@@ -195,6 +195,7 @@ def check_tiny_generation(smoke: bool) -> dict:
 
     from cvg.models.tiny import tiny_wan_pipeline
     from cvg.pipeline import CVGPipeline
+    from cvg.request import PipelineOptions
 
     if not smoke:
         _cuda()
@@ -208,7 +209,7 @@ def check_tiny_generation(smoke: bool) -> dict:
     }
     rows, videos = {}, {}
     for engine, row in names.items():
-        cvg = CVGPipeline(pipe, engine=engine)
+        cvg = CVGPipeline(pipe, options=PipelineOptions(step_backend=engine))
 
         def call(cvg=cvg):
             gen = torch.Generator(device).manual_seed(0)

@@ -11,7 +11,8 @@ The package is in layers; each imports only those below it (checked by import-li
     guidance            compositions, objectives, the classifier, the guided sampler, inversion
     models              what knows diffusers' model internals: Wan loading, processors, VAE decode
     ops                 the attention-pool op and its backends (Triton kernels in cvg.kernels)
-    io, threads         files, videos, the native extension; how cvg shares the machine's cores
+    io, threads, request files, videos, the native extension; how cvg shares the machine's cores; what a
+                        generation asks for and how a pipeline runs (declared once, for every door)
 
 `import cvg` loads nothing heavy and changes nothing in the process's environment: the public names below
 load on first use, and cvg's thread policy is applied by its entry points or by `cvg.threads.configure()`.
@@ -25,6 +26,8 @@ _PUBLIC = {
     "GuidanceConfig": "cvg.guidance.sampler",
     "CVGPipeline": "cvg.pipeline",
     "CVGOutput": "cvg.pipeline",
+    "GenerationRequest": "cvg.request",
+    "PipelineOptions": "cvg.request",
     "Engine": "cvg.serving",
 }
 

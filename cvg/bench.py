@@ -89,13 +89,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _runner(variant: str, args: argparse.Namespace):
     """`run(output_type)` generating once with `variant` and returning (phase timings, output), and the pipeline."""
-    from diffusers import FirstBlockCacheConfig
 
     from cvg.guidance.config import GuidanceConfig
     from cvg.models.processors import record_maps
     from cvg.models.tiny import tiny_wan_pipeline
     from cvg.models.wan import cast_transformer
     from cvg.pipeline import CVGPipeline
+    from cvg.request import PipelineOptions
 
     variant, dtype, engine, batch_cfg, threshold = _options(variant)
     pipe = tiny_wan_pipeline(0, args.layers, args.heads, args.head_dim, args.ffn_dim)
@@ -118,8 +118,10 @@ def _runner(variant: str, args: argparse.Namespace):
         guide_steps=args.guide_steps, backend="naive" if naive else "auto", collapse_padding=not naive
     )
     cache = tempfile.mkdtemp(prefix="cvg-bench-engines-") if engine else None  # cold: the build is timed
-    step_cache = None if threshold is None else FirstBlockCacheConfig(threshold=threshold)
-    cvg = CVGPipeline(pipe, guidance=config, engine=engine, engine_cache=cache, batch_cfg=batch_cfg, cache=step_cache)
+    options = PipelineOptions(
+        step_backend=engine, backend_cache=cache, batch_cfg=batch_cfg, first_block_cache=threshold
+    )
+    cvg = CVGPipeline(pipe, guidance=config, options=options)
     tokens = cvg.bind(PROMPT, COMPOSITION, args.text_tokens).tokens
 
     def run(output_type: str = "np"):

@@ -8,8 +8,8 @@ out.frames, out.maps, out.objective_values
 
 from __future__ import annotations
 
-import math
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -23,15 +23,21 @@ from cvg.guidance.composition import Composition
 from cvg.guidance.config import GuidanceConfig
 from cvg.guidance.objectives import GEOMETRIC_KINDS, ItemwiseObjective, Objective, SumObjective, objective_for
 from cvg.guidance.sampler import Denoiser, GuidedStep, denoise, select_noise
-from cvg.models.caching import cached_after
+from cvg.models.caching import cached_after, step_cache
 from cvg.models.families import directory_adapter, pipeline_family
 from cvg.models.patching import swapped
-from cvg.models.wan import generator_description
+from cvg.models.wan import generator_description, video_size
+from cvg.request import (
+    MAX_TEXT_TOKENS,
+    PIPELINE_ALIASES,
+    REQUEST_FIELDS,
+    GenerationRequest,
+    PipelineOptions,
+    with_deprecated,
+)
 from cvg.runtime.guided_graph import GuidedStepGraph, graph_key
-from cvg.runtime.step_engine import STEP_BACKENDS, StepEngine, StepShape, build_engine
+from cvg.runtime.step_engine import StepEngine, StepShape, build_engine
 
-MAX_STEPS = 1000  # the schedulers' training timesteps: a longer schedule repeats timesteps
-MAX_TEXT_TOKENS = 512  # Wan's text length (UMT5's positions)
 MAX_GRAPHS = 8  # guided-step graphs kept per pipeline (shape x composition); each holds its own buffers
 MAX_TEXTS = 16  # encoded prompts kept per pipeline (the negative prompt, a served prompt asked again)
 
@@ -57,19 +63,18 @@ class CVGPipeline:
         pipe,
         objective: Objective | None = None,
         guidance: GuidanceConfig | None = None,
-        engine: str | None = None,
-        engine_cache: str | Path | None = None,
-        batch_cfg: bool | None = None,
+        options: PipelineOptions | None = None,
+        *,
         cache: object | None = None,
+        **deprecated,
     ):
-        """`engine` runs the gradient-free transformer forwards on a `cvg.runtime.step_engine` backend ("auto",
-        "onnxruntime", ...), built once per shape and kept; None runs them in eager diffusers. `batch_cfg` runs
-        the conditional and unconditional forwards of a step as one batch of two (equal to the two forwards
-        within float rounding; the engine is then built for the doubled batch); None runs them as the wrapped
-        pipeline does (WanPipeline apart, CogVideoXPipeline as one batch). `cache` is a diffusers cache
-        config (`FirstBlockCacheConfig`, `MagCacheConfig`, `TaylorSeerCacheConfig`, ...) applied to the
-        unguided steps after the guided ones (`cvg.models.caching`); it needs eager forwards. CogVideoX runs
-        eager forwards only, without a step cache."""
+        """`options` (`cvg.request.PipelineOptions`) say how steps run: `step_backend` runs the gradient-free
+        transformer forwards on a `cvg.runtime.step_engine` backend, built once per shape and kept (None: eager
+        diffusers); `batch_cfg` runs the conditional and unconditional forwards of a step as one batch of two
+        (None: as the wrapped pipeline runs them); a step cache applies to the unguided steps after the guided
+        ones. `cache` is any diffusers cache config (`FirstBlockCacheConfig`, `MagCacheConfig`, ...) in place of
+        the options' step cache (`cvg.models.caching`). The loading options (dtypes, classifier) are
+        `from_pretrained`'s. `engine`, `engine_cache` and `batch_cfg` are deprecated names of the options'."""
         self.adapter = pipeline_family(pipe)
         if pipe.transformer is None:
             raise ValueError("CVGPipeline needs the pipeline's transformer (Wan 2.2's high-noise expert); it is None")
@@ -80,13 +85,19 @@ class CVGPipeline:
             )
         self.pipe, self.objective = pipe, objective
         self.guidance = guidance or GuidanceConfig()
-        if engine is not None and engine not in (*STEP_BACKENDS, "auto"):
-            raise ValueError(f"engine must be one of {', '.join(STEP_BACKENDS)}, auto or None, got {engine!r}")
-        if cache is not None and engine is not None:
-            raise ValueError(f"cache runs on eager diffusers forwards; engine={engine!r} bypasses its hooks")
-        if batch_cfg is None:  # as the wrapped pipeline runs them: WanPipeline two forwards, CogVideoX one batch
-            batch_cfg = self.adapter.batched_cfg
-        self.engine, self.engine_cache, self.batch_cfg, self.cache = engine, engine_cache, batch_cfg, cache
+        options = with_deprecated(options or PipelineOptions(), deprecated, PIPELINE_ALIASES, "CVGPipeline")
+        options.check()
+        if options.step_backend == "eager":  # diffusers' own forwards, as None
+            options = replace(options, step_backend=None)
+        if cache is not None and options.step_backend is not None:
+            raise ValueError(
+                f"cache runs on eager diffusers forwards; step_backend={options.step_backend!r} bypasses its hooks"
+            )
+        if (
+            options.batch_cfg is None
+        ):  # as the wrapped pipeline runs them: WanPipeline two forwards, CogVideoX one batch
+            options = replace(options, batch_cfg=self.adapter.batched_cfg)
+        self.options, self.cache = options, cache if cache is not None else step_cache(options)
         self._engines: dict[tuple[str, str, StepShape], StepEngine] = {}
         self.classifier_expert: str | None = None  # which expert a loaded classifier reads (`load_classifier`)
         self._graphs: dict[str, GuidedStepGraph] = {}  # guided steps, with the engine; most recent last
@@ -155,25 +166,52 @@ class CVGPipeline:
         """The engine of one expert for this shape and every given text, built on first use (`cvg export`
         builds its cache ahead of time)."""
         model = self.experts[expert]
-        key = (self.engine, expert, StepShape.of(latents.to(model.dtype), *text_embeds))
+        backend = self.options.step_backend
+        key = (backend, expert, StepShape.of(latents.to(model.dtype), *text_embeds))
         if key not in self._engines:
-            self._engines[key] = build_engine(model, key[2], self.engine, self.engine_cache)
+            self._engines[key] = build_engine(model, key[2], backend, self.options.backend_cache)
         return self._engines[key]
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, objective: Objective | None = None, **kwargs) -> CVGPipeline:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        objective: Objective | None = None,
+        options: PipelineOptions | None = None,
+        guidance: GuidanceConfig | None = None,
+        **kwargs,
+    ) -> CVGPipeline:
         """Load a local diffusers Wan or CogVideoX directory (no hub access), its family read from
-        `model_index.json`; `kwargs` go to `load_wan_pipeline` or `load_cogvideox_pipeline`
-        (`transformer_dtype`, `vae_dtype`, diffusers' own)."""
-        path = Path(path)
+        `model_index.json`, with `options` (`cvg.request.PipelineOptions`: dtypes, step backend, classifier,
+        ...); `kwargs` go to `load_wan_pipeline` or `load_cogvideox_pipeline` (diffusers' own; a torch dtype
+        as `transformer_dtype` or `vae_dtype` stands in for the options' name of it)."""
+        path, options = Path(path), options or PipelineOptions()
+        options.check()
         if not path.is_dir():
             raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
         adapter = directory_adapter(path)  # an unsupported pipeline or a missing expert: one line, before loading
+        for name in ("transformer_dtype", "vae_dtype"):
+            kwargs.setdefault(name, getattr(torch, getattr(options, name)))
         try:
             pipe = adapter.load(path, **kwargs)
         except Exception as e:  # a torn weight file, a config that misses fields, ...: say which, in one line
             raise ValueError(f"cannot load the {adapter.label} in {str(path)!r}: {type(e).__name__}: {e}") from e
-        return cls(pipe, objective)
+        loaded = cls(pipe, objective, guidance, options)
+        if options.classifier is not None:
+            loaded.load_classifier(options.classifier)
+        return loaded
+
+    @property
+    def engine(self) -> str | None:
+        """Deprecated: `options.step_backend`."""
+        warnings.warn("CVGPipeline.engine is options.step_backend", DeprecationWarning, stacklevel=2)
+        return self.options.step_backend
+
+    @property
+    def batch_cfg(self) -> bool:
+        """Deprecated: `options.batch_cfg`."""
+        warnings.warn("CVGPipeline.batch_cfg is options.batch_cfg", DeprecationWarning, stacklevel=2)
+        return self.options.batch_cfg
 
     def load_classifier(self, directory: str | Path) -> None:
         """Guide with a trained compositional classifier (`cvg train-classifier`) from now on; it must have
@@ -210,9 +248,9 @@ class CVGPipeline:
         composition: Composition | str | list[Composition | str] | None = None,
         *,
         negative_prompt: str | list[str] | None = None,
-        height: int = 480,
-        width: int = 832,
-        num_frames: int = 81,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 5.0,
         guidance_scale_2: float | None = None,
@@ -220,121 +258,121 @@ class CVGPipeline:
         guidance_strength: float | None = None,
         iterations: int | None = None,
         num_videos_per_prompt: int = 1,
+        max_sequence_length: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "np",
-        max_sequence_length: int | None = None,
         on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> CVGOutput:
-        """Generate as the wrapped pipeline's `__call__` does, guided in the first steps toward `composition`.
+        """Generate as the wrapped pipeline's `__call__` does, guided in the first steps toward `composition`
+        (None: unguided, the wrapped pipeline's loop op for op; a list: one per prompt, each guided to its own).
 
         Args:
-            prompt: the text prompt, or one per video of a batch.
-            composition: what must hold ("red cube left of blue ball", a `Composition`), one for every prompt,
-                or a list of one per prompt (each item guided to its own, as a server batches requests;
-                `generator` may then be a list too). None: unguided, the wrapped pipeline's loop op for op.
-            guide_steps, guidance_strength, iterations: this call's guidance window, update size and updates
-                per guided step (None: `self.guidance`'s; its window is shortened to a shorter schedule).
-            max_sequence_length: text tokens the prompt is padded to (None: the family's, Wan 512,
-                CogVideoX 226).
-            on_step: `on_step(i, t, latents)` after each denoising step; an exception it raises ends the
-                call there, with nothing decoded.
-            The others as in diffusers' `WanPipeline.__call__`.
+            prompt ... max_sequence_length: a `cvg.request.GenerationRequest`'s fields (each one's help there).
+            generator, latents, output_type: as in diffusers' `WanPipeline.__call__`.
+            on_step: `on_step(i, t, latents)` after each denoising step; an exception it raises ends the call
+                there, with nothing decoded.
         """
+        request = GenerationRequest(**{k: v for k, v in locals().items() if k in REQUEST_FIELDS})
         marks = [time.perf_counter()]  # phase boundaries: start, text encoded, each step done, decoded
         # 1. Check inputs, set the schedule and this call's guidance window on it
-        if max_sequence_length is None:
-            max_sequence_length = self.adapter.text_length
-        config, solver = self._schedule(num_inference_steps, generator, guide_steps, guidance_strength, iterations)
-        guided = composition is not None and config.guide_steps > 0
-        self.check_inputs(
-            prompt,
-            negative_prompt,
-            height,
-            width,
-            num_frames,
-            num_inference_steps,
-            guidance_scale,
-            num_videos_per_prompt,
-            max_sequence_length,
-            latents,
-            config.pool if guided else None,
-            guidance_scale_2,
-        )
+        request = self.resolved(request)
+        config, solver = self._schedule(request, generator)
+        guided = request.composition is not None and config.guide_steps > 0
+        self.check_inputs(request, latents, config.pool if guided else None)
         # 2. Bind the composition to the prompts' tokens and choose the objective that guides it
-        bound, objective = None, None
-        if guided:
-            bound, objective = self._bind_request(
-                prompt, composition, config, num_videos_per_prompt, max_sequence_length
-            )
-            config = self._bounded(config, objective)
+        bound, objective = self._bind_request(request, config) if guided else (None, None)
+        config = self._bounded(config, objective)
         # 3. Encode the prompts
-        device = self.pipe._execution_device
-        prompt_embeds, negative_embeds = self.encode_prompt(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            do_classifier_free_guidance=guidance_scale > 1.0,
-            num_videos_per_prompt=num_videos_per_prompt,
-            max_sequence_length=max_sequence_length,
-            device=device,
-        )
+        prompt_embeds, negative_embeds = self._encode(request)
         marks.append(time.perf_counter())
         # 4. Prepare the latents (chosen among candidates by the objective) and each expert's denoiser
-        batch = prompt_embeds.shape[0]
-        latents = self.adapter.prepare_latents(self.pipe, batch, height, width, num_frames, device, generator, latents)
-        experts = self._denoisers(prompt_embeds, negative_embeds, latents, guidance_scale, guidance_scale_2)
-        scores = None
-        if objective is not None and config.candidates > 1:
-            latents, scores = self._chosen_noise(experts["transformer"], latents, objective, bound, config, generator)
-        denoiser = self._built(experts, latents, objective, bound, config)
+        latents, denoiser, scores = self._prepared(
+            request, prompt_embeds, negative_embeds, generator, latents, objective, bound, config
+        )
         # 5. Denoise
         latents, history = self._denoise(denoiser, solver, latents, objective, bound, config, marks, on_step)
         # 6. Decode
-        frames = (
-            latents if output_type == "latent" else self.adapter.decode(self.pipe, latents, num_frames, output_type)
-        )
+        frames = latents
+        if output_type != "latent":
+            frames = self.adapter.decode(self.pipe, latents, request.num_frames, output_type)
         marks.append(time.perf_counter())
         self.pipe.maybe_free_model_hooks()
         timings = _timings(marks, config.guide_steps if objective is not None else 0)
         maps, values = [s.maps for s in history], [s.loss for s in history]
         return CVGOutput(frames, maps, values, history, bound, scores, timings)
 
-    def _schedule(self, num_inference_steps, generator, guide_steps, guidance_strength, iterations):
-        """This call's guidance config (the overrides given, the window fitted to the schedule, checked) and
-        the solver, after the scheduler's timesteps are set."""
-        overrides = {"guide_steps": guide_steps, "strength": guidance_strength, "iterations": iterations}
+    def resolved(self, request: GenerationRequest) -> GenerationRequest:
+        """`request` checked (`GenerationRequest.check`), with the size and text length it leaves None
+        taken from the model: the size a cvg-trained model records, else the family's, and its text length."""
+        request.check()
+        path = self.pipe.config.get("_name_or_path", "") or ""
+        size = video_size(path, request.height, request.width, request.num_frames, self.adapter.default_size)
+        length = request.max_sequence_length
+        return replace(request, **size, max_sequence_length=self.adapter.text_length if length is None else length)
+
+    def _schedule(self, request: GenerationRequest, generator) -> tuple[GuidanceConfig, object]:
+        """This call's guidance config (the request's overrides, the window fitted to the schedule, checked)
+        and the solver, after the scheduler's timesteps are set."""
+        steps = request.num_inference_steps
+        overrides = {"guide_steps": request.guide_steps, "strength": request.guidance_strength}
+        overrides["iterations"] = request.iterations
         config = replace(self.guidance, **{k: v for k, v in overrides.items() if v is not None})
-        if guide_steps is not None:  # asked for by number: not by noise level
+        if request.guide_steps is not None:  # asked for by number: not by noise level
             config = replace(config, guide_sigma=None)
         else:  # the configured window, on a schedule shorter than it: every step
-            config = replace(config, guide_steps=min(config.guide_steps, num_inference_steps))
-        config.check(num_inference_steps)
-        self.pipe.scheduler.set_timesteps(num_inference_steps, device=self.pipe._execution_device)
+            config = replace(config, guide_steps=min(config.guide_steps, steps))
+        config.check(steps)
+        self.pipe.scheduler.set_timesteps(steps, device=self.pipe._execution_device)
         solver = self.adapter.solver(self.pipe, generator)  # the scheduler, behind the step call the sampler makes
         if config.guide_sigma is not None:  # the window by noise level: every step at or above it
             config = replace(config, guide_steps=int((solver.sigmas[:-1] >= config.guide_sigma).sum()))
         return config, solver
 
-    def _bind_request(self, prompt, composition, config: GuidanceConfig, videos: int, max_sequence_length: int):
+    def _bind_request(self, request: GenerationRequest, config: GuidanceConfig):
         """The composition bound to the prompts, and its objective; a list of compositions binds one per
         prompt, each item guided to its own."""
+        prompt, composition, length = request.prompt, request.composition, request.max_sequence_length
         if not isinstance(composition, list | tuple):
-            bound = self.bind(prompt, composition, max_sequence_length)
+            bound = self.bind(prompt, composition, length)
             return bound, self.guiding_objective(bound.composition.kind, config)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if len(composition) != len(prompts) or videos != 1:
+        if len(composition) != len(prompts) or request.num_videos_per_prompt != 1:
             raise ValueError(
                 f"a list of compositions needs one per prompt and num_videos_per_prompt 1; got {len(composition)} "
-                f"for {len(prompts)} prompts, {videos} videos each"
+                f"for {len(prompts)} prompts, {request.num_videos_per_prompt} videos each"
             )
-        items = [self.bind(p, c, max_sequence_length) for p, c in zip(prompts, composition, strict=True)]
+        items = [self.bind(p, c, length) for p, c in zip(prompts, composition, strict=True)]
         objective = ItemwiseObjective([self.guiding_objective(item.composition.kind, config) for item in items])
         return BoundBatch.of(items), objective
 
-    def _bounded(self, config: GuidanceConfig, objective: Objective) -> GuidanceConfig:
+    def _encode(self, request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.encode_prompt(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            do_classifier_free_guidance=request.guidance_scale > 1.0,
+            num_videos_per_prompt=request.num_videos_per_prompt,
+            max_sequence_length=request.max_sequence_length,
+            device=self.pipe._execution_device,
+        )
+
+    def _prepared(self, request, prompt_embeds, negative_embeds, generator, latents, objective, bound, config):
+        """The initial latents (chosen among `config.candidates` noises by the objective, with every
+        candidate's score), and the first expert's denoiser, built whole."""
+        size = (request.height, request.width, request.num_frames)
+        device = self.pipe._execution_device
+        latents = self.adapter.prepare_latents(self.pipe, prompt_embeds.shape[0], *size, device, generator, latents)
+        scales = (request.guidance_scale, request.guidance_scale_2)
+        experts = self._denoisers(prompt_embeds, negative_embeds, latents, *scales)
+        scores = None
+        if objective is not None and config.candidates > 1:
+            latents, scores = self._chosen_noise(experts["transformer"], latents, objective, bound, config, generator)
+        return latents, self._built(experts, latents, objective, bound, config), scores
+
+    def _bounded(self, config: GuidanceConfig, objective: Objective | None) -> GuidanceConfig:
         """With `config.bounded` and no target of its own: the objective's target loss, if it has one (per
         item, `[B]`, for an itemwise objective)."""
-        if config.target_loss is not None or not config.bounded:
+        if objective is None or config.target_loss is not None or not config.bounded:
             return config
         target = getattr(objective, "target_loss", None)
         return replace(
@@ -352,7 +390,7 @@ class CVGPipeline:
         return select_noise(denoiser.experts_for(first.view(1))[0], noises, first, objective, bound, config)
 
     def _built(self, experts: dict[str, Denoiser], latents, objective, bound, config) -> Denoiser:
-        """The first expert's denoiser, every expert built whole: with its step backend (`self.engine`)
+        """The first expert's denoiser, every expert built whole: with its step backend (`options.step_backend`)
         and, where it guides, its guided-step graph; a two-expert pipeline's first one holds the second."""
         timesteps = self.pipe.scheduler.timesteps
         guided_steps = config.guide_steps if objective is not None else 0
@@ -364,7 +402,7 @@ class CVGPipeline:
                 f"{', '.join(sorted(guiding - {self.classifier_expert}))} (Wan 2.2 switches experts at timestep "
                 f"{experts['transformer'].boundary:g}); guide fewer steps"
             )
-        if self.engine is None:
+        if self.options.step_backend is None:
             return experts["transformer"]
         built: dict[str, Denoiser] = {}
         for name in reversed(list(experts)):  # the low-noise expert first: the high-noise one holds it
@@ -449,7 +487,7 @@ class CVGPipeline:
                 prompt_embeds.to(dtype),
                 None if negative_embeds is None else negative_embeds.to(dtype),
                 scales[name],
-                batch_cfg=self.batch_cfg,
+                batch_cfg=self.options.batch_cfg,
                 token_timesteps=getattr(pipe.config, "expand_timesteps", False),
                 low_noise=low_noise,
                 boundary=None
@@ -460,55 +498,34 @@ class CVGPipeline:
         return {name: experts[name] for name in self.experts}
 
     def check_inputs(
-        self,
-        prompt,
-        negative_prompt,
-        height: int,
-        width: int,
-        num_frames: int,
-        num_inference_steps: int,
-        guidance_scale: float,
-        num_videos_per_prompt: int,
-        max_sequence_length: int,
-        latents: torch.Tensor | None,
-        pool: tuple[int, int, int] | None = None,
-        guidance_scale_2: float | None = None,
+        self, request: GenerationRequest, latents: torch.Tensor | None = None, pool: tuple[int, int, int] | None = None
     ) -> None:
-        """The wrapped pipeline's checks, and what it lets through silently: sizes of zero or of the wrong
-        multiple, frame counts the VAE rounds down, absurd step counts, non-finite scales, non-finite latents,
-        and (guided) pooling tiles wider than the token grid, whose maps could not say where anything is."""
-        pipe = self.pipe
-        if not self.adapter.step_engines and (self.engine is not None or self.cache is not None):
-            raise ValueError(f"{self.family} runs eager forwards: engine and cache are for Wan pipelines")
+        """What this model refuses of a resolved request (`resolved`): the wrapped pipeline's checks, and what it
+        lets through silently: sizes of the wrong multiple, frame counts the VAE rounds down, a second scale
+        without a second expert, text longer than the tokenizer's, non-finite latents, and (guided) pooling
+        tiles wider than the token grid, whose maps could not say where anything is."""
+        pipe, r = self.pipe, request
+        if not self.adapter.step_engines and (self.options.step_backend is not None or self.cache is not None):
+            raise ValueError(f"{self.family} runs eager forwards: step backends and caches are for Wan pipelines")
         spatial = self.adapter.spatial_multiple(pipe)
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value < spatial or value % spatial:
+        for name, value in (("height", r.height), ("width", r.width)):
+            if value < spatial or value % spatial:
                 raise ValueError(f"{name} must be a positive multiple of {spatial}, got {value}")
         temporal = pipe.vae_scale_factor_temporal
-        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % temporal:
+        if (r.num_frames - 1) % temporal:
             raise ValueError(
-                f"num_frames must be {temporal}k+1 (1, {temporal + 1}, {2 * temporal + 1}, ...), got {num_frames}"
+                f"num_frames must be {temporal}k+1 (1, {temporal + 1}, {2 * temporal + 1}, ...), got {r.num_frames}"
             )
-        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= MAX_STEPS:
-            raise ValueError(f"num_inference_steps must be between 1 and {MAX_STEPS}, got {num_inference_steps}")
-        if not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
-        if guidance_scale_2 is not None and getattr(pipe.config, "boundary_ratio", None) is None:
+        if r.guidance_scale_2 is not None and getattr(pipe.config, "boundary_ratio", None) is None:
             raise ValueError("guidance_scale_2 is for two-expert Wan 2.2 pipelines (a boundary_ratio); this has none")
-        if guidance_scale_2 is not None and not math.isfinite(guidance_scale_2):
-            raise ValueError(f"guidance_scale_2 must be finite, got {guidance_scale_2}")
-        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
-            raise ValueError(f"num_videos_per_prompt must be at least 1, got {num_videos_per_prompt}")
-        limit = pipe.tokenizer.model_max_length if pipe.tokenizer is not None else MAX_TEXT_TOKENS
-        if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= min(limit, MAX_TEXT_TOKENS):
-            raise ValueError(
-                f"max_sequence_length must be between 1 and {min(limit, MAX_TEXT_TOKENS)}, got {max_sequence_length}"
-            )
+        limit = min(pipe.tokenizer.model_max_length if pipe.tokenizer is not None else MAX_TEXT_TOKENS, MAX_TEXT_TOKENS)
+        if r.max_sequence_length > limit:
+            raise ValueError(f"max_sequence_length must be between 1 and {limit}, got {r.max_sequence_length}")
         if latents is not None and not torch.isfinite(latents).all():
             raise ValueError("latents contain non-finite values")
-        self.adapter.check_pipeline_inputs(pipe, prompt, negative_prompt, height, width)
+        self.adapter.check_pipeline_inputs(pipe, r.prompt, r.negative_prompt, r.height, r.width)
         if pool is not None:
-            grid = self.adapter.token_grid(pipe, height, width, num_frames)
+            grid = self.adapter.token_grid(pipe, r.height, r.width, r.num_frames)
             for axis, size, factor in zip(("frames", "height", "width"), grid, pool, strict=True):
                 if factor > size:
                     raise ValueError(f"pool {tuple(pool)} is wider than the token grid {grid} along {axis}")

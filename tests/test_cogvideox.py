@@ -21,6 +21,7 @@ from cvg.models.families import directory_family
 from cvg.models.tiny import tiny_cogvideox_pipeline
 from cvg.models.wan import generator_description
 from cvg.pipeline import CVGPipeline
+from cvg.request import PipelineOptions
 
 SCHEDULERS = ("ddim", "dpm")
 # 64 px on the 8x VAE with patch 2: a 4 x 4 token grid; 9 frames: 3 latent frames
@@ -47,7 +48,9 @@ def test_without_guidance_it_is_cogvideox_pipeline(scheduler, guidance_scale, ba
     kw = dict(SMALL, guidance_scale=guidance_scale, output_type="np")
     reference = pipe(prompts, generator=seeded(3), **kw).frames  # DPM draws noise every step: same generator
     for composition in (None, "red cube and ball"):
-        out = CVGPipeline(pipe, batch_cfg=batch_cfg)(prompts, composition, guide_steps=0, generator=seeded(3), **kw)
+        out = CVGPipeline(pipe, options=PipelineOptions(batch_cfg=batch_cfg))(
+            prompts, composition, guide_steps=0, generator=seeded(3), **kw
+        )
         assert out.frames.shape == reference.shape == (2, 9, 64, 64, 3)
         assert np.abs(out.frames - reference).max() <= 1e-5
         assert out.steps == []
@@ -100,7 +103,7 @@ def test_from_pretrained_and_generate(cogvideox, tmp_path, capsys):
     cogvideox.save_pretrained(str(model))
     assert directory_family(model) == "cogvideox"
     loaded = CVGPipeline.from_pretrained(model)
-    assert loaded.family == "cogvideox" and list(loaded.experts) == ["transformer"] and loaded.batch_cfg
+    assert loaded.family == "cogvideox" and list(loaded.experts) == ["transformer"] and loaded.options.batch_cfg
     a = loaded(*PROMPTS["spatial"], generator=seeded(2), output_type="latent", **SMALL).frames
     b = CVGPipeline(cogvideox)(*PROMPTS["spatial"], generator=seeded(2), output_type="latent", **SMALL).frames
     assert (a - b).abs().max() <= 1e-5
@@ -138,8 +141,9 @@ def test_a_classifier_of_this_generator_guides_it(cogvideox, tmp_path):
 
 def test_what_cogvideox_cannot_run_is_a_one_line_error(cogvideox, tmp_path, capsys):
     kw = dict(SMALL, output_type="latent", generator=seeded(0))
-    with pytest.raises(ValueError, match="^cogvideox runs eager forwards: engine and cache are for Wan pipelines$"):
-        CVGPipeline(cogvideox, engine="torch")(*PROMPTS["spatial"], **kw)
+    eager_only = "^cogvideox runs eager forwards: step backends and caches are for Wan pipelines$"
+    with pytest.raises(ValueError, match=eager_only):
+        CVGPipeline(cogvideox, options=PipelineOptions(step_backend="torch"))(*PROMPTS["spatial"], **kw)
     with pytest.raises(ValueError, match="guidance_scale_2 is for two-expert Wan 2.2 pipelines"):
         CVGPipeline(cogvideox)("a red cube", None, guidance_scale_2=3.0, **kw)
     with pytest.raises(ValueError, match="height must be a positive multiple of 16, got 72"):

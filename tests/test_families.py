@@ -21,6 +21,7 @@ from cvg.models.families import directory_family
 from cvg.models.tiny import tiny_wan_pipeline
 from cvg.models.wan import generator_description
 from cvg.pipeline import CVGPipeline
+from cvg.request import PipelineOptions
 
 WAN22 = ("wan2.2-a14b", "wan2.2-ti2v")
 # TI2V's VAE is 16x spatial: 128 px gives the same 4x4 token grid as 64 px on Wan 2.1's 8x VAE
@@ -127,7 +128,11 @@ def test_ti2v_gives_every_token_the_steps_timestep():
 def test_each_expert_runs_on_its_own_engine(wan22, batch_cfg):
     kw = dict(_small(wan22), guidance_scale=5.0, output_type="latent")
     eager = CVGPipeline(wan22)(*PROMPTS["spatial"], guide_steps=2, generator=_seeded(1), **kw)
-    cvg = CVGPipeline(wan22, engine="torch", batch_cfg=batch_cfg, guidance=GuidanceConfig(pool=(1, 2, 2)))
+    cvg = CVGPipeline(
+        wan22,
+        guidance=GuidanceConfig(pool=(1, 2, 2)),
+        options=PipelineOptions(step_backend="torch", batch_cfg=batch_cfg),
+    )
     out = cvg(*PROMPTS["spatial"], guide_steps=2, generator=_seeded(1), **kw)
     assert sorted(expert for _, expert, _ in cvg._engines) == sorted(cvg.experts)
     assert (out.frames - eager.frames).abs().max() <= 1e-4  # the engine drops padding: float rounding

@@ -17,6 +17,7 @@ from cvg.guidance.objectives import MotionDirection, SpatialRelation
 from cvg.models.caching import WAN_TAYLORSEER_MODULES
 from cvg.models.wan import cast_transformer
 from cvg.pipeline import CVGPipeline
+from cvg.request import PipelineOptions
 
 SMALL = dict(height=64, width=64, num_frames=9, num_inference_steps=6, max_sequence_length=64)
 
@@ -391,7 +392,9 @@ def test_batched_cfg_is_the_two_forwards_in_one(tiny_pipe, engine):
     config = GuidanceConfig(strength=0.3, pool=(1, 1, 1))
     runs = {}
     for batched in (False, True):
-        pipe = CVGPipeline(tiny_pipe, SpatialRelation(), config, engine=engine, batch_cfg=batched)
+        pipe = CVGPipeline(
+            tiny_pipe, SpatialRelation(), config, PipelineOptions(step_backend=engine, batch_cfg=batched)
+        )
         calls: list[int] = []  # the batch of every transformer call (the torch engine's too)
 
         def count(module, args, kwargs, calls=calls):
@@ -463,7 +466,7 @@ def test_a_step_cache_serves_only_the_steps_after_the_guided_ones(tiny_pipe, nam
         pipe(prompt, composition, generator=_seeded(0), on_step=fail, **kw)
     assert not transformer.is_cache_enabled
     with pytest.raises(ValueError, match="cache runs on eager diffusers forwards"):
-        CVGPipeline(tiny_pipe, cache=_step_caches()[name], engine="torch")
+        CVGPipeline(tiny_pipe, options=PipelineOptions(step_backend="torch"), cache=_step_caches()[name])
 
 
 def test_a_step_cache_that_would_do_nothing_or_misread_its_steps_is_refused_before_a_step(tiny_pipe):

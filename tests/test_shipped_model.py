@@ -10,6 +10,7 @@ from cvg.compshapes.dataset import split_clip
 from cvg.compshapes.judge import detect, judge
 from cvg.io.video import to_uint8
 from cvg.pipeline import CVGPipeline
+from cvg.request import PipelineOptions
 from cvg.training.dual_inversion import LABEL_TRANSFER, SINGLE_READING
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "compshapes-wan"
@@ -139,7 +140,7 @@ def test_shipped_classifier_guides_the_shipped_generator():
     from cvg.guidance.classifier import ClassifierObjective
     from cvg.serving.service import Engine
 
-    engine = Engine(MODEL, num_inference_steps=4, backend=None, classifier=CLASSIFIER)
+    engine = Engine(MODEL, num_inference_steps=4, options=PipelineOptions(classifier=str(CLASSIFIER)))
     assert isinstance(engine.pipe.objective, ClassifierObjective)
     out = engine.generate("a red cube to the left of a blue ball", "red cube left of blue ball", seed=0)
     values = [float(v[0]) for v in out.objective_values]

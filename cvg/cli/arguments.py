@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import fields
+from dataclasses import MISSING
+
+from cvg.request import declared
 
 
 def ints(text: str, count: int | None = None, low: int = 0) -> list[int]:
@@ -61,20 +63,36 @@ def pool_factors(text: str) -> tuple[int, int, int]:
 
 
 def config_flags(parser: argparse.ArgumentParser, config: type, flags: dict[str, dict]) -> None:
-    """A flag for each field of the dataclass `config` named in `flags` (their argparse options: type,
-    choices, aliases under "names"), with the field's default and its help from the field's metadata."""
-    defaults = config()
-    for f in fields(config):
-        if f.name in flags:
-            options = dict(flags[f.name])
-            names = options.pop("names", [f"--{f.name.replace('_', '-')}"])
-            value = getattr(defaults, f.name)
+    """A flag for each field of the dataclass `config` named in `flags`, its type, bounds, choices, default and
+    help read from the field's declaration (`cvg.request.documented`). `flags[name]` adds argparse options or
+    replaces derived ones: aliases under "names", a command's own "default", a "type"."""
+    for name, spec in declared(config).items():
+        if name not in flags:
+            continue
+        options = dict(flags[name])
+        names = options.pop("names", [f"--{name.replace('_', '-')}"])
+        value = options.pop("default", spec["default"])
+        if value is MISSING:
+            options["required"], value = True, None
+        elif "help" not in options and value is not None:  # None's meaning is in the help
             shown = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
             shown = f"{value:g}" if isinstance(value, float) else shown
-            help = f"{f.metadata['help']} (default {shown})"
-            parser.add_argument(*names, dest=f.name, default=value, help=help, **options)
+            options["help"] = f"{spec['help']} (default {shown})"
+        options.setdefault("help", spec["help"])
+        if spec["kind"] is bool:
+            options.setdefault("action", argparse.BooleanOptionalAction)
+        elif spec["choices"] is not None:
+            options.setdefault("choices", spec["choices"])
+        elif spec["kind"] in (int, float):
+            options.setdefault("type", number(spec["kind"], spec["low"], spec["high"]))
+        parser.add_argument(*names, dest=name, default=value, **options)
 
 
 def config_from(args: argparse.Namespace, config: type, flags: dict[str, dict], **given):
     """The dataclass built by keyword from the flags `config_flags(parser, config, flags)` made, and `given`."""
     return config(**{name: getattr(args, name) for name in flags}, **given)
+
+
+def given_fields(args: argparse.Namespace, flags: dict[str, dict]) -> dict:
+    """The flags of `flags` that were given (not None), by field name: a request's settings a command passes on."""
+    return {name: getattr(args, name) for name in flags if getattr(args, name) is not None}

@@ -8,9 +8,9 @@ import json
 import sys
 
 
-def compare_seeds(pipe, call: dict, args: argparse.Namespace, size: dict[str, int]) -> dict:
+def compare_seeds(pipe, call: dict, args: argparse.Namespace) -> dict:
     """Seeds SEED..SEED+N-1, each unguided and guided: verdicts (with --judge), counts, a contact sheet;
-    `size` is the video size the request resolved to."""
+    `call` holds the request's settings (`guide_steps` apart: each run sets its own)."""
     import torch
 
     from cvg.compshapes.judge import judge
@@ -27,10 +27,8 @@ def compare_seeds(pipe, call: dict, args: argparse.Namespace, size: dict[str, in
                 args.prompt,
                 args.composition,
                 negative_prompt=args.negative_prompt,
-                **size,
                 generator=torch.Generator().manual_seed(seed),
-                guide_steps=guide_steps,
-                **call,
+                **{**call, "guide_steps": guide_steps},
             )
             frames = to_uint8(out.frames[0])
             run = {"seed": seed, "run": name}

@@ -5,35 +5,60 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
+from dataclasses import replace
 from pathlib import Path
 
 from cvg.cli.arguments import (
     COUNT,
-    FINITE,
     NON_NEGATIVE,
     POSITIVE,
-    SEED,
-    STEPS,
     TEXT_TOKENS,
     config_flags,
     config_from,
+    given_fields,
     ints,
     number,
     pool_factors,
 )
 from cvg.guidance.composition import KINDS
 from cvg.guidance.config import NORMALIZATIONS, GuidanceConfig
-from cvg.models import PRECISIONS
-from cvg.runtime import STEP_BACKENDS
+from cvg.request import PRECISIONS, GenerationRequest, PipelineOptions
 
-# GuidanceConfig fields that are flags of generate and sample (guide_steps apart: None there means "the
-# configured window, shortened to the schedule").
+# The flags of generate and sample, by the field they set: GenerationRequest's (a request's settings),
+# PipelineOptions' (how the model is loaded and runs) and GuidanceConfig's (the guidance a request overrides).
+PROMPT_FLAGS = {"prompt": {}, "composition": {}, "negative_prompt": {}, "seed": {}}
+SIZE_FLAGS = {
+    "height": {"type": POSITIVE},
+    "width": {"type": POSITIVE},
+    "num_frames": {"names": ["--num-frames", "--frames"], "metavar": "N"},
+}
+SETTING_FLAGS = {
+    "num_inference_steps": {"names": ["--num-inference-steps", "--steps"], "metavar": "N"},
+    "guidance_scale": {},
+    "guidance_scale_2": {},
+    "guide_steps": {},
+    "guidance_strength": {"names": ["--guidance-strength", "--strength"]},
+    "iterations": {},
+    "max_sequence_length": {},
+}
+OPTION_FLAGS = {
+    "transformer_dtype": {
+        "names": ["--dtype"],
+        "choices": (*PRECISIONS, "auto"),
+        "help": "precision of the transformer (default float32); auto: bfloat16 where this machine runs it fast "
+        "(a GPU, or a CPU with AMX or avx512_bf16), else float32",
+    },
+    "vae_dtype": {},
+    "step_backend": {"names": ["--step-backend", "--engine"]},
+    "backend_cache": {"metavar": "DIR"},
+    "batch_cfg": {},
+    "first_block_cache": {"metavar": "THRESHOLD"},
+    "taylorseer_cache": {"metavar": "INTERVAL"},
+    "classifier": {"metavar": "DIR"},
+}
 GUIDANCE_FLAGS = {
     "candidates": {"type": number(int, 1, 64)},
-    "geometric": {"action": argparse.BooleanOptionalAction},
-    "strength": {"type": NON_NEGATIVE},
-    "iterations": {"type": number(int, 1, 100)},
+    "geometric": {},
     "normalize": {"choices": NORMALIZATIONS},
     "target_loss": {"type": NON_NEGATIVE},
     "layers": {"type": ints},
@@ -49,30 +74,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         "composition in the first denoising steps.",
     )
     _model_flags(gen)
-    gen.add_argument("--prompt", required=True, help="the text prompt")
-    gen.add_argument(
-        "--composition",
-        help='what must hold: "red cube left of blue ball", "ball moves right", '
-        '"red cube and blue ball", or a JSON object; omit for unguided generation',
-    )
+    config_flags(gen, GenerationRequest, PROMPT_FLAGS | SIZE_FLAGS)
     gen.add_argument("--out", required=True, help="output: .mp4, .gif, or a folder for PNG frames")
     gen.add_argument("--save-maps", metavar="PNG", help="also draw the pooled maps of each composition entity")
-    gen.add_argument("--negative-prompt", default=None, help="negative prompt for classifier-free guidance")
-    gen.add_argument(
-        "--height",
-        type=POSITIVE,
-        help="video height in pixels (default: the size a cvg-trained model was trained at, else 480)",
-    )
-    gen.add_argument("--width", type=POSITIVE, help="video width in pixels (default: as --height, else 832)")
-    gen.add_argument(
-        "--num-frames",
-        "--frames",
-        dest="num_frames",
-        metavar="N",
-        type=POSITIVE,
-        help="video frames, 4k+1 (default: as --height, else 81)",
-    )
-    gen.add_argument("--seed", type=SEED, default=0, help="seed of the initial noise (default 0)")
     gen.add_argument(
         "--fps", type=number(int, 1, 240), default=16, help="frames per second of .mp4/.gif output (default 16)"
     )
@@ -105,7 +109,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     sample.add_argument("--specs", required=True, help="dataset directory or index JSONL with prompts and compositions")
     sample.add_argument("--out", required=True, help="output directory (index.jsonl + clips/)")
     sample.add_argument("--limit", type=COUNT, help="only the first LIMIT records")
-    sample.add_argument("--seed", type=SEED, default=0, help="base seed; record i uses SEED + i (default 0)")
+    config_flags(sample, GenerationRequest, {"seed": {"help": "base seed; record i uses SEED + i (default 0)"}})
     sample.set_defaults(run=sample_set)
 
     export = commands.add_parser(
@@ -129,7 +133,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     )
     export.add_argument("--batch", type=number(int, 1, 64), default=1, help="videos per call (default 1)")
     export.add_argument("--max-sequence-length", type=TEXT_TOKENS, default=512, help="text tokens (default 512)")
-    _dtype_flag(export)
+    config_flags(export, PipelineOptions, {"transformer_dtype": OPTION_FLAGS["transformer_dtype"]})
     export.add_argument("--cache", help="cache directory (default $CVG_CACHE/engines or ~/.cache/cvg/engines)")
     export.set_defaults(run=export_engine)
 
@@ -143,146 +147,29 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="guidance objective; auto picks the one for the composition's kind",
     )
-    parser.add_argument("--classifier", metavar="DIR", help="guide with a classifier from cvg train-classifier instead")
-    parser.add_argument(
-        "--num-inference-steps",
-        "--steps",
-        dest="num_inference_steps",
-        metavar="N",
-        type=STEPS,
-        default=50,
-        help="denoising steps (default 50)",
-    )
-    guide_steps = next(f for f in fields(GuidanceConfig) if f.name == "guide_steps")
-    parser.add_argument(
-        "--guide-steps",
-        type=COUNT,
-        default=None,
-        help=f"{guide_steps.metadata['help']} (default {guide_steps.default}, or every step of a shorter schedule)",
-    )
+    config_flags(parser, PipelineOptions, OPTION_FLAGS)
+    config_flags(parser, GenerationRequest, SETTING_FLAGS)
     config_flags(parser, GuidanceConfig, GUIDANCE_FLAGS)
-    parser.add_argument("--guidance-scale", type=FINITE, default=5.0, help="classifier-free guidance scale (default 5)")
-    parser.add_argument(
-        "--guidance-scale-2",
-        type=FINITE,
-        default=None,
-        help="Wan 2.2 A14B: the low-noise expert's classifier-free guidance scale (default: --guidance-scale)",
-    )
-    parser.add_argument(
-        "--max-sequence-length",
-        type=TEXT_TOKENS,
-        help="text tokens the prompt is padded to (default: Wan 512, CogVideoX 226)",
-    )
-    _dtype_flag(parser)
-    parser.add_argument(
-        "--vae-dtype",
-        choices=PRECISIONS,
-        default="float32",
-        help="precision of the VAE decode, chosen apart from the transformer's: bfloat16 decodes the shipped "
-        "model's clips 1.3x faster on this CPU, within 3.4 of 255 levels (default float32)",
-    )
-    parser.add_argument(
-        "--batch-cfg",
-        action=argparse.BooleanOptionalAction,
-        help="run a step's conditional and unconditional forwards as one batch of two (the same result within "
-        "float rounding; faster on this CPU, most in bfloat16: benchmarks/RESULTS.md) (default: as the model's "
-        "diffusers pipeline runs them, off for Wan, on for CogVideoX)",
-    )
-    parser.add_argument(
-        "--engine",
-        choices=(*STEP_BACKENDS, "auto"),
-        help="run the unguided forwards on this step engine (cvg.runtime.step_engine; `compiled` is the fastest "
-        "here, benchmarks/RESULTS.md) (default: eager diffusers)",
-    )
-    parser.add_argument(
-        "--first-block-cache",
-        type=NON_NEGATIVE,
-        metavar="THRESHOLD",
-        help="diffusers' FirstBlockCache at this threshold on the unguided steps after the guided ones "
-        "(default off; time and verdicts in benchmarks/RESULTS.md)",
-    )
-    parser.add_argument(
-        "--taylorseer-cache",
-        type=POSITIVE,
-        metavar="INTERVAL",
-        help="diffusers' TaylorSeer on the unguided steps after the guided ones: each block's attentions and "
-        "feed-forward computed every INTERVAL steps and predicted between (default off; time and verdicts in "
-        "benchmarks/RESULTS.md)",
-    )
 
 
-def _dtype_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--dtype",
-        choices=(*PRECISIONS, "auto"),
-        default="float32",
-        help="precision of the transformer (default float32); auto: bfloat16 where this machine runs it fast "
-        "(a GPU, or a CPU with AMX or avx512_bf16), else float32",
-    )
-
-
-def _precision(name: str) -> str:
+def precision(name: str) -> str:
+    """A `--dtype` choice as a torch precision's name: auto is this machine's fast one."""
     from cvg.hardware import fast_precision
 
     return fast_precision() if name == "auto" else name
 
 
 def _load(args: argparse.Namespace):
-    """The CVGPipeline and the call arguments the model flags ask for."""
-    import torch
-
+    """The CVGPipeline the model flags ask for, and the settings of its calls the flags give."""
     from cvg.guidance.objectives import objective_for
     from cvg.pipeline import CVGPipeline
 
+    options = config_from(args, PipelineOptions, OPTION_FLAGS)
+    options = replace(options, transformer_dtype=precision(options.transformer_dtype))
     guidance = config_from(args, GuidanceConfig, GUIDANCE_FLAGS)
     objective = None if args.objective == "auto" else objective_for(args.objective)
-    caches = [flag for flag in ("first_block_cache", "taylorseer_cache") if getattr(args, flag) is not None]
-    if len(caches) > 1:
-        raise ValueError("--first-block-cache and --taylorseer-cache: choose one step cache")
-    if args.engine is not None and caches:
-        flag = "--" + caches[0].replace("_", "-")
-        raise ValueError(f"{flag} runs on eager diffusers forwards; --engine bypasses its hooks")
-    pipe = CVGPipeline.from_pretrained(
-        args.model,
-        objective=objective,
-        transformer_dtype=getattr(torch, _precision(args.dtype)),
-        vae_dtype=getattr(torch, args.vae_dtype),
-    )
-    pipe.guidance, pipe.engine = guidance, args.engine
-    if args.batch_cfg is not None:
-        pipe.batch_cfg = args.batch_cfg
-    if args.first_block_cache is not None:
-        from diffusers import FirstBlockCacheConfig
-
-        pipe.cache = FirstBlockCacheConfig(threshold=args.first_block_cache)
-    if args.taylorseer_cache is not None:
-        from diffusers import TaylorSeerCacheConfig
-
-        from cvg.models.caching import WAN_TAYLORSEER_MODULES
-
-        pipe.cache = TaylorSeerCacheConfig(
-            cache_interval=args.taylorseer_cache, cache_identifiers=WAN_TAYLORSEER_MODULES
-        )
-    if args.classifier:
-        pipe.load_classifier(args.classifier)
-    call = {
-        "num_inference_steps": args.num_inference_steps,
-        "guidance_scale": args.guidance_scale,
-        "max_sequence_length": args.max_sequence_length,
-    }
-    if args.guide_steps is not None:  # asked for: checked against the steps, never shortened
-        call["guide_steps"] = args.guide_steps
-    if args.guidance_scale_2 is not None:  # a one-expert pipeline refuses it by name
-        call["guidance_scale_2"] = args.guidance_scale_2
-    return pipe, call
-
-
-def _video_size(args: argparse.Namespace) -> dict[str, int]:
-    from cvg.models.families import directory_adapter
-    from cvg.models.wan import video_size
-
-    default = directory_adapter(args.model).default_size  # the family's: Wan 480x832x81, CogVideoX 480x720x49
-    return video_size(args.model, args.height, args.width, args.num_frames, default)
+    pipe = CVGPipeline.from_pretrained(args.model, objective, options, guidance)
+    return pipe, given_fields(args, SETTING_FLAGS)
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -303,11 +190,11 @@ def generate(args: argparse.Namespace) -> None:
         transformers.utils.logging.disable_progress_bar()
     pipe, call = _load(args)
     pipe.pipe.set_progress_bar_config(disable=args.quiet)
+    call |= given_fields(args, SIZE_FLAGS)
     out = pipe(
         args.prompt,
         args.composition,
         negative_prompt=args.negative_prompt,
-        **_video_size(args),
         generator=torch.Generator().manual_seed(args.seed),
         **call,
     )
@@ -332,7 +219,7 @@ def generate(args: argparse.Namespace) -> None:
     if args.compare_seeds:
         from cvg.cli.comparison import compare_seeds
 
-        report["comparison"] = compare_seeds(pipe, call, args, _video_size(args))
+        report["comparison"] = compare_seeds(pipe, call, args)
     print(json.dumps(report))
 
 
@@ -359,7 +246,7 @@ def export_engine(args: argparse.Namespace) -> None:
     if len(args.shape) != 3:
         raise ValueError(f"--shape must be HEIGHTxWIDTHxFRAMES, got {'x'.join(map(str, args.shape))}")
     height, width, frames = args.shape
-    pipe = CVGPipeline.from_pretrained(args.model, transformer_dtype=getattr(torch, _precision(args.dtype)))
+    pipe = CVGPipeline.from_pretrained(args.model, transformer_dtype=getattr(torch, precision(args.transformer_dtype)))
     vae = pipe.pipe.vae.config
     for name, transformer in pipe.experts.items():  # Wan 2.2 A14B: an engine per expert, a line each
         latents = torch.empty(

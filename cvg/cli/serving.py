@@ -7,10 +7,13 @@ import os
 import signal
 import tempfile
 import threading
+from dataclasses import replace
 
-from cvg.cli.arguments import POSITIVE, STEPS, number
-from cvg.models import PRECISIONS
-from cvg.runtime import STEP_BACKENDS
+from cvg.cli.arguments import POSITIVE, config_flags, config_from, given_fields, number
+from cvg.cli.generation import OPTION_FLAGS, SETTING_FLAGS, SIZE_FLAGS, precision
+from cvg.request import GenerationRequest, PipelineOptions
+
+SERVED_STEPS = 20  # a job's default denoising steps: cvg.serving.service.SERVED_STEPS (not imported: it loads torch)
 
 TOKEN_VARIABLE = "CVG_SERVE_TOKEN"
 
@@ -59,35 +62,20 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         help="run the engines as this many Ray Serve replicas on a local Ray cluster (the optional 'serve' "
         "extra), behind the same API",
     )
-    serve.add_argument("--classifier", metavar="DIR", help="guide with a classifier from cvg train-classifier")
-    serve.add_argument("--steps", type=STEPS, default=20, help="default denoising steps of a job (default 20)")
-    serve.add_argument("--dtype", choices=PRECISIONS, default="float32", help="transformer precision")
-    serve.add_argument(
-        "--batch-cfg",
-        action=argparse.BooleanOptionalAction,
-        help="a step's conditional and unconditional forwards as one batch (default: as the model's pipeline)",
+    config_flags(
+        serve, PipelineOptions, OPTION_FLAGS | {"step_backend": {**OPTION_FLAGS["step_backend"], "default": "auto"}}
     )
-    serve.add_argument(
-        "--engine",
-        choices=(*STEP_BACKENDS, "auto", "eager"),
-        default="auto",
-        help="step engine of the unguided forwards (default auto; eager: diffusers' own forwards)",
-    )
+    steps = {**SETTING_FLAGS["num_inference_steps"], "default": SERVED_STEPS}
+    config_flags(serve, GenerationRequest, SIZE_FLAGS | SETTING_FLAGS | {"num_inference_steps": steps})
     serve.set_defaults(run=serve_jobs)
 
 
 def serve_jobs(args: argparse.Namespace) -> None:
-    import torch
-
     token = args.token or os.environ.get(TOKEN_VARIABLE) or None
     directory = args.out_dir or tempfile.mkdtemp(prefix="cvg-serve-")
-    engine_options = {
-        "num_inference_steps": args.steps,
-        "classifier": args.classifier,
-        "backend": None if args.engine == "eager" else args.engine,
-        "transformer_dtype": getattr(torch, args.dtype),
-        "batch_cfg": args.batch_cfg,
-    }
+    options = config_from(args, PipelineOptions, OPTION_FLAGS)
+    engine_options = {"options": replace(options, transformer_dtype=precision(options.transformer_dtype))}
+    engine_options |= given_fields(args, SIZE_FLAGS | SETTING_FLAGS)  # every job's settings, unless it sets them
     queue_options = {
         "max_queued": args.queue_size,
         "keep_seconds": args.keep_seconds,

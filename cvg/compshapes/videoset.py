@@ -41,8 +41,9 @@ def generate_set(
     params = {"specs": str(Path(specs).resolve()), "seed": seed, "call": call}
     if call.get("guide_steps") != 0:  # guided: its settings too (unguided rows share one folder across them)
         params.update(guidance=asdict(pipe.guidance), objective=type(pipe.objective).__name__)
-    if pipe.batch_cfg or pipe.engine is not None:  # how the forwards ran changes the clips (within rounding)
-        params["execution"] = {"batch_cfg": pipe.batch_cfg, "engine": pipe.engine}
+    batch_cfg, backend = pipe.options.batch_cfg, pipe.options.step_backend
+    if batch_cfg or backend is not None:  # how the forwards ran changes the clips (within rounding)
+        params["execution"] = {"batch_cfg": batch_cfg, "engine": backend}
     with ClipWriter(out, params) as writer:
         for position, record in enumerate(records):
             key = int(record.get("id", position))

@@ -49,6 +49,7 @@ from cvg.guidance.config import GuidanceConfig
 from cvg.models import PRECISIONS
 from cvg.models.wan import load_wan_pipeline, model_key
 from cvg.pipeline import CVGPipeline
+from cvg.request import PipelineOptions
 from cvg.runtime import STEP_BACKENDS
 from cvg.training.dual_inversion import GUIDED_CATEGORIES, LABEL_TRANSFER, SINGLE_READING
 
@@ -88,7 +89,9 @@ def row_pipeline(row: str, base, args: argparse.Namespace) -> tuple[CVGPipeline,
     guide_steps = _window(row, args.steps)
     config = args.guidance if guide_steps is None else replace(args.guidance, guide_steps=guide_steps, guide_sigma=None)
     config = replace(config, geometric=False) if row == "classifier" else config
-    pipe = CVGPipeline(base, guidance=config, engine=args.engine, batch_cfg=args.batch_cfg)
+    pipe = CVGPipeline(
+        base, guidance=config, options=PipelineOptions(step_backend=args.engine, batch_cfg=args.batch_cfg)
+    )
     if row == "unguided":
         return pipe, guide_steps, row
     digest = hashlib.sha256(repr(config).encode())

@@ -4,14 +4,11 @@ without loading the model stack."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from cvg.request import documented
 
 NORMALIZATIONS = ("rms", "max", "none", "polyak")
-
-
-def documented(default, help: str):
-    """A field with its help text beside its default: the command line's flags read both from here."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

@@ -2,6 +2,6 @@
 padding collapse, the CPU VAE decode, the MiniLM text encoder and the tiny test generators. Models know
 nothing of classifiers or guidance objectives."""
 
-# The precisions a transformer may be loaded in (`load_wan_pipeline(transformer_dtype=...)`), by torch name;
-# kept here, without torch, for the command line.
-PRECISIONS = ("float32", "bfloat16", "float16")
+from cvg.request import PRECISIONS  # the precisions a transformer may be loaded in, by torch name
+
+__all__ = ["PRECISIONS"]

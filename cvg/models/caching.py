@@ -11,9 +11,20 @@ from contextlib import contextmanager
 import torch
 from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 
+from cvg.request import PipelineOptions
+
 # The modules TaylorSeer predicts on Wan: each block's attentions and feed-forward. diffusers' defaults
 # (`blocks.*attn`) match no Wan module name (they end in attn1, attn2).
 WAN_TAYLORSEER_MODULES = [r"^blocks\.\d+\.(attn1|attn2|ffn)$"]
+
+
+def step_cache(options: PipelineOptions) -> FirstBlockCacheConfig | TaylorSeerCacheConfig | None:
+    """The diffusers cache config the options' step cache names (None: none)."""
+    if options.first_block_cache is not None:
+        return FirstBlockCacheConfig(threshold=options.first_block_cache)
+    if options.taylorseer_cache is not None:
+        return TaylorSeerCacheConfig(cache_interval=options.taylorseer_cache, cache_identifiers=WAN_TAYLORSEER_MODULES)
+    return None
 
 
 @contextmanager

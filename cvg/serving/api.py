@@ -15,8 +15,8 @@ queue is full. The jobs themselves run in `cvg.serving.jobs`.
 from __future__ import annotations
 
 import hmac
-import math
 import re
+from dataclasses import MISSING, fields
 from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cvg.guidance.composition import CompositionError
@@ -35,31 +35,45 @@ JOB_ID = re.compile(r"[0-9a-f]{32}")
 RETRY_AFTER_SECONDS = 5
 
 
-class VideoRequest(BaseModel):
-    """A video job. Sizes, steps and scales left out take the server's; bounds here are the server's
-    limits, the model checks the rest (multiples, frame counts)."""
+# The server's limits on a request, beyond what any model accepts (`GenerationRequest`'s bounds): a job of
+# more is refused before it queues.
+SERVER_LIMITS = {
+    "prompt": {"min_length": 1, "max_length": 2000},
+    "composition": {"max_length": 500},
+    "negative_prompt": {"max_length": 2000},
+    "height": {"ge": 1, "le": 1280},
+    "width": {"ge": 1, "le": 1280},
+    "num_frames": {"le": 161},
+    "num_inference_steps": {"le": 200},
+    "guidance_scale": {"ge": 0, "le": 50},
+    "guidance_scale_2": {"ge": 0, "le": 50},
+    "guide_steps": {"le": 200},
+    "guidance_strength": {"le": 10},
+}
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
-    model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, max_length=2000)
-    composition: str | None = Field(None, max_length=500, description="e.g. 'red cube left of blue ball'")
-    negative_prompt: str | None = Field(None, max_length=2000)
-    seed: int = Field(0, ge=0, lt=2**63)
-    height: int | None = Field(None, ge=1, le=1280)
-    width: int | None = Field(None, ge=1, le=1280)
-    num_frames: int | None = Field(None, ge=1, le=161)
-    num_inference_steps: int | None = Field(None, ge=1, le=200)
-    guidance_scale: float | None = Field(None, ge=0, le=50)
-    guide_steps: int | None = Field(None, ge=0, le=200)
-    guidance_strength: float | None = Field(None, ge=0, le=10)
-    maps: bool = Field(False, description="also keep the maps picture of the last guided step")
+def _schema_field(f) -> tuple[object, object]:
+    """The pydantic type and `Field` of one `VideoJobRequest` field: its declared help, default and bounds,
+    and the server's limits."""
+    names = [part.strip() for part in str(f.type).split("|") if part.strip() not in ("None", "list[str]", "object")]
+    kind = _TYPES.get(names[0], str) if names else str
+    required = f.default is MISSING
+    bounds = {"ge": f.metadata.get("low"), "le": f.metadata.get("high")}
+    limits = {**{k: v for k, v in bounds.items() if v is not None}, **SERVER_LIMITS.get(f.name, {})}
+    if kind is float:
+        limits["allow_inf_nan"] = False
+    annotation = kind if required else kind | None
+    return annotation, Field(... if required else f.default, description=f.metadata["help"], **limits)
 
-    @field_validator("guidance_scale", "guidance_strength")
-    @classmethod
-    def _finite(cls, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            raise ValueError("must be finite")
-        return value
+
+VideoRequest = create_model(
+    "VideoRequest",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="A video job: `cvg.request.GenerationRequest`'s fields, the server's limits on them, and `maps`. "
+    "Fields left out take the server's settings; the model checks the rest (multiples, frame counts).",
+    **{f.name: _schema_field(f) for f in fields(VideoJobRequest)},
+)
 
 
 class Metrics:
@@ -163,7 +177,7 @@ def create_app(jobs: JobQueue, token: str | None = None, max_body_bytes: int = M
     @app.post("/v1/videos", status_code=202, dependencies=[Depends(authorised)])
     def create_video(body: VideoRequest) -> dict:
         try:
-            job = jobs.submit(VideoJobRequest(**body.model_dump()))
+            job = jobs.submit(VideoJobRequest(**body.model_dump(exclude_unset=True)))
         except QueueFull as e:
             return _error(429, str(e), {"Retry-After": str(RETRY_AFTER_SECONDS)})
         except (ValueError, TypeError, CompositionError) as e:

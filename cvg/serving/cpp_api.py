@@ -8,40 +8,36 @@ C++ side copies into its buffer with Python's lock released.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from cvg.guidance.config import GuidanceConfig
 from cvg.io.video import to_uint8
-from cvg.models import PRECISIONS
+from cvg.request import PipelineOptions
 from cvg.serving.service import Engine
+
+# The C++ `EngineOptions` fields (csrc/include/cvg/cvg.hpp), by the declared field each sets: a
+# `GenerationRequest` setting of every request, a `PipelineOptions` field, or the guidance window.
+CPP_SETTINGS = {"height": "height", "width": "width", "frames": "num_frames", "steps": "num_inference_steps"}
+CPP_SETTINGS |= {"guidance_scale": "guidance_scale"}
+CPP_OPTIONS = {"backend": "step_backend", "cache_dir": "backend_cache", "classifier": "classifier"}
+CPP_OPTIONS |= {"dtype": "transformer_dtype", "vae_dtype": "vae_dtype"}
+CPP_GUIDANCE = {"guide_steps": "guide_steps"}
 
 
 def open_engine(model: str, options: dict) -> Engine:
-    """`options`: height, width, frames (0 = the model's size), steps, guide_steps, guidance_scale,
-    backend ("" = diffusers eager), cache_dir ("" = default), classifier ("" = training-free objectives),
-    dtype (the transformer's precision: float32, bfloat16 or float16), vae_dtype (the VAE's, the same choices)."""
-    dtypes = {name: options.get(name, "float32") for name in ("dtype", "vae_dtype")}
-    for name, dtype in dtypes.items():
-        if dtype not in PRECISIONS:
-            raise ValueError(f"{name} must be one of {', '.join(PRECISIONS)}, got {dtype!r}")
-    return Engine(
-        model,
-        options["height"] or None,
-        options["width"] or None,
-        options["frames"] or None,
-        num_inference_steps=options["steps"],
-        guidance_scale=options["guidance_scale"],
-        guidance=GuidanceConfig(guide_steps=options["guide_steps"]),
-        classifier=options["classifier"] or None,
-        backend=options["backend"] or None,
-        cache_dir=options["cache_dir"] or None,
-        transformer_dtype=getattr(torch, dtypes["dtype"]),
-        vae_dtype=getattr(torch, dtypes["vae_dtype"]),
-    )
+    """`options`: the C++ `EngineOptions` as a dict (`CPP_SETTINGS`, `CPP_OPTIONS`, `CPP_GUIDANCE` name the
+    field each sets); a size of 0 or a string "" leaves the field unset (the model's size, diffusers eager, the
+    default cache, the training-free objectives)."""
+    unset = {name: 0 for name in ("height", "width", "frames")}
+    given = {name: value for name, value in options.items() if value != unset.get(name, "")}
+    settings = {CPP_SETTINGS[k]: v for k, v in given.items() if k in CPP_SETTINGS}
+    pipeline = PipelineOptions(**{CPP_OPTIONS[k]: v for k, v in given.items() if k in CPP_OPTIONS})
+    guidance = GuidanceConfig(**{CPP_GUIDANCE[k]: options[k] for k in CPP_GUIDANCE if k in options})
+    return Engine(model, options=pipeline, guidance=guidance, **settings)
 
 
 def video_shape(engine: Engine) -> tuple[int, int, int]:
-    return engine.config.num_frames, engine.config.height, engine.config.width
+    settings = engine.settings()
+    return settings.num_frames, settings.height, settings.width
 
 
 def generate(engine: Engine, prompt: str, composition: str, seed: int) -> tuple[np.ndarray, list[float]]:

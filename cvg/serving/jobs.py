@@ -25,14 +25,16 @@ import uuid
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 
 import numpy as np
 
+from cvg.guidance.binding import BoundBatch
 from cvg.io.files import write_text_atomic
 from cvg.io.video import maps_picture, save_frames, save_image, to_uint8
-from cvg.serving.service import Engine, EngineConfig
+from cvg.request import GenerationRequest, documented
+from cvg.serving.service import Engine
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -40,30 +42,33 @@ RECORD = re.compile(r"([0-9a-f]{32})\.job\.json")
 OUTPUTS = {"video": "{id}.mp4", "maps": "{id}.maps.png"}  # a job's files, by kind: named by its id alone
 
 
-@dataclass(frozen=True)
-class VideoJobRequest:
-    """What a client asks for; None takes the engine's setting."""
-
-    prompt: str
-    composition: str | None = None
-    negative_prompt: str | None = None
-    seed: int = 0
-    height: int | None = None
-    width: int | None = None
-    num_frames: int | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    guide_steps: int | None = None
-    guidance_strength: float | None = None
-    maps: bool = False  # also write the maps picture of the last guided step
-
-    def item(self) -> dict:
-        """What varies within a batch (`Engine.generate_batch`)."""
-        return {k: getattr(self, k) for k in ("prompt", "composition", "negative_prompt", "seed")}
-
-    def overrides(self) -> dict:
-        """What it asks of the engine's call settings (`Engine.settings`)."""
-        return {k: getattr(self, k) for k in ("height", "width", "num_frames", "num_inference_steps", "guidance_scale")}
+SERVED_FIELDS = tuple(f.name for f in fields(GenerationRequest) if f.name != "num_videos_per_prompt")  # one a job
+VideoJobRequest = make_dataclass(
+    "VideoJobRequest",
+    [
+        (
+            f.name,
+            str(f.type) if f.default is MISSING else f"{f.type} | None",
+            documented(
+                MISSING if f.default is MISSING else None,
+                f.metadata["help"],
+                f.metadata["low"],
+                f.metadata["high"],
+                f.metadata["choices"],
+            ),
+        )
+        for f in fields(GenerationRequest)
+        if f.name in SERVED_FIELDS
+    ]
+    + [("maps", "bool", documented(False, "also write the maps picture of the last guided step"))],
+    frozen=True,
+    namespace={
+        "__module__": __name__,
+        "__doc__": "What a client asks for: `GenerationRequest`'s fields (None: the server's setting, else the "
+        "declaration's default), and whether to keep the maps picture.",
+        "given": lambda self: {k: getattr(self, k) for k in SERVED_FIELDS if getattr(self, k) is not None},
+    },
+)
 
 
 @dataclass
@@ -85,35 +90,32 @@ class EngineRunner:
         self.engine = engine
         self.family = engine.pipe.family
 
-    def check(self, request: VideoJobRequest) -> None:
-        self.engine.check(
-            request.prompt, request.composition, request.negative_prompt, request.guide_steps, **request.overrides()
-        )
+    def request(self, request: VideoJobRequest) -> GenerationRequest:
+        """What the job runs: the client's fields, the engine's settings for the rest."""
+        return self.engine.request(**request.given())
 
-    def settings(self, request: VideoJobRequest) -> EngineConfig:
-        return self.engine.settings(**request.overrides())
+    def check(self, request: VideoJobRequest) -> None:
+        self.engine.check(self.request(request))
 
     def run(self, requests: list[VideoJobRequest], on_step) -> list[VideoResult]:
         """One denoising run for `requests` (of equal settings); `on_step(i)` after each step may raise to
         end it."""
-        first = requests[0]
-        out = self.engine.generate_batch(
-            [r.item() for r in requests],
-            guide_steps=first.guide_steps,
-            guidance_strength=first.guidance_strength,
-            on_step=lambda i, t, latents: on_step(i),
-            **first.overrides(),
-        )
-        timings = {k: round(v, 4) for k, v in out.timings.items()}
-        results = []
-        for i, request in enumerate(requests):
-            maps, entities = None, []
-            if request.maps and out.maps:
-                bound = out.composition.items[i]
-                maps = bound.entity_maps(out.maps[-1][i : i + 1].mean(dim=1))[0].numpy()  # layers averaged
-                entities = list(bound.composition.entities)
-            results.append(VideoResult(to_uint8(out.frames[i]), maps, entities, timings))
-        return results
+        out = self.engine.generate_batch([self.request(r) for r in requests], on_step=lambda i, t, latents: on_step(i))
+        return _results(out, [r.maps for r in requests])
+
+
+def _results(out, maps: list[bool]) -> list[VideoResult]:
+    """Each item of a batch's output as a job's result, with its maps picture's data where `maps` asks."""
+    timings = {k: round(v, 4) for k, v in out.timings.items()}
+    results = []
+    for i, wanted in enumerate(maps):
+        item_maps, entities = None, []
+        if wanted and out.maps:
+            bound = out.composition.items[i] if isinstance(out.composition, BoundBatch) else out.composition
+            item_maps = bound.entity_maps(out.maps[-1][i : i + 1].mean(dim=1))[0].numpy()  # layers averaged
+            entities = list(bound.composition.entities)
+        results.append(VideoResult(to_uint8(out.frames[i]), item_maps, entities, timings))
+    return results
 
 
 @dataclass
@@ -221,7 +223,7 @@ class JobQueue:
                 raise RuntimeError("the job queue is closed")
             if len(self._waiting) >= self.max_queued:
                 raise QueueFull(f"{len(self._waiting)} jobs are queued already (the limit)")
-            job = Job(uuid.uuid4().hex, request, total=self.runner.settings(request).num_inference_steps)
+            job = Job(uuid.uuid4().hex, request, total=self.runner.request(request).num_inference_steps)
             self._jobs[job.id] = job
             self._waiting.append(job.id)
             self._save(job)
@@ -290,12 +292,7 @@ class JobQueue:
 
     def _batch_key(self, request: VideoJobRequest) -> tuple:
         """Jobs with equal keys may share a denoising run."""
-        return (
-            self.runner.settings(request),
-            request.guide_steps,
-            request.guidance_strength,
-            request.composition is None,
-        )
+        return self.runner.request(request).settings(), request.composition is None
 
     def _next_batch(self) -> list[Job] | None:
         """The oldest waiting job and, up to `max_batch`, later ones that may share its run (waiting up to

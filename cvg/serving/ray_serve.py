@@ -25,9 +25,10 @@ from ray.exceptions import RayActorError
 
 from cvg import threads
 from cvg.guidance.composition import CompositionError
+from cvg.request import GenerationRequest
 from cvg.serving.api import create_app
 from cvg.serving.jobs import EngineRunner, JobCancelled, JobQueue, VideoJobRequest, VideoResult
-from cvg.serving.service import Engine, EngineConfig
+from cvg.serving.service import Engine
 
 RETRIES = 1  # a batch whose replica died runs once more, elsewhere
 
@@ -39,8 +40,9 @@ class VideoGenerator:
         self.runner = EngineRunner(Engine(model, **options))
         self.replica = serve.get_replica_context().replica_id.unique_id
 
-    def config(self) -> tuple[EngineConfig, str]:
-        return self.runner.engine.config, self.runner.family
+    def config(self) -> tuple[dict, str]:
+        """The engine's settings (`Engine.defaults`) and the model's family."""
+        return self.runner.engine.defaults, self.runner.family
 
     def check(self, request: VideoJobRequest) -> str | None:
         """The one-line reason the engine refuses `request`, or None."""
@@ -85,10 +87,10 @@ class RayRunner:
 
     def __init__(self, generator):
         self.generator = generator
-        self._config: tuple[EngineConfig, str] | None = None
+        self._config: tuple[dict, str] | None = None
         self._lock = threading.Lock()
 
-    def _base(self) -> tuple[EngineConfig, str]:
+    def _base(self) -> tuple[dict, str]:
         with self._lock:  # asked of a replica once, on first use (never in a replica's constructor)
             if self._config is None:
                 self._config = self.generator.config.remote().result()
@@ -98,8 +100,8 @@ class RayRunner:
     def family(self) -> str:
         return self._base()[1]
 
-    def settings(self, request: VideoJobRequest) -> EngineConfig:
-        return self._base()[0].with_overrides(**request.overrides())
+    def request(self, request: VideoJobRequest) -> GenerationRequest:
+        return GenerationRequest(**{**self._base()[0], **request.given()})
 
     def check(self, request: VideoJobRequest) -> None:
         reason = self.generator.check.remote(request).result()

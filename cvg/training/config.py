@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cvg.guidance.config import documented
+from cvg.request import documented
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ def test_execution_flags_reach_the_pipeline(tiny_model_dir, flags, batched, cach
     step engine; all off by default."""
     argv = ["generate", "--model", str(tiny_model_dir), "--prompt", "p", "--out", "o.mp4", *flags]
     pipe, _ = generation._load(build_parser().parse_args(argv))
-    assert pipe.batch_cfg is batched
+    assert pipe.options.batch_cfg is batched
     if cache is None:
         assert pipe.cache is None
     else:
@@ -82,14 +82,14 @@ def test_execution_flags_reach_the_pipeline(tiny_model_dir, flags, batched, cach
         assert (type(pipe.cache).__name__, getattr(pipe.cache, field)) == (kind, value)
     if "--taylorseer-cache" in flags:
         assert pipe.cache.cache_identifiers == WAN_TAYLORSEER_MODULES
-    assert pipe.engine == engine
+    assert pipe.options.step_backend == engine
 
 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--engine", "torch", "--first-block-cache", "0.1"], "--first-block-cache runs on eager diffusers forwards"),
-        (["--engine", "torch", "--taylorseer-cache", "2"], "--taylorseer-cache runs on eager diffusers forwards"),
+        (["--engine", "torch", "--first-block-cache", "0.1"], "first.block.cache runs on eager diffusers forwards"),
+        (["--engine", "torch", "--taylorseer-cache", "2"], "taylorseer.cache runs on eager diffusers forwards"),
         (["--first-block-cache", "0.1", "--taylorseer-cache", "2"], "choose one step cache"),
     ],
 )

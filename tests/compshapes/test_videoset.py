@@ -11,6 +11,7 @@ from cvg.compshapes.dataset import DatasetError, read_frames, read_index, write_
 from cvg.compshapes.evaluate import evaluate
 from cvg.compshapes.videoset import generate_set
 from cvg.pipeline import CVGPipeline
+from cvg.request import PipelineOptions
 
 FAST = {"num_inference_steps": 2, "max_sequence_length": 32}
 
@@ -83,7 +84,13 @@ def test_a_resume_is_refused_when_the_forwards_run_otherwise(tiny_pipe, tmp_path
     specs = tmp_path / "specs"
     write_dataset(specs, 2, seed=5, frames=5, height=32, width=32)
     generate_set(
-        CVGPipeline(tiny_pipe, batch_cfg=True), specs, tmp_path / "batched", seed=1, limit=1, guide_steps=0, **FAST
+        CVGPipeline(tiny_pipe, options=PipelineOptions(batch_cfg=True)),
+        specs,
+        tmp_path / "batched",
+        seed=1,
+        limit=1,
+        guide_steps=0,
+        **FAST,
     )
     with pytest.raises(DatasetError, match="resume with the same settings"):
         generate_set(CVGPipeline(tiny_pipe), specs, tmp_path / "batched", seed=1, guide_steps=0, **FAST)

@@ -11,6 +11,7 @@ import torch
 from tolerance import ulps
 
 from cvg.pipeline import CVGPipeline
+from cvg.request import PipelineOptions
 from cvg.runtime.onnx_engine import export_onnx
 from cvg.runtime.step_engine import STEP_BACKENDS, StepShape, build_engine
 
@@ -79,7 +80,7 @@ def test_generation_through_the_engine_matches_eager(tiny_pipe, tmp_path, backen
         generator=torch.Generator().manual_seed(3),
         **call,
     )
-    engine_pipe = CVGPipeline(tiny_pipe, engine=backend, engine_cache=tmp_path)
+    engine_pipe = CVGPipeline(tiny_pipe, options=PipelineOptions(step_backend=backend, backend_cache=tmp_path))
     fast = engine_pipe(
         "a red cube to the left of a blue ball",
         "red cube left of blue ball",
@@ -150,8 +151,8 @@ def test_bad_backend_name(tiny_pipe):
     x, _, e = _inputs()
     with pytest.raises(ValueError, match="backend must be one of"):
         build_engine(tiny_pipe.transformer, StepShape.of(x, e), "tvm")
-    with pytest.raises(ValueError, match="engine must be one of"):
-        CVGPipeline(tiny_pipe, engine="tvm")
+    with pytest.raises(ValueError, match="step_backend must be one of"):
+        CVGPipeline(tiny_pipe, options=PipelineOptions(step_backend="tvm"))
     assert set(STEP_BACKENDS) == {"torch", "compiled", "onnxruntime", "tensorrt"}
 
 
@@ -239,8 +240,7 @@ def test_serving_engine_is_thread_safe(tiny_pipe, tmp_path):
         9,
         num_inference_steps=3,
         max_sequence_length=32,
-        backend="onnxruntime",
-        cache_dir=tmp_path,
+        options=PipelineOptions(step_backend="onnxruntime", backend_cache=tmp_path),
     )
     assert engine.backend == "onnxruntime" and engine.build_seconds > 0
     requests = [("a red cube to the left of a blue ball", "red cube left of blue ball", s) for s in range(4)]
@@ -261,7 +261,6 @@ def test_serving_engine_is_thread_safe(tiny_pipe, tmp_path):
             num_inference_steps=2,
             max_sequence_length=32,
             max_composition_tokens=2,
-            backend=None,
         )
 
 
@@ -272,7 +271,9 @@ def test_serving_engine_batches_cfg_on_an_engine_of_twice_the_batch(tiny_pipe):
     request = ("a red cube to the left of a blue ball", "red cube left of blue ball", 0)
     runs = {}
     for batched in (False, True):
-        engine = Engine(CVGPipeline(tiny_pipe), 64, 64, 9, **size, backend="torch", batch_cfg=batched)
+        engine = Engine(
+            CVGPipeline(tiny_pipe), 64, 64, 9, **size, options=PipelineOptions(step_backend="torch", batch_cfg=batched)
+        )
         (shape,) = [shape for _, _, shape in engine.pipe._engines]
         assert shape.batch == (2 if batched else 1)
         runs[batched] = engine.generate(*request).frames

@@ -11,6 +11,7 @@ from cvg.guidance.config import GuidanceConfig
 from cvg.guidance.objectives import MotionDirection, SpatialRelation, TokenPresence
 from cvg.guidance.sampler import Denoiser, latent_update
 from cvg.pipeline import CVGPipeline
+from cvg.request import PipelineOptions
 from cvg.runtime.guided_graph import GuidedStepGraph
 
 PROMPTS = {
@@ -104,7 +105,7 @@ def test_the_step_is_capturable(tiny_pipe, name):
 
 
 def test_pipeline_keeps_one_graph_per_composition(tiny_pipe, tmp_path):
-    cvg = CVGPipeline(tiny_pipe, engine="torch", engine_cache=tmp_path)
+    cvg = CVGPipeline(tiny_pipe, options=PipelineOptions(step_backend="torch", backend_cache=tmp_path))
     call = dict(height=64, width=64, num_frames=9, num_inference_steps=3, max_sequence_length=64, output_type="latent")
     for prompt in ("a red cube to the left of a blue ball", "a red cube to the left of a blue ball, at dusk"):
         cvg(prompt, "red cube left of blue ball", generator=torch.Generator().manual_seed(0), **call)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cvg.request import PipelineOptions
 from cvg.serving.service import Engine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +79,7 @@ def test_example_writes_the_frames_the_python_api_gives(built, tmp_path):
     files = sorted((tmp_path / "frames").glob("frame_*.ppm"))
     assert len(files) == 17
     from_cpp = np.stack([np.asarray(Image.open(f)) for f in files])
-    engine = Engine(MODEL, num_inference_steps=STEPS, backend=None)
+    engine = Engine(MODEL, num_inference_steps=STEPS, options=PipelineOptions())
     expected = engine.generate(prompt, composition, seed)
     assert from_cpp.shape == (17, 64, 64, 3)
     np.testing.assert_array_equal(from_cpp, (np.clip(expected.frames[0], 0, 1) * 255 + 0.5).astype(np.uint8))

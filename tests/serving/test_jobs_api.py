@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from processes import free_port
 
+from cvg.request import PipelineOptions
 from cvg.serving.api import create_app
 from cvg.serving.jobs import EngineRunner, JobQueue
 from cvg.serving.service import Engine
@@ -31,7 +32,7 @@ JOB = {"prompt": PROMPT, "composition": COMPOSITION, "seed": 1}
 
 @pytest.fixture(scope="module")
 def engine():
-    return Engine(MODEL, num_inference_steps=4, backend=None)
+    return Engine(MODEL, num_inference_steps=4, options=PipelineOptions())
 
 
 class Gate:

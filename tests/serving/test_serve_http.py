@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cvg.request import PipelineOptions
 from cvg.serving.service import Engine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,7 +22,7 @@ PROMPT, COMPOSITION = "a red cube to the left of a blue ball", "red cube left of
 
 @pytest.fixture(scope="module")
 def server():
-    engine = Engine(ROOT / "models" / "compshapes-wan", num_inference_steps=4, backend=None)
+    engine = Engine(ROOT / "models" / "compshapes-wan", num_inference_steps=4, options=PipelineOptions())
     server = serve_http.Server(("127.0.0.1", 0), engine, max_inflight=2)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -146,7 +147,7 @@ def test_connections_beyond_the_cap_are_closed():
     import socket
 
     engine = Engine.__new__(Engine)  # no generation happens: a stand-in that only /health reads
-    engine.config = type("C", (), {"num_frames": 1, "height": 8, "width": 8})()
+    engine.defaults = {"num_frames": 1, "height": 8, "width": 8}
     server = serve_http.Server(("127.0.0.1", 0), engine, max_inflight=1, max_connections=2)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
