@@ -50,7 +50,7 @@ def objective_after_guided_steps(pipe, kind: str, objective, seed: int, guide_st
     cvg(prompt, composition, guidance_scale=5.0, generator=seeded(seed), output_type="latent", on_step=keep, **size)
     text = size["max_sequence_length"]
     embeds, _ = cvg.encode_prompt(prompt=prompt, do_classifier_free_guidance=False, max_sequence_length=text)
-    denoiser = cvg._denoisers(embeds, None, captured["latents"], 1.0)["transformer"]
+    denoiser = cvg.steps.denoisers(embeds, None, captured["latents"], 1.0)["transformer"]
     bound = cvg.bind(prompt, composition, text)
     loss, _, _ = denoiser.score(captured["latents"], pipe.scheduler.timesteps[2], objective, bound, config)
     return loss.item()

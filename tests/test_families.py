@@ -134,7 +134,7 @@ def test_each_expert_runs_on_its_own_engine(wan22, batch_cfg):
         options=PipelineOptions(step_backend="torch", batch_cfg=batch_cfg),
     )
     out = cvg(*PROMPTS["spatial"], guide_steps=2, generator=_seeded(1), **kw)
-    assert sorted(expert for _, expert, _ in cvg._engines) == sorted(cvg.experts)
+    assert sorted(expert for _, expert, _ in cvg.steps.engines) == sorted(cvg.experts)
     assert (out.frames - eager.frames).abs().max() <= 1e-4  # the engine drops padding: float rounding
 
 
@@ -221,3 +221,19 @@ def test_generate_writes_a_video_and_maps(wan22, tmp_path, capsys):
     frames = imageio.mimread(out)
     assert len(frames) == 9 and frames[0].shape == (int(size), int(size), 3)
     assert Image.open(maps).width > 3 * 128  # 3 pooled frames, 128 px cells
+
+
+def test_every_adapter_keeps_the_family_adapter_contract():
+    """Each adapter has every member `FamilyAdapter` declares, methods with the declared parameters."""
+    import inspect
+
+    from cvg.models.families import ADAPTERS, FamilyAdapter
+
+    declared = {n for n in vars(FamilyAdapter) if not n.startswith("_")} | set(FamilyAdapter.__annotations__)
+    for adapter in ADAPTERS:
+        for name in declared:
+            assert hasattr(adapter, name), (adapter.__name__, name)
+            contract = getattr(FamilyAdapter, name, None)
+            if callable(contract):
+                want = list(inspect.signature(contract).parameters)
+                assert list(inspect.signature(getattr(adapter, name)).parameters) == want, (adapter.__name__, name)

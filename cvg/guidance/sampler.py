@@ -27,7 +27,7 @@ from cvg.guidance.binding import BoundComposition
 from cvg.guidance.config import GuidanceConfig
 from cvg.guidance.objectives import Objective
 from cvg.models.context_parallel import reduce_gradient
-from cvg.models.families import transformer_family
+from cvg.models.families import transformer_adapter
 from cvg.models.padding import collapse_padding
 from cvg.models.patching import swapped
 from cvg.models.processors import resolve_layers, transformer_blocks
@@ -123,7 +123,7 @@ class Denoiser:
         builds it for text-to-video (every token at `t`)."""
         if not self.token_timesteps:
             return t.expand(latents.shape[0])
-        return t.expand(latents.shape[0], transformer_family(self.transformer).video_tokens(self.transformer, latents))
+        return t.expand(latents.shape[0], transformer_adapter(self.transformer).video_tokens(self.transformer, latents))
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, step: int, sigma: float, total: int) -> torch.Tensor:
         """The noise prediction of WanPipeline for one step, classifier-free guidance included (in
@@ -156,10 +156,10 @@ class Denoiser:
     def prepare(self, bound: BoundComposition, config: GuidanceConfig, text_keys: int | None = None) -> GuidedInputs:
         """What guided forwards at any latents share: the text (zero padding collapsed to `text_keys` rows, by
         default as few as hold it, where the family pads with zeros) and its family's map recorder."""
-        family = transformer_family(self.transformer)
-        collapse = config.collapse_padding and family.zero_text_padding
+        adapter = transformer_adapter(self.transformer)
+        collapse = config.collapse_padding and adapter.zero_text_padding
         text, key_bias = collapse_padding(self.prompt_embeds, text_keys) if collapse else (self.prompt_embeds, None)
-        recorder = family.map_recorder(self.transformer, bound.tokens, config.pool, config.backend, key_bias)
+        recorder = adapter.map_recorder(self.transformer, bound.tokens, config.pool, config.backend, key_bias)
         return GuidedInputs(text, recorder, resolve_layers(self.transformer, config.layers))
 
     @contextmanager
@@ -172,7 +172,7 @@ class Denoiser:
         model = self.transformer
         with (
             torch.set_grad_enabled(gradient),
-            transformer_family(model).recording(model, inputs.recorder, inputs.layers),
+            transformer_adapter(model).recording(model, inputs.recorder, inputs.layers),
             _checkpointing(model, gradient and _should_checkpoint(model, config, latents, inputs.layers)),
             _frozen(model),
         ):
@@ -233,7 +233,7 @@ def saved_activation_bytes(model: torch.nn.Module, latents: torch.Tensor, blocks
     width (measured on Wan blocks with saved-tensor hooks: 14 and 1.5 in float32, fewer bytes in bf16).
     CogVideoX's FFN is 4x its width."""
     config = model.config
-    tokens = latents.shape[0] * transformer_family(model).video_tokens(model, latents)
+    tokens = latents.shape[0] * transformer_adapter(model).video_tokens(model, latents)
     width = config.num_attention_heads * config.attention_head_dim
     ffn = getattr(config, "ffn_dim", None) or 4 * width
     return tokens * blocks * (16 * width + 2 * ffn) * 4

@@ -22,6 +22,7 @@ import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from diffusers import (
@@ -41,6 +42,52 @@ WAN_FAMILIES = ("wan2.1", "wan2.2-a14b", "wan2.2-ti2v")
 FAMILIES = (*WAN_FAMILIES, "cogvideox")
 
 
+class FamilyAdapter(Protocol):
+    """What cvg needs of a family of diffusers pipelines: a class of static methods and constants (the
+    adapters are never instantiated). `tests/test_families.py` checks every adapter against it; to add a
+    family, write one (`docs/extending.md`) and add it to `ADAPTERS`."""
+
+    pipeline_class: type  # the diffusers pipeline class it wraps
+    transformer_class: type  # its denoiser's class
+    zero_text_padding: bool  # text padding rows are zeros (cvg.models.padding collapses them exactly)
+    step_engines: bool  # cvg.runtime's step backends, guided graphs and diffusers' step caches run it
+    batched_cfg: bool  # its pipeline runs both CFG forwards as one batch
+    label: str  # how errors name it
+    default_size: dict[str, int]  # height, width, num_frames
+    text_length: int  # its pipeline's max_sequence_length
+
+    @staticmethod
+    def map_recorder(transformer, tokens, pool, backend: str, key_bias: torch.Tensor | None) -> MapRecorder: ...
+    @staticmethod
+    def recording(transformer, recorder, layers: Sequence[int]) -> AbstractContextManager: ...
+    @staticmethod
+    def video_tokens(transformer, latents: torch.Tensor) -> int: ...
+    @staticmethod
+    def name(pipe) -> str: ...
+    @staticmethod
+    def experts(pipe) -> dict[str, torch.nn.Module]: ...
+    @staticmethod
+    def clean_prompt(text: str) -> str: ...
+    @staticmethod
+    def text_embeds(pipe, prompts: list[str], videos: int, length: int, device, dtype) -> torch.Tensor: ...
+    @staticmethod
+    def prepare_latents(pipe, batch: int, height: int, width: int, num_frames: int, device, generator, latents): ...
+    @staticmethod
+    def forward_kwargs(pipe, latents: torch.Tensor) -> dict: ...
+    @staticmethod
+    def solver(pipe, generator): ...
+    @staticmethod
+    def decode(pipe, latents: torch.Tensor, num_frames: int, output_type: str): ...
+    @staticmethod
+    def token_grid(pipe, height: int, width: int, num_frames: int) -> tuple[int, int, int]: ...
+    @staticmethod
+    def spatial_multiple(pipe) -> int: ...
+    @staticmethod
+    def check_pipeline_inputs(pipe, prompt, negative_prompt, height: int, width: int) -> None: ...
+    @staticmethod
+    def load(path: Path, **kwargs): ...
+
+
 def family(boundary_ratio: float | None, expand_timesteps: bool) -> str:
     """The family of a WanPipeline with this config (two experts need a boundary: WanPipeline runs a
     pipeline without one on `transformer` alone)."""
@@ -49,7 +96,7 @@ def family(boundary_ratio: float | None, expand_timesteps: bool) -> str:
     return "wan2.1" if boundary_ratio is None else "wan2.2-a14b"
 
 
-class WanFamily:
+class WanAdapter:
     """Wan 2.1 and 2.2: cross-attention (`attn2`) over text zero-padded to 512 tokens, latents
     `[B, C, F, H, W]`, flow-matching schedulers that step with one call."""
 
@@ -137,7 +184,7 @@ class WanFamily:
         return wan.load_wan_pipeline(path, **kwargs)
 
 
-class CogVideoXFamily:
+class CogVideoXAdapter:
     """CogVideoX 1.0 and 1.5: joint attention (`attn1`) over text then video tokens, T5 text padded with
     the encoder's own padding embeddings (not zeros: no collapse), latents `[B, F, C, H, W]`."""
 
@@ -176,8 +223,8 @@ class CogVideoXFamily:
         return {"transformer": pipe.transformer}
 
     @staticmethod
-    def clean_prompt(prompt: str) -> str:  # CogVideoXPipeline tokenizes prompts as given
-        return prompt
+    def clean_prompt(text: str) -> str:  # CogVideoXPipeline tokenizes prompts as given
+        return text
 
     @staticmethod
     def text_embeds(pipe, prompts: list[str], videos: int, length: int, device, dtype) -> torch.Tensor:
@@ -214,16 +261,16 @@ class CogVideoXFamily:
         return cogvideox.load_cogvideox_pipeline(path, **kwargs)
 
 
-ADAPTERS = (WanFamily, CogVideoXFamily)
-Adapter = type[WanFamily] | type[CogVideoXFamily]
+ADAPTERS = (WanAdapter, CogVideoXAdapter)
+Adapter = type[FamilyAdapter]
 
 
-def pipeline_family(pipe) -> Adapter:
+def pipeline_adapter(pipe) -> Adapter:
     """The adapter of a diffusers pipeline; a pipeline of another class is a one-line TypeError."""
     return _adapter_of(pipe, "pipeline_class")
 
 
-def transformer_family(transformer) -> Adapter:
+def transformer_adapter(transformer) -> Adapter:
     """The adapter of a denoising transformer; another module is a one-line TypeError."""
     return _adapter_of(transformer, "transformer_class")
 
@@ -248,7 +295,7 @@ def directory_family(path: str | Path) -> str:
     if class_name not in classes:
         what = f"holds a {class_name}" if class_name else "names no pipeline class (_class_name)"
         raise ValueError(f"{str(path)!r} {what}; cvg guides {', '.join(classes)} pipelines ({', '.join(FAMILIES)})")
-    if classes[class_name] is CogVideoXFamily:
+    if classes[class_name] is CogVideoXAdapter:
         name = "cogvideox"
     else:
         name = family(index.get("boundary_ratio"), bool(index.get("expand_timesteps")))
@@ -263,4 +310,4 @@ def directory_family(path: str | Path) -> str:
 
 def directory_adapter(path: str | Path) -> Adapter:
     """The adapter of the pipeline saved in `path` (`directory_family`'s checks first)."""
-    return CogVideoXFamily if directory_family(path) == "cogvideox" else WanFamily
+    return CogVideoXAdapter if directory_family(path) == "cogvideox" else WanAdapter

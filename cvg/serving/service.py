@@ -92,7 +92,7 @@ class Engine:
 
     @property
     def backend(self) -> str:
-        engines = list(self.pipe._engines.values())
+        engines = list(self.pipe.steps.engines.values())
         return engines[0].backend if engines else "torch (diffusers eager)"
 
     @property

@@ -33,7 +33,7 @@ def results() -> dict:
         cvg = CVGPipeline(pipe, objective=objective, guidance=config)
         embeds, _ = cvg.encode_prompt(prompt=prompt, do_classifier_free_guidance=False, max_sequence_length=64)
         latents = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-        denoiser = cvg._denoisers(embeds, None, latents, 1.0)["transformer"]
+        denoiser = cvg.steps.denoisers(embeds, None, latents, 1.0)["transformer"]
         bound = cvg.bind(prompt, composition, 64)
         inputs = denoiser.prepare(bound, config)
         loss, maps, grad = denoiser.score(latents, torch.tensor(900.0), objective, bound, config, True, inputs)

@@ -89,7 +89,7 @@ def test_generation_through_the_engine_matches_eager(tiny_pipe, tmp_path, backen
     )
     assert np.abs(fast.frames - eager.frames).max() <= 1e-4
     assert torch.allclose(fast.objective_values[0], eager.objective_values[0], atol=1e-5)
-    assert len(engine_pipe._engines) == 1  # built once for the shape, reused across steps
+    assert len(engine_pipe.steps.engines) == 1  # built once for the shape, reused across steps
 
 
 def test_wrong_shape_is_a_clear_error(tiny_pipe, tmp_path):
@@ -274,7 +274,7 @@ def test_serving_engine_batches_cfg_on_an_engine_of_twice_the_batch(tiny_pipe):
         engine = Engine(
             CVGPipeline(tiny_pipe), 64, 64, 9, **size, options=PipelineOptions(step_backend="torch", batch_cfg=batched)
         )
-        (shape,) = [shape for _, _, shape in engine.pipe._engines]
+        (shape,) = [shape for _, _, shape in engine.pipe.steps.engines]
         assert shape.batch == (2 if batched else 1)
         runs[batched] = engine.generate(*request).frames
     assert np.abs(runs[True] - runs[False]).max() <= ulps(torch.as_tensor(runs[False]), 1024)

@@ -109,9 +109,9 @@ def test_pipeline_keeps_one_graph_per_composition(tiny_pipe, tmp_path):
     call = dict(height=64, width=64, num_frames=9, num_inference_steps=3, max_sequence_length=64, output_type="latent")
     for prompt in ("a red cube to the left of a blue ball", "a red cube to the left of a blue ball, at dusk"):
         cvg(prompt, "red cube left of blue ball", generator=torch.Generator().manual_seed(0), **call)
-    assert len(cvg._graphs) == 1
+    assert len(cvg.steps.graphs) == 1
     cvg("a blue ball moves right", "blue ball moves right", generator=torch.Generator().manual_seed(0), **call)
-    assert len(cvg._graphs) == 2
+    assert len(cvg.steps.graphs) == 2
 
 
 @pytest.mark.cuda

@@ -24,22 +24,18 @@ from cvg.guidance.config import GuidanceConfig
 from cvg.guidance.objectives import GEOMETRIC_KINDS, ItemwiseObjective, Objective, SumObjective, objective_for
 from cvg.guidance.sampler import Denoiser, GuidedStep, denoise, select_noise
 from cvg.models.caching import cached_after, step_cache
-from cvg.models.families import directory_adapter, pipeline_family
-from cvg.models.patching import swapped
+from cvg.models.families import directory_adapter, pipeline_adapter
 from cvg.models.wan import generator_description, video_size
+from cvg.pipeline.checks import check_request
+from cvg.pipeline.steps import StepBuilder
+from cvg.pipeline.text import PromptEncoder
 from cvg.request import (
-    MAX_TEXT_TOKENS,
     PIPELINE_ALIASES,
     REQUEST_FIELDS,
     GenerationRequest,
     PipelineOptions,
     with_deprecated,
 )
-from cvg.runtime.guided_graph import GuidedStepGraph, graph_key
-from cvg.runtime.step_engine import StepEngine, StepShape, build_engine
-
-MAX_GRAPHS = 8  # guided-step graphs kept per pipeline (shape x composition); each holds its own buffers
-MAX_TEXTS = 16  # encoded prompts kept per pipeline (the negative prompt, a served prompt asked again)
 
 
 @dataclass
@@ -75,7 +71,7 @@ class CVGPipeline:
         ones. `cache` is any diffusers cache config (`FirstBlockCacheConfig`, `MagCacheConfig`, ...) in place of
         the options' step cache (`cvg.models.caching`). The loading options (dtypes, classifier) are
         `from_pretrained`'s. `engine`, `engine_cache` and `batch_cfg` are deprecated names of the options'."""
-        self.adapter = pipeline_family(pipe)
+        self.adapter = pipeline_adapter(pipe)
         if pipe.transformer is None:
             raise ValueError("CVGPipeline needs the pipeline's transformer (Wan 2.2's high-noise expert); it is None")
         if getattr(pipe.config, "boundary_ratio", None) is not None and pipe.transformer_2 is None:
@@ -98,55 +94,10 @@ class CVGPipeline:
         ):  # as the wrapped pipeline runs them: WanPipeline two forwards, CogVideoX one batch
             options = replace(options, batch_cfg=self.adapter.batched_cfg)
         self.options, self.cache = options, cache if cache is not None else step_cache(options)
-        self._engines: dict[tuple[str, str, StepShape], StepEngine] = {}
+        self.steps = StepBuilder(pipe, self.adapter, options)  # denoisers, with the step backends and graphs kept
+        self.encode_prompt = PromptEncoder(pipe, self.adapter)  # WanPipeline.encode_prompt, recent prompts kept
         self.classifier_expert: str | None = None  # which expert a loaded classifier reads (`load_classifier`)
-        self._graphs: dict[str, GuidedStepGraph] = {}  # guided steps, with the engine; most recent last
         self._objectives: dict[str, Objective] = {}  # training-free ones per composition kind, kept
-        self._texts: dict[tuple, torch.Tensor] = {}  # encoded prompts, most recent last
-
-    def _guided_graph(
-        self,
-        denoiser: Denoiser,
-        objective: Objective,
-        bound: BoundComposition,
-        config: GuidanceConfig,
-        latents: torch.Tensor,
-        t: torch.Tensor,
-    ) -> GuidedStepGraph:
-        """The guided-step graph for this request's shape and composition: built (captured on CUDA) on first
-        use, else reloaded with this request's text. The `MAX_GRAPHS` most recent are kept."""
-        key = graph_key(denoiser, objective, bound, config, latents)
-        graph = self._graphs.pop(key, None)
-        if graph is None:
-            graph = GuidedStepGraph(denoiser, objective, bound, config, latents, t)
-        else:
-            graph.load(denoiser)
-        self._graphs[key] = graph
-        while len(self._graphs) > MAX_GRAPHS:
-            self._graphs.pop(next(iter(self._graphs)))
-        return graph
-
-    def encode_prompt(self, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`WanPipeline.encode_prompt` (same arguments and checks) with the text encoder run over the prompts'
-        own tokens (`trimmed_prompt_embeds`: equal to float rounding), and the `MAX_TEXTS` most recently
-        encoded prompts kept. A kept encoding is reused only for the same encoder with unchanged weights.
-        CogVideoX's encoder runs over the padding as CogVideoXPipeline runs it (`adapter.text_embeds`)."""
-        with swapped([(self.pipe, "_get_t5_prompt_embeds", self._encoded)]):
-            return self.pipe.encode_prompt(**kwargs)
-
-    def _encoded(self, prompt, num_videos_per_prompt=1, max_sequence_length=226, device=None, dtype=None):
-        videos, length = num_videos_per_prompt, max_sequence_length
-        encoder = self.pipe.text_encoder
-        weights = tuple(p._version for p in encoder.parameters())  # in-place changes count up
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        key = (encoder, weights, tuple(prompts), videos, length, str(device), dtype)
-        embeds = self._texts.pop(key, None)
-        if embeds is None:
-            embeds = self.adapter.text_embeds(self.pipe, prompts, videos, length, device, dtype)
-        self._texts[key] = embeds
-        while len(self._texts) > MAX_TEXTS:
-            self._texts.pop(next(iter(self._texts)))
-        return embeds.clone()  # the caller's to change
 
     @property
     def family(self) -> str:
@@ -159,18 +110,6 @@ class CVGPipeline:
         """The transformers that denoise, by component name: `transformer`, and for a two-expert Wan 2.2
         pipeline `transformer_2` (its low-noise expert; WanPipeline ignores one without `boundary_ratio`)."""
         return self.adapter.experts(self.pipe)
-
-    def _step_engine(
-        self, latents: torch.Tensor, *text_embeds: torch.Tensor, expert: str = "transformer"
-    ) -> StepEngine:
-        """The engine of one expert for this shape and every given text, built on first use (`cvg export`
-        builds its cache ahead of time)."""
-        model = self.experts[expert]
-        backend = self.options.step_backend
-        key = (backend, expert, StepShape.of(latents.to(model.dtype), *text_embeds))
-        if key not in self._engines:
-            self._engines[key] = build_engine(model, key[2], backend, self.options.backend_cache)
-        return self._engines[key]
 
     @classmethod
     def from_pretrained(
@@ -363,11 +302,12 @@ class CVGPipeline:
         device = self.pipe._execution_device
         latents = self.adapter.prepare_latents(self.pipe, prompt_embeds.shape[0], *size, device, generator, latents)
         scales = (request.guidance_scale, request.guidance_scale_2)
-        experts = self._denoisers(prompt_embeds, negative_embeds, latents, *scales)
+        experts = self.steps.denoisers(prompt_embeds, negative_embeds, latents, *scales)
         scores = None
         if objective is not None and config.candidates > 1:
             latents, scores = self._chosen_noise(experts["transformer"], latents, objective, bound, config, generator)
-        return latents, self._built(experts, latents, objective, bound, config), scores
+        reader = self.classifier_expert if self.objective is not None else None  # the classifier's expert
+        return latents, self.steps.built(experts, latents, objective, bound, config, reader), scores
 
     def _bounded(self, config: GuidanceConfig, objective: Objective | None) -> GuidanceConfig:
         """With `config.bounded` and no target of its own: the objective's target loss, if it has one (per
@@ -388,38 +328,6 @@ class CVGPipeline:
         ]
         first = self.pipe.scheduler.timesteps[0]
         return select_noise(denoiser.experts_for(first.view(1))[0], noises, first, objective, bound, config)
-
-    def _built(self, experts: dict[str, Denoiser], latents, objective, bound, config) -> Denoiser:
-        """The first expert's denoiser, every expert built whole: with its step backend (`options.step_backend`)
-        and, where it guides, its guided-step graph; a two-expert pipeline's first one holds the second."""
-        timesteps = self.pipe.scheduler.timesteps
-        guided_steps = config.guide_steps if objective is not None else 0
-        served = experts["transformer"].experts_for(timesteps)
-        guiding = {name for name, d in experts.items() if any(s is d for s in served[:guided_steps])}
-        if self.classifier_expert is not None and self.objective is not None and guiding - {self.classifier_expert}:
-            raise ValueError(
-                f"the classifier reads {self.classifier_expert}'s maps, but guided steps run on "
-                f"{', '.join(sorted(guiding - {self.classifier_expert}))} (Wan 2.2 switches experts at timestep "
-                f"{experts['transformer'].boundary:g}); guide fewer steps"
-            )
-        if self.options.step_backend is None:
-            return experts["transformer"]
-        built: dict[str, Denoiser] = {}
-        for name in reversed(list(experts)):  # the low-noise expert first: the high-noise one holds it
-            expert = experts[name]
-            if expert.low_noise is not None:
-                expert = replace(expert, low_noise=built["transformer_2"])
-            if expert.cfg_embeds is not None:  # the engine serves the doubled batch
-                engine = self._step_engine(torch.cat([latents, latents]), expert.cfg_embeds, expert=name)
-            else:
-                texts = [e for e in (expert.prompt_embeds, expert.negative_prompt_embeds) if e is not None]
-                engine = self._step_engine(latents, *texts, expert=name)
-            graph = None
-            if name in guiding:
-                t = timesteps[next(i for i, s in enumerate(served) if s is experts[name])]
-                graph = self._guided_graph(expert, objective, bound, config, latents, t)
-            built[name] = replace(expert, engine=engine, graph=graph)
-        return built["transformer"]
 
     def _denoise(self, denoiser: Denoiser, solver, latents, objective, bound, config, marks: list, on_step):
         """The sampler's loop, with the step cache (`self.cache`) on the unguided steps after the guided ones,
@@ -463,72 +371,14 @@ class CVGPipeline:
             return SumObjective(self.objective, training_free)
         return self.objective
 
-    def _denoisers(
-        self,
-        prompt_embeds: torch.Tensor,
-        negative_embeds: torch.Tensor | None,
-        latents: torch.Tensor,
-        guidance_scale: float = 5.0,
-        guidance_scale_2: float | None = None,
-    ) -> dict[str, Denoiser]:
-        """Per expert, what a step at `latents` runs: its transformer, the texts in its dtype (WanPipeline's
-        rule: both experts get them in the first one's), its CFG scale and the family's other inputs. A
-        two-expert pipeline's `transformer` hands the timesteps below the boundary to `transformer_2`."""
-        pipe = self.pipe
-        dtype = pipe.transformer.dtype
-        scales = {"transformer": guidance_scale, "transformer_2": guidance_scale_2}
-        if guidance_scale_2 is None:
-            scales["transformer_2"] = guidance_scale
-        experts: dict[str, Denoiser] = {}
-        for name, model in reversed(self.experts.items()):  # the low-noise expert first: the other holds it
-            low_noise = experts.get("transformer_2") if name == "transformer" else None
-            experts[name] = Denoiser(
-                model,
-                prompt_embeds.to(dtype),
-                None if negative_embeds is None else negative_embeds.to(dtype),
-                scales[name],
-                batch_cfg=self.options.batch_cfg,
-                token_timesteps=getattr(pipe.config, "expand_timesteps", False),
-                low_noise=low_noise,
-                boundary=None
-                if low_noise is None
-                else pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps,
-                forward_kwargs=self.adapter.forward_kwargs(pipe, latents),
-            )
-        return {name: experts[name] for name in self.experts}
-
     def check_inputs(
         self, request: GenerationRequest, latents: torch.Tensor | None = None, pool: tuple[int, int, int] | None = None
     ) -> None:
-        """What this model refuses of a resolved request (`resolved`): the wrapped pipeline's checks, and what it
-        lets through silently: sizes of the wrong multiple, frame counts the VAE rounds down, a second scale
-        without a second expert, text longer than the tokenizer's, non-finite latents, and (guided) pooling
-        tiles wider than the token grid, whose maps could not say where anything is."""
-        pipe, r = self.pipe, request
+        """What this model refuses of a resolved request (`resolved`; `cvg.pipeline.checks.check_request`), and
+        a step backend or cache on a family that runs eager forwards only."""
         if not self.adapter.step_engines and (self.options.step_backend is not None or self.cache is not None):
             raise ValueError(f"{self.family} runs eager forwards: step backends and caches are for Wan pipelines")
-        spatial = self.adapter.spatial_multiple(pipe)
-        for name, value in (("height", r.height), ("width", r.width)):
-            if value < spatial or value % spatial:
-                raise ValueError(f"{name} must be a positive multiple of {spatial}, got {value}")
-        temporal = pipe.vae_scale_factor_temporal
-        if (r.num_frames - 1) % temporal:
-            raise ValueError(
-                f"num_frames must be {temporal}k+1 (1, {temporal + 1}, {2 * temporal + 1}, ...), got {r.num_frames}"
-            )
-        if r.guidance_scale_2 is not None and getattr(pipe.config, "boundary_ratio", None) is None:
-            raise ValueError("guidance_scale_2 is for two-expert Wan 2.2 pipelines (a boundary_ratio); this has none")
-        limit = min(pipe.tokenizer.model_max_length if pipe.tokenizer is not None else MAX_TEXT_TOKENS, MAX_TEXT_TOKENS)
-        if r.max_sequence_length > limit:
-            raise ValueError(f"max_sequence_length must be between 1 and {limit}, got {r.max_sequence_length}")
-        if latents is not None and not torch.isfinite(latents).all():
-            raise ValueError("latents contain non-finite values")
-        self.adapter.check_pipeline_inputs(pipe, r.prompt, r.negative_prompt, r.height, r.width)
-        if pool is not None:
-            grid = self.adapter.token_grid(pipe, r.height, r.width, r.num_frames)
-            for axis, size, factor in zip(("frames", "height", "width"), grid, pool, strict=True):
-                if factor > size:
-                    raise ValueError(f"pool {tuple(pool)} is wider than the token grid {grid} along {axis}")
+        check_request(self.pipe, self.adapter, request, latents, pool)
 
     def _progress(self, iterable, total: int):
         with self.pipe.progress_bar(total=total) as bar:

@@ -1,0 +1,41 @@
+"""What a model refuses of a request, found before any work: its patch and frame multiples, its text length,
+its experts, and pooling tiles its token grid can hold."""
+
+from __future__ import annotations
+
+import torch
+
+from cvg.models.families import Adapter
+from cvg.request import MAX_TEXT_TOKENS, GenerationRequest
+
+
+def check_request(
+    pipe, adapter: Adapter, request: GenerationRequest, latents: torch.Tensor | None, pool: tuple[int, int, int] | None
+) -> None:
+    """What this model refuses of a resolved request (`resolved`): the wrapped pipeline's checks, and what it
+    lets through silently: sizes of the wrong multiple, frame counts the VAE rounds down, a second scale
+    without a second expert, text longer than the tokenizer's, non-finite latents, and (guided) pooling
+    tiles wider than the token grid, whose maps could not say where anything is."""
+    r = request
+    spatial = adapter.spatial_multiple(pipe)
+    for name, value in (("height", r.height), ("width", r.width)):
+        if value < spatial or value % spatial:
+            raise ValueError(f"{name} must be a positive multiple of {spatial}, got {value}")
+    temporal = pipe.vae_scale_factor_temporal
+    if (r.num_frames - 1) % temporal:
+        raise ValueError(
+            f"num_frames must be {temporal}k+1 (1, {temporal + 1}, {2 * temporal + 1}, ...), got {r.num_frames}"
+        )
+    if r.guidance_scale_2 is not None and getattr(pipe.config, "boundary_ratio", None) is None:
+        raise ValueError("guidance_scale_2 is for two-expert Wan 2.2 pipelines (a boundary_ratio); this has none")
+    limit = min(pipe.tokenizer.model_max_length if pipe.tokenizer is not None else MAX_TEXT_TOKENS, MAX_TEXT_TOKENS)
+    if r.max_sequence_length > limit:
+        raise ValueError(f"max_sequence_length must be between 1 and {limit}, got {r.max_sequence_length}")
+    if latents is not None and not torch.isfinite(latents).all():
+        raise ValueError("latents contain non-finite values")
+    adapter.check_pipeline_inputs(pipe, r.prompt, r.negative_prompt, r.height, r.width)
+    if pool is not None:
+        grid = adapter.token_grid(pipe, r.height, r.width, r.num_frames)
+        for axis, size, factor in zip(("frames", "height", "width"), grid, pool, strict=True):
+            if factor > size:
+                raise ValueError(f"pool {tuple(pool)} is wider than the token grid {grid} along {axis}")
