@@ -300,7 +300,7 @@ def dry_run(bundle: Path) -> int:
         "cvg.kernels.attention_pool",
         "cvg.kernels.attention_pool_backward",
         "cvg.runtime.guided_graph",
-        "cvg.runtime.step_engine",
+        "cvg.runtime.step_backend",
         "cvg.models.tiny",
         "cvg.pipeline",
         "triton.testing",

@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         write_section(args.write, "cvg_bench", f"Command: `python -m cvg.bench`\n\n{note}\n\n{text}")
         if engines:
             engine_note = (
-                "Step engines (`cvg.runtime.step_engine`): the same guided generation with its gradient-free "
+                "Step engines (`cvg.runtime.step_backend`): the same guided generation with its gradient-free "
                 "forwards on each backend (text attention over 64 kept rows with the padding's key bias instead of "
                 "512 tokens) and its guided steps through `cvg.runtime.guided_graph` (eager on CPU). First call = "
                 "the first generation in the process, engine build (export or compile, from a cold cache) "

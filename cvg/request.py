@@ -12,7 +12,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 PRECISIONS = ("float32", "bfloat16", "float16")
-STEP_BACKENDS = ("torch", "compiled", "onnxruntime", "tensorrt")  # cvg.runtime.step_engine's; "auto" picks one
+STEP_BACKENDS = ("torch", "compiled", "onnxruntime", "tensorrt")  # cvg.runtime.step_backend's; "auto" picks one
 MAX_STEPS = 1000  # the schedulers' training timesteps: a longer schedule repeats timesteps
 MAX_TEXT_TOKENS = 512  # Wan's text length (UMT5's positions)
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
@@ -138,7 +138,7 @@ class PipelineOptions:
     vae_dtype: str = documented("float32", "precision of the VAE decode, chosen apart", choices=PRECISIONS)
     step_backend: str | None = documented(
         None,
-        "run the unguided forwards on this step backend (cvg.runtime.step_engine; auto: the fastest that builds "
+        "run the unguided forwards on this step backend (cvg.runtime.step_backend; auto: the fastest that builds "
         "here); None or eager: diffusers' own forwards",
         choices=(*STEP_BACKENDS, "auto", "eager"),
     )

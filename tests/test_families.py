@@ -134,7 +134,7 @@ def test_each_expert_runs_on_its_own_engine(wan22, batch_cfg):
         options=PipelineOptions(step_backend="torch", batch_cfg=batch_cfg),
     )
     out = cvg(*PROMPTS["spatial"], guide_steps=2, generator=_seeded(1), **kw)
-    assert sorted(expert for _, expert, _ in cvg.steps.engines) == sorted(cvg.experts)
+    assert sorted(expert for _, expert, _ in cvg.steps.backends) == sorted(cvg.experts)
     assert (out.frames - eager.frames).abs().max() <= 1e-4  # the engine drops padding: float rounding
 
 

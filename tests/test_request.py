@@ -53,7 +53,7 @@ def test_every_flag_is_a_declared_field_with_its_default_and_help(command, own, 
 
 def test_the_http_schema_is_the_declaration_with_the_servers_limits():
     from cvg.serving.api import SERVER_LIMITS, VideoRequest
-    from cvg.serving.jobs import SERVED_FIELDS
+    from cvg.serving.runner import SERVED_FIELDS
 
     schema = VideoRequest.model_json_schema()["properties"]
     assert set(schema) == {*SERVED_FIELDS, "maps"} and set(SERVED_FIELDS) <= REQUEST_FIELDS

@@ -79,14 +79,15 @@ def test_shipped_model_draws_the_asked_object():
 
 def test_step_engine_matches_eager_on_the_shipped_model(tmp_path):
     from cvg.models.wan import load_wan_pipeline
-    from cvg.runtime.step_engine import StepShape, build_engine
+    from cvg.runtime.backends import build_backend
+    from cvg.runtime.step_backend import StepShape
 
     transformer = load_wan_pipeline(MODEL).transformer
     g = torch.Generator().manual_seed(0)
     x, e = torch.randn(1, 8, 5, 16, 16, generator=g), torch.randn(1, 512, 384, generator=g)
     e[:, 12:] = 0  # padded as WanPipeline pads: the engine attends over 64 rows with the padding's key bias
     t = torch.tensor(600.0)
-    engine = build_engine(transformer, StepShape.of(x, e), "onnxruntime", tmp_path)
+    engine = build_backend(transformer, StepShape.of(x, e), "onnxruntime", tmp_path)
     assert engine.shape.keys == 64
     with torch.no_grad():
         eager = transformer(hidden_states=x, timestep=t.expand(1), encoder_hidden_states=e, return_dict=False)[0]

@@ -20,7 +20,7 @@ from cvg import threads
 from cvg.cli import data, generation, serving, training
 from cvg.cli.arguments import Parser
 from cvg.guidance.composition import CompositionError
-from cvg.runtime import EngineError
+from cvg.runtime import BackendError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, TypeError, OSError, FloatingPointError, CompositionError, EngineError) as e:
+    except (ValueError, TypeError, OSError, FloatingPointError, CompositionError, BackendError) as e:
         print(f"cvg: error: {' '.join(str(e).split())[:500]}", file=sys.stderr)  # one line, whatever raised it
         return 2
     return 0

@@ -116,7 +116,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         "export",
         help="build a step engine's cached artefacts ahead of serving",
         description="Export/compile the transformer for one video shape so that "
-        "serving starts warm (see cvg.runtime.step_engine).",
+        "serving starts warm (see cvg.runtime.step_backend).",
     )
     export.add_argument("--model", required=True, help="local diffusers WanPipeline directory")
     export.add_argument(
@@ -241,7 +241,8 @@ def export_engine(args: argparse.Namespace) -> None:
     import torch
 
     from cvg.pipeline import CVGPipeline
-    from cvg.runtime.step_engine import StepShape, build_engine
+    from cvg.runtime.backends import build_backend
+    from cvg.runtime.step_backend import StepShape
 
     if len(args.shape) != 3:
         raise ValueError(f"--shape must be HEIGHTxWIDTHxFRAMES, got {'x'.join(map(str, args.shape))}")
@@ -260,7 +261,7 @@ def export_engine(args: argparse.Namespace) -> None:
         # Zero text: the engine's text_keys is then its smallest (64), which every prompt of under 64 tokens fits.
         text = torch.zeros(args.batch, args.max_sequence_length, transformer.config.text_dim, dtype=transformer.dtype)
         start = time.perf_counter()
-        engine = build_engine(transformer, StepShape.of(latents, text), args.backend, args.cache)
+        engine = build_backend(transformer, StepShape.of(latents, text), args.backend, args.cache)
         report = {
             "expert": name,
             "backend": engine.backend,

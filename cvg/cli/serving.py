@@ -93,7 +93,8 @@ def _serve_here(args, directory: str, token: str | None, engine_options: dict, q
     import uvicorn
 
     from cvg.serving.api import create_app
-    from cvg.serving.jobs import EngineRunner, JobQueue
+    from cvg.serving.jobs import JobQueue
+    from cvg.serving.runner import EngineRunner
     from cvg.serving.service import Engine
 
     jobs = JobQueue(EngineRunner(Engine(args.model, **engine_options)), directory, **queue_options)

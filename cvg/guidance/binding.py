@@ -4,10 +4,12 @@ from pooled attention maps."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from cvg.guidance.composition import Composition
+if TYPE_CHECKING:  # a type only: composition.py imports this module (`Composition.bind`), never the reverse
+    from cvg.guidance.composition import Composition
 
 
 @dataclass(frozen=True)

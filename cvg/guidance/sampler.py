@@ -91,7 +91,7 @@ class Denoiser:
     negative_prompt_embeds: torch.Tensor | None
     guidance_scale: float
     attention_kwargs: dict | None = None
-    engine: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # cvg.runtime's StepEngine
+    backend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # step backend
     graph: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None  # guided steps; see cvg.runtime.guided_graph
     batch_cfg: bool = False  # the conditional and unconditional forwards as one batch of both texts
     token_timesteps: bool = False  # Wan 2.2 TI2V (`expand_timesteps`): eager forwards get a timestep per token
@@ -101,7 +101,7 @@ class Denoiser:
     cfg_embeds: torch.Tensor | None = field(init=False, default=None)  # that batch's text, built once
 
     def __post_init__(self) -> None:
-        if self.batch_cfg and self.cfg:  # one tensor for every step: engines find its padding once
+        if self.batch_cfg and self.cfg:  # one tensor for every step: step backends find its padding once
             self.cfg_embeds = torch.cat([self.prompt_embeds, self.negative_prompt_embeds])
 
     @property
@@ -112,7 +112,7 @@ class Denoiser:
 
     def experts_for(self, timesteps: torch.Tensor) -> list[Denoiser]:
         """Per step, the denoiser that serves its timestep, as `WanPipeline.__call__` chooses: the low-noise
-        expert (its own transformer, guidance scale, engine and guided graph) below the boundary, else this
+        expert (its own transformer, guidance scale, step backend and guided graph) below the boundary, else this
         one. The timesteps are read on the host once, and only for two experts."""
         if self.low_noise is None:
             return [self] * len(timesteps)
@@ -141,8 +141,8 @@ class Denoiser:
         return noise
 
     def _forward(self, latents, t, embeds, label: str, context: dict) -> torch.Tensor:
-        if self.engine is not None:  # one timestep per item: TI2V's per-token ones are all `t` in text-to-video
-            return self.engine(latents, t.expand(latents.shape[0]), embeds)
+        if self.backend is not None:  # one timestep per item: TI2V's per-token ones are all `t` in text-to-video
+            return self.backend(latents, t.expand(latents.shape[0]), embeds)
         with self.transformer.cache_context(label, **context):
             return self.transformer(
                 hidden_states=latents,

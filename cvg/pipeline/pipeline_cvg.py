@@ -65,7 +65,7 @@ class CVGPipeline:
         **deprecated,
     ):
         """`options` (`cvg.request.PipelineOptions`) say how steps run: `step_backend` runs the gradient-free
-        transformer forwards on a `cvg.runtime.step_engine` backend, built once per shape and kept (None: eager
+        transformer forwards on a `cvg.runtime.step_backend` backend, built once per shape and kept (None: eager
         diffusers); `batch_cfg` runs the conditional and unconditional forwards of a step as one batch of two
         (None: as the wrapped pipeline runs them); a step cache applies to the unguided steps after the guided
         ones. `cache` is any diffusers cache config (`FirstBlockCacheConfig`, `MagCacheConfig`, ...) in place of

@@ -13,8 +13,9 @@ from cvg.guidance.objectives import Objective
 from cvg.guidance.sampler import Denoiser
 from cvg.models.families import Adapter
 from cvg.request import PipelineOptions
+from cvg.runtime.backends import build_backend
 from cvg.runtime.guided_graph import GuidedStepGraph, graph_key
-from cvg.runtime.step_engine import StepEngine, StepShape, build_engine
+from cvg.runtime.step_backend import StepBackend, StepShape
 
 MAX_GRAPHS = 8  # guided-step graphs kept per pipeline (shape x composition); each holds its own buffers
 
@@ -24,7 +25,7 @@ class StepBuilder:
 
     def __init__(self, pipe, adapter: Adapter, options: PipelineOptions):
         self.pipe, self.adapter, self.options = pipe, adapter, options
-        self.engines: dict[tuple[str, str, StepShape], StepEngine] = {}
+        self.backends: dict[tuple[str, str, StepShape], StepBackend] = {}
         self.graphs: dict[str, GuidedStepGraph] = {}  # most recent last
 
     @property
@@ -88,29 +89,29 @@ class StepBuilder:
             expert = experts[name]
             if expert.low_noise is not None:
                 expert = replace(expert, low_noise=built["transformer_2"])
-            if expert.cfg_embeds is not None:  # the engine serves the doubled batch
-                engine = self._step_engine(torch.cat([latents, latents]), expert.cfg_embeds, expert=name)
+            if expert.cfg_embeds is not None:  # the backend serves the doubled batch
+                backend = self._step_backend(torch.cat([latents, latents]), expert.cfg_embeds, expert=name)
             else:
                 texts = [e for e in (expert.prompt_embeds, expert.negative_prompt_embeds) if e is not None]
-                engine = self._step_engine(latents, *texts, expert=name)
+                backend = self._step_backend(latents, *texts, expert=name)
             graph = None
             if name in guiding:
                 t = timesteps[next(i for i, s in enumerate(served) if s is experts[name])]
                 graph = self._guided_graph(expert, objective, bound, config, latents, t)
-            built[name] = replace(expert, engine=engine, graph=graph)
+            built[name] = replace(expert, backend=backend, graph=graph)
         return built["transformer"]
 
-    def _step_engine(
+    def _step_backend(
         self, latents: torch.Tensor, *text_embeds: torch.Tensor, expert: str = "transformer"
-    ) -> StepEngine:
-        """The engine of one expert for this shape and every given text, built on first use (`cvg export`
+    ) -> StepBackend:
+        """The step backend of one expert for this shape and every given text, built on first use (`cvg export`
         builds its cache ahead of time)."""
         model = self.experts[expert]
         backend = self.options.step_backend
         key = (backend, expert, StepShape.of(latents.to(model.dtype), *text_embeds))
-        if key not in self.engines:
-            self.engines[key] = build_engine(model, key[2], backend, self.options.backend_cache)
-        return self.engines[key]
+        if key not in self.backends:
+            self.backends[key] = build_backend(model, key[2], backend, self.options.backend_cache)
+        return self.backends[key]
 
     def _guided_graph(
         self,

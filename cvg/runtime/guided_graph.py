@@ -10,7 +10,7 @@ token indices and pooling, the composition's entity weights and the classifier's
 made during warm-up and kept. The step makes no host synchronisation and copies nothing from the host
 (tests/runtime/test_guided_graph.py checks both on CPU by the ops it dispatches), which is what CUDA-graph
 capture needs. One graph serves one latent shape, text length, composition, objective and config
-(`graph_key`); `cvg.pipeline.CVGPipeline` keeps a few, built with its step engine.
+(`graph_key`); `cvg.pipeline.CVGPipeline` keeps a few, built with its step backends.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class GuidedStepGraph:
         latents: torch.Tensor,
         t: torch.Tensor,
     ):
-        self.denoiser = replace(denoiser, engine=None, graph=None)  # its transformer; text comes from `inputs`
+        self.denoiser = replace(denoiser, backend=None, graph=None)  # its transformer; text comes from `inputs`
         self.objective, self.bound, self.config = objective, bound, config
         rows = padded_length(denoiser.prompt_embeds) if config.collapse_padding else None
         self.inputs = denoiser.prepare(bound, config, rows)

@@ -28,7 +28,8 @@ from pydantic import ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cvg.guidance.composition import CompositionError
-from cvg.serving.jobs import FINISHED, STATES, JobEvents, JobQueue, QueueFull, VideoJobRequest
+from cvg.serving.jobs import FINISHED, STATES, JobEvents, JobQueue, QueueFull
+from cvg.serving.runner import VideoJobRequest
 
 MAX_BODY_BYTES = 64 * 1024
 JOB_ID = re.compile(r"[0-9a-f]{32}")

@@ -27,7 +27,8 @@ from cvg import threads
 from cvg.guidance.composition import CompositionError
 from cvg.request import GenerationRequest
 from cvg.serving.api import create_app
-from cvg.serving.jobs import EngineRunner, JobCancelled, JobQueue, VideoJobRequest, VideoResult
+from cvg.serving.jobs import JobCancelled, JobQueue
+from cvg.serving.runner import EngineRunner, VideoJobRequest, VideoResult
 from cvg.serving.service import Engine
 
 RETRIES = 1  # a batch whose replica died runs once more, elsewhere

@@ -3,7 +3,7 @@
     engine = Engine("models/compshapes-wan", options=PipelineOptions(step_backend="auto"))  # the model's size
     video = engine.generate("a red cube to the left of a blue ball", "red cube left of blue ball", seed=0)
 
-Building exports or loads the step backend for the shape (see `cvg.runtime.step_engine`) and runs one guided
+Building exports or loads the step backend for the shape (see `cvg.runtime.step_backend`) and runs one guided
 warm-up generation, so the first request pays no build cost. Requests are serialised by a lock: the pipeline's
 scheduler and the step backend's buffers are shared state, and interleaving them would corrupt both.
 """
@@ -92,7 +92,7 @@ class Engine:
 
     @property
     def backend(self) -> str:
-        engines = list(self.pipe.steps.engines.values())
+        engines = list(self.pipe.steps.backends.values())
         return engines[0].backend if engines else "torch (diffusers eager)"
 
     @property

@@ -72,13 +72,14 @@ def test_triton_kernels_match_float64_naive(dtype, head_dim, bias):
 
 def test_compiled_engine_in_reduce_overhead_mode_matches_eager(tmp_path):
     from cvg.models.tiny import tiny_wan_pipeline
-    from cvg.runtime.step_engine import StepShape, build_engine
+    from cvg.runtime.backends import build_backend
+    from cvg.runtime.step_backend import StepShape
 
     pipe = tiny_wan_pipeline(seed=0, text_encoder_weights=False).to("cuda")
     gen = torch.Generator().manual_seed(0)
     x, text = torch.randn(1, 16, 3, 8, 8, generator=gen), torch.randn(1, 80, 384, generator=gen)
     text[:, 10:] = 0
-    engine = build_engine(pipe.transformer, StepShape.of(x.cuda(), text.cuda()), "compiled", tmp_path)
+    engine = build_backend(pipe.transformer, StepShape.of(x.cuda(), text.cuda()), "compiled", tmp_path)
     for seed in (1, 2, 3):  # replays: the graph's static buffers are refilled, not stale
         gen = torch.Generator().manual_seed(seed)
         x, t = torch.randn(1, 16, 3, 8, 8, generator=gen).cuda(), torch.tensor(100.0 * seed + 400, device="cuda")

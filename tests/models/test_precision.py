@@ -12,7 +12,7 @@ from cvg import attention_pool
 from cvg.models.wan import cast_transformer, load_wan_pipeline
 from cvg.ops.attention_pool_torch import attention_pool_sdpa
 from cvg.ops.pooling import make_pool_spec
-from cvg.runtime.step_engine import StepEngine, StepShape
+from cvg.runtime.step_backend import StepBackend, StepShape
 
 RULE = 2.0  # allowed error relative to the stock bf16 computation's, as flash-attention tests
 HALF_TYPES = (torch.bfloat16, torch.float16)  # float16 runs on CPU too (torch's reference kernels)
@@ -48,7 +48,7 @@ def test_step_engine_in_half_precision_is_as_accurate_as_diffusers(transformers,
     want = reference(latents.double(), t, text.double(), return_dict=False)[0]
     stock = low[dtype](latents.to(dtype), t, text.to(dtype), return_dict=False)[0]
     text16 = text.to(dtype)
-    engine = StepEngine(low[dtype], StepShape.of(latents.to(dtype), text16))
+    engine = StepBackend(low[dtype], StepShape.of(latents.to(dtype), text16))
     got = engine(latents.to(dtype), t, text16)
     assert got.dtype == dtype
     assert _err(got, want) <= RULE * _err(stock, want), (_err(got, want), _err(stock, want))

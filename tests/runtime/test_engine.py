@@ -12,8 +12,10 @@ from tolerance import ulps
 
 from cvg.pipeline import CVGPipeline
 from cvg.request import PipelineOptions
-from cvg.runtime.onnx_engine import export_onnx
-from cvg.runtime.step_engine import STEP_BACKENDS, StepShape, build_engine
+from cvg.runtime import STEP_BACKENDS, backends
+from cvg.runtime.backends import build_backend
+from cvg.runtime.onnx_backend import export_onnx
+from cvg.runtime.step_backend import StepShape
 
 LATENTS, TEXT = (1, 16, 3, 8, 8), (1, 80, 384)  # text longer than 64 rows: the engine drops padding
 
@@ -34,7 +36,7 @@ def _eager(pipe, x, t, e):
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime", "compiled"])
 def test_backend_matches_eager(tiny_pipe, tmp_path, backend):
     x, t, e = _inputs()
-    engine = build_engine(tiny_pipe.transformer, StepShape.of(x, e), backend, tmp_path)
+    engine = build_backend(tiny_pipe.transformer, StepShape.of(x, e), backend, tmp_path)
     assert engine.backend == backend and engine.shape.keys == 64
     for seed, real in ((0, 10), (1, 3), (2, 63)):  # several calls: static buffers are not stale
         x, t, e = _inputs(seed, real)
@@ -58,7 +60,7 @@ def test_backend_matches_eager(tiny_pipe, tmp_path, backend):
 
 def test_text_is_read_once_but_again_when_changed(tiny_pipe, tmp_path):
     x, t, e = _inputs()
-    engine = build_engine(tiny_pipe.transformer, StepShape.of(x, e), "torch", tmp_path)
+    engine = build_backend(tiny_pipe.transformer, StepShape.of(x, e), "torch", tmp_path)
     first = engine(x, t, e)
     assert engine._collapsed(e) is engine._collapsed(e)  # the sampler's every step: one look at the text
     e[:, 0] += 1.0  # the same tensor, changed in place
@@ -68,7 +70,7 @@ def test_text_is_read_once_but_again_when_changed(tiny_pipe, tmp_path):
 
 def test_auto_picks_onnxruntime_on_cpu(tiny_pipe, tmp_path):
     x, _, e = _inputs()
-    assert build_engine(tiny_pipe.transformer, StepShape.of(x, e), "auto", tmp_path).backend == "onnxruntime"
+    assert build_backend(tiny_pipe.transformer, StepShape.of(x, e), "auto", tmp_path).backend == "onnxruntime"
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "compiled"])
@@ -89,12 +91,12 @@ def test_generation_through_the_engine_matches_eager(tiny_pipe, tmp_path, backen
     )
     assert np.abs(fast.frames - eager.frames).max() <= 1e-4
     assert torch.allclose(fast.objective_values[0], eager.objective_values[0], atol=1e-5)
-    assert len(engine_pipe.steps.engines) == 1  # built once for the shape, reused across steps
+    assert len(engine_pipe.steps.backends) == 1  # built once for the shape, reused across steps
 
 
 def test_wrong_shape_is_a_clear_error(tiny_pipe, tmp_path):
     x, t, e = _inputs()
-    engine = build_engine(tiny_pipe.transformer, StepShape.of(x, e), "onnxruntime", tmp_path)
+    engine = build_backend(tiny_pipe.transformer, StepShape.of(x, e), "onnxruntime", tmp_path)
     with pytest.raises(ValueError, match=r"serves latents \(1, 16, 3, 8, 8\).*got latents \(1, 16, 3, 8, 16\)"):
         engine(torch.randn(1, 16, 3, 8, 16), t, e)
     with pytest.raises(ValueError, match="in float32; got .* in float64"):
@@ -110,7 +112,7 @@ def test_changed_model_never_reuses_a_stale_export(tiny_pipe, tmp_path):
     other = tiny_wan_pipeline(seed=1)  # same config, other weights
     second = export_onnx(other.transformer, shape, tmp_path)
     assert first != second and first.is_file() and second.is_file()
-    engine = build_engine(other.transformer, shape, "onnxruntime", tmp_path)
+    engine = build_backend(other.transformer, shape, "onnxruntime", tmp_path)
     assert (engine(x, t, e) - _eager(other, x, t, e)).abs().max() <= 1e-4
 
 
@@ -121,7 +123,7 @@ def test_corrupt_cached_export_is_rebuilt(tiny_pipe, tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])  # a torn write
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        engine = build_engine(tiny_pipe.transformer, shape, "onnxruntime", tmp_path)
+        engine = build_backend(tiny_pipe.transformer, shape, "onnxruntime", tmp_path)
     assert any("invalid" in str(w.message) for w in caught)
     assert (engine(x, t, e) - _eager(tiny_pipe, x, t, e)).abs().max() <= 1e-4
 
@@ -142,7 +144,7 @@ def test_cached_export_with_flipped_weight_bytes_is_rebuilt_not_run(tiny_pipe, t
     onnx.checker.check_model(str(path), full_check=False)  # what used to be the only check
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        engine = build_engine(tiny_pipe.transformer, shape, "onnxruntime", tmp_path)
+        engine = build_backend(tiny_pipe.transformer, shape, "onnxruntime", tmp_path)
     assert any("not the one exported" in str(w.message) for w in caught)
     assert (engine(x, t, e) - _eager(tiny_pipe, x, t, e)).abs().max() <= 1e-4
 
@@ -150,10 +152,10 @@ def test_cached_export_with_flipped_weight_bytes_is_rebuilt_not_run(tiny_pipe, t
 def test_bad_backend_name(tiny_pipe):
     x, _, e = _inputs()
     with pytest.raises(ValueError, match="backend must be one of"):
-        build_engine(tiny_pipe.transformer, StepShape.of(x, e), "tvm")
+        build_backend(tiny_pipe.transformer, StepShape.of(x, e), "tvm")
     with pytest.raises(ValueError, match="step_backend must be one of"):
         CVGPipeline(tiny_pipe, options=PipelineOptions(step_backend="tvm"))
-    assert set(STEP_BACKENDS) == {"torch", "compiled", "onnxruntime", "tensorrt"}
+    assert set(STEP_BACKENDS) == set(backends.REGISTRY) == {"torch", "compiled", "onnxruntime", "tensorrt"}
 
 
 @pytest.mark.cuda
@@ -167,33 +169,33 @@ def test_tensorrt_matches_eager(tmp_path):  # pragma: no cover - runs only where
 
     pipe = tiny_wan_pipeline(seed=0, text_encoder_weights=False).to("cuda")
     x, t, e = (v.cuda() for v in _inputs())
-    engine = build_engine(pipe.transformer, StepShape.of(x, e), "tensorrt", tmp_path)
+    engine = build_backend(pipe.transformer, StepShape.of(x, e), "tensorrt", tmp_path)
     assert (engine(x, t, e) - _eager(pipe, x, t, e)).abs().max() <= 1e-3
     assert any(tmp_path.glob("*.plan")) and any(tmp_path.glob("*.timing-cache"))
 
 
 def test_tensorrt_says_why_it_cannot_load_here(tiny_pipe, tmp_path):
-    from cvg.runtime import EngineError
+    from cvg.runtime import BackendError
 
     x, _, e = _inputs()
-    with pytest.raises(EngineError, match="tensorrt backend: "):
-        build_engine(tiny_pipe.transformer, StepShape.of(x, e), "tensorrt", tmp_path)
+    with pytest.raises(BackendError, match="tensorrt backend: "):
+        build_backend(tiny_pipe.transformer, StepShape.of(x, e), "tensorrt", tmp_path)
 
 
 def test_a_precision_a_backend_cannot_bind_is_refused_or_falls_back_saying_so(tiny_model_dir, tmp_path):
-    """bf16 has no ONNX Runtime input binding: asked for by name it is a one-line EngineError (nothing
+    """bf16 has no ONNX Runtime input binding: asked for by name it is a one-line BackendError (nothing
     exported), and `auto` falls back to torch with a warning that says why."""
     from cvg.models.wan import load_wan_pipeline
-    from cvg.runtime import EngineError
+    from cvg.runtime import BackendError
 
     transformer = load_wan_pipeline(tiny_model_dir, transformer_dtype=torch.bfloat16).transformer
     x, _, e = _inputs()
     shape = StepShape.of(x.to(torch.bfloat16), e.to(torch.bfloat16))
-    with pytest.raises(EngineError, match="no bfloat16 input binding"):
-        build_engine(transformer, shape, "onnxruntime", tmp_path)
+    with pytest.raises(BackendError, match="no bfloat16 input binding"):
+        build_backend(transformer, shape, "onnxruntime", tmp_path)
     assert not list(tmp_path.iterdir())
     with pytest.warns(RuntimeWarning, match="no bfloat16 input binding.*trying the next backend"):
-        assert build_engine(transformer, shape, "auto", tmp_path).backend == "torch"
+        assert build_backend(transformer, shape, "auto", tmp_path).backend == "torch"
 
 
 def _export_argv(model, cache) -> list[str]:
@@ -274,7 +276,7 @@ def test_serving_engine_batches_cfg_on_an_engine_of_twice_the_batch(tiny_pipe):
         engine = Engine(
             CVGPipeline(tiny_pipe), 64, 64, 9, **size, options=PipelineOptions(step_backend="torch", batch_cfg=batched)
         )
-        (shape,) = [shape for _, _, shape in engine.pipe.steps.engines]
+        (shape,) = [shape for _, _, shape in engine.pipe.steps.backends]
         assert shape.batch == (2 if batched else 1)
         runs[batched] = engine.generate(*request).frames
     assert np.abs(runs[True] - runs[False]).max() <= ulps(torch.as_tensor(runs[False]), 1024)

@@ -21,7 +21,8 @@ from processes import free_port
 
 from cvg.request import PipelineOptions
 from cvg.serving.api import create_app
-from cvg.serving.jobs import EngineRunner, JobQueue
+from cvg.serving.jobs import JobQueue
+from cvg.serving.runner import EngineRunner
 from cvg.serving.service import Engine
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,11 +15,10 @@ import torch
 
 from cvg.io.files import atomic_path, locked, record_digest, remove_stale_temporaries, verified
 from cvg.models.wan import model_key
-from cvg.runtime import EngineError
-from cvg.runtime.step_engine import StepEngine, StepShape, default_cache_dir
+from cvg.runtime import BackendError
+from cvg.runtime.step_backend import FORWARD_INPUTS, StepBackend, StepShape, default_cache_dir
 
 OPSET = 18
-_INPUTS = ("latents", "timestep", "text", "key_bias")  # of the exported graph: `_Forward.forward`'s arguments
 
 
 def export_onnx(transformer: torch.nn.Module, shape: StepShape, cache_dir: Path | None = None) -> Path:
@@ -47,7 +46,7 @@ def export_onnx(transformer: torch.nn.Module, shape: StepShape, cache_dir: Path 
 def _export(transformer: torch.nn.Module, shape: StepShape, path: Path) -> None:
     import onnx
 
-    engine = StepEngine(transformer, shape)
+    engine = StepBackend(transformer, shape)
     with (
         atomic_path(path) as tmp,
         warnings.catch_warnings(),
@@ -59,7 +58,7 @@ def _export(transformer: torch.nn.Module, shape: StepShape, path: Path) -> None:
             engine.forward,
             engine._example(),
             str(tmp),
-            input_names=list(_INPUTS),
+            input_names=list(FORWARD_INPUTS),
             output_names=["noise"],
             dynamo=True,
             opset_version=OPSET,
@@ -70,7 +69,7 @@ def _export(transformer: torch.nn.Module, shape: StepShape, path: Path) -> None:
     record_digest(path)
 
 
-class OnnxRuntimeEngine(StepEngine):
+class OnnxRuntimeBackend(StepBackend):
     """ONNX Runtime on the cached ONNX export, with torch tensors bound as inputs and output."""
 
     backend = "onnxruntime"
@@ -81,9 +80,9 @@ class OnnxRuntimeEngine(StepEngine):
             import onnx  # noqa: F401  (the export needs it)
             import onnxruntime as ort
         except ImportError as e:
-            raise EngineError(f"onnxruntime backend: {e.name} is not installed (pip install cvg[onnx])") from None
+            raise BackendError(f"onnxruntime backend: {e.name} is not installed (pip install cvg[onnx])") from None
         if shape.torch_dtype not in _NUMPY:
-            raise EngineError(f"onnxruntime backend: no {shape.dtype} input binding; use float32 or float16")
+            raise BackendError(f"onnxruntime backend: no {shape.dtype} input binding; use float32 or float16")
         self.ort, self.device = ort, transformer.device
         wanted = ("TensorrtExecutionProvider", "CUDAExecutionProvider") if self.device.type == "cuda" else ()
         self.providers = [p for p in (*wanted, "CPUExecutionProvider") if p in ort.get_available_providers()]
@@ -96,14 +95,17 @@ class OnnxRuntimeEngine(StepEngine):
             try:
                 self.session = ort.InferenceSession(str(self.path), providers=self.providers)
             except Exception:
-                raise EngineError(f"onnxruntime backend: cannot load {self.path.name}: {e}") from e
+                raise BackendError(f"onnxruntime backend: cannot load {self.path.name}: {e}") from e
         with torch.no_grad():
             self._run(*self._example())  # warm-up: the session's first run allocates
 
     def _run(self, latents, timestep, text, key_bias):
         out = torch.empty(self.shape.latent_shape, device=latents.device, dtype=latents.dtype)
         binding = self.session.io_binding()
-        bound = {**dict(zip(_INPUTS, (latents.contiguous(), timestep, text, key_bias), strict=True)), "noise": out}
+        bound = {
+            **dict(zip(FORWARD_INPUTS, (latents.contiguous(), timestep, text, key_bias), strict=True)),
+            "noise": out,
+        }
         for name, tensor in bound.items():  # `bound` keeps the memory alive through the run
             bind = binding.bind_output if name == "noise" else binding.bind_input
             bind(

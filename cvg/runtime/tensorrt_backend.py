@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 
 from cvg.io.files import atomic_path, record_digest, verified
-from cvg.runtime import EngineError
-from cvg.runtime.onnx_engine import _INPUTS, export_onnx
-from cvg.runtime.step_engine import StepEngine, StepShape
+from cvg.runtime import BackendError
+from cvg.runtime.onnx_backend import export_onnx
+from cvg.runtime.step_backend import FORWARD_INPUTS, StepBackend, StepShape
 
 
-class TensorRTEngine(StepEngine):
+class TensorRTBackend(StepBackend):
     """A TensorRT plan built from the ONNX export (TensorRT 10 API), cached beside it. CUDA only."""
 
     backend = "tensorrt"
@@ -22,11 +22,11 @@ class TensorRTEngine(StepEngine):
     def __init__(self, transformer: torch.nn.Module, shape: StepShape, cache_dir: Path | None = None):
         super().__init__(transformer, shape)
         if transformer.device.type != "cuda":
-            raise EngineError("tensorrt backend: needs the model on a CUDA device")
+            raise BackendError("tensorrt backend: needs the model on a CUDA device")
         try:
             import tensorrt as trt
         except ImportError:
-            raise EngineError(
+            raise BackendError(
                 "tensorrt backend: the tensorrt package is not installed (pip install cvg[tensorrt])"
             ) from None
         self.trt = trt
@@ -53,7 +53,7 @@ class TensorRTEngine(StepEngine):
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(onnx_path)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise EngineError(f"tensorrt backend: cannot parse {onnx_path.name}: {errors}")
+            raise BackendError(f"tensorrt backend: cannot parse {onnx_path.name}: {errors}")
         config = builder.create_builder_config()
         if self.shape.dtype in ("float16", "bfloat16"):
             config.set_flag(trt.BuilderFlag.FP16 if self.shape.dtype == "float16" else trt.BuilderFlag.BF16)
@@ -62,16 +62,19 @@ class TensorRTEngine(StepEngine):
         config.set_timing_cache(timing, ignore_mismatch=True)
         plan = builder.build_serialized_network(network, config)
         if plan is None:
-            raise EngineError(f"tensorrt backend: building a plan from {onnx_path.name} failed")
+            raise BackendError(f"tensorrt backend: building a plan from {onnx_path.name} failed")
         with atomic_path(timing_path) as tmp:
             tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
         return bytes(plan)
 
     def _run(self, latents, timestep, text, key_bias):
         out = torch.empty(self.shape.latent_shape, device=latents.device, dtype=latents.dtype)
-        tensors = {**dict(zip(_INPUTS, (latents.contiguous(), timestep, text, key_bias), strict=True)), "noise": out}
+        tensors = {
+            **dict(zip(FORWARD_INPUTS, (latents.contiguous(), timestep, text, key_bias), strict=True)),
+            "noise": out,
+        }
         for name, tensor in tensors.items():
             self.context.set_tensor_address(name, tensor.data_ptr())
         if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
-            raise EngineError("tensorrt backend: execution failed")
+            raise BackendError("tensorrt backend: execution failed")
         return out

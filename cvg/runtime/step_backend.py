@@ -1,15 +1,16 @@
-"""Step engines: the gradient-free transformer forward of the later denoising steps, at one fixed shape.
+"""Step backends: the gradient-free transformer forward of the later denoising steps, at one fixed shape.
 
-    engine = build_engine(pipe.transformer, StepShape.of(latents, prompt_embeds), backend="auto")
-    noise = engine(latents, timestep, prompt_embeds)   # what the transformer returns, as a torch tensor
+    backend = build_backend(pipe.transformer, StepShape.of(latents, prompt_embeds), "auto")  # cvg.runtime.backends
+    noise = backend(latents, timestep, prompt_embeds)   # what the transformer returns, as a torch tensor
 
-Backends (the first two here, each of the others in a module of its own, loaded when asked for):
+Backends (the first two here, each of the others in a module of its own, loaded when asked for; the registry
+in `backends.py` says what each runs and refuses):
   torch        eager, the reference
   compiled     torch.compile (inductor; C++ on CPU, weights frozen into the graph), warmed up at build
-  onnxruntime  onnx_engine.py: the transformer exported to ONNX once per (model, shape, dtype, opset),
+  onnxruntime  onnx_backend.py: the transformer exported to ONNX once per (model, shape, dtype, opset),
                cached on disk, run by ONNX Runtime with the providers TensorRT -> CUDA -> CPU that it
                has, inputs and output bound to torch memory (no host copies)
-  tensorrt     tensorrt_engine.py: a native TensorRT plan built from the same ONNX file (fp16/bf16,
+  tensorrt     tensorrt_backend.py: a native TensorRT plan built from the same ONNX file (fp16/bf16,
                timing cache), cached on disk; CUDA only, never run where cvg is developed
 Every backend drops Wan's zero text padding first, exactly (`cvg.models.padding`): the text attention runs over
 `text_keys` keys (a multiple of 64) with an additive key bias instead of 512 keys. Prompts whose text
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,6 @@ import torch
 
 from cvg.models.padding import collapse_padding, padded_length
 from cvg.models.processors import KeyBiasWanAttnProcessor, TextBias, text_key_bias
-from cvg.runtime import STEP_BACKENDS, EngineError
 
 
 @dataclass(frozen=True)
@@ -92,7 +91,10 @@ class StepShape:
         return "x".join(map(str, sizes)) + f"k{self.keys}-{self.dtype}"
 
 
-class _Forward(torch.nn.Module):
+FORWARD_INPUTS = ("latents", "timestep", "text", "key_bias")  # `TransformerForward.forward`'s, in order
+
+
+class TransformerForward(torch.nn.Module):
     """The transformer as a plain (latents, timestep, text, key bias) -> noise function, for export and
     compile. Call it inside `self.biased()`: its processors add the key bias to the text attention."""
 
@@ -120,14 +122,16 @@ class _Forward(torch.nn.Module):
             self.state.key_bias = None  # hold no request's tensor between calls
 
 
-class StepEngine:
-    """Eager torch: the reference every other backend is tested against."""
+class StepBackend:
+    """What every step backend does: check the shape, drop the text padding (once per text), and run the
+    forward (`_run`, each backend's own). The sampler calls it as `backend(latents, timestep, text_embeds)`;
+    `cvg.runtime.backends.REGISTRY` names the backends and builds them."""
 
-    backend = "torch"
+    backend = "torch"  # the registry's name of it
 
     def __init__(self, transformer: torch.nn.Module, shape: StepShape, cache_dir: Path | None = None):
         self.transformer, self.shape = transformer, shape
-        self.forward = _Forward(transformer).eval()
+        self.forward = TransformerForward(transformer).eval()
         self._texts: list[tuple[torch.Tensor, int, tuple[torch.Tensor, torch.Tensor]]] = []
 
     @torch.no_grad()
@@ -174,7 +178,11 @@ class StepEngine:
         )
 
 
-class CompiledEngine(StepEngine):
+class EagerBackend(StepBackend):
+    """Eager torch: the reference every other backend is tested against."""
+
+
+class CompiledBackend(StepBackend):
     """torch.compile with static shapes; compiled and warmed up here, not on the first request."""
 
     backend = "compiled"
@@ -197,37 +205,3 @@ class CompiledEngine(StepEngine):
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("CVG_CACHE", Path.home() / ".cache" / "cvg")) / "engines"
-
-
-def _engine_class(backend: str) -> type[StepEngine]:
-    """The backend's class; the ONNX and TensorRT modules load only when asked for."""
-    if backend == "onnxruntime":
-        from cvg.runtime.onnx_engine import OnnxRuntimeEngine
-
-        return OnnxRuntimeEngine
-    if backend == "tensorrt":
-        from cvg.runtime.tensorrt_engine import TensorRTEngine
-
-        return TensorRTEngine
-    return {"torch": StepEngine, "compiled": CompiledEngine}[backend]
-
-
-_AUTO = ("tensorrt", "onnxruntime", "torch")
-
-
-def build_engine(
-    transformer: torch.nn.Module, shape: StepShape, backend: str = "auto", cache_dir: str | Path | None = None
-) -> StepEngine:
-    """An engine for `shape`; `auto` takes the first of tensorrt, onnxruntime, torch that loads here."""
-    if backend not in (*STEP_BACKENDS, "auto"):
-        raise ValueError(f"backend must be one of {', '.join(STEP_BACKENDS)} or auto, got {backend!r}")
-    if backend != "auto":
-        return _engine_class(backend)(transformer, shape, Path(cache_dir) if cache_dir else None)
-    for name in _AUTO:
-        if name == "tensorrt" and transformer.device.type != "cuda":
-            continue
-        try:
-            return build_engine(transformer, shape, name, cache_dir)
-        except EngineError as e:
-            warnings.warn(f"cvg: {e}; trying the next backend", RuntimeWarning, stacklevel=2)
-    raise AssertionError("unreachable: the torch backend always builds")
