@@ -237,3 +237,22 @@ def test_every_adapter_keeps_the_family_adapter_contract():
             if callable(contract):
                 want = list(inspect.signature(contract).parameters)
                 assert list(inspect.signature(getattr(adapter, name)).parameters) == want, (adapter.__name__, name)
+
+
+def test_both_map_recorders_keep_the_recorder_contract():
+    """Wan's and CogVideoX's recorders have every member `AttentionMapRecorder` declares, methods with the
+    declared parameters (one `set_grid(grid, device)`, one `spec(keys, device)`)."""
+    import inspect
+
+    from cvg.models.families import AttentionMapRecorder
+    from cvg.models.joint_attention import JointMapRecorder
+    from cvg.models.processors import MapRecorder
+
+    methods = {n: f for n, f in vars(AttentionMapRecorder).items() if not n.startswith("_") and callable(f)}
+    for recorder in (MapRecorder, JointMapRecorder):
+        assert set(AttentionMapRecorder.__annotations__) <= set(recorder.__dataclass_fields__), recorder
+        for name, contract in methods.items():
+            assert (
+                inspect.signature(getattr(recorder, name)).parameters.keys()
+                == inspect.signature(contract).parameters.keys()
+            )

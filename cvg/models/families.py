@@ -37,9 +37,31 @@ from cvg.io.files import read_json_object
 from cvg.models import cogvideox, wan
 from cvg.models.joint_attention import JointMapRecorder, joint_recording
 from cvg.models.processors import MapRecorder, recording
+from cvg.ops.pooling import PoolSpec
 
 WAN_FAMILIES = ("wan2.1", "wan2.2-a14b", "wan2.2-ti2v")
 FAMILIES = (*WAN_FAMILIES, "cogvideox")
+
+
+class AttentionMapRecorder(Protocol):
+    """What a family's map recorder does: the processors `recording` installs pool the attention maps of
+    `tokens` into `maps` while the transformer runs (Wan: `MapRecorder`, CogVideoX: `JointMapRecorder`)."""
+
+    tokens: torch.Tensor  # [T] text token indices
+    pool: tuple[int, int, int]  # pooling of the frames, height, width token grid
+    backend: str  # the attention_pool backend
+    grid: tuple[int, int, int] | None  # the video-token grid of the current forward
+    tiles: tuple[int, int, int] | None  # the pooled grid
+    maps: dict[int, torch.Tensor]  # layer -> [B, (heads,) tiles, T] of the current forward
+
+    def set_grid(self, grid: tuple[int, int, int], device: torch.device) -> None:
+        """Start a forward over `grid` on `device` (maps cleared; the pooling kept while the grid holds)."""
+
+    def spec(self, keys: int, device: torch.device) -> PoolSpec:
+        """The pooling for text of `keys` keys, made once per grid."""
+
+    def stacked(self) -> torch.Tensor:
+        """What was recorded: `[B, layers, tiles_f, tiles_h, tiles_w, T]`, heads averaged."""
 
 
 class FamilyAdapter(Protocol):
@@ -57,7 +79,9 @@ class FamilyAdapter(Protocol):
     text_length: int  # its pipeline's max_sequence_length
 
     @staticmethod
-    def map_recorder(transformer, tokens, pool, backend: str, key_bias: torch.Tensor | None) -> MapRecorder: ...
+    def map_recorder(
+        transformer, tokens, pool, backend: str, key_bias: torch.Tensor | None
+    ) -> AttentionMapRecorder: ...
     @staticmethod
     def recording(transformer, recorder, layers: Sequence[int]) -> AbstractContextManager: ...
     @staticmethod

@@ -59,19 +59,20 @@ class JointMapRecorder:
             backend=backend,
         )
 
-    def set_grid(self, grid: tuple[int, int, int]) -> None:
+    def set_grid(self, grid: tuple[int, int, int], device: torch.device) -> None:
+        """Start a forward over `grid` (the pooling is made per text length and device, in `spec`)."""
         self.grid, self.maps = grid, {}
 
-    def spec(self, text_tokens: int, device: torch.device) -> PoolSpec:
+    def spec(self, keys: int, device: torch.device) -> PoolSpec:
         """The pooling of the joint sequence: text queries in one extra tile (the last), video queries in
         the tiles of the grid; made once per (grid, text length, device)."""
-        key = (self.grid, text_tokens, device)
+        key = (self.grid, keys, device)
         if key not in self._specs:
-            if self.tokens.numel() and int(self.tokens.max()) >= text_tokens:
-                raise ValueError(f"recorded token {int(self.tokens.max())} is past the text's {text_tokens} tokens")
+            if self.tokens.numel() and int(self.tokens.max()) >= keys:
+                raise ValueError(f"recorded token {int(self.tokens.max())} is past the text's {keys} tokens")
             groups, self.tiles = grid_groups(*self.grid, self.pool)
             dropped = math.prod(self.tiles)
-            joint = torch.cat([torch.full((text_tokens,), dropped, dtype=groups.dtype), groups]).to(device)
+            joint = torch.cat([torch.full((keys,), dropped, dtype=groups.dtype), groups]).to(device)
             self._specs[key] = make_pool_spec(joint, self.tokens.to(device), dropped + 1, self.heads, False)
         return self._specs[key]
 
@@ -148,8 +149,9 @@ def joint_recording(transformer, recorder: JointMapRecorder, layers: Sequence[in
     frames_per_token, side = config.patch_size_t or 1, config.patch_size
 
     def read_grid(module, args, kwargs):
-        _, frames, _, height, width = kwargs.get("hidden_states", args[0] if args else None).shape
-        recorder.set_grid((frames // frames_per_token, height // side, width // side))
+        latents = kwargs.get("hidden_states", args[0] if args else None)
+        _, frames, _, height, width = latents.shape
+        recorder.set_grid((frames // frames_per_token, height // side, width // side), latents.device)
 
     chosen = block_indices(len(blocks), layers)
     processors = [(blocks[i].attn1, "processor", PoolingCogVideoXAttnProcessor(recorder, i)) for i in chosen]

@@ -122,8 +122,9 @@ class MapRecorder(TextBias):
             self.grid = grid
         self.maps = {}
 
-    def spec(self, keys: int) -> PoolSpec:
-        """The pooling of the current grid, for text of `keys` keys (token indices checked once per count)."""
+    def spec(self, keys: int, device: torch.device) -> PoolSpec:
+        """The pooling of the current grid, for text of `keys` keys (token indices checked once per count;
+        the pooling is on the device `set_grid` was given)."""
         if self._spec is None:
             raise RuntimeError("MapRecorder: no video grid yet; run the transformer inside record_maps()")
         if keys != self._keys_checked:
@@ -177,7 +178,7 @@ class PoolingWanAttnProcessor(KeyBiasWanAttnProcessor):
             query.transpose(1, 2),
             key.transpose(1, 2),
             value.transpose(1, 2),
-            recorder.spec(key.shape[1]),
+            recorder.spec(key.shape[1], key.device),
             query.shape[-1] ** -0.5,
             key_bias=recorder.key_bias,
             backend=recorder.backend,
