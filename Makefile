@@ -24,9 +24,9 @@ DEMO_COMPOSITION := red ball left of blue cube
 DEMO_CLASSIFIER := models/compshapes-classifier
 
 # The fast path for a short run: the transformer in bf16 where this machine has bf16 units (else float32:
-# emulated bf16 is ~100x slower), CFG as one batch, the unguided steps on the eager step engine (padding collapsed). The compiled engine is faster per clip but its build (~50 s here) costs
+# emulated bf16 is ~100x slower), CFG as one batch, the unguided steps on the eager step backend (padding collapsed). The compiled backend is faster per clip but its build (~50 s here) costs
 # more than the demo's 17 clips save; servers build it once (benchmarks/fast_path.py).
-DEMO_FAST := --dtype auto --batch-cfg --engine torch
+DEMO_FAST := --dtype auto --batch-cfg --step-backend torch
 
 demo: $(STAMP)
 	$(VENV)/bin/cvg generate --model $(DEMO_MODEL) $(DEMO_FAST) --prompt "$(DEMO_PROMPT)" \
@@ -54,7 +54,7 @@ gpu-check-dry: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/attention_pool.py --write benchmarks/RESULTS.md
 	$(PY) benchmarks/pack_frames.py --write benchmarks/RESULTS.md
-	$(PY) -m cvg.bench --write benchmarks/RESULTS.md
+	$(PY) -m cvg.bench --backends onnxruntime,compiled --dtypes bfloat16 --write benchmarks/RESULTS.md
 
 # The C++ API (libcvg + headers + CMake package) installed under build/prefix; see examples/cpp.
 cpp: $(STAMP)

@@ -14,9 +14,10 @@ Variants, all on the same tiny Wan pipeline (random weights, real MiniLM text en
   unguided@DTYPE..., guided@DTYPE...  the transformer in DTYPE (--dtypes): eager, +batch-cfg, +batch-cfg+ENGINE
                       (--fast-engine), +batch-cfg+fbc=0.1 (diffusers' FirstBlockCache on the unguided steps)
 
-Times: every variant in turn in one process (with TIMING_ENV), `--repeats` rounds after a warm-up,
-medians. Peak memory:
-each variant in a fresh process (see cvg.experiments.memory), above the loaded pipeline, for the denoising phase
+The default rows take about 3 minutes on 2 CPU cores; step backends and other precisions are flags
+(`--help` says what each costs). Each row is printed as it is measured. Times: every variant in turn in one
+fresh process (with TIMING_ENV), `--repeats` rounds after a warm-up, medians. Peak memory: each variant in a fresh
+process (see cvg.experiments.memory), above the loaded pipeline, for the denoising phase
 (text encoding and every step) and for the VAE decode apart. Ratios come from one run.
 """
 
@@ -24,13 +25,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from cvg import threads
 from cvg.experiments.memory import ISOLATED_ENV, peak_extra_bytes
@@ -61,29 +67,32 @@ def _parser() -> argparse.ArgumentParser:
     size.add_argument("--ffn-dim", type=int, default=384, help="feed-forward width (default 384)")
     parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance (default 5)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
-    parser.add_argument(
+    heavy = parser.add_argument_group("heavy rows (off by default; `make bench` runs them for RESULTS.md)")
+    heavy.add_argument(
         "--backends",
         type=lambda t: [b for b in t.split(",") if b],
-        default=["onnxruntime", "compiled"],
-        help="step-engine backends timed for guided generation (default onnxruntime,compiled; '' for none)",
+        default=[],
+        help="step backends timed for guided generation, e.g. onnxruntime,compiled: a row each, its build "
+        "(an ONNX export or a torch.compile, about a minute each on 2 CPU cores) in its first call",
     )
-    parser.add_argument(
+    heavy.add_argument(
         "--dtypes",
         type=lambda t: [d for d in t.split(",") if d],
-        default=["bfloat16"],
-        help="transformer precisions timed for unguided and guided generation besides float32 (default "
-        "bfloat16; '' for none)",
+        default=[],
+        help="transformer precisions timed besides float32, e.g. bfloat16: 8 rows each (eager, batched CFG, "
+        "a step backend, a step cache; unguided and guided), minutes on CPUs with bf16 units, and far longer "
+        "on CPUs without them (avx2 only: bf16 matmuls emulated, ~100x slower)",
     )
-    parser.add_argument(
+    heavy.add_argument(
         "--fast-engine",
         choices=STEP_BACKENDS,
         default="compiled",
-        help="step engine of the precision rows' fast path (default compiled)",
+        help="step backend of the precision rows' fast path (default compiled)",
     )
     parser.add_argument("--json", type=Path, help="write the raw results here")
     parser.add_argument("--write", type=Path, help="record the table in this Markdown file")
     parser.add_argument("--memory", choices=VARIANTS, help=argparse.SUPPRESS)  # child process modes
-    parser.add_argument("--times", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--times", metavar="ROWS", help=argparse.SUPPRESS)
     return parser
 
 
@@ -144,15 +153,42 @@ def _runner(variant: str, args: argparse.Namespace):
     return run, pipe
 
 
-def measure_times(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
-    variants = (*VARIANTS, *(f"guided+{b}" for b in args.backends), *_dtype_variants(args))
-    runners = {v: _runner(v, args)[0] for v in variants}
-    first = {v: run()[0]["total"] for v, run in runners.items()}  # warm-up; engines build here
-    rounds: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
-    for _ in range(args.repeats):
-        for variant, run in runners.items():
-            rounds[variant].append({**run()[0], "first_call": first[variant]})
-    return rounds
+def _rows(args: argparse.Namespace) -> list[str]:
+    return [*VARIANTS, *(f"guided+{b}" for b in args.backends), *_dtype_variants(args)]
+
+
+def _measure_times(rows: list[str], args: argparse.Namespace) -> None:
+    """Each row in turn: `--repeats` rounds after a warm-up (in which a step backend builds), printed as one
+    JSON line as soon as it is measured."""
+    for variant in rows:
+        run = _runner(variant, args)[0]
+        first = run()[0]["total"]
+        rounds = [{**run()[0], "first_call": first} for _ in range(args.repeats)]
+        print(json.dumps({"variant": variant, "rounds": rounds}), flush=True)
+        del run  # one variant's pipeline at a time
+
+
+def measured_times(rows: list[str], args: argparse.Namespace) -> Iterator[tuple[str, list[dict[str, float]]]]:
+    """(variant, rounds) as each row is measured, in one fresh process started with TIMING_ENV."""
+    argv = ["-m", "cvg.bench", *_size_argv(args), "--repeats", str(args.repeats), "--times", ",".join(rows)]
+    with tempfile.TemporaryFile("w+") as errors:
+        env = {**os.environ, **TIMING_ENV}
+        with subprocess.Popen(
+            [sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=errors, text=True
+        ) as child:
+            for line in child.stdout:
+                row = json.loads(line)
+                yield row["variant"], row["rounds"]
+        if child.returncode != 0:
+            errors.seek(0)
+            raise RuntimeError(f"the timing run failed: {errors.read().strip().splitlines()[-1:]}")
+
+
+def _row_line(variant: str, rounds: list[dict[str, float]], memory: dict[str, int] | None) -> str:
+    total = statistics.median(r["total"] for r in rounds)
+    peak = "" if memory is None else f", peak {max(memory.values()) / 2**20:.1f} MiB above the loaded pipeline"
+    first = rounds[0]["first_call"]
+    return f"{variant}: {total:.3f} s a generation (median of {len(rounds)}; first call {first:.2f} s){peak}"
 
 
 def _options(variant: str) -> tuple[str, str | None, str | None, bool, float | None]:
@@ -284,24 +320,17 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(_memory_child(args.memory, args)))
         return
     if args.times:
-        print(json.dumps(measure_times(args)))
+        _measure_times(args.times.split(","), args)
         return
-    argv = [
-        "-m",
-        "cvg.bench",
-        *_size_argv(args),
-        "--repeats",
-        str(args.repeats),
-        "--backends",
-        ",".join(args.backends),
-        "--dtypes",
-        ",".join(args.dtypes),
-        "--fast-engine",
-        args.fast_engine,
-        "--times",
-    ]
-    times = json_child(argv, TIMING_ENV, "timing run")
-    memory = {v: measure_memory(v, args) for v in VARIANTS}
+    times, memory = {}, {}
+    rows = _rows(args)
+    with tqdm(total=len(rows), desc="cvg.bench", unit="row", file=sys.stderr) as bar:  # a line per row measured
+        for variant, rounds in measured_times(rows, args):
+            times[variant] = rounds
+            if variant in VARIANTS:  # the main table's memory columns: each in a fresh process of its own
+                memory[variant] = measure_memory(variant, args)
+            bar.write(_row_line(variant, rounds, memory.get(variant)))
+            bar.update()
     text = table({v: times[v] for v in VARIANTS}, memory, args)
     print(text)
     engines = engine_table(times, args) if args.backends else ""

@@ -2,14 +2,14 @@
 
 import json
 
-from cvg.bench import VARIANTS, _dtype_variants, _parser, main
+from cvg.bench import VARIANTS, _dtype_variants, _parser, _rows, main
 
 
 def test_bench_records_every_variant_and_phase(tmp_path, capsys):
     results, table = tmp_path / "bench.json", tmp_path / "RESULTS.md"
     size = "--height 32 --width 32 --frames 5 --steps 3 --guide-steps 1 --layers 2 --heads 2 --repeats 1"
     # No compile (seconds, not minutes); 2 layers: FirstBlockCache needs a block after the first.
-    argv = [*size.split(), "--backends", "torch", "--fast-engine", "torch"]
+    argv = [*size.split(), "--backends", "torch", "--dtypes", "bfloat16", "--fast-engine", "torch"]
     main([*argv, "--json", str(results), "--write", str(table)])
     record = json.loads(results.read_text())
     precisions = _dtype_variants(_parser().parse_args(argv))
@@ -28,4 +28,14 @@ def test_bench_records_every_variant_and_phase(tmp_path, capsys):
     assert "| unguided | bfloat16 | eager | yes | FirstBlockCache 0.1 |" in text
     assert "<!-- cvg_bench -->" in text and "<!-- cvg_bench_engines -->" in text
     assert "<!-- cvg_bench_precision -->" in text
-    assert "naive-guided" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "naive-guided" in printed.out
+    for variant in (*VARIANTS, "guided+torch", *precisions):  # each row printed as it was measured
+        assert f"{variant}: " in printed.out
+
+
+def test_the_default_rows_are_the_light_ones():
+    """Step backends and other precisions are flags: the default measures the five main variants only."""
+    args = _parser().parse_args([])
+    assert (args.backends, args.dtypes) == ([], [])
+    assert _rows(args) == list(VARIANTS)
