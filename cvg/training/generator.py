@@ -10,7 +10,7 @@ where an uninterrupted one would (every step draws its data from (seed, stage, s
      uses them), text dropped 10% of the time for classifier-free guidance, EMA weights kept.
 Only prompts of the sealed train split (`grammar.split_of`) are trained on, true and counterfactual alike.
 The result is a standard diffusers `WanPipeline` directory without the text encoder: its 90 MB are not
-copied, `generator.json` names the package that holds it and `cvg.pipeline.load_wan_pipeline` puts it back
+copied, `generator.json` names the package that holds it and `cvg.models.wan.load_wan_pipeline` puts it back
 (`WanPipeline.from_pretrained(path, text_encoder=..., tokenizer=...)` does the same by hand).
 """
 
