@@ -54,7 +54,7 @@ gpu-check-dry: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/attention_pool.py --write benchmarks/RESULTS.md
 	$(PY) benchmarks/pack_frames.py --write benchmarks/RESULTS.md
-	$(PY) -m cvg.bench --backends onnxruntime,compiled --dtypes bfloat16 --write benchmarks/RESULTS.md
+	$(PY) -m cvg.bench --height 256 --width 256 --backends onnxruntime,compiled --dtypes bfloat16 --write benchmarks/RESULTS.md
 
 # The C++ API (libcvg + headers + CMake package) installed under build/prefix; see examples/cpp.
 cpp: $(STAMP)
