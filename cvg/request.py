@@ -16,6 +16,7 @@ STEP_BACKENDS = ("torch", "compiled", "onnxruntime", "tensorrt")  # cvg.runtime.
 MAX_STEPS = 1000  # the schedulers' training timesteps: a longer schedule repeats timesteps
 MAX_TEXT_TOKENS = 512  # Wan's text length (UMT5's positions)
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
+SERVED_STEPS = 20  # a served request's default denoising steps (cvg.Engine, cvg serve): the shipped model's schedule
 
 
 def documented(default, help: str, low: float | None = None, high: float | None = None, choices=None):
@@ -24,7 +25,7 @@ def documented(default, help: str, low: float | None = None, high: float | None 
     return field(default=default, metadata=metadata)
 
 
-def check_field(owner: str, name: str, value, kind: type, spec: dict) -> None:
+def check_field(name: str, value, kind: type, spec: dict) -> None:
     """`value` against field `name`'s declared type (int, float, bool or str; None allowed by the caller)
     and bounds; a ValueError naming the field."""
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -56,7 +57,7 @@ def check_fields(config) -> None:
     for f in fields(config):
         value, kind = getattr(config, f.name), _scalar_type(str(f.type))
         if value is not None and kind is not None:
-            check_field(type(config).__name__, f.name, value, kind, f.metadata)
+            check_field(f.name, value, kind, f.metadata)
 
 
 def declared(config: type) -> dict[str, dict]:
@@ -66,8 +67,9 @@ def declared(config: type) -> dict[str, dict]:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One generation, as every door asks for it. Fields left None take the server's or the model's
-    setting (`with_defaults`); names are diffusers' `WanPipeline.__call__` arguments where it has one."""
+    """One generation, as every door asks for it. Fields left None take the model's setting (its size, its
+    text length) or the guidance config's; names are diffusers' `WanPipeline.__call__` arguments where it has
+    one."""
 
     prompt: str | list[str] = documented(MISSING, "the text prompt, or one per video of a batch")
     composition: object = documented(
@@ -117,11 +119,6 @@ class GenerationRequest:
             raise ValueError("negative_prompt must be a string, a list of them, or None")
         check_fields(self)
 
-    def with_defaults(self, defaults: GenerationRequest) -> GenerationRequest:
-        """This request with each field it leaves None taken from `defaults`."""
-        taken = {f.name: getattr(defaults, f.name) for f in fields(self) if getattr(self, f.name) is None}
-        return replace(self, **taken)
-
     def settings(self) -> tuple:
         """What must match for requests to share one denoising run (all but what each item brings)."""
         return tuple(getattr(self, f.name) for f in fields(self) if f.name not in BATCH_ITEM_FIELDS)
@@ -162,9 +159,9 @@ class PipelineOptions:
 
     def check(self) -> None:
         check_fields(self)
-        if self.first_block_cache is not None and self.taylorseer_cache is not None:
-            raise ValueError("first_block_cache and taylorseer_cache: choose one step cache")
         chosen = [name for name in ("first_block_cache", "taylorseer_cache") if getattr(self, name) is not None]
+        if len(chosen) > 1:
+            raise ValueError("first_block_cache and taylorseer_cache: choose one step cache")
         if self.step_backend not in (None, "eager") and chosen:
             raise ValueError(
                 f"{chosen[0]} runs on eager diffusers forwards; step_backend={self.step_backend!r} bypasses its hooks"

@@ -11,9 +11,7 @@ from dataclasses import replace
 
 from cvg.cli.arguments import POSITIVE, config_flags, config_from, given_fields, number
 from cvg.cli.generation import OPTION_FLAGS, SETTING_FLAGS, SIZE_FLAGS, precision
-from cvg.request import GenerationRequest, PipelineOptions
-
-SERVED_STEPS = 20  # a job's default denoising steps: cvg.serving.service.SERVED_STEPS (not imported: it loads torch)
+from cvg.request import SERVED_STEPS, GenerationRequest, PipelineOptions
 
 TOKEN_VARIABLE = "CVG_SERVE_TOKEN"
 

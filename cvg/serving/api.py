@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hmac
 import re
-from dataclasses import MISSING, fields
+from dataclasses import MISSING
 from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -28,6 +28,7 @@ from pydantic import ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cvg.guidance.composition import CompositionError
+from cvg.request import declared
 from cvg.serving.jobs import FINISHED, STATES, JobEvents, JobQueue, QueueFull
 from cvg.serving.runner import VideoJobRequest
 
@@ -51,21 +52,18 @@ SERVER_LIMITS = {
     "guide_steps": {"le": 200},
     "guidance_strength": {"le": 10},
 }
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
-def _schema_field(f) -> tuple[object, object]:
-    """The pydantic type and `Field` of one `VideoJobRequest` field: its declared help, default and bounds,
-    and the server's limits."""
-    names = [part.strip() for part in str(f.type).split("|") if part.strip() not in ("None", "list[str]", "object")]
-    kind = _TYPES.get(names[0], str) if names else str
-    required = f.default is MISSING
-    bounds = {"ge": f.metadata.get("low"), "le": f.metadata.get("high")}
-    limits = {**{k: v for k, v in bounds.items() if v is not None}, **SERVER_LIMITS.get(f.name, {})}
+def _schema_field(name: str, spec: dict) -> tuple[object, object]:
+    """The pydantic type and `Field` of one `VideoJobRequest` field: its declared type (str where the
+    declaration leaves it open: a prompt, a composition), help, default and bounds, and the server's limits."""
+    kind, required = spec["kind"] or str, spec["default"] is MISSING
+    bounds = {"ge": spec["low"], "le": spec["high"]}
+    limits = {**{k: v for k, v in bounds.items() if v is not None}, **SERVER_LIMITS.get(name, {})}
     if kind is float:
         limits["allow_inf_nan"] = False
     annotation = kind if required else kind | None
-    return annotation, Field(... if required else f.default, description=f.metadata["help"], **limits)
+    return annotation, Field(... if required else spec["default"], description=spec["help"], **limits)
 
 
 VideoRequest = create_model(
@@ -73,7 +71,7 @@ VideoRequest = create_model(
     __config__=ConfigDict(extra="forbid"),
     __doc__="A video job: `cvg.request.GenerationRequest`'s fields, the server's limits on them, and `maps`. "
     "Fields left out take the server's settings; the model checks the rest (multiples, frame counts).",
-    **{f.name: _schema_field(f) for f in fields(VideoJobRequest)},
+    **{name: _schema_field(name, spec) for name, spec in declared(VideoJobRequest).items()},
 )
 
 

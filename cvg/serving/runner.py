@@ -4,7 +4,7 @@ elsewhere: `cvg.serving.ray_serve`)."""
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, fields, make_dataclass
+from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 
 import numpy as np
 
@@ -16,17 +16,11 @@ from cvg.serving.service import Engine
 SERVED_FIELDS = tuple(f.name for f in fields(GenerationRequest) if f.name != "num_videos_per_prompt")  # one a job
 VideoJobRequest = make_dataclass(
     "VideoJobRequest",
-    [
+    [  # each served field as declared, but optional: None takes the server's setting
         (
             f.name,
-            str(f.type) if f.default is MISSING else f"{f.type} | None",
-            documented(
-                MISSING if f.default is MISSING else None,
-                f.metadata["help"],
-                f.metadata["low"],
-                f.metadata["high"],
-                f.metadata["choices"],
-            ),
+            f"{f.type} | None" if f.default is not MISSING else f.type,
+            field(default=None if f.default is not MISSING else MISSING, metadata=f.metadata),
         )
         for f in fields(GenerationRequest)
         if f.name in SERVED_FIELDS

@@ -21,11 +21,17 @@ import torch
 from cvg.guidance.composition import Composition
 from cvg.guidance.config import GuidanceConfig
 from cvg.pipeline import CVGOutput, CVGPipeline
-from cvg.request import BATCH_ITEM_FIELDS, REQUEST_FIELDS, GenerationRequest, PipelineOptions, with_deprecated
+from cvg.request import (
+    BATCH_ITEM_FIELDS,
+    REQUEST_FIELDS,
+    SERVED_STEPS,
+    GenerationRequest,
+    PipelineOptions,
+    with_deprecated,
+)
 from cvg.threads import pinned_threads, thread_count
 
 WARMUP_PROMPT, WARMUP_COMPOSITION = "a red cube to the left of a blue ball", "red cube left of blue ball"
-SERVED_STEPS = 20  # an engine's default denoising steps: the shipped generator's schedule
 # The engine's keyword arguments before `PipelineOptions` held them (deprecated), by the option they set.
 ENGINE_ALIASES = {
     "backend": "step_backend",
