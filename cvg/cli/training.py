@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from cvg.cli.arguments import COUNT, NON_NEGATIVE, POSITIVE, SEED, STEPS, config_flags, config_from, number
@@ -27,7 +28,12 @@ TRAINING_FLAGS = {
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     train_gen = commands.add_parser("train-generator", help="train the CompShapes Wan generator here (resumable)")
     train_gen.add_argument("--out", required=True, help="directory for the WanPipeline (checkpoints in OUT/.work)")
-    train_gen.add_argument("--seed", type=SEED, default=0, help="seed of data, initialisation and noise (default 0)")
+    train_gen.add_argument(
+        "--recipe",
+        metavar="FILE",
+        help="a GeneratorRecipe as JSON (e.g. training/generator-v5/recipe.json); the flags below override it",
+    )
+    train_gen.add_argument("--seed", type=SEED, help="seed of data, initialisation and noise (default: the recipe's)")
     train_gen.add_argument("--vae-steps", type=COUNT, help="VAE training steps (default: the shipped recipe's)")
     train_gen.add_argument("--steps", type=COUNT, help="transformer training steps (default: the shipped recipe's)")
     train_gen.add_argument("--clips", type=POSITIVE, help="clips encoded for the transformer (default: the recipe's)")
@@ -78,8 +84,9 @@ def train_generator(args: argparse.Namespace) -> None:
     from cvg.training.generator import GeneratorRecipe
     from cvg.training.generator import train_generator as train
 
-    sizes = {"vae_steps": args.vae_steps, "steps": args.steps, "clips": args.clips}
-    recipe = GeneratorRecipe(seed=args.seed, **{k: v for k, v in sizes.items() if v is not None})
+    given = {"seed": args.seed, "vae_steps": args.vae_steps, "steps": args.steps, "clips": args.clips}
+    base = GeneratorRecipe.from_file(args.recipe) if args.recipe else GeneratorRecipe()
+    recipe = replace(base, **{k: v for k, v in given.items() if v is not None})
     manifest = train(args.out, recipe, report=lambda line: print(line, file=sys.stderr))
     print(json.dumps({"model": args.out, "timings": manifest["timings"]}))
 

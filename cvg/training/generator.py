@@ -32,7 +32,7 @@ from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, Wa
 from cvg.compshapes.dataset import split_clip
 from cvg.compshapes.grammar import ALL_CATEGORIES, sealed
 from cvg.compshapes.world import BACKGROUND, render
-from cvg.io.files import locked, write_text_atomic
+from cvg.io.files import file_digest, locked, write_text_atomic
 from cvg.models.minilm import PACKAGE, load_minilm
 from cvg.models.padding import collapse_padding
 from cvg.models.processors import KeyBiasWanAttnProcessor, TextBias, text_key_bias
@@ -57,6 +57,13 @@ class GeneratorRecipe:
     kl_weight: float = 1e-5  # small: a sharp posterior; Wan normalises the latent scale anyway
     object_weight: float = 10.0  # object pixels count this many times a background pixel
     vae_extra_motion: bool = True  # motion every other VAE clip (see VAE_CATEGORIES)
+    # Pixels this close to an object (Chebyshev distance) weigh as the object's own. At 0 only the object's
+    # pixels weigh `object_weight`, so painting its colour over the background costs a tenth of leaving a
+    # hole in it: the VAE learned to dilate, and crosses came back as diamonds (fourth version).
+    object_margin: int = 0
+    # A VAE checkpoint (a stage file of an earlier run, e.g. training/generator-v4/vae_refine.pt) loaded
+    # before the first stage; with `vae_steps` 0 the run goes straight to the refinement from it.
+    vae_init: str | None = None
     # A second VAE stage from the first's weights (fresh optimiser, fresh clips): more steps at a lower
     # rate with frame 0 weighted up (the causal VAE gives it a latent frame of its own, drawn worst).
     vae_refine_steps: int = 1500
@@ -86,14 +93,28 @@ class GeneratorRecipe:
     bf16: bool = False
     checkpoint_every: int = 100
 
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> GeneratorRecipe:
+        """A recipe saved as JSON (a run's `.work/recipe.json`, or one kept under training/)."""
+        try:
+            fields = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"recipe {path}: {e}") from None
+        if not isinstance(fields, dict):
+            raise ValueError(f"recipe {path}: expected a JSON object of GeneratorRecipe fields")
+        if unknown := sorted(set(fields) - set(cls.__dataclass_fields__)):
+            raise ValueError(f"recipe {path}: unknown fields {', '.join(unknown)}")
+        return cls(**fields)
+
 
 # Which recipe fields each stage's result depends on: a resumed run may change the fields of stages that
 # have not started (the transformer's while the VAE trains), never those of a stage with a checkpoint.
 _VAE_FIELDS = ("seed", "frames", "size", "vae_base_dim", "z_dim", "vae_steps", "vae_batch", "vae_window", "vae_lr")
+_VAE_LOSS_FIELDS = ("kl_weight", "object_weight", "object_margin", "vae_extra_motion", "vae_init")
 STAGE_FIELDS = {
-    "vae.pt": (*_VAE_FIELDS, "kl_weight", "object_weight", "vae_extra_motion"),
-    "vae_refine.pt": ("vae_refine_steps", "vae_refine_lr", "first_frame_weight"),
-    "latents": ("clips",),
+    "vae.pt": (*_VAE_FIELDS, *_VAE_LOSS_FIELDS),
+    "vae_refine.pt": (*_VAE_LOSS_FIELDS, "vae_refine_steps", "vae_refine_lr", "first_frame_weight"),
+    "latents": ("clips", "object_margin"),
 }
 
 
@@ -152,11 +173,32 @@ def train_vae(recipe: GeneratorRecipe, work: Path, report: Callable[[str], None]
     """The VAE's two stages: from scratch (`vae.pt`), then refined from its weights (`vae_refine.pt`)."""
     torch.manual_seed(recipe.seed)
     vae = build_vae(recipe).train()
+    if recipe.vae_init:
+        vae.load_state_dict(load_vae_checkpoint(recipe.vae_init))
     _vae_stage(recipe, vae, work, "vae", recipe.vae_steps, recipe.vae_lr, 1, 1.0, report)
     if recipe.vae_refine_steps:  # from the first stage's final weights, which `vae` now holds
         first = recipe.first_frame_weight
         _vae_stage(recipe, vae, work, "vae_refine", recipe.vae_refine_steps, recipe.vae_refine_lr, 4, first, report)
     return vae.eval()
+
+
+def load_vae_checkpoint(path: str | os.PathLike) -> dict:
+    """The VAE weights of a stage checkpoint (`vae.pt` or `vae_refine.pt` of a run)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"vae_init {path}: no such file (paths are read from the working directory)")
+    saved = torch.load(path, weights_only=True)
+    if "vae" not in saved:
+        raise ValueError(f"vae_init {path}: not a VAE stage checkpoint (no 'vae' entry)")
+    return saved["vae"]
+
+
+def near_objects(drawn: torch.Tensor, margin: int) -> torch.Tensor:
+    """`drawn` (bool [..., H, W]) grown by `margin` pixels in H and W: every pixel that close to an object."""
+    if margin == 0:
+        return drawn
+    shape = drawn.shape
+    grown = F.max_pool2d(drawn.reshape(-1, 1, *shape[-2:]).float(), 2 * margin + 1, stride=1, padding=margin)
+    return grown.reshape(shape) > 0
 
 
 def _vae_stage(recipe, vae, work: Path, name: str, steps: int, lr: float, stream: int, first_frame: float, report):
@@ -177,7 +219,8 @@ def _vae_stage(recipe, vae, work: Path, name: str, steps: int, lr: float, stream
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
         recon = vae.decode(z).sample
         # Objects are a few percent of the pixels; weigh them up so the background does not win.
-        weight = 1 + (recipe.object_weight - 1) * ((x - background).abs().amax(1, keepdim=True) > 0.05).float()
+        drawn = near_objects((x - background).abs().amax(1, keepdim=True) > 0.05, recipe.object_margin)
+        weight = 1 + (recipe.object_weight - 1) * drawn.float()
         if offset == 0 and first_frame != 1.0:
             weight[:, :, 0] *= first_frame
         rec = (weight * (recon - x).abs()).mean()
@@ -204,7 +247,8 @@ def encode_latents(
     def encode(clips: list) -> dict:
         frames = [render(c.scene) for c in clips]
         posterior = vae.encode(to_pixels(frames)).latent_dist
-        return {"mean": posterior.mean, "std": posterior.std, "objects": latent_object_mask(frames)}
+        objects = latent_object_mask(frames, margin=recipe.object_margin)
+        return {"mean": posterior.mean, "std": posterior.std, "objects": objects}
 
     clips = training_clips(recipe, 2, 0, recipe.clips)  # scene specs only: each chunk renders its own
     parts = cached_chunks(clips, work / "latents", chunk, chunk_description(vae), encode, report)
@@ -226,11 +270,13 @@ def encode_latents(
     }
 
 
-def latent_object_mask(frames: list[np.ndarray], spatial: int = 4, temporal: int = 4) -> torch.Tensor:
-    """Which latent cells hold any object pixel: bool [B, 1, F', H/spatial, W/spatial], cells laid out as the
-    causal VAE's (frame 0 alone, then `temporal` frames per latent frame)."""
+def latent_object_mask(frames: list[np.ndarray], spatial: int = 4, temporal: int = 4, margin: int = 0) -> torch.Tensor:
+    """Which latent cells hold an object pixel or one within `margin` pixels of an object: bool
+    [B, 1, F', H/spatial, W/spatial], cells laid out as the causal VAE's (frame 0 alone, then `temporal`
+    frames per latent frame)."""
     background = np.asarray(BACKGROUND, np.int16)
     drawn = torch.from_numpy(np.stack([(np.abs(f.astype(np.int16) - background).max(-1) > 12) for f in frames]))
+    drawn = near_objects(drawn, margin)
     first, rest = drawn[:, :1], drawn[:, 1:]
     rest = rest.unflatten(1, (rest.shape[1] // temporal, temporal)).any(2)
     cells = torch.cat([first, rest], 1).float()  # [B, F', H, W]
@@ -357,7 +403,12 @@ def _train_generator(out: Path, work: Path, recipe: GeneratorRecipe, report) -> 
     save_generator(
         assemble(recipe, vae, transformer),
         out,
-        {"recipe": asdict(recipe), "timings": timings, "training_prompts": len(latents["embeds"]) - 1},
+        {
+            "recipe": asdict(recipe),
+            "timings": timings,
+            "training_prompts": len(latents["embeds"]) - 1,
+            **({"vae_init_sha256": file_digest(recipe.vae_init)} if recipe.vae_init else {}),
+        },
     )
     plot_losses(work / "log.jsonl", out / "loss.png")
     return json.loads((out / MANIFEST).read_text())

@@ -11,7 +11,7 @@ from diffusers import WanPipeline
 
 from cvg.compshapes.grammar import split_of
 from cvg.guidance.config import GuidanceConfig
-from cvg.io.files import LockedError, locked
+from cvg.io.files import LockedError, file_digest, locked
 from cvg.models.padding import collapse_padding
 from cvg.models.processors import KeyBiasWanAttnProcessor, TextBias, text_key_bias
 from cvg.models.wan import load_wan_pipeline
@@ -213,3 +213,50 @@ def test_training_on_fewer_padded_tokens_is_exact():
 def test_a_prompt_that_fills_the_fed_tokens_is_refused():
     with pytest.raises(ValueError, match="has 4 rows before its zero padding; with room for its padding they do not"):
         collapse_padding(torch.ones(1, 4, 8), 4, total=512)
+
+
+def test_object_margin_weighs_the_pixels_near_an_object_as_the_object():
+    """A cross's concave corners lie within 2r/3 of its arms: at margin m every pixel within m (Chebyshev) of
+    an object pixel weighs as the object, so filling the corners costs as much as leaving a hole."""
+    drawn = torch.zeros(1, 1, 2, 11, 11, dtype=torch.bool)
+    drawn[..., 5, 5] = True
+    drawn[..., 1, 0, 0] = True  # at the border of the second frame: grown inside the frame only
+    assert torch.equal(generator.near_objects(drawn, 0), drawn)
+    grown = generator.near_objects(drawn, 2)
+    assert grown.shape == drawn.shape
+    assert torch.equal(grown[0, 0, 0].nonzero().amin(0), torch.tensor([3, 3]))
+    assert grown[0, 0, 0].sum() == 25 and grown[0, 0, 1, :3, :3].all() and grown[0, 0, 1].sum() == 25 + 9
+    frame = np.full((12, 12, 3), 200, np.uint8)
+    frame[0, 0] = (255, 0, 0)  # one object pixel in the top-left cell of a 3x3-cell latent
+    cells = generator.latent_object_mask([np.stack([frame] * 5)], spatial=4, temporal=4)
+    assert cells.shape == (1, 1, 2, 3, 3) and cells[0, 0, :, 0, 0].all() and cells.sum() == 2
+    near = generator.latent_object_mask([np.stack([frame] * 5)], spatial=4, temporal=4, margin=4)
+    assert near[0, 0, :, :2, :2].all() and near.sum() == 8  # 4 pixels on reach the next cells, not the third
+
+
+def test_a_run_starts_from_a_vae_checkpoint_and_records_its_digest(toy_model, tmp_path):
+    out, _ = toy_model
+    init = out / ".work" / "vae_refine.pt"
+    recipe = replace(TOY, vae_steps=0, vae_refine_steps=0, vae_init=str(init), object_margin=1)
+    vae = generator.train_vae(recipe, tmp_path, report=lambda _: None)
+    saved = torch.load(init, weights_only=True)["vae"]
+    assert all(torch.equal(v, saved[k]) for k, v in vae.state_dict().items())
+    manifest = train_generator(tmp_path / "run", replace(recipe, vae_refine_steps=1), report=lambda _: None)
+    assert manifest["vae_init_sha256"] == file_digest(init) and manifest["recipe"]["vae_init"] == str(init)
+    with pytest.raises(FileNotFoundError, match="vae_init .*nowhere.pt: no such file"):
+        generator.load_vae_checkpoint(tmp_path / "nowhere.pt")
+
+
+def test_a_recipe_file_feeds_train_generator_and_a_bad_one_is_named(tmp_path, capsys):
+    from cvg.cli import main
+
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps({**asdict(TOY), "steps": 2}))
+    assert GeneratorRecipe.from_file(path) == replace(TOY, steps=2)
+    path.write_text(json.dumps({"steps": 2, "wings": 4}))
+    assert main(["train-generator", "--recipe", str(path), "--out", str(tmp_path / "x")]) != 0
+    assert f"recipe {path}: unknown fields wings" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        GeneratorRecipe.from_file(path)
