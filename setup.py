@@ -5,7 +5,7 @@
 
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 try:  # the optional native extension cvg._C (csrc/); cvg works without it (see cvg/io/native.py)
     if os.environ.get("CVG_NO_NATIVE") == "1":  # a pure-Python wheel (benchmarks/gpu_check.py --prepare)
@@ -28,21 +28,8 @@ except ImportError:
 # Metadata, dependencies and the `cvg` script are in pyproject.toml's [project] table; what stays here is
 # what it cannot say: the optional extension and `kernels/` installed as `cvg.kernels`.
 setup(
-    packages=[
-        "cvg",
-        "cvg.kernels",
-        "cvg.io",
-        "cvg.ops",
-        "cvg.models",
-        "cvg.guidance",
-        "cvg.runtime",
-        "cvg.serving",
-        "cvg.training",
-        "cvg.compshapes",
-        "cvg.experiments",
-        "cvg.cli",
-    ],
+    # Every package under cvg/ (the research harness is the separate cvg-research, in research/).
+    packages=[*find_packages(include=["cvg", "cvg.*"]), "cvg.kernels"],
     package_dir={"cvg": "cvg", "cvg.kernels": "kernels"},
-    package_data={"cvg.compshapes": ["assets/encoder/*"]},
     ext_modules=ext_modules,
 )

@@ -3,7 +3,7 @@
     python benchmarks/attention_pool.py [--quick] [--write benchmarks/RESULTS.md]
 
 Times: per pass, one process runs every backend in turn for `--repeats` rounds after a warm-up and
-reports medians. Memory: each (backend, pass) in its own fresh process (see cvg.experiments.memory), the peak
+reports medians. Memory: each (backend, pass) in its own fresh process (see cvg.measure), the peak
 above the inputs of one run after a warm-up. Ratios compare backends of the same invocation, since
 this machine is shared and noisy.
 """
@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from cvg import attention_pool
-from cvg.experiments.memory import ISOLATED_ENV, peak_extra_bytes
-from cvg.experiments.report import json_child, machine_line, write_section
 from cvg.io.files import write_text_atomic
+from cvg.measure import ISOLATED_ENV, json_child, machine_line, peak_extra_bytes, write_section
 
 FULL = dict(B=1, H=12, N=16384, M=512, D=64, T=8)
 QUICK = dict(B=1, H=12, N=4096, M=512, D=64, T=8)

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from cvg.compshapes.grammar import CATEGORIES, sample_clip
-from cvg.compshapes.judge import detect, judge_detections
-from cvg.compshapes.world import render
-from cvg.experiments.report import write_section
+from cvg.measure import write_section
+from cvg_research.compshapes.grammar import CATEGORIES, sample_clip
+from cvg_research.compshapes.judge import detect, judge_detections
+from cvg_research.compshapes.world import render
 
 CORRUPTIONS = [
     (0.0, 0.0),

@@ -14,7 +14,7 @@ import statistics
 import torch
 from shipped import MODELS, dev_clips, parser, timed
 
-from cvg.experiments.report import machine_line, publish
+from cvg.measure import machine_line, publish
 from cvg.models.wan import load_wan_pipeline
 from cvg.pipeline import CVGPipeline
 

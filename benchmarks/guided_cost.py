@@ -10,7 +10,7 @@ import statistics
 
 from shipped import MODELS, dev_clips, parser, timed
 
-from cvg.experiments.report import machine_line, publish
+from cvg.measure import machine_line, publish
 from cvg.pipeline import CVGPipeline
 
 

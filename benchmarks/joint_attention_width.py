@@ -3,7 +3,7 @@
 `num_layers` 1) at token counts this CPU holds: an unguided forward, and a guided one (forward with the
 joint-attention maps recorded, then the latent's gradient), the maps read by `attention_pool` or, as the
 baseline, from the materialised joint probabilities (`backend="naive"`: `[B, H, M+N, M+N]`). Each in its
-own process (`cvg.experiments.memory`): built, warmed up, one call timed, its peak resident memory above
+own process (`cvg.measure`): built, warmed up, one call timed, its peak resident memory above
 the warmed-up process recorded.
 
     python benchmarks/joint_attention_width.py --write benchmarks/RESULTS.md
@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from cvg.experiments.memory import ISOLATED_ENV, warm_peak
-from cvg.experiments.report import clip_size, json_child, machine_line, publish
+from cvg.measure import ISOLATED_ENV, clip_size, json_child, machine_line, publish, warm_peak
 
 CONFIG = Path(__file__).with_name("configs") / "cogvideox-2b-transformer.json"
 VARIANTS = ("unguided block", "guided block", "guided block, materialised maps")

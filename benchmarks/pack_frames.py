@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cvg.experiments.report import machine_line, publish
 from cvg.io.native import MISSING, native
+from cvg.measure import machine_line, publish
 
 SIZES = {"CompShapes 17x64x64": (17, 64, 64, 3), "Wan 81x480x832": (81, 480, 832, 3)}
 

@@ -4,7 +4,7 @@ text dim 4096; random weights) at token counts this CPU holds, against guidance 
 attention maps, with a memory model fitted to nothing: what the maths says each path holds, set beside the
 measured peaks and extrapolated to 832x480x81 (32,760 video tokens).
 
-Each measurement runs in its own process (`cvg.experiments.memory`): the model is built, called once to
+Each measurement runs in its own process (`cvg.measure`): the model is built, called once to
 warm up, then one call is timed and its peak resident memory above the warmed-up process recorded. The
 text is 512 rows of 4096 (Wan's padded length), zero past the prompt's tokens; cvg collapses that padding
 (exact), the materialised baseline attends over all 512 rows as Attend-and-Excite does.
@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from cvg.experiments.memory import ISOLATED_ENV, warm_peak
-from cvg.experiments.report import clip_size, json_child, machine_line, publish
+from cvg.measure import ISOLATED_ENV, clip_size, json_child, machine_line, publish, warm_peak
 
 CONFIG = Path(__file__).with_name("configs") / "wan2.1-t2v-1.3b-transformer.json"
 PROMPT, COMPOSITION = "a red cube to the left of a blue ball", "red cube left of blue ball"

@@ -26,9 +26,9 @@ from pathlib import Path
 import httpx
 import imageio.v2 as imageio
 
-from cvg.compshapes.dataset import split_clip
-from cvg.compshapes.grammar import CATEGORIES
-from cvg.experiments.report import machine_line, publish
+from cvg.measure import machine_line, publish
+from cvg_research.compshapes.dataset import split_clip
+from cvg_research.compshapes.grammar import CATEGORIES
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAMES = 17

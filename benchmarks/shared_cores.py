@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cvg.experiments.report import machine_line, publish
+from cvg.measure import machine_line, publish
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "compshapes-wan"
 CHILD = """

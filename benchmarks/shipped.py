@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from cvg.compshapes.dataset import split_clip
-from cvg.compshapes.grammar import CATEGORIES, Clip
+from cvg_research.compshapes.dataset import split_clip
+from cvg_research.compshapes.grammar import CATEGORIES, Clip
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 SIZE = {"height": 64, "width": 64, "num_frames": 17, "num_inference_steps": 20}  # what the model was trained at

@@ -19,13 +19,13 @@ import torch
 from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 from shipped import MODELS, SIZE, dev_clips, parser, timed
 
-from cvg.compshapes.dataset import split_clip
-from cvg.compshapes.grammar import CATEGORIES
-from cvg.compshapes.judge import judge
-from cvg.experiments.report import machine_line, publish
 from cvg.io.video import to_uint8
+from cvg.measure import machine_line, publish
 from cvg.models.caching import WAN_TAYLORSEER_MODULES
 from cvg.pipeline import CVGPipeline
+from cvg_research.compshapes.dataset import split_clip
+from cvg_research.compshapes.grammar import CATEGORIES
+from cvg_research.compshapes.judge import judge
 
 CALIBRATION_CLIPS = 4  # training-split prompts whose unguided steps give MagCache its magnitude ratios
 

@@ -1,18 +1,22 @@
 """cvg: inference-time compositional guidance for frozen text-to-video diffusion models.
 
-The package is in layers; each imports only those below it (checked by import-linter, `.importlinter`):
+This is the library a serving user installs. The package is in layers; each imports only those below it
+(checked by import-linter, `.importlinter`):
 
     cli, bench          the command line and the benchmark driver
-    experiments         findings, diagnostics and memory measurements
-    training            the CompShapes generator and the classifier (dual inversion)
-    compshapes, serving the synthetic world and its judge; the serving engine and its C++ bridge
+    serving             the serving engine, `cvg serve` and its C++ bridge
     pipeline            CVGPipeline: a diffusers WanPipeline with compositional guidance
     runtime             step engines for the later steps; the guided step as one graph
-    guidance            compositions, objectives, the classifier, the guided sampler, inversion
+    guidance            compositions, objectives, the classifier, the guided sampler, inversion, judges
     models              what knows diffusers' model internals: Wan loading, processors, VAE decode
     ops                 the attention-pool op and its backends (Triton kernels in cvg.kernels)
+    measure             machine lines, results sections, timings and peak memory in child processes
     io, threads, request files, videos, the native extension; how cvg shares the machine's cores; what a
                         generation asks for and how a pipeline runs (declared once, for every door)
+
+The research harness (the CompShapes world and judge, the training of its generator and classifier, the
+findings) is the separate package cvg-research in `research/`: it imports cvg, never the reverse, and adds
+its commands to `cvg` and its judge to `cvg.guidance.judges` through entry points.
 
 `import cvg` loads nothing heavy and changes nothing in the process's environment: the public names below
 load on first use, and cvg's thread policy is applied by its entry points or by `cvg.threads.configure()`.

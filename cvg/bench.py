@@ -17,7 +17,7 @@ Variants, all on the same tiny Wan pipeline (random weights, real MiniLM text en
 The default rows and size take under 3 minutes on 2 CPU cores; step backends and other precisions are flags
 (`--help` says what each costs). Each row is printed as it is measured. Times: every variant in turn in one
 fresh process (with TIMING_ENV), `--repeats` rounds after a warm-up, medians. Peak memory: each variant in a fresh
-process (see cvg.experiments.memory), above the loaded pipeline, for the denoising phase
+process (see cvg.measure), above the loaded pipeline, for the denoising phase
 (text encoding and every step) and for the VAE decode apart. Ratios come from one run.
 """
 
@@ -39,9 +39,8 @@ import torch
 from tqdm import tqdm
 
 from cvg import threads
-from cvg.experiments.memory import ISOLATED_ENV, peak_extra_bytes
-from cvg.experiments.report import json_child, machine_line, write_section
 from cvg.io.files import write_text_atomic
+from cvg.measure import ISOLATED_ENV, json_child, machine_line, peak_extra_bytes, write_section
 from cvg.runtime import STEP_BACKENDS
 
 VARIANTS = ("diffusers", "unguided", "guided", "naive-guided", "naive-cross-guided")

@@ -6,12 +6,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cvg.compshapes.dataset import split_clip
-from cvg.compshapes.judge import detect, judge
 from cvg.io.video import to_uint8
 from cvg.pipeline import CVGPipeline
 from cvg.request import PipelineOptions
-from cvg.training.dual_inversion import LABEL_TRANSFER, SINGLE_READING
+from cvg_research.compshapes.dataset import split_clip
+from cvg_research.compshapes.judge import detect, judge
+from cvg_research.training.dual_inversion import LABEL_TRANSFER, SINGLE_READING
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "compshapes-wan"
 CLASSIFIER = MODEL.parent / "compshapes-classifier"

@@ -7,13 +7,14 @@ import argparse
 import json
 import sys
 
+from cvg.guidance.judges import Judge
 
-def compare_seeds(pipe, call: dict, args: argparse.Namespace) -> dict:
-    """Seeds SEED..SEED+N-1, each unguided and guided: verdicts (with --judge), counts, a contact sheet;
+
+def compare_seeds(pipe, call: dict, args: argparse.Namespace, judge: Judge | None) -> dict:
+    """Seeds SEED..SEED+N-1, each unguided and guided: verdicts (with a judge), counts, a contact sheet;
     `call` holds the request's settings (`guide_steps` apart: each run sets its own)."""
     import torch
 
-    from cvg.compshapes.judge import judge
     from cvg.guidance.composition import Composition
     from cvg.io.video import contact_sheet, save_image, to_uint8
 
@@ -32,16 +33,16 @@ def compare_seeds(pipe, call: dict, args: argparse.Namespace) -> dict:
             )
             frames = to_uint8(out.frames[0])
             run = {"seed": seed, "run": name}
-            if args.judge:
+            if judge is not None:
                 verdict = judge(frames, composition)
                 run.update(ok=verdict.ok, reason=verdict.reason, failure=verdict.failure)
                 counts[name] += verdict.ok
             print(json.dumps(run), file=sys.stderr)
             runs.append(run)
-            mark = "" if not args.judge else (" ok" if run["ok"] else " not ok")
+            mark = "" if judge is None else (" ok" if run["ok"] else " not ok")
             rows.append((f"seed {seed} {name}{mark}", frames))
     result = {"runs": runs, "seeds": args.compare_seeds}
-    if args.judge:
+    if judge is not None:
         result["counts"] = counts
         print(
             f"{args.composition!r}: unguided {counts['unguided']} of {args.compare_seeds} seeds, guided "

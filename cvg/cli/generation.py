@@ -1,17 +1,17 @@
-"""`cvg generate`, `cvg sample` and `cvg export`: videos from a model, and engines ahead of serving."""
+"""`cvg generate`, `cvg export` and `cvg make-tiny-model`: videos from a model, engines ahead of serving, and a
+random tiny model to try them on."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 from cvg.cli.arguments import (
-    COUNT,
     NON_NEGATIVE,
     POSITIVE,
+    SEED,
     TEXT_TOKENS,
     config_flags,
     config_from,
@@ -24,8 +24,9 @@ from cvg.guidance.composition import KINDS
 from cvg.guidance.config import NORMALIZATIONS, GuidanceConfig
 from cvg.request import PRECISIONS, GenerationRequest, PipelineOptions
 
-# The flags of generate and sample, by the field they set: GenerationRequest's (a request's settings),
-# PipelineOptions' (how the model is loaded and runs) and GuidanceConfig's (the guidance a request overrides).
+# The flags of generate (and of cvg-research's sample), by the field they set: GenerationRequest's (a
+# request's settings), PipelineOptions' (how the model is loaded and runs) and GuidanceConfig's (the guidance a
+# request overrides).
 PROMPT_FLAGS = {"prompt": {}, "composition": {}, "negative_prompt": {}, "seed": {}}
 SIZE_FLAGS = {
     "height": {"type": POSITIVE},
@@ -73,7 +74,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         description="Generate a video with a local diffusers Wan pipeline, guided toward a "
         "composition in the first denoising steps.",
     )
-    _model_flags(gen)
+    add_model_flags(gen)
     config_flags(gen, GenerationRequest, PROMPT_FLAGS | SIZE_FLAGS)
     gen.add_argument("--out", required=True, help="output: .mp4, .gif, or a folder for PNG frames")
     gen.add_argument("--save-maps", metavar="PNG", help="also draw the pooled maps of each composition entity")
@@ -82,7 +83,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     )
     gen.add_argument("--quiet", action="store_true", help="no progress bars (loading or denoising)")
     gen.add_argument(
-        "--judge", action="store_true", help="judge the video against the composition with the CompShapes judge"
+        "--judge",
+        nargs="?",
+        const="compshapes",
+        metavar="NAME",
+        help="judge the video against the composition with an installed judge (default compshapes, from cvg-research)",
     )
     gen.add_argument(
         "--compare-seeds",
@@ -98,19 +103,6 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         help="with --compare-seeds: every run side by side, frames across, in one picture",
     )
     gen.set_defaults(run=generate)
-
-    sample = commands.add_parser(
-        "sample",
-        help="generate one clip per record of a spec set (resumable)",
-        description="Generate a video set for `cvg eval`: one clip per record of a dataset index, at each "
-        "record's scene size, with seed SEED + id.",
-    )
-    _model_flags(sample)
-    sample.add_argument("--specs", required=True, help="dataset directory or index JSONL with prompts and compositions")
-    sample.add_argument("--out", required=True, help="output directory (index.jsonl + clips/)")
-    sample.add_argument("--limit", type=COUNT, help="only the first LIMIT records")
-    config_flags(sample, GenerationRequest, {"seed": {"help": "base seed; record i uses SEED + i (default 0)"}})
-    sample.set_defaults(run=sample_set)
 
     export = commands.add_parser(
         "export",
@@ -137,9 +129,15 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--cache", help="cache directory (default $CVG_CACHE/engines or ~/.cache/cvg/engines)")
     export.set_defaults(run=export_engine)
 
+    tiny = commands.add_parser("make-tiny-model", help="save a random tiny Wan pipeline (real text encoder)")
+    tiny.add_argument("directory", help="where to save the pipeline")
+    tiny.add_argument("--seed", type=SEED, default=0, help="seed of the random weights (default 0)")
+    tiny.set_defaults(run=make_tiny_model)
 
-def _model_flags(parser: argparse.ArgumentParser) -> None:
-    """The model, sampling and guidance flags `generate` and `sample` share."""
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The model, sampling and guidance flags of `generate` (and of commands that generate, like cvg-research's
+    `sample`)."""
     parser.add_argument("--model", required=True, help="local diffusers WanPipeline directory")
     parser.add_argument(
         "--objective",
@@ -159,7 +157,7 @@ def precision(name: str) -> str:
     return fast_precision() if name == "auto" else name
 
 
-def _load(args: argparse.Namespace):
+def load_pipeline(args: argparse.Namespace):
     """The CVGPipeline the model flags ask for, and the settings of its calls the flags give."""
     from cvg.guidance.objectives import objective_for
     from cvg.pipeline import CVGPipeline
@@ -175,10 +173,12 @@ def _load(args: argparse.Namespace):
 def generate(args: argparse.Namespace) -> None:
     import torch
 
+    from cvg.guidance.judges import load_judge
     from cvg.io.files import check_writable
     from cvg.io.video import check_output, maps_picture, save_frames, save_image
 
     check_output(args.out)  # before any work: a refused output costs no generation
+    judge = load_judge(args.judge) if args.judge else None
     for flag, picture in (("--save-maps", args.save_maps), ("--contact-sheet", args.contact_sheet)):
         if picture is not None:
             check_writable(picture, flag)
@@ -188,7 +188,7 @@ def generate(args: argparse.Namespace) -> None:
 
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
-    pipe, call = _load(args)
+    pipe, call = load_pipeline(args)
     pipe.pipe.set_progress_bar_config(disable=args.quiet)
     call |= given_fields(args, SIZE_FLAGS)
     out = pipe(
@@ -207,8 +207,7 @@ def generate(args: argparse.Namespace) -> None:
         maps = bound.entity_maps(out.maps[-1].mean(dim=1))[0].numpy()  # last guided step, layers averaged
         picture = maps_picture(maps, out.frames[0], list(bound.composition.entities))
         report["maps"] = str(save_image(picture, args.save_maps))
-    if args.judge:
-        from cvg.compshapes.judge import judge
+    if judge is not None:
         from cvg.guidance.composition import Composition
         from cvg.io.video import to_uint8
 
@@ -219,20 +218,8 @@ def generate(args: argparse.Namespace) -> None:
     if args.compare_seeds:
         from cvg.cli.comparison import compare_seeds
 
-        report["comparison"] = compare_seeds(pipe, call, args)
+        report["comparison"] = compare_seeds(pipe, call, args, judge)
     print(json.dumps(report))
-
-
-def sample_set(args: argparse.Namespace) -> None:
-    from cvg.compshapes.videoset import generate_set
-    from cvg.io.files import check_writable
-
-    check_writable(Path(args.out) / "index.jsonl", "--out")
-    pipe, call = _load(args)
-    result = generate_set(
-        pipe, args.specs, args.out, args.seed, args.limit, report=lambda line: print(line, file=sys.stderr), **call
-    )
-    print(json.dumps({"out": args.out, **result}))
 
 
 def export_engine(args: argparse.Namespace) -> None:
@@ -270,3 +257,11 @@ def export_engine(args: argparse.Namespace) -> None:
             "file": str(getattr(engine, "path", "")),
         }
         print(json.dumps(report))
+
+
+def make_tiny_model(args: argparse.Namespace) -> None:
+    from cvg.models.tiny import tiny_wan_pipeline
+
+    directory = Path(args.directory)
+    tiny_wan_pipeline(seed=args.seed).save_pretrained(str(directory))
+    print(json.dumps({"model": str(directory)}))

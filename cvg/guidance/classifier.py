@@ -9,7 +9,7 @@ land near each other and share what was learned; only the small head trains.
 
 `ClassifierObjective` makes it the guided sampler's loss `-log p(label)`. Stored as `model.safetensors`
 + `config.json`; the config records the generator it reads (weights hash, recorded layers, pooling, tile
-grid) and loading it for another generator is a clear error. Training: `cvg.training.dual_inversion`.
+grid) and loading it for another generator is a clear error. Training: `cvg_research.training.dual_inversion`.
 """
 
 from __future__ import annotations

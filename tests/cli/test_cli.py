@@ -73,7 +73,7 @@ def test_execution_flags_reach_the_pipeline(tiny_model_dir, flags, batched, cach
     and `--taylorseer-cache` cache the later steps (TaylorSeer on Wan's modules), `--engine` runs them on a
     step engine; all off by default."""
     argv = ["generate", "--model", str(tiny_model_dir), "--prompt", "p", "--out", "o.mp4", *flags]
-    pipe, _ = generation._load(build_parser().parse_args(argv))
+    pipe, _ = generation.load_pipeline(build_parser().parse_args(argv))
     assert pipe.options.batch_cfg is batched
     if cache is None:
         assert pipe.cache is None
@@ -96,7 +96,7 @@ def test_execution_flags_reach_the_pipeline(tiny_model_dir, flags, batched, cach
 def test_a_cache_with_an_engine_or_another_cache_is_refused(flags, message):
     argv = ["generate", "--model", "m", "--prompt", "p", "--out", "o.mp4", *flags]
     with pytest.raises(ValueError, match=message):
-        generation._load(build_parser().parse_args(argv))
+        generation.load_pipeline(build_parser().parse_args(argv))
 
 
 def test_generate_mp4_and_maps(tiny_model_dir, tmp_path, capsys):

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from cvg.cli import main
-from cvg.compshapes.dataset import clip_seed, read_frames, read_index, split_clip, write_dataset
-from cvg.compshapes.evaluate import evaluate
-from cvg.compshapes.grammar import (
+from cvg.guidance.composition import Composition
+from cvg_research.compshapes.dataset import clip_seed, read_frames, read_index, split_clip, write_dataset
+from cvg_research.compshapes.evaluate import evaluate
+from cvg_research.compshapes.grammar import (
     ALL_CATEGORIES,
     CATEGORIES,
     Clip,
@@ -19,10 +20,9 @@ from cvg.compshapes.grammar import (
     sample_clip,
     split_of,
 )
-from cvg.compshapes.judge import detect, entity_colour_shape, judge_detections
-from cvg.compshapes.stats import wilson_interval
-from cvg.compshapes.world import COLOURS, SHAPES, WORD_TO_COLOUR, Scene, Thing, render
-from cvg.guidance.composition import Composition
+from cvg_research.compshapes.judge import detect, entity_colour_shape, judge_detections
+from cvg_research.compshapes.stats import wilson_interval
+from cvg_research.compshapes.world import COLOURS, SHAPES, WORD_TO_COLOUR, Scene, Thing, render
 
 
 def test_rendering_is_deterministic_by_seed():
@@ -133,7 +133,7 @@ def _corrupt(clips, noise, seed=0):
 
 
 def test_frechet_distance_orders_corruptions():
-    from cvg.compshapes.quality import artefact_rates, clip_features, frechet_distance, load_encoder
+    from cvg_research.compshapes.quality import artefact_rates, clip_features, frechet_distance, load_encoder
 
     encoder = load_encoder()
 
@@ -171,7 +171,7 @@ def _flipped(base: int, n: int = 160) -> list[np.ndarray]:
 def test_encoder_training_is_deterministic(tmp_path):
     from safetensors.torch import load_file
 
-    from cvg.compshapes.quality import train_encoder
+    from cvg_research.compshapes.quality import train_encoder
 
     for run in ("a", "b"):
         train_encoder(tmp_path / run, clips=48, epochs=1, seed=5)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from processes import kill_when
 
-from cvg.compshapes.dataset import INDEX, ClipWriter, DatasetError, read_frames, read_index, write_dataset
+from cvg_research.compshapes.dataset import INDEX, ClipWriter, DatasetError, read_frames, read_index, write_dataset
 
 
 def test_a_corrupt_line_is_named_and_no_record_after_it_is_dropped(tmp_path):
@@ -55,7 +55,7 @@ def test_a_second_writer_is_refused_in_one_line(tmp_path):
 
 def test_a_second_writer_process_is_refused_and_loses_nothing(tmp_path):
     code = (
-        "import sys, time; from cvg.compshapes.dataset import ClipWriter\n"
+        "import sys, time; from cvg_research.compshapes.dataset import ClipWriter\n"
         "with ClipWriter(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)\n"
     )
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
@@ -162,7 +162,7 @@ def test_killed_sample_resumes_with_every_record_once(tiny_model_dir, tmp_path):
 
 
 def test_eval_reads_no_file_outside_the_dataset(tmp_path):
-    from cvg.compshapes.evaluate import evaluate
+    from cvg_research.compshapes.evaluate import evaluate
 
     write_dataset(tmp_path / "set", 2, seed=1)
     write_dataset(tmp_path / "other", 1, seed=2)

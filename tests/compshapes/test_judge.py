@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from cvg.compshapes.judge import BLOB, COMPOSITION, DRAWING, detect, judge
-from cvg.compshapes.world import BACKGROUND, COLOURS, Scene, Thing, render
 from cvg.guidance.composition import Composition
+from cvg_research.compshapes.judge import BLOB, COMPOSITION, DRAWING, detect, judge
+from cvg_research.compshapes.world import BACKGROUND, COLOURS, Scene, Thing, render
 
 FRAMES = 17
 

@@ -4,8 +4,8 @@ import collections
 
 import pytest
 
-from cvg.compshapes import dataset
-from cvg.compshapes.grammar import (
+from cvg_research.compshapes import dataset
+from cvg_research.compshapes.grammar import (
     ALL_CATEGORIES,
     GrammarError,
     LeakError,
@@ -14,8 +14,8 @@ from cvg.compshapes.grammar import (
     sample_clip,
     split_of,
 )
-from cvg.training import dual_inversion, generator
-from cvg.training.generator import GeneratorRecipe
+from cvg_research.training import dual_inversion, recipe
+from cvg_research.training.recipe import GeneratorRecipe, training_clips
 
 
 def _wordings(clip):
@@ -24,7 +24,7 @@ def _wordings(clip):
 
 @pytest.mark.parametrize("stage", [1, 2])  # the VAE's clips, the transformer's
 def test_the_generators_training_clips_hold_train_prompts_only(stage):
-    clips = generator.training_clips(GeneratorRecipe(), stage, 0, 300)
+    clips = training_clips(GeneratorRecipe(), stage, 0, 300)
     assert {split_of(p) for c in clips for p in _wordings(c)} == {"train"}
 
 
@@ -45,9 +45,9 @@ def _plant(monkeypatch, module, split: str):
 
 @pytest.mark.parametrize("split", ["dev", "test"])
 def test_a_planted_prompt_is_refused_by_every_builder(monkeypatch, split):
-    _plant(monkeypatch, generator, split)
+    _plant(monkeypatch, recipe, split)
     with pytest.raises(LeakError, match=f"is a {split}-split prompt; it may not reach a train set"):
-        generator.training_clips(GeneratorRecipe(), 2, 0, 5)
+        training_clips(GeneratorRecipe(), 2, 0, 5)
     _plant(monkeypatch, dual_inversion, split)
     with pytest.raises(LeakError, match=f"is a {split}-split prompt"):
         dual_inversion.compshapes_clips(0, 10, 5, "train", 17, 64)

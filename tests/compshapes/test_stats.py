@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cvg.compshapes.stats import cluster_bootstrap_interval, sign_flip_test, wilson_interval
+from cvg_research.compshapes.stats import cluster_bootstrap_interval, sign_flip_test, wilson_interval
 
 
 def test_one_clip_per_prompt_matches_the_independent_interval():

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from cvg.cli import main
-from cvg.compshapes.dataset import DatasetError, read_frames, read_index, write_dataset
-from cvg.compshapes.evaluate import evaluate
-from cvg.compshapes.videoset import generate_set
 from cvg.pipeline import CVGPipeline
 from cvg.request import PipelineOptions
+from cvg_research.compshapes.dataset import DatasetError, read_frames, read_index, write_dataset
+from cvg_research.compshapes.evaluate import evaluate
+from cvg_research.compshapes.videoset import generate_set
 
 FAST = {"num_inference_steps": 2, "max_sequence_length": 32}
 

@@ -1,4 +1,4 @@
-"""The two fast diagnostics of a guidance head (cvg.experiments.diagnostics) and the AUROC they rest on."""
+"""The two fast diagnostics of a guidance head (cvg_research.experiments.diagnostics) and the AUROC they rest on."""
 
 import math
 
@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from cvg.compshapes.dataset import read_index, write_dataset
-from cvg.compshapes.stats import auroc
-from cvg.compshapes.videoset import generate_set
-from cvg.experiments import diagnostics
 from cvg.guidance.classifier import ClassifierConfig, ClassifierObjective, CompositionClassifier
 from cvg.guidance.config import GuidanceConfig
 from cvg.pipeline import CVGPipeline
+from cvg_research.compshapes.dataset import read_index, write_dataset
+from cvg_research.compshapes.stats import auroc
+from cvg_research.compshapes.videoset import generate_set
+from cvg_research.experiments import diagnostics
 
 
 def test_auroc_counts_ranked_pairs_and_ties():

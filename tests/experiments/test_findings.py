@@ -1,17 +1,18 @@
-"""`python -m cvg.experiments.findings` end to end at toy size: every kind of row runs and lands in the table."""
+"""`python -m cvg_research.experiments.findings` end to end at toy size: every kind of row runs and lands in the
+table."""
 
 import argparse
 
 import pytest
 import torch
 
-from cvg.compshapes.dataset import read_index
-from cvg.compshapes.grammar import novel_composition
-from cvg.experiments import findings
 from cvg.guidance.classifier import ClassifierConfig, CompositionClassifier
 from cvg.guidance.config import GuidanceConfig
 from cvg.models.wan import generator_description
-from cvg.training.dual_inversion import LABEL_TRANSFER, SINGLE_READING
+from cvg_research.compshapes.dataset import read_index
+from cvg_research.compshapes.grammar import novel_composition
+from cvg_research.experiments import findings
+from cvg_research.training.dual_inversion import LABEL_TRANSFER, SINGLE_READING
 
 
 def _save_classifier(directory, description, seed=0):

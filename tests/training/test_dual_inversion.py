@@ -14,9 +14,6 @@ import pytest
 import torch
 from processes import kill_when
 
-from cvg.compshapes.dataset import read_index, split_clip, write_dataset
-from cvg.compshapes.grammar import Clip, novel_composition
-from cvg.compshapes.judge import judge
 from cvg.guidance.classifier import label_of
 from cvg.guidance.config import GuidanceConfig
 from cvg.guidance.sampler import Denoiser
@@ -24,10 +21,13 @@ from cvg.io.files import LockedError, locked
 from cvg.io.video import to_uint8
 from cvg.models.wan import MANIFEST, load_wan_pipeline
 from cvg.pipeline import CVGPipeline
-from cvg.training import dual_inversion, readings
-from cvg.training.config import ReadingConfig, TrainingConfig
-from cvg.training.dual_inversion import evaluate_readings, train_classifier
-from cvg.training.readings import Readings
+from cvg_research.compshapes.dataset import read_index, split_clip, write_dataset
+from cvg_research.compshapes.grammar import Clip, novel_composition
+from cvg_research.compshapes.judge import judge
+from cvg_research.training import dual_inversion, readings
+from cvg_research.training.config import ReadingConfig, TrainingConfig
+from cvg_research.training.dual_inversion import evaluate_readings, train_classifier
+from cvg_research.training.readings import Readings
 
 SIZE = {"frames": 9, "height": 64, "width": 64}
 CONFIG = ReadingConfig(num_inference_steps=10, guide_steps=2, substeps=2, max_sequence_length=64)

@@ -9,15 +9,17 @@ import pytest
 import torch
 from diffusers import WanPipeline
 
-from cvg.compshapes.grammar import split_of
 from cvg.guidance.config import GuidanceConfig
 from cvg.io.files import LockedError, file_digest, locked
 from cvg.models.padding import collapse_padding
 from cvg.models.processors import KeyBiasWanAttnProcessor, TextBias, text_key_bias
 from cvg.models.wan import load_wan_pipeline
 from cvg.pipeline import CVGPipeline
-from cvg.training import generator, loop
-from cvg.training.generator import GeneratorRecipe, flow_sigmas, train_generator
+from cvg_research.compshapes.grammar import split_of
+from cvg_research.training import generator, loop
+from cvg_research.training.generator import flow_sigmas, train_generator
+from cvg_research.training.recipe import GeneratorRecipe, check_resumable, training_clips
+from cvg_research.training.vae import build_vae, load_vae_checkpoint, near_objects, train_vae
 
 TOY = GeneratorRecipe(
     vae_base_dim=4,
@@ -134,16 +136,16 @@ def test_a_stage_not_yet_started_may_change_its_recipe(tmp_path):
     work.mkdir()
     (work / "recipe.json").write_text(json.dumps(asdict(TOY)))
     (work / "vae.pt").write_bytes(b"")  # the VAE has started; latents and transformer have not
-    generator.check_resumable(work, replace(TOY, steps=TOY.steps + 5, clips=TOY.clips + 1, vae_refine_steps=7))
+    check_resumable(work, replace(TOY, steps=TOY.steps + 5, clips=TOY.clips + 1, vae_refine_steps=7))
     with pytest.raises(ValueError, match="vae_lr"):
-        generator.check_resumable(work, replace(TOY, vae_lr=TOY.vae_lr * 2))
+        check_resumable(work, replace(TOY, vae_lr=TOY.vae_lr * 2))
     (work / "vae_refine.pt").write_bytes(b"")  # the refinement has started too
     with pytest.raises(ValueError, match="vae_refine_steps"):
-        generator.check_resumable(work, replace(TOY, vae_refine_steps=7))
+        check_resumable(work, replace(TOY, vae_refine_steps=7))
     (work / "latents").mkdir()
     with pytest.raises(ValueError, match="clips"):
-        generator.check_resumable(work, replace(TOY, clips=TOY.clips + 1))
-    generator.check_resumable(work, replace(TOY, lr=TOY.lr / 2))  # the transformer has not started
+        check_resumable(work, replace(TOY, clips=TOY.clips + 1))
+    check_resumable(work, replace(TOY, lr=TOY.lr / 2))  # the transformer has not started
 
 
 def test_a_second_trainer_on_one_output_is_refused(toy_model):
@@ -157,9 +159,9 @@ def test_a_latent_chunk_of_other_clips_or_another_vae_is_encoded_again(toy_model
     reused only for those clips encoded by that VAE."""
     out, pipe = toy_model
     first = torch.load(out / ".work" / "latents" / "000000.pt", weights_only=True)
-    clips = generator.training_clips(TOY, 2, 0, TOY.clips)
+    clips = training_clips(TOY, 2, 0, TOY.clips)
     assert first["prompts"] == [c.prompt for c in clips]
-    vae = generator.build_vae(TOY)
+    vae = build_vae(TOY)
     vae.load_state_dict(torch.load(out / ".work" / "vae_refine.pt", weights_only=True)["vae"])
 
     def cached(clips, vae):
@@ -168,7 +170,7 @@ def test_a_latent_chunk_of_other_clips_or_another_vae_is_encoded_again(toy_model
         return loop.cached_chunks(clips, latents, 100, describe, fail, report=lambda _: None)
 
     assert torch.equal(cached(clips, vae)[0]["mean"], first["mean"])
-    other = generator.training_clips(replace(TOY, seed=5), 2, 0, TOY.clips)
+    other = training_clips(replace(TOY, seed=5), 2, 0, TOY.clips)
     with pytest.raises(pytest.fail.Exception, match="re-encoded"):
         cached(other, vae)
     with torch.no_grad():
@@ -178,7 +180,7 @@ def test_a_latent_chunk_of_other_clips_or_another_vae_is_encoded_again(toy_model
 
 
 def test_training_sees_train_split_prompts_only():
-    clips = generator.training_clips(GeneratorRecipe(), 2, 0, 60)
+    clips = training_clips(GeneratorRecipe(), 2, 0, 60)
     assert all(split_of(p) == "train" for c in clips for p in (c.prompt, *(q for q, _ in c.counterfactuals)))
     assert {c.category for c in clips} == {"object", "attribute", "spatial", "motion", "numeracy"}
 
@@ -221,8 +223,8 @@ def test_object_margin_weighs_the_pixels_near_an_object_as_the_object():
     drawn = torch.zeros(1, 1, 2, 11, 11, dtype=torch.bool)
     drawn[..., 5, 5] = True
     drawn[..., 1, 0, 0] = True  # at the border of the second frame: grown inside the frame only
-    assert torch.equal(generator.near_objects(drawn, 0), drawn)
-    grown = generator.near_objects(drawn, 2)
+    assert torch.equal(near_objects(drawn, 0), drawn)
+    grown = near_objects(drawn, 2)
     assert grown.shape == drawn.shape
     assert torch.equal(grown[0, 0, 0].nonzero().amin(0), torch.tensor([3, 3]))
     assert grown[0, 0, 0].sum() == 25 and grown[0, 0, 1, :3, :3].all() and grown[0, 0, 1].sum() == 25 + 9
@@ -238,13 +240,13 @@ def test_a_run_starts_from_a_vae_checkpoint_and_records_its_digest(toy_model, tm
     out, _ = toy_model
     init = out / ".work" / "vae_refine.pt"
     recipe = replace(TOY, vae_steps=0, vae_refine_steps=0, vae_init=str(init), object_margin=1)
-    vae = generator.train_vae(recipe, tmp_path, report=lambda _: None)
+    vae = train_vae(recipe, tmp_path, report=lambda _: None)
     saved = torch.load(init, weights_only=True)["vae"]
     assert all(torch.equal(v, saved[k]) for k, v in vae.state_dict().items())
     manifest = train_generator(tmp_path / "run", replace(recipe, vae_refine_steps=1), report=lambda _: None)
     assert manifest["vae_init_sha256"] == file_digest(init) and manifest["recipe"]["vae_init"] == str(init)
     with pytest.raises(FileNotFoundError, match="vae_init .*nowhere.pt: no such file"):
-        generator.load_vae_checkpoint(tmp_path / "nowhere.pt")
+        load_vae_checkpoint(tmp_path / "nowhere.pt")
 
 
 def test_a_recipe_file_feeds_train_generator_and_a_bad_one_is_named(tmp_path, capsys):

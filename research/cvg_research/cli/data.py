@@ -1,12 +1,17 @@
-"""`cvg compshapes-dataset` and `cvg eval`: CompShapes clips and their judging."""
+"""`cvg compshapes-dataset`, `cvg sample` and `cvg eval`: CompShapes clips, videos generated for their specs,
+and their judging."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
-from cvg.cli.arguments import COUNT, POSITIVE, SEED, number
-from cvg.compshapes.grammar import CATEGORIES, SINGLE, SPLITS
+from cvg.cli.arguments import COUNT, POSITIVE, SEED, config_flags, number
+from cvg.cli.generation import add_model_flags, load_pipeline
+from cvg.request import GenerationRequest
+from cvg_research.compshapes.grammar import CATEGORIES, SINGLE, SPLITS
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -32,6 +37,19 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     )
     data.set_defaults(run=compshapes_dataset)
 
+    sample = commands.add_parser(
+        "sample",
+        help="generate one clip per record of a spec set (resumable)",
+        description="Generate a video set for `cvg eval`: one clip per record of a dataset index, at each "
+        "record's scene size, with seed SEED + id.",
+    )
+    add_model_flags(sample)
+    sample.add_argument("--specs", required=True, help="dataset directory or index JSONL with prompts and compositions")
+    sample.add_argument("--out", required=True, help="output directory (index.jsonl + clips/)")
+    sample.add_argument("--limit", type=COUNT, help="only the first LIMIT records")
+    config_flags(sample, GenerationRequest, {"seed": {"help": "base seed; record i uses SEED + i (default 0)"}})
+    sample.set_defaults(run=sample_set)
+
     evaluation = commands.add_parser("eval", help="judge videos against their compositions (CompShapes)")
     evaluation.add_argument("--videos", required=True, help="directory holding the clips (.npz frames or videos)")
     evaluation.add_argument("--specs", help="index JSONL (file, prompt, composition, ...); default VIDEOS/index.jsonl")
@@ -42,7 +60,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
 
 def compshapes_dataset(args: argparse.Namespace) -> None:
-    from cvg.compshapes.dataset import write_dataset
+    from cvg_research.compshapes.dataset import write_dataset
 
     written = write_dataset(
         args.out, args.count, args.seed, args.categories, args.frames, args.size, args.size, args.split
@@ -50,9 +68,21 @@ def compshapes_dataset(args: argparse.Namespace) -> None:
     print(json.dumps({"dataset": args.out, "written": written, "count": args.count}))
 
 
+def sample_set(args: argparse.Namespace) -> None:
+    from cvg.io.files import check_writable
+    from cvg_research.compshapes.videoset import generate_set
+
+    check_writable(Path(args.out) / "index.jsonl", "--out")
+    pipe, call = load_pipeline(args)
+    result = generate_set(
+        pipe, args.specs, args.out, args.seed, args.limit, report=lambda line: print(line, file=sys.stderr), **call
+    )
+    print(json.dumps({"out": args.out, **result}))
+
+
 def evaluate_videos(args: argparse.Namespace) -> None:
-    from cvg.compshapes.evaluate import evaluate
     from cvg.io.files import check_writable, write_text_atomic
+    from cvg_research.compshapes.evaluate import evaluate
 
     if args.json:
         check_writable(args.json, "--json")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cvg import hardware
-from cvg.experiments import report
+from cvg import hardware, measure
 
 CPUINFO = """processor\t: 0
 model name\t: Example CPU 9000
@@ -27,14 +26,14 @@ flags\t\t: fpu sse avx2 {flags}
 )
 def test_machine_line_names_model_and_bf16_units(monkeypatch, flags, units):
     monkeypatch.setattr(hardware, "_cpuinfo", lambda: CPUINFO.format(flags=flags))
-    line = report.machine_line()
+    line = measure.machine_line()
     assert line.startswith("CPU (Example CPU 9000, ")
     assert f", {units}, torch " in line
 
 
 def test_machine_line_without_cpuinfo(monkeypatch):
     monkeypatch.setattr(hardware, "_cpuinfo", lambda: "")
-    assert ", no bf16 units, torch " in report.machine_line()
+    assert ", no bf16 units, torch " in measure.machine_line()
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """Two fast checks of a guidance objective, before any guided generation:
 
-    python -m cvg.experiments.diagnostics --model models/compshapes-wan --classifier models/compshapes-classifier \
+    python -m cvg_research.experiments.diagnostics --model models/compshapes-wan \
+        --classifier models/compshapes-classifier \
         --unguided .cache/experiments/findings/<row folder>/unguided
 
 - step-0 AUROC: p(label) at each clip's initial noise (the head's reading at the first guided step)
@@ -17,8 +18,8 @@
 Both are computed on the objective that guides: the classifier plus, where `GuidanceConfig.geometric`
 adds it, the training-free centroid term (`CVGPipeline.guiding_objective`).
 
-`--unguided` is a generated set (`cvg.compshapes.videoset.generate_set` with seed 0, as the findings' unguided row):
-each record's noise seed is its id.
+`--unguided` is a generated set (`cvg_research.compshapes.videoset.generate_set` with seed 0, as the findings'
+unguided row): each record's noise seed is its id.
 """
 
 from __future__ import annotations
@@ -32,15 +33,15 @@ import numpy as np
 import torch
 
 from cvg import threads
-from cvg.compshapes.dataset import read_index
-from cvg.compshapes.evaluate import load_frames
-from cvg.compshapes.judge import judge
-from cvg.compshapes.stats import auroc
 from cvg.guidance.composition import Composition
 from cvg.guidance.config import GuidanceConfig
 from cvg.guidance.objectives import Objective
 from cvg.guidance.sampler import Denoiser
 from cvg.pipeline import CVGPipeline
+from cvg_research.compshapes.dataset import read_index
+from cvg_research.compshapes.evaluate import load_frames
+from cvg_research.compshapes.judge import judge
+from cvg_research.compshapes.stats import auroc
 
 
 def _initial(pipe: CVGPipeline, record: dict) -> tuple[Denoiser, object, torch.Tensor, torch.Tensor]:

@@ -1,6 +1,6 @@
 """The CompShapes generator, measured: prompts of a sealed split judged per category, the VAE's ceiling, speed.
 
-    python -m cvg.experiments.generator --model models/compshapes-wan --write docs/generator.md
+    python -m cvg_research.experiments.generator --model models/compshapes-wan --write docs/generator.md
 
 Rows: the renders themselves (the judge's own ceiling), the renders through the VAE and back (the
 generator's ceiling), and the generator, unguided, at 20 steps. Prompts come from one sealed split
@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 
 from cvg import threads
-from cvg.compshapes.dataset import ClipWriter, read_frames, read_index, write_dataset
-from cvg.compshapes.evaluate import evaluate
-from cvg.compshapes.grammar import ALL_CATEGORIES
-from cvg.compshapes.videoset import generate_set
-from cvg.experiments.report import machine_line, publish
 from cvg.io.video import to_uint8
+from cvg.measure import machine_line, publish
 from cvg.models.wan import load_wan_pipeline, model_key, to_pixels
 from cvg.pipeline import CVGPipeline
+from cvg_research.compshapes.dataset import ClipWriter, read_frames, read_index, write_dataset
+from cvg_research.compshapes.evaluate import evaluate
+from cvg_research.compshapes.grammar import ALL_CATEGORIES
+from cvg_research.compshapes.videoset import generate_set
 
 SPEC_SEED = 20_261_124  # the prompt set of a split; fixed so every row and every run judges the same clips
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     speed = seconds_per_clip(pipe, args.steps)
     text = (
-        f"Command: `python -m cvg.experiments.generator --model {args.model} --clips {args.clips} "
+        f"Command: `python -m cvg_research.experiments.generator --model {args.model} --clips {args.clips} "
         f"--split {args.split}`\n\n"
         f"{machine_line()}. {args.clips} {args.split}-split clips (spec seed {SPEC_SEED}), accuracy with 95% "
         f"intervals clustered by prompt; Fréchet distance of a label-free autoencoder's clip features to fresh "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cvg.experiments.memory import ISOLATED_ENV
+from cvg.measure import ISOLATED_ENV
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "attention_pool.py"
 # Naive P is H·N·M·4 bytes = 268 MB here; the issue asks for >= 256 MB.

@@ -26,14 +26,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cvg.compshapes.dataset import split_clip
-from cvg.compshapes.grammar import Clip, check_sealed, sealed
-from cvg.compshapes.stats import auroc
 from cvg.guidance.classifier import ClassifierConfig, CompositionClassifier, LabelEncoder
 from cvg.io.files import locked, write_text_atomic
 from cvg.models.wan import generator_description, load_wan_pipeline, video_size
-from cvg.training.config import ReadingConfig, TrainingConfig
-from cvg.training.readings import Readings, dataset_clips, guided_levels, read_clips, read_trajectories, rendered
+from cvg_research.compshapes.dataset import split_clip
+from cvg_research.compshapes.grammar import Clip, check_sealed, sealed
+from cvg_research.compshapes.stats import auroc
+from cvg_research.training.config import ReadingConfig, TrainingConfig
+from cvg_research.training.readings import (
+    Readings,
+    dataset_clips,
+    guided_levels,
+    read_clips,
+    read_trajectories,
+    rendered,
+)
 
 GUIDED_CATEGORIES = ("spatial", "motion", "attribute", "numeracy")
 SINGLE_READING = "ablation-single-reading"  # beside the classifier: the one trained without dual inversion

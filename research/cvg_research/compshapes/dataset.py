@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cvg.compshapes.grammar import CATEGORIES, SPLITS, Clip, sample_clip, split_of
-from cvg.compshapes.world import render
 from cvg.io.files import LockedError, atomic_path, locked, read_json_object, remove_stale_temporaries, write_text_atomic
+from cvg_research.compshapes.grammar import CATEGORIES, SPLITS, Clip, sample_clip, split_of
+from cvg_research.compshapes.world import render
 
 INDEX = "index.jsonl"
 

@@ -1,4 +1,4 @@
-"""`cvg train-generator`, `cvg train-classifier`, `cvg train-encoder` and `cvg make-tiny-model`."""
+"""`cvg train-generator`, `cvg train-classifier` and `cvg train-encoder`."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import argparse
 import json
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 from cvg.cli.arguments import COUNT, NON_NEGATIVE, POSITIVE, SEED, STEPS, config_flags, config_from, number
-from cvg.training.config import ReadingConfig, TrainingConfig
+from cvg_research.training.config import ReadingConfig, TrainingConfig
 
 # ReadingConfig and TrainingConfig fields that are flags of train-classifier (the seed is the command's).
 READING_FLAGS = {
@@ -74,15 +73,10 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     encoder.add_argument("--seed", type=SEED, default=0, help="seed (default 0)")
     encoder.set_defaults(run=train_encoder)
 
-    tiny = commands.add_parser("make-tiny-model", help="save a random tiny Wan pipeline (real text encoder)")
-    tiny.add_argument("directory", help="where to save the pipeline")
-    tiny.add_argument("--seed", type=SEED, default=0, help="seed of the random weights (default 0)")
-    tiny.set_defaults(run=make_tiny_model)
-
 
 def train_generator(args: argparse.Namespace) -> None:
-    from cvg.training.generator import GeneratorRecipe
-    from cvg.training.generator import train_generator as train
+    from cvg_research.training.generator import train_generator as train
+    from cvg_research.training.recipe import GeneratorRecipe
 
     given = {"seed": args.seed, "vae_steps": args.vae_steps, "steps": args.steps, "clips": args.clips}
     base = GeneratorRecipe.from_file(args.recipe) if args.recipe else GeneratorRecipe()
@@ -92,7 +86,7 @@ def train_generator(args: argparse.Namespace) -> None:
 
 
 def train_classifier(args: argparse.Namespace) -> None:
-    from cvg.training.dual_inversion import train_and_evaluate
+    from cvg_research.training.dual_inversion import train_and_evaluate
 
     reading = config_from(args, ReadingConfig, READING_FLAGS)
     training = config_from(args, TrainingConfig, TRAINING_FLAGS, seed=args.seed)
@@ -113,15 +107,7 @@ def train_classifier(args: argparse.Namespace) -> None:
 
 
 def train_encoder(args: argparse.Namespace) -> None:
-    from cvg.compshapes.quality import train_encoder as train
+    from cvg_research.compshapes.quality import train_encoder as train
 
     config = train(args.out, args.clips, args.epochs, args.seed)
     print(json.dumps({"encoder": args.out, "log": config["log"]}))
-
-
-def make_tiny_model(args: argparse.Namespace) -> None:
-    from cvg.models.tiny import tiny_wan_pipeline
-
-    directory = Path(args.directory)
-    tiny_wan_pipeline(seed=args.seed).save_pretrained(str(directory))
-    print(json.dumps({"model": str(directory)}))

@@ -19,11 +19,11 @@ from safetensors.torch import load_file, save_file
 from scipy import linalg
 from torch import nn
 
-from cvg.compshapes.dataset import split_clip
-from cvg.compshapes.grammar import ALL_CATEGORIES
-from cvg.compshapes.judge import detect
-from cvg.compshapes.world import BACKGROUND, COLOURS, render
 from cvg.io.files import atomic_path, write_text_atomic
+from cvg_research.compshapes.dataset import split_clip
+from cvg_research.compshapes.grammar import ALL_CATEGORIES
+from cvg_research.compshapes.judge import detect
+from cvg_research.compshapes.world import BACKGROUND, COLOURS, render
 
 DEFAULT_ENCODER = Path(__file__).parent / "assets" / "encoder"
 

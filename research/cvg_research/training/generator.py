@@ -21,7 +21,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,111 +29,17 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
-from cvg.compshapes.dataset import split_clip
-from cvg.compshapes.grammar import ALL_CATEGORIES, sealed
-from cvg.compshapes.world import BACKGROUND, render
 from cvg.io.files import file_digest, locked, write_text_atomic
 from cvg.models.minilm import PACKAGE, load_minilm
 from cvg.models.padding import collapse_padding
 from cvg.models.processors import KeyBiasWanAttnProcessor, TextBias, text_key_bias
 from cvg.models.wan import MANIFEST, model_key, to_pixels
-from cvg.training.loop import Checkpoint, LossLog, cached_chunks, cosine_schedule, plot_losses
+from cvg_research.compshapes.world import BACKGROUND, render
+from cvg_research.training.loop import Checkpoint, LossLog, cached_chunks, cosine_schedule, plot_losses
+from cvg_research.training.recipe import GeneratorRecipe, check_resumable, seeded, training_clips
+from cvg_research.training.vae import near_objects, train_vae
 
-
-@dataclass(frozen=True)
-class GeneratorRecipe:
-    """Everything that decides the trained generator, saved beside it."""
-
-    seed: int = 0
-    frames: int = 17
-    size: int = 64
-    # VAE
-    vae_base_dim: int = 16
-    z_dim: int = 8
-    vae_steps: int = 2400
-    vae_batch: int = 2
-    vae_window: int = 17  # frames per training window: whole clips, so later chunks learn the causal cache
-    vae_lr: float = 2e-3
-    kl_weight: float = 1e-5  # small: a sharp posterior; Wan normalises the latent scale anyway
-    object_weight: float = 10.0  # object pixels count this many times a background pixel
-    vae_extra_motion: bool = True  # motion every other VAE clip (see VAE_CATEGORIES)
-    # Pixels this close to an object (Chebyshev distance) weigh as the object's own. At 0 only the object's
-    # pixels weigh `object_weight`, so painting its colour over the background costs a tenth of leaving a
-    # hole in it: the VAE learned to dilate, and crosses came back as diamonds (fourth version).
-    object_margin: int = 0
-    # A VAE checkpoint (a stage file of an earlier run, e.g. training/generator-v4/vae_refine.pt) loaded
-    # before the first stage; with `vae_steps` 0 the run goes straight to the refinement from it.
-    vae_init: str | None = None
-    # A second VAE stage from the first's weights (fresh optimiser, fresh clips): more steps at a lower
-    # rate with frame 0 weighted up (the causal VAE gives it a latent frame of its own, drawn worst).
-    vae_refine_steps: int = 1500
-    vae_refine_lr: float = 5e-4
-    first_frame_weight: float = 4.0  # frame 0's pixels count this many times another frame's (refine only)
-    # transformer
-    clips: int = 6000  # training clips encoded to latents
-    heads: int = 6
-    head_dim: int = 32
-    layers: int = 4
-    ffn_dim: int = 768
-    steps: int = 4000
-    batch: int = 32
-    lr: float = 1e-3
-    warmup: int = 100
-    ema: float = 0.995
-    text_dropout: float = 0.1
-    text_tokens: int = 512  # WanPipeline's default max_sequence_length: the model is trained for it
-    text_tokens_fed: int | None = 32  # fewer keys per step, same maths (`cvg.models.padding`); None: all
-    target: str = "mean"  # "sample" a latent from the VAE posterior, or take its "mean"
-    shift: float = 3.0  # flow shift, in training sigmas and in the shipped scheduler
-    # Objects fill a few percent of the latent; their cells (any object pixel in the cell's frames) count
-    # this many times a background cell in the flow loss, so capacity goes to drawing them.
-    latent_object_weight: float = 5.0
-    # Transformer forward under bfloat16 autocast (weights, loss and optimiser stay float32): only where the
-    # CPU has bf16 instructions (without avx512_bf16 or AMX a bf16 matmul runs ~100x slower than float32).
-    bf16: bool = False
-    checkpoint_every: int = 100
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike) -> GeneratorRecipe:
-        """A recipe saved as JSON (a run's `.work/recipe.json`, or one kept under training/)."""
-        try:
-            fields = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:
-            raise ValueError(f"recipe {path}: {e}") from None
-        if not isinstance(fields, dict):
-            raise ValueError(f"recipe {path}: expected a JSON object of GeneratorRecipe fields")
-        if unknown := sorted(set(fields) - set(cls.__dataclass_fields__)):
-            raise ValueError(f"recipe {path}: unknown fields {', '.join(unknown)}")
-        return cls(**fields)
-
-
-# Which recipe fields each stage's result depends on: a resumed run may change the fields of stages that
-# have not started (the transformer's while the VAE trains), never those of a stage with a checkpoint.
-_VAE_FIELDS = ("seed", "frames", "size", "vae_base_dim", "z_dim", "vae_steps", "vae_batch", "vae_window", "vae_lr")
-_VAE_LOSS_FIELDS = ("kl_weight", "object_weight", "object_margin", "vae_extra_motion", "vae_init")
-STAGE_FIELDS = {
-    "vae.pt": (*_VAE_FIELDS, *_VAE_LOSS_FIELDS),
-    "vae_refine.pt": (*_VAE_LOSS_FIELDS, "vae_refine_steps", "vae_refine_lr", "first_frame_weight"),
-    "latents": ("clips", "object_margin"),
-}
-
-
-def _seeded(*parts: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(parts)).generate_state(1)[0]))
-
-
-def build_vae(recipe: GeneratorRecipe) -> AutoencoderKLWan:
-    return AutoencoderKLWan(
-        base_dim=recipe.vae_base_dim,
-        z_dim=recipe.z_dim,
-        dim_mult=[1, 2, 2],
-        num_res_blocks=1,
-        temperal_downsample=[True, True],
-        latents_mean=[0.0] * recipe.z_dim,
-        latents_std=[1.0] * recipe.z_dim,
-        scale_factor_temporal=4,
-        scale_factor_spatial=4,
-    )
+LOCK = ".lock"  # in OUT/.work: held by the one trainer of OUT
 
 
 def build_transformer(recipe: GeneratorRecipe) -> WanTransformer3DModel:
@@ -149,93 +55,6 @@ def build_transformer(recipe: GeneratorRecipe) -> WanTransformer3DModel:
         num_layers=recipe.layers,
         rope_max_seq_len=64,
     )
-
-
-# With `vae_extra_motion` the VAE sees motion every other clip: four of five categories are static, and a
-# causal video VAE trained on them learns to copy the previous frame, so fast-moving objects stay put when
-# decoded. (Measured: it fixes motion but, at z_dim 16 and this budget, shifted red to orange; see docs.)
-LOCK = ".lock"  # in OUT/.work: held by the one trainer of OUT
-VAE_CATEGORIES = tuple(c for other in ALL_CATEGORIES if other != "motion" for c in ("motion", other))
-
-
-def training_clips(recipe: GeneratorRecipe, stage: int, first: int, count: int, categories=ALL_CATEGORIES):
-    """Clips `first..first+count-1` of a stage's stream, categories in turn, training prompts only."""
-    size = {"frames": recipe.frames, "height": recipe.size, "width": recipe.size}
-    return list(
-        sealed(
-            split_clip(recipe.seed * 1000 + stage, i, categories[i % len(categories)], "train", **size)
-            for i in range(first, first + count)
-        )
-    )
-
-
-def train_vae(recipe: GeneratorRecipe, work: Path, report: Callable[[str], None] = print) -> AutoencoderKLWan:
-    """The VAE's two stages: from scratch (`vae.pt`), then refined from its weights (`vae_refine.pt`)."""
-    torch.manual_seed(recipe.seed)
-    vae = build_vae(recipe).train()
-    if recipe.vae_init:
-        vae.load_state_dict(load_vae_checkpoint(recipe.vae_init))
-    _vae_stage(recipe, vae, work, "vae", recipe.vae_steps, recipe.vae_lr, 1, 1.0, report)
-    if recipe.vae_refine_steps:  # from the first stage's final weights, which `vae` now holds
-        first = recipe.first_frame_weight
-        _vae_stage(recipe, vae, work, "vae_refine", recipe.vae_refine_steps, recipe.vae_refine_lr, 4, first, report)
-    return vae.eval()
-
-
-def load_vae_checkpoint(path: str | os.PathLike) -> dict:
-    """The VAE weights of a stage checkpoint (`vae.pt` or `vae_refine.pt` of a run)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"vae_init {path}: no such file (paths are read from the working directory)")
-    saved = torch.load(path, weights_only=True)
-    if "vae" not in saved:
-        raise ValueError(f"vae_init {path}: not a VAE stage checkpoint (no 'vae' entry)")
-    return saved["vae"]
-
-
-def near_objects(drawn: torch.Tensor, margin: int) -> torch.Tensor:
-    """`drawn` (bool [..., H, W]) grown by `margin` pixels in H and W: every pixel that close to an object."""
-    if margin == 0:
-        return drawn
-    shape = drawn.shape
-    grown = F.max_pool2d(drawn.reshape(-1, 1, *shape[-2:]).float(), 2 * margin + 1, stride=1, padding=margin)
-    return grown.reshape(shape) > 0
-
-
-def _vae_stage(recipe, vae, work: Path, name: str, steps: int, lr: float, stream: int, first_frame: float, report):
-    """Train `vae` for `steps` (resumable from WORK/NAME.pt): clips of stream `stream`, weighted L1 + KL."""
-    opt = torch.optim.AdamW(vae.parameters(), lr, weight_decay=0.0)
-    ckpt, log = Checkpoint(work / f"{name}.pt", recipe.checkpoint_every), LossLog(work / "log.jsonl", name)
-    start = ckpt.load(vae=vae, opt=opt)
-    log.rewind(start)
-    background = torch.tensor(BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1, 1) / 127.5 - 1
-    categories = VAE_CATEGORIES if recipe.vae_extra_motion else ALL_CATEGORIES
-    t0 = time.perf_counter()
-    for step in range(start, steps):
-        gen = _seeded(recipe.seed, stream, step)
-        clips = training_clips(recipe, stream, step * recipe.vae_batch, recipe.vae_batch, categories)
-        offset = int(torch.randint(0, recipe.frames - recipe.vae_window + 1, (), generator=gen))
-        x = to_pixels([render(c.scene)[offset : offset + recipe.vae_window] for c in clips])
-        posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
-        recon = vae.decode(z).sample
-        # Objects are a few percent of the pixels; weigh them up so the background does not win.
-        drawn = near_objects((x - background).abs().amax(1, keepdim=True) > 0.05, recipe.object_margin)
-        weight = 1 + (recipe.object_weight - 1) * drawn.float()
-        if offset == 0 and first_frame != 1.0:
-            weight[:, :, 0] *= first_frame
-        rec = (weight * (recon - x).abs()).mean()
-        kl = 0.5 * (posterior.mean**2 + posterior.var - 1 - posterior.logvar).mean()
-        loss = rec + recipe.kl_weight * kl
-        for group in opt.param_groups:
-            group["lr"] = lr * cosine_schedule(step, steps, 50)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        log.write(step + 1, loss=rec.item(), kl=kl.item())
-        if (step + 1) % 50 == 0:
-            report(f"{name} step {step + 1}/{steps} recon {rec.item():.4f} ({time.perf_counter() - t0:.0f} s)")
-        ckpt.save(step + 1, done=step + 1 == steps, vae=vae, opt=opt)
 
 
 @torch.no_grad()
@@ -319,7 +138,7 @@ def train_transformer(
     t0 = time.perf_counter()
     with text_key_bias(model, [KeyBiasWanAttnProcessor(text_bias) for _ in model.blocks]):
         for step in range(start, recipe.steps):
-            gen = _seeded(recipe.seed, 3, step)
+            gen = seeded(recipe.seed, 3, step)
             idx = torch.randint(0, len(latents["prompt"]), (recipe.batch,), generator=gen)
             posterior_mean, posterior_std = latents["mean"][idx].float(), latents["std"][idx].float()
             z = posterior_mean + posterior_std * torch.randn(posterior_mean.shape, generator=gen)
@@ -412,22 +231,6 @@ def _train_generator(out: Path, work: Path, recipe: GeneratorRecipe, report) -> 
     )
     plot_losses(work / "log.jsonl", out / "loss.png")
     return json.loads((out / MANIFEST).read_text())
-
-
-def check_resumable(work: Path, recipe: GeneratorRecipe) -> None:
-    """Refuse to resume a run whose finished or started stages had other recipe fields (named)."""
-    path = work / "recipe.json"
-    if not path.is_file():
-        return
-    stored, asked = json.loads(path.read_text()), asdict(recipe)
-    changed = {k for k in {*stored, *asked} if stored.get(k) != asked.get(k)}
-    started = [stage for stage in (*STAGE_FIELDS, "transformer.pt") if (work / stage).exists()]
-    fixed = set().union(*(STAGE_FIELDS.get(s, asked) for s in started)) if started else set()
-    if "latents" in started or "transformer.pt" in started:
-        fixed |= set(STAGE_FIELDS["vae.pt"])  # later stages read the VAE
-    if clash := sorted(changed & fixed):
-        detail = ", ".join(f"{k}={stored.get(k)!r} (asked {asked.get(k)!r})" for k in clash)
-        raise ValueError(f"{work} holds a run started with {detail}; resume with those or train into another directory")
 
 
 def save_generator(pipe: WanPipeline, out: Path, manifest: dict) -> None:

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from cvg.compshapes.world import BACKGROUND, COLOURS, SHAPES, WORD_TO_COLOUR, WORD_TO_SHAPE, shape_mask
 from cvg.guidance.composition import Composition, CompositionError
+from cvg.guidance.judges import COMPOSITION, DRAWING, Verdict
+from cvg_research.compshapes.world import BACKGROUND, COLOURS, SHAPES, WORD_TO_COLOUR, WORD_TO_SHAPE, shape_mask
 
 _BACKGROUND = np.asarray(BACKGROUND, np.float32)
 _TOWARDS = np.asarray(list(COLOURS.values()), np.float32) - _BACKGROUND  # [colours, 3]
@@ -31,7 +32,6 @@ _NAMES = list(COLOURS)
 BLOB = "blob"  # an object no shape's outline fits
 MIN_SHAPE_IOU = 0.6
 MAX_ASPECT = 1.35  # a box longer than this on one side holds no CompShapes shape
-DRAWING, COMPOSITION = "drawing", "composition"  # what a failed verdict failed on
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,6 @@ class Detection:
     x: float  # centroid, pixels
     y: float
     area: int
-
-
-@dataclass(frozen=True)
-class Verdict:
-    ok: bool
-    reason: str
-    failure: str | None = None  # DRAWING or COMPOSITION when not ok
 
 
 def entity_colour_shape(entity: str) -> tuple[str, str]:

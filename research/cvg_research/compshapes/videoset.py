@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cvg.compshapes.dataset import ClipWriter, read_index
 from cvg.guidance.composition import Composition
 from cvg.io.video import to_uint8
 from cvg.pipeline import CVGPipeline
+from cvg_research.compshapes.dataset import ClipWriter, read_index
 
 
 def generate_set(

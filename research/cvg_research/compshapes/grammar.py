@@ -22,7 +22,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from cvg.compshapes.world import (
+from cvg.guidance.composition import NUMBERS, Composition
+from cvg_research.compshapes.world import (
     COLOUR_WORDS,
     COLOURS,
     PLURALS,
@@ -33,7 +34,6 @@ from cvg.compshapes.world import (
     Scene,
     Thing,
 )
-from cvg.guidance.composition import NUMBERS, Composition
 
 CATEGORIES = ("attribute", "spatial", "motion", "numeracy")  # the compositional ones, after T2V-CompBench
 SINGLE = "object"  # one static object ("a red cube"): does a generator draw what it is told at all?

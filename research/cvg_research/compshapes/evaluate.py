@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cvg.compshapes.dataset import INDEX, read_index
-from cvg.compshapes.grammar import CATEGORIES, sample_clip
-from cvg.compshapes.judge import DRAWING, detect, judge_detections
-from cvg.compshapes.stats import cluster_bootstrap_interval, wilson_interval
-from cvg.compshapes.world import render
 from cvg.guidance.composition import Composition
+from cvg_research.compshapes.dataset import INDEX, read_index
+from cvg_research.compshapes.grammar import CATEGORIES, sample_clip
+from cvg_research.compshapes.judge import DRAWING, detect, judge_detections
+from cvg_research.compshapes.stats import cluster_bootstrap_interval, wilson_interval
+from cvg_research.compshapes.world import render
 
 REFERENCE_SEED = 987_654_321  # fresh renders to compare against when no reference set is given
 
@@ -50,7 +50,7 @@ def evaluate(
     if not records:
         raise FileNotFoundError(f"no clips listed in {index or directory / INDEX}")
     tallies: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # rejected, counterfactuals
-    from cvg.compshapes.quality import artefact_counts, clip_features, load_encoder
+    from cvg_research.compshapes.quality import artefact_counts, clip_features, load_encoder
 
     encoder = load_encoder() if quality else None
     verdicts, features, counts = [], [], np.zeros(4)
@@ -122,7 +122,7 @@ def quality_scores(
     features: np.ndarray, counts: np.ndarray, shape: tuple, encoder, reference: str | os.PathLike | None = None
 ) -> dict[str, float]:
     """Fréchet distance of the judged clips' encoder `features` to reference renders, and artefact rates."""
-    from cvg.compshapes.quality import artefact_rates, clip_features, frechet_distance
+    from cvg_research.compshapes.quality import artefact_rates, clip_features, frechet_distance
 
     if reference is not None:
         clips = (load_frames(Path(reference) / r["file"]) for r in read_index(reference))

@@ -13,10 +13,6 @@ import torch.nn.functional as F
 from diffusers import WanPipeline
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-from cvg.compshapes.dataset import read_frames, read_index
-from cvg.compshapes.grammar import Clip, novel_composition
-from cvg.compshapes.judge import judge
-from cvg.compshapes.world import render
 from cvg.guidance.classifier import label_of
 from cvg.guidance.config import GuidanceConfig
 from cvg.guidance.inversion import invert
@@ -24,8 +20,12 @@ from cvg.guidance.sampler import Denoiser
 from cvg.io.video import to_uint8
 from cvg.models.wan import latent_normalisation, to_pixels
 from cvg.pipeline import CVGPipeline
-from cvg.training.config import ReadingConfig
-from cvg.training.loop import cached_chunks
+from cvg_research.compshapes.dataset import read_frames, read_index
+from cvg_research.compshapes.grammar import Clip, novel_composition
+from cvg_research.compshapes.judge import judge
+from cvg_research.compshapes.world import render
+from cvg_research.training.config import ReadingConfig
+from cvg_research.training.loop import cached_chunks
 
 
 def guided_levels(pipe: WanPipeline, config: ReadingConfig) -> tuple[list[float], list[float]]:

@@ -1,6 +1,6 @@
 """The paper's findings measured on CompShapes: guidance by the dual-inversion classifier against the rest.
 
-    python -m cvg.experiments.findings --model models/compshapes-wan --classifier models/compshapes-classifier
+    python -m cvg_research.experiments.findings --model models/compshapes-wan --classifier models/compshapes-classifier
 
 Every row generates the same prompts of one sealed split (`grammar.split_of`: --split dev, where settings
 are chosen, or --split test, run only to report a choice already made; the four compositional categories
@@ -36,22 +36,22 @@ import numpy as np
 import torch
 
 from cvg import threads
-from cvg.compshapes.dataset import read_index, write_dataset, write_index
-from cvg.compshapes.evaluate import evaluate
-from cvg.compshapes.grammar import NOVEL_COMPOSITIONS, novel_composition
-from cvg.compshapes.stats import cluster_bootstrap_interval, sign_flip_test
-from cvg.compshapes.videoset import generate_set
-from cvg.experiments.generator import SPEC_SEED, drawing_table, table
-from cvg.experiments.report import machine_line, publish
 from cvg.guidance.classifier import CONFIG_NAME, WEIGHTS_NAME, label_of
 from cvg.guidance.composition import Composition
 from cvg.guidance.config import GuidanceConfig
+from cvg.measure import machine_line, publish
 from cvg.models import PRECISIONS
 from cvg.models.wan import load_wan_pipeline, model_key
 from cvg.pipeline import CVGPipeline
 from cvg.request import PipelineOptions
 from cvg.runtime import STEP_BACKENDS
-from cvg.training.dual_inversion import GUIDED_CATEGORIES, LABEL_TRANSFER, SINGLE_READING
+from cvg_research.compshapes.dataset import read_index, write_dataset, write_index
+from cvg_research.compshapes.evaluate import evaluate
+from cvg_research.compshapes.grammar import NOVEL_COMPOSITIONS, novel_composition
+from cvg_research.compshapes.stats import cluster_bootstrap_interval, sign_flip_test
+from cvg_research.compshapes.videoset import generate_set
+from cvg_research.experiments.generator import SPEC_SEED, drawing_table, table
+from cvg_research.training.dual_inversion import GUIDED_CATEGORIES, LABEL_TRANSFER, SINGLE_READING
 
 ROWS = ("unguided", "cvg", "classifier", "cvg-1", "cvg-2", "cvg-4", "cvg-all", "single", "training-free", "transfer")
 WINDOWS = {"unguided": 0, "cvg-1": 1, "cvg-2": 2, "cvg-4": 4}  # guided steps; cvg-all: all; the rest: --guidance
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     timing = ", ".join(f"{r} {s:.2f} s" for r, s in seconds.items() if s is not None)
     text = (
-        f"Command: `python -m cvg.experiments.findings --model {args.model} --classifier {args.classifier} "
+        f"Command: `python -m cvg_research.experiments.findings --model {args.model} --classifier {args.classifier} "
         f"--clips {args.clips} --rows {','.join(rows)}{options}`\n\n"
         f"{machine_line()}. {args.clips} {prompts}, {', '.join(GUIDED_CATEGORIES)} in turn (spec seed "
         f"{args.spec_seed}; noise seed = {args.noise_seed} + clip id, the same in every row), {args.steps} steps, "
