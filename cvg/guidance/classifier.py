@@ -7,7 +7,10 @@ label side is a frozen text backbone (`LabelEncoder`: all-MiniLM-L6-v2 by defaul
 `transformers` encoder otherwise), so related labels ("left of" / "to the left of", "ball" / "sphere")
 land near each other and share what was learned; only the small head trains.
 
-`ClassifierObjective` makes it the guided sampler's loss `-log p(label)`. Stored as `model.safetensors`
+`ClassifierObjective` makes it the guided sampler's loss: `-log sigmoid(score)` of the label for a head trained
+binary (each label alone), or `-log softmax` of the label among its family (`Composition.family`: the other
+relations, directions, counts or binding) for a head trained multi-class, so that "left of" and "right of"
+cannot rise together. Stored as `model.safetensors`
 + `config.json`; the config records the generator it reads (weights hash, recorded layers, pooling, tile
 grid) and loading it for another generator is a clear error. Training: `cvg_research.training.dual_inversion`.
 """
@@ -31,6 +34,7 @@ from cvg.io.files import atomic_path, read_json_object, write_text_atomic
 from cvg.models.minilm import PACKAGE
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+OBJECTIVES = ("binary", "multiclass")
 _EPS = 1e-12
 
 
@@ -44,10 +48,13 @@ class ClassifierConfig:
     label_encoder: str = PACKAGE  # the frozen backbone: the MiniLM package, or a local transformers directory
     timestep_conditioned: bool = False  # the map side also sees the step's noise level (see `time_features`)
     confidence: float = 0.95  # the largest p it was trained to give (label smoothing): guidance stops there
+    objective: str = "binary"  # how it was trained and guides: "binary" per label, or "multiclass" per family
     generator: dict = field(default_factory=dict)  # what it reads: {"transformer": hash, "layers", "pool", ...}
 
     def __post_init__(self) -> None:
         self.tiles = tuple(self.tiles)
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"classifier objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
 
 
 class CompositionClassifier(nn.Module):
@@ -99,15 +106,28 @@ class CompositionClassifier(nn.Module):
             getattr(self, f"{name}_mean").copy_(x.mean(0))
             getattr(self, f"{name}_scale").copy_(1 / x.std(0).clamp_min(1e-4))
 
+    def _sides(
+        self, maps: torch.Tensor, labels: torch.Tensor, timestep: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The map side `[B, hidden]` and the label side `[K, hidden]`, each standardised and through its MLP."""
+        features = (self.features(maps, timestep) - self.feature_mean) * self.feature_scale
+        label = (labels.to(features.dtype) - self.label_mean) * self.label_scale
+        return self.map_net(features), self.label_net(label)
+
     def forward(
         self, maps: torch.Tensor, label_embedding: torch.Tensor, timestep: torch.Tensor | None = None
     ) -> torch.Tensor:
         """`maps [B, layers, F, H, W, E]`, `label_embedding [B or 1, label_dim]`, the timestep the maps were
         read at (scalar or `[B]`; needed when timestep-conditioned, else ignored) -> logits `[B]`."""
-        features = (self.features(maps, timestep) - self.feature_mean) * self.feature_scale
-        label = (label_embedding.to(features.dtype) - self.label_mean) * self.label_scale
-        scores = self.map_net(features) * self.label_net(label).expand(features.shape[0], -1)
+        video, label = self._sides(maps, label_embedding, timestep)
+        scores = video * label.expand(video.shape[0], -1)
         return scores.sum(-1) / self.config.hidden_dim**0.5 + self.bias
+
+    def scores(self, maps: torch.Tensor, labels: torch.Tensor, timestep: torch.Tensor | None = None) -> torch.Tensor:
+        """Every label against every map set: `labels [K, label_dim]` -> logits `[B, K]` (a label family's
+        scores, for the multi-class objective)."""
+        video, label = self._sides(maps, labels, timestep)
+        return video @ label.T / self.config.hidden_dim**0.5 + self.bias
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
@@ -201,14 +221,23 @@ class ClassifierObjective:
         self.classifier = classifier.eval().requires_grad_(False)
         self.target_loss = -math.log(classifier.config.confidence)
         self.encoder = encoder or LabelEncoder(classifier.config.label_encoder)
-        self._labels: dict[tuple[str, torch.device], torch.Tensor] = {}  # on the maps' device, copied once
+        self._labels: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}  # on the maps' device, once
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, generator: dict | None = None) -> ClassifierObjective:
         return cls(CompositionClassifier.from_pretrained(directory, generator))
 
-    def __call__(self, maps: torch.Tensor, bound: BoundComposition, timestep: torch.Tensor | None = None):
-        key = (label_of(bound.composition), maps.device)
+    def _embeddings(self, labels: list[str], device: torch.device) -> torch.Tensor:
+        key = (tuple(labels), device)
         if key not in self._labels:
-            self._labels[key] = self.encoder([key[0]]).to(maps.device)
-        return F.softplus(-self.classifier(bound.entity_maps(maps), self._labels[key], timestep))
+            self._labels[key] = self.encoder(labels).to(device)
+        return self._labels[key]
+
+    def __call__(self, maps: torch.Tensor, bound: BoundComposition, timestep: torch.Tensor | None = None):
+        entity_maps = bound.entity_maps(maps)
+        family = [label_of(c) for c in bound.composition.family()]
+        if self.classifier.config.objective == "multiclass" and len(family) > 1:
+            logits = self.classifier.scores(entity_maps, self._embeddings(family, maps.device), timestep)
+            return -logits.log_softmax(-1)[:, 0]
+        label = self._embeddings([label_of(bound.composition)], maps.device)
+        return F.softplus(-self.classifier(entity_maps, label, timestep))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -38,6 +38,8 @@ RELATIONS = {
     "under": "below",
 }
 DIRECTIONS = ("left", "right", "up", "down")
+# The relation phrase each family member is written with (the label family of a spatial composition).
+CANONICAL_RELATIONS = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
 NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
 _MOTION = re.compile(r"^(?P<subject>.+?)\s+(?:moves|moving|goes|going|travels|travelling)\s+(?P<dir>\w+)$")
 
@@ -45,6 +47,15 @@ _MOTION = re.compile(r"^(?P<subject>.+?)\s+(?:moves|moving|goes|going|travels|tr
 def _clip(text: str, limit: int = 80) -> str:
     """`repr(text)`, cut short: a 10 KB prompt in an error line would bury the error."""
     return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+def _swap_binding(first: str, second: str) -> tuple[str, str] | None:
+    """Two entities with their first words exchanged ("red cube", "blue ball" -> "blue cube", "red ball"), or
+    None when either is one word or the exchange names them alike."""
+    (a, _, a_rest), (b, _, b_rest) = first.partition(" "), second.partition(" ")
+    if not a_rest or not b_rest or a == b or a_rest == b_rest:
+        return None
+    return f"{b} {a_rest}", f"{a} {b_rest}"
 
 
 class CompositionError(ValueError):
@@ -98,6 +109,25 @@ class Composition:
             word = {v: k for k, v in NUMBERS.items()}.get(self.count, str(self.count))
             return f"{word} {self.subject}"
         return self.subject if not self.object else f"{self.subject} and {self.object}"
+
+    def family(self) -> tuple[Composition, ...]:
+        """The labels a multi-class objective tells this one apart from, this one first: the four relations
+        between the same entities, the four directions, the counts one to five, or the two bindings of two
+        entities' first words ("red cube and blue ball" / "blue cube and red ball"). A single entity, or
+        two whose binding cannot swap, is a family of one. Members carry their own descriptions as labels."""
+        if self.kind == "spatial":  # every member in the same words, so no phrasing marks the true one
+            mine = RELATIONS[self.relation]
+            order = [mine, *(w for w in CANONICAL_RELATIONS if w != mine)]
+            return tuple(replace(self, relation=CANONICAL_RELATIONS[w], label="") for w in order)
+        if self.kind == "motion":
+            others = [replace(self, direction=d, label="") for d in DIRECTIONS if d != self.direction]
+        elif self.count is not None:
+            others = [replace(self, count=n, label="") for n in NUMBERS.values() if n != self.count]
+        elif self.object and (swapped := _swap_binding(self.subject, self.object)):
+            others = [replace(self, subject=swapped[0], object=swapped[1], label="")]
+        else:
+            others = []
+        return (replace(self, label=""), *others)
 
     @property
     def entities(self) -> tuple[str, ...]:

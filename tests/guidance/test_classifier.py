@@ -1,6 +1,7 @@
 """The learned classifier: features, scoring, storage, the frozen label encoder, and use as an objective."""
 
 import json
+import zlib
 
 import pytest
 import torch
@@ -74,6 +75,51 @@ def test_objective_is_differentiable_and_positive():
     loss = ClassifierObjective(_classifier(), _Labels())(maps, bound)
     (grad,) = torch.autograd.grad(loss.sum(), maps)
     assert loss.shape == (2,) and (loss > 0).all() and grad.abs().sum() > 0
+
+
+class _DistinctLabels:
+    """A stand-in label encoder with a distinct fixed embedding per label text."""
+
+    def __call__(self, labels):
+        return torch.stack(
+            [torch.randn(8, generator=torch.Generator().manual_seed(zlib.crc32(t.encode()))) for t in labels]
+        )
+
+
+def test_a_label_family_is_scored_as_the_pairs_are():
+    model, maps, labels = _classifier(), torch.rand(3, 2, 3, 4, 4, 2), torch.randn(4, 8)
+    scores = model.scores(maps, labels)
+    assert scores.shape == (3, 4)
+    for k in range(4):
+        torch.testing.assert_close(scores[:, k], model(maps, labels[k : k + 1]))
+
+
+def test_the_multiclass_objective_is_the_true_label_against_its_family():
+    """-log softmax over the family: raising every label alike (the head's bias) leaves it where it was,
+    where the binary objective falls; only the true label rising against its rivals lowers it."""
+    comp = Composition.parse("cube left of ball")
+    bound = BoundComposition(comp, torch.tensor([3, 4, 7]), (([0, 1], [2]),) * 2)
+    maps = torch.rand(2, 2, 3, 4, 4, 3) * 1e-2
+    binary, multiclass = _classifier(), _classifier()
+    multiclass.config.objective = "multiclass"
+    family = [label_of(c) for c in comp.family()]
+    assert family == ["cube left of ball", "cube right of ball", "cube above ball", "cube below ball"]
+    logits = multiclass.scores(bound.entity_maps(maps), _DistinctLabels()(family))
+    losses = {}
+    for name, model in (("binary", binary), ("multiclass", multiclass)):
+        objective = ClassifierObjective(model, _DistinctLabels())
+        before = objective(maps, bound)
+        with torch.no_grad():
+            model.bias += 5.0
+        losses[name] = (before, objective(maps, bound))
+    torch.testing.assert_close(losses["multiclass"][0], -logits.log_softmax(-1)[:, 0])
+    torch.testing.assert_close(losses["multiclass"][1], losses["multiclass"][0])
+    assert (losses["binary"][1] < losses["binary"][0] / 10).all()  # softplus(-(s + 5)): near 0
+
+
+def test_an_unknown_objective_is_refused():
+    with pytest.raises(ValueError, match="classifier objective must be one of binary, multiclass, got 'ranking'"):
+        ClassifierConfig(layers=1, tiles=(1, 1, 1), objective="ranking")
 
 
 def test_the_label_is_the_free_text_else_the_description():

@@ -141,3 +141,39 @@ def test_any_json_object_is_a_composition_or_a_composition_error(data):
         assert "\n" not in str(e)
         return
     assert Composition.from_dict(composition.to_dict()) == composition
+
+
+@pytest.mark.parametrize(
+    ("text", "members"),
+    [
+        (
+            "red cube to the left of blue ball",
+            [
+                "red cube left of blue ball",
+                "red cube right of blue ball",
+                "red cube above blue ball",
+                "red cube below blue ball",
+            ],
+        ),
+        (
+            "red cube under blue ball",  # the relations in one set of words
+            ["red cube below blue ball", *(f"red cube {r} blue ball" for r in ("left of", "right of", "above"))],
+        ),
+        ("ball moves up", ["ball moves up", "ball moves left", "ball moves right", "ball moves down"]),
+        ("three red balls", ["three red balls", "one red balls", "two red balls", "four red balls", "five red balls"]),
+        ("red cube and blue ball", ["red cube and blue ball", "blue cube and red ball"]),
+        ("red cube and red ball", ["red cube and red ball"]),  # the swap names the same pair
+        ("cube and ball", ["cube and ball"]),
+        ("red cube", ["red cube"]),
+    ],
+)
+def test_a_label_family_holds_the_composition_first_and_its_rivals(text, members):
+    family = Composition.parse(text).family()
+    assert [c.label for c in family] == members
+    assert len({c.label for c in family}) == len(family)
+    assert all(Composition.parse(c.label).family() == family for c in family[:1])  # the family of its own words
+
+
+def test_a_family_member_drops_a_free_text_label():
+    composition = Composition.from_dict({"kind": "motion", "subject": "ball", "direction": "left", "label": "L"})
+    assert [c.label for c in composition.family()][:2] == ["ball moves left", "ball moves right"]
