@@ -124,10 +124,11 @@ class CompositionClassifier(nn.Module):
         return scores.sum(-1) / self.config.hidden_dim**0.5 + self.bias
 
     def scores(self, maps: torch.Tensor, labels: torch.Tensor, timestep: torch.Tensor | None = None) -> torch.Tensor:
-        """Every label against every map set: `labels [K, label_dim]` -> logits `[B, K]` (a label family's
-        scores, for the multi-class objective)."""
+        """K labels against each map set -> logits `[B, K]` (a label family's scores, for the multi-class
+        objective): `labels [K, label_dim]` the same for every map set, or `[B, K, label_dim]` one family each."""
         video, label = self._sides(maps, labels, timestep)
-        return video @ label.T / self.config.hidden_dim**0.5 + self.bias
+        scores = video @ label.T if label.dim() == 2 else (video.unsqueeze(1) * label).sum(-1)
+        return scores / self.config.hidden_dim**0.5 + self.bias
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)

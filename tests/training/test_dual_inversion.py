@@ -152,6 +152,43 @@ def test_dual_readings_remove_the_leakage_single_readings_learn():
     assert results[False]["leakage"] > 0.5  # it reads the prompt back out of the maps
 
 
+class _DirectionLabels:
+    """A stand-in label encoder: one axis per direction word, so a family's four labels differ."""
+
+    dim = 4
+
+    def __call__(self, labels):
+        words = ("left", "right", "up", "down")
+        return torch.stack([torch.tensor([float(w in t.split()) for w in words]) for t in labels])
+
+
+def test_a_multiclass_head_learns_the_label_shown_among_its_family_without_the_leak():
+    train, held = _leaky_readings(400, 0), _leaky_readings(200, 1)
+    config = TrainingConfig(epochs=60, batch=64, lr=3e-3, hidden_dim=32, objective="multiclass")
+    model = train_classifier(train, {}, config, _DirectionLabels(), report=lambda _: None)
+    assert model.config.objective == "multiclass" and model.config.confidence == pytest.approx(0.9 + 0.1 / 4)
+    result = evaluate_readings(model, held, _DirectionLabels())["overall"]
+    assert result["accuracy"] > 0.95 and result["leakage"] < 0.1
+    maps = held.maps[:, 0].flatten(0, 1)
+    family = _DirectionLabels()(["cube moves left", "cube moves right", "cube moves up", "cube moves down"])
+    with torch.no_grad():
+        chosen = model.scores(maps, family, torch.tensor(999.0)).argmax(-1)
+    shown = torch.tensor([0 if t.endswith("left") else 1 for t in held.true_labels])
+    assert (chosen == shown).float().mean() > 0.95  # never up or down, which no reading shows
+
+
+def test_family_examples_keep_the_label_shown_and_drop_what_no_family_decides():
+    maps = torch.zeros(4, 1, 1, 1, 1, 1, 1, 2)
+    true = ["cube moves left", "red cube left of blue ball", "cube moves up", "red cube"]
+    counterfactual = ["cube moves right", "red cube above blue ball", "cube moves down", "blue cube"]
+    targets = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+    readings = Readings(maps, true, counterfactual, ["motion", "spatial", "motion", "object"], targets)
+    _, families, index, _ = dual_inversion._family_examples(readings, dual=True)
+    # the counterfactual shown, twice; both shown (undecided) and a family of one are dropped
+    assert [f[0] for f in families] == ["cube moves left", "red cube left of blue ball"]
+    assert index.tolist() == [1, 2]  # "cube moves right" and "red cube above blue ball" in their families
+
+
 def test_label_smoothing_keeps_the_head_from_saturating():
     """Unsmoothed, a separable training set drives logits (and so -log p, the guidance objective) to
     saturation; smoothed targets eps/2, 1 - eps/2 hold them near log((1 - eps/2) / (eps/2))."""

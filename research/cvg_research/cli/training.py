@@ -21,6 +21,7 @@ TRAINING_FLAGS = {
     "hidden_dim": {"type": POSITIVE},
     "weight_decay": {"type": NON_NEGATIVE},
     "label_smoothing": {"type": number(float, 0, 0.99)},
+    "objective": {},
 }
 
 

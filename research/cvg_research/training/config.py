@@ -43,4 +43,10 @@ class TrainingConfig:
     label_smoothing: float = documented(0.1, "label smoothing of the head's targets")
     weight_decay: float = documented(0.3, "AdamW weight decay")
     timestep_conditioned: bool = True  # the head sees the noise level it reads at (it guides at several)
+    objective: str = documented(
+        "binary",
+        "binary: each label scored alone (cross-entropy on the true and the counterfactual label); multiclass: "
+        "the label shown against its family (the other relations, directions, counts or binding), softmax",
+        choices=("binary", "multiclass"),
+    )
     seed: int = 0

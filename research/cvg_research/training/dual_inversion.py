@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cvg.guidance.classifier import ClassifierConfig, CompositionClassifier, LabelEncoder
+from cvg.guidance.classifier import ClassifierConfig, CompositionClassifier, LabelEncoder, label_of
+from cvg.guidance.composition import Composition
 from cvg.io.files import locked, write_text_atomic
 from cvg.models.wan import generator_description, load_wan_pipeline, video_size
 from cvg_research.compshapes.dataset import split_clip
@@ -62,6 +63,67 @@ def _examples(readings: Readings, dual: bool) -> tuple[torch.Tensor, list[str], 
     return torch.cat([flat, flat]), texts, torch.cat([shown[:, 0], shown[:, 1]]), torch.cat([steps, steps])
 
 
+def _family_examples(
+    readings: Readings, dual: bool
+) -> tuple[torch.Tensor, list[list[str]], torch.Tensor, torch.Tensor]:
+    """(maps [M, ...], label families, the index of the label shown in its family [M], timesteps [M]): each
+    reading and step of a clip that shows exactly one of its two labels, scored against the true label's
+    family (`Composition.family`); a label shown outside that family, or a family of one, is left out."""
+    maps = readings.maps if dual else readings.maps[:, :1]
+    n, r, s = maps.shape[:3]
+    shown = readings.label_targets()
+    timesteps = readings.timesteps if readings.timesteps is not None else torch.full((s,), float("nan"))
+    kept, families, targets = [], [], []
+    for i, (true, counterfactual) in enumerate(zip(readings.true_labels, readings.counterfactual_labels, strict=True)):
+        family = [label_of(c) for c in Composition.parse(true).family()]
+        if shown[i, 0] == shown[i, 1] or len(family) < 2:
+            continue
+        label = family[0] if shown[i, 0] else label_of(Composition.parse(counterfactual).family()[0])
+        if label in family:
+            kept.append(i)
+            families.append(family)
+            targets.append(family.index(label))
+    index = torch.tensor(kept, dtype=torch.long)
+    repeat = r * s
+    return (
+        maps[index].flatten(0, 2),
+        [f for f in families for _ in range(repeat)],
+        torch.tensor(targets, dtype=torch.long).repeat_interleave(repeat),
+        timesteps.float().repeat(len(kept) * r),
+    )
+
+
+def _binary_loss(maps, texts, targets, config: TrainingConfig, encoder: LabelEncoder):
+    """Cross-entropy of each (maps, label) pair against whether the clip shows the label, targets smoothed."""
+    embeddings = encoder(texts)
+    targets = targets * (1 - config.label_smoothing) + config.label_smoothing / 2
+
+    def loss(model: CompositionClassifier, idx: torch.Tensor, at: torch.Tensor | None) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(model(maps[idx], embeddings[idx], at), targets[idx])
+
+    return loss
+
+
+def _family_loss(maps, families, targets, config: TrainingConfig, encoder: LabelEncoder):
+    """Cross-entropy of the label shown among its family (families of different sizes padded and masked),
+    the target smoothed over the family's own members."""
+    texts = sorted({t for f in families for t in f})
+    table, width = encoder(texts), max(len(f) for f in families)
+    position = {t: i for i, t in enumerate(texts)}
+    index = torch.tensor([[position[t] for t in f] + [0] * (width - len(f)) for f in families])
+    member = torch.tensor([[True] * len(f) + [False] * (width - len(f)) for f in families])
+    eps = config.label_smoothing
+    wanted = member.float() * (eps / member.sum(1, keepdim=True))
+    wanted[torch.arange(len(targets)), targets] += 1 - eps
+
+    def loss(model: CompositionClassifier, idx: torch.Tensor, at: torch.Tensor | None) -> torch.Tensor:
+        logits = model.scores(maps[idx], table[index[idx]], at).masked_fill(~member[idx], float("-inf"))
+        log_p = logits.log_softmax(-1).masked_fill(~member[idx], 0.0)
+        return -(wanted[idx] * log_p).sum(-1).mean()
+
+    return loss
+
+
 def train_classifier(
     readings: Readings,
     generator: dict,
@@ -69,13 +131,24 @@ def train_classifier(
     encoder: LabelEncoder | None = None,
     report: Callable[[str], None] = print,
 ) -> CompositionClassifier:
-    """A classifier head fit to the readings (binary cross-entropy on both labels of every reading)."""
+    """A classifier head fit to the readings: binary cross-entropy on both labels of every reading, or
+    (`config.objective` "multiclass") cross-entropy of the label shown among its family."""
     encoder = encoder or LabelEncoder()
-    maps, texts, targets, timesteps = _examples(readings, config.dual)
+    if config.objective == "multiclass":
+        maps, families, targets, timesteps = _family_examples(readings, config.dual)
+        if not families:
+            raise ValueError("no reading shows one label of a family of two or more: nothing to train multiclass on")
+        texts = sorted({t for f in families for t in f})
+        loss_of = _family_loss(maps, families, targets, config, encoder)
+        confidence = 1 - config.label_smoothing + config.label_smoothing / max(len(f) for f in families)
+    else:
+        maps, label_texts, targets, timesteps = _examples(readings, config.dual)
+        texts = sorted(set(label_texts))
+        loss_of = _binary_loss(maps, label_texts, targets, config, encoder)
+        confidence = 1 - config.label_smoothing / 2
     if config.timestep_conditioned and torch.isnan(timesteps).any():
         raise ValueError("these readings do not record their timesteps; train with timestep_conditioned=False")
     timesteps = timesteps if config.timestep_conditioned else None
-    embeddings = encoder(texts)
     torch.manual_seed(config.seed)
     model = CompositionClassifier(
         ClassifierConfig(
@@ -86,11 +159,11 @@ def train_classifier(
             hidden_dim=config.hidden_dim,
             generator=generator,
             timestep_conditioned=config.timestep_conditioned,
-            confidence=1 - config.label_smoothing / 2,
+            confidence=confidence,
+            objective=config.objective,
         )
     )
-    model.standardise(maps, encoder(sorted(set(texts))), timesteps)
-    targets = targets * (1 - config.label_smoothing) + config.label_smoothing / 2
+    model.standardise(maps, encoder(texts), timesteps)
     opt = torch.optim.AdamW(model.parameters(), config.lr, weight_decay=config.weight_decay)
     order = torch.Generator().manual_seed(config.seed)
     steps = config.epochs * math.ceil(len(targets) / config.batch)
@@ -98,8 +171,7 @@ def train_classifier(
     for epoch in range(config.epochs):
         total = 0.0
         for idx in torch.randperm(len(targets), generator=order).split(config.batch):
-            at = None if timesteps is None else timesteps[idx]
-            loss = F.binary_cross_entropy_with_logits(model(maps[idx], embeddings[idx], at), targets[idx])
+            loss = loss_of(model, idx, None if timesteps is None else timesteps[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
