@@ -4,7 +4,8 @@ Wan's rectified flow has `x_sigma = (1 - sigma) x0 + sigma noise`, and its trans
 velocity `noise - x0`. Integrating dx/dsigma = v(x, sigma) upward from the clean latent (sigma 0) under a
 prompt gives the noisy latent from which the sampler, run back down under the same prompt, returns to
 the clip: the DDIM-inversion idea for flows. Classifier training reads the maps of a clip at the guided
-steps' noise levels this way (dual inversion: under its true prompt and under a counterfactual one).
+steps' noise levels this way (dual inversion: under its true prompt and under a counterfactual one), or
+inverts the clip all the way to noise and replays the sampler's path down from there (`descend`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,25 @@ def invert(denoiser: Denoiser, latents: torch.Tensor, sigmas: Sequence[float], s
     for target in sigmas:
         grid = torch.linspace(here, target, substeps + 1, dtype=torch.float64).tolist()
         latents = _euler(denoiser, latents, grid, substeps)
+        out.append(latents)
+        here = target
+    return out
+
+
+@torch.no_grad()
+def descend(denoiser: Denoiser, noise: torch.Tensor, sigmas: Sequence[float], substeps: int = 4) -> list[torch.Tensor]:
+    """The sampler's path replayed from pure noise (sigma 1): the latents at each of `sigmas` (decreasing,
+    in (0, 1]), with `substeps` Euler steps per interval: the mirror of `invert` from its top."""
+    falling = all(a > b for a, b in zip(sigmas[:-1], sigmas[1:], strict=True))
+    if not sigmas or not falling or any(not 0 < s <= 1 for s in sigmas):
+        raise ValueError(f"sigmas must be decreasing values in (0, 1], got {list(sigmas)}")
+    if substeps < 1:
+        raise ValueError(f"substeps must be at least 1, got {substeps}")
+    out, here, latents = [], 1.0, noise
+    for target in sigmas:
+        if target < here:
+            grid = torch.linspace(here, target, substeps + 1, dtype=torch.float64).tolist()
+            latents = _euler(denoiser, latents, grid, substeps)
         out.append(latents)
         here = target
     return out

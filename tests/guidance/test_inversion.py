@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cvg.guidance.inversion import invert, regenerate
+from cvg.guidance.inversion import descend, invert, regenerate
 from cvg.guidance.sampler import Denoiser
 
 
@@ -56,3 +56,20 @@ def test_invert_then_regenerate_returns_the_latent_on_a_wan_transformer(tiny_pip
 def test_bad_grids_are_refused(sigmas, substeps):
     with pytest.raises(ValueError, match="sigmas must be|substeps must be"):
         invert(_Field(0.0, 0.0), torch.zeros(1), sigmas, substeps)
+
+
+def test_descend_replays_from_noise_down_the_grid_and_mirrors_invert():
+    field = _Field(0.0, 0.0)
+    field.predict = lambda latents, t, step, sigma, total: torch.full_like(latents, 2.0)
+    noise = torch.zeros(1, 1, 1, 1, 1, dtype=torch.float64)
+    top, mid, low = descend(field, noise, [1.0, 0.75, 0.25], substeps=3)
+    assert top is noise  # sigma 1 is the noise itself
+    torch.testing.assert_close(mid, noise - 0.5)
+    torch.testing.assert_close(low, noise - 1.5)
+    x0 = torch.randn(1, 1, 1, 2, 2, dtype=torch.float64)
+    (up,) = invert(_Field(0.3, 0.0), x0, [1.0], substeps=64)
+    (back,) = descend(_Field(0.3, 0.0), up, [1e-9], substeps=64)
+    torch.testing.assert_close(back, x0, atol=0.02, rtol=0)  # first order: the error is O(1/substeps)
+    for sigmas in ([0.25, 0.75], [1.5], []):
+        with pytest.raises(ValueError, match="sigmas must be decreasing values in"):
+            descend(field, noise, sigmas)

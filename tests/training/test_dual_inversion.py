@@ -55,6 +55,33 @@ def test_a_clip_is_read_under_its_prompt_and_its_counterfactual(tiny_pipe):
     torch.testing.assert_close(single, true)
 
 
+def test_a_replay_inverts_the_clip_to_noise_and_reads_the_path_back_down(tiny_pipe):
+    """Invert-and-replay: maps at the guided steps of the sampler's path from the clip's inverted noise,
+    under each prompt; the inversion's error shrinks as its Euler steps grow (first order)."""
+    clip, frames = next(iter(readings.rendered(_clips(1))))
+    errors = []
+    for substeps in (4, 16):
+        config = replace(CONFIG, source="replay", replay_substeps=substeps)
+        (true, counterfactual), quality = readings.read_replay(tiny_pipe, clip, frames, config, dual=True)
+        layers = len(tiny_pipe.transformer.blocks)
+        assert true.shape == counterfactual.shape == (2, layers, 3, 2, 2, 2)
+        assert not torch.allclose(true, counterfactual) and torch.isfinite(true).all()
+        assert quality.shape == (3,) and torch.isfinite(quality).all()
+        errors.append(quality[2].item())
+    assert errors[1] < 0.6 * errors[0]
+
+
+def test_only_well_inverted_clips_are_kept():
+    quality = torch.tensor([[1.0, 0.0, 0.01], [1.3, 0.0, 0.01], [1.0, 2.0, 0.01], [1.05, -0.2, 0.2]])
+    kept = Readings(torch.zeros(4, 2, 1, 1, 1, 1, 1, 2), ["a"] * 4, ["b"] * 4, ["x"] * 4, quality=quality)
+    config = replace(CONFIG, replay_max_std_error=0.15, replay_max_kurtosis=0.5, replay_max_error=0.05)
+    assert kept.well_inverted(config) == [True, False, False, False]
+    assert kept.where([True, False, True, False]).quality.tolist() == quality[[0, 2]].tolist()
+    summary = dual_inversion.inversion_summary(kept, config)
+    assert summary["kept"] == 1 and summary["clips"] == 4 and summary["std"] == pytest.approx(1.0875)
+    assert dual_inversion.inversion_summary(replace(kept, quality=None), config) is None
+
+
 def test_readings_are_cached_and_resumed(tiny_pipe, tmp_path, monkeypatch):
     clips = _clips(3, "motion")  # one entity: the second slot stays empty
     first = readings.read_clips(tiny_pipe, readings.rendered(clips), CONFIG, tmp_path, chunk=2, report=lambda _: None)
@@ -204,7 +231,7 @@ def test_label_smoothing_keeps_the_head_from_saturating():
     assert abs(magnitude[0.2] - math.log(0.9 / 0.1)) < 0.5
 
 
-@pytest.mark.parametrize("source", ["trajectory", "inversion"])
+@pytest.mark.parametrize("source", ["trajectory", "inversion", "replay"])
 def test_train_and_evaluate_saves_three_classifiers_and_resumes(tiny_model_dir, tmp_path, monkeypatch, source):
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
@@ -221,9 +248,14 @@ def test_train_and_evaluate_saves_three_classifiers_and_resumes(tiny_model_dir, 
     held = tmp_path / "held"  # measured on a dataset folder, trained on fresh renders: both sources
     write_dataset(held, 4, 5, ("spatial", "attribute"), SIZE["frames"], SIZE["height"], SIZE["width"], "dev")
     reading = replace(CONFIG, source=source)
+    if source == "replay":  # a random tiny model inverts poorly: keep every clip here
+        reading = replace(reading, replay_substeps=4, replay_max_std_error=1e9, replay_max_kurtosis=1e9)
+        reading = replace(reading, replay_max_error=1e9)
     run = dict(clips=8, heldout=4, reading=reading, training=training, report=lambda _: None, heldout_data=held)
     summary = dual_inversion.train_and_evaluate(model, out, **run)
     assert summary["heldout_data"] == str(held) and summary["clips"] == 8
+    inverted = summary["inversions"]["train"]
+    assert (inverted["kept"], inverted["clips"]) == (8, 8) if source == "replay" else inverted is None
     assert set(summary["heldout_results"]) == {"dual", "single", "transfer"}
     dual, transfer = trained_on[True]
     held_clips = [Clip.from_record(r) for r in read_index(held)]
@@ -240,7 +272,7 @@ def test_train_and_evaluate_saves_three_classifiers_and_resumes(tiny_model_dir, 
     pipe = CVGPipeline(load_wan_pipeline(model))
     for directory in (out, out / dual_inversion.SINGLE_READING, out / dual_inversion.LABEL_TRANSFER):
         pipe.load_classifier(directory)  # bound to this generator
-    reader = "read_trajectory" if source == "trajectory" else "read_clip"
+    reader = {"trajectory": "read_trajectory", "inversion": "read_clip", "replay": "read_replay"}[source]
     monkeypatch.setattr(readings, reader, lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
     again = dual_inversion.train_and_evaluate(model, out, **run)
     assert again["heldout_results"] == summary["heldout_results"]  # readings reused, training deterministic

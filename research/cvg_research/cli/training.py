@@ -12,7 +12,7 @@ from cvg_research.training.config import ReadingConfig, TrainingConfig
 
 # ReadingConfig and TrainingConfig fields that are flags of train-classifier (the seed is the command's).
 READING_FLAGS = {
-    "source": {"names": ["--readings"], "choices": ("trajectory", "inversion")},
+    "source": {"names": ["--readings"]},
     "num_inference_steps": {"names": ["--num-inference-steps", "--steps"], "type": STEPS, "metavar": "N"},
     "guide_steps": {"type": POSITIVE},
 }

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from cvg.request import documented
 
+SOURCES = ("trajectory", "inversion", "replay")
+
 
 @dataclass(frozen=True)
 class ReadingConfig:
@@ -14,16 +16,28 @@ class ReadingConfig:
 
     source "trajectory": the generator's own samples from Gaussian noise, read at the latents the sampler
     passes through and labelled by the judge on the decoded clip (`read_trajectory`); "inversion": clips
-    inverted to the guided steps' noise levels (`read_clip`)."""
+    inverted to the guided steps' noise levels (`read_clip`); "replay": clips inverted to pure noise under
+    their true prompt, then the sampler's path replayed from that noise under each reading's prompt
+    (`read_replay`), kept only where the inversion is good (`replay_*`)."""
 
     source: str = documented(
         "trajectory",
-        "read the generator's own samples along its sampling trajectory, "
-        "labelled by the judge (trajectory), or clips inverted to the guided steps' noise levels",
+        "read the generator's own samples along its sampling trajectory, labelled by the judge "
+        "(trajectory), clips inverted to the guided steps' noise levels (inversion), or clips inverted to "
+        "noise and the sampler replayed from there under each prompt (replay)",
+        choices=SOURCES,
     )
     num_inference_steps: int = documented(20, "sampling steps whose guided steps are read")
     guide_steps: int = documented(4, "first steps read, where guidance may act")
     substeps: int = 4  # Euler steps of the inversion per noise interval
+    # replay: Euler steps from the clip to pure noise (and back, to check it); a clip is kept when its
+    # inverted noise looks Gaussian (std within `replay_max_std_error` of 1, |excess kurtosis| at most
+    # `replay_max_kurtosis`) and the sampler, run back down from it, returns to the clip (relative squared
+    # error at most `replay_max_error`). Provisional bounds, to be chosen on the dev split.
+    replay_substeps: int = 20
+    replay_max_std_error: float = 0.15
+    replay_max_kurtosis: float = 0.5
+    replay_max_error: float = 0.05
     pool: tuple[int, int, int] = (1, 2, 2)
     layers: tuple[int, ...] | None = None  # None: every block
     max_sequence_length: int = 512

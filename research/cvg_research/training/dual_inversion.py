@@ -33,7 +33,7 @@ from cvg.models.wan import generator_description, load_wan_pipeline, video_size
 from cvg_research.compshapes.dataset import split_clip
 from cvg_research.compshapes.grammar import Clip, check_sealed, sealed
 from cvg_research.compshapes.stats import auroc
-from cvg_research.training.config import ReadingConfig, TrainingConfig
+from cvg_research.training.config import SOURCES, ReadingConfig, TrainingConfig
 from cvg_research.training.readings import (
     Readings,
     dataset_clips,
@@ -228,6 +228,22 @@ def evaluate_readings(model: CompositionClassifier, readings: Readings, encoder:
     return result
 
 
+def inversion_summary(readings: Readings, config: ReadingConfig) -> dict | None:
+    """Replay readings: the inverted noises' mean std and excess kurtosis, the median relative error of the
+    clip regenerated from them, and how many clips are kept (None for other sources)."""
+    if readings.quality is None:
+        return None
+    std, kurtosis, error = readings.quality.unbind(1)
+    kept = readings.well_inverted(config)
+    return {
+        "std": std.mean().item(),
+        "kurtosis": kurtosis.mean().item(),
+        "error_median": error.median().item(),
+        "kept": sum(kept),
+        "clips": len(kept),
+    }
+
+
 def compshapes_clips(seed: int, stream: int, count: int, split: str, frames: int, size: int) -> list[Clip]:
     """`count` CompShapes clips of the guided categories in turn, from one split ("train", "dev" or "test")."""
     categories, size = GUIDED_CATEGORIES, {"frames": frames, "height": size, "width": size}
@@ -255,8 +271,8 @@ def train_and_evaluate(
     and measure them on the held-out clips (`out/training.json`). Readings are cached `chunk` clips a file,
     so a killed run loses at most one chunk; one trainer per `out` at a time (a second is refused)."""
 
-    if reading.source not in ("trajectory", "inversion"):
-        raise ValueError(f"reading source must be trajectory or inversion, got {reading.source!r}")
+    if reading.source not in SOURCES:
+        raise ValueError(f"reading source must be one of {', '.join(SOURCES)}, got {reading.source!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with locked(out / LOCK, wait=False):  # LockedError, naming the holder's pid, if another trainer runs
@@ -279,7 +295,8 @@ def _train_and_evaluate(
     generator = generator_description(pipe.transformer, layers, reading.pool)
     # Readings depend on the generator and where it is read: another one must never reuse them.
     work = out / ".work" / f"{generator['transformer']}-steps{reading.num_inference_steps}-guided{reading.guide_steps}"
-    work = work.with_name(f"{work.name}-trajectory") if reading.source == "trajectory" else work
+    if reading.source != "inversion":  # each source its own readings
+        work = work.with_name(f"{work.name}-{reading.source}")
 
     def source(folder, stream: int, count: int, split: str):
         if folder is None:
@@ -302,6 +319,8 @@ def _train_and_evaluate(
 
     train_set, held_set = read(data, 10, clips, "train"), read(heldout_data, 11, heldout, "dev")
     read_seconds = time.perf_counter() - started
+    inversions = {"train": inversion_summary(train_set, reading), "heldout": inversion_summary(held_set, reading)}
+    train_set, held_set = (r.where(r.well_inverted(reading)) for r in (train_set, held_set))
     encoder = LabelEncoder()
     heads = {  # name: (dual, training readings, held-out readings, where it is saved)
         "dual": (True, train_set, held_set, out),
@@ -329,6 +348,7 @@ def _train_and_evaluate(
         "reading": reading.__dict__,
         "training": training.__dict__,
         "read_seconds": read_seconds,
+        "inversions": inversions,
         "total_seconds": time.perf_counter() - started,
         "heldout_results": results,
     }

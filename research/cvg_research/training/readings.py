@@ -15,7 +15,7 @@ from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
 from cvg.guidance.classifier import label_of
 from cvg.guidance.config import GuidanceConfig
-from cvg.guidance.inversion import invert
+from cvg.guidance.inversion import descend, invert
 from cvg.guidance.sampler import Denoiser
 from cvg.io.video import to_uint8
 from cvg.models.wan import latent_normalisation, to_pixels
@@ -43,6 +43,14 @@ def encode_clip(pipe: WanPipeline, frames) -> torch.Tensor:
     return (pipe.vae.encode(to_pixels([frames])).latent_dist.mean - mean) / std
 
 
+def _prompt_denoiser(pipe: WanPipeline, prompt: str, config: ReadingConfig) -> Denoiser:
+    """The transformer conditioned on `prompt` alone (no classifier-free guidance)."""
+    embeds = pipe.encode_prompt(
+        prompt, do_classifier_free_guidance=False, max_sequence_length=config.max_sequence_length
+    )[0]
+    return Denoiser(pipe.transformer, embeds, None, 1.0)
+
+
 def _entity_readings(
     pipe: WanPipeline,
     prompt: str,
@@ -52,11 +60,8 @@ def _entity_readings(
 ) -> torch.Tensor:
     """Entity maps `[steps, layers, f, h, w, E]` under `prompt`, read at `latents(denoiser)`: one latent per
     read step, each at that step's timestep (the denoiser is the prompt's, for latents that depend on it)."""
-    embeds = pipe.encode_prompt(
-        prompt, do_classifier_free_guidance=False, max_sequence_length=config.max_sequence_length
-    )[0]
     bound = composition.bind(pipe.tokenizer, [prompt_clean(prompt)], config.max_sequence_length)
-    denoiser = Denoiser(pipe.transformer, embeds, None, 1.0)
+    denoiser = _prompt_denoiser(pipe, prompt, config)
     guidance = GuidanceConfig(pool=config.pool, layers=list(config.layers) if config.layers else None)
     timesteps = guided_levels(pipe, config)[1]
     maps = [
@@ -80,12 +85,49 @@ def read_clip(pipe: WanPipeline, clip: Clip, frames, config: ReadingConfig, dual
     return [_entity_readings(pipe, prompt, composition, config, inverted) for prompt, composition in readings]
 
 
+QUALITY = ("std", "kurtosis", "error")  # of a replay's inversion: see `inversion_quality`
+
+
+def inversion_quality(noise: torch.Tensor, clip: torch.Tensor, returned: torch.Tensor) -> torch.Tensor:
+    """`[3]`: the inverted noise's std and excess kurtosis (Gaussian: 1 and 0), and the squared error of the
+    clip's latent regenerated from it, relative to the latent's variance."""
+    z = noise.double().flatten()
+    centred = z - z.mean()
+    kurtosis = (centred**4).mean() / (centred**2).mean() ** 2 - 3
+    error = ((returned.double() - clip.double()) ** 2).mean() / clip.double().var()
+    return torch.stack([z.std(), kurtosis, error]).float()
+
+
+@torch.no_grad()
+def read_replay(
+    pipe: WanPipeline, clip: Clip, frames, config: ReadingConfig, dual: bool
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Invert-and-replay readings of one clip: its latent inverted to pure noise under its true prompt
+    (`config.replay_substeps` Euler steps), then the sampler's path replayed down from that noise under each
+    reading's prompt (true, then counterfactual) and read at the guided steps. Returns the entity maps
+    `[guide_steps, layers, f, h, w, E]` per reading and the inversion's quality (`inversion_quality`)."""
+    latent = encode_clip(pipe, frames)
+    substeps = config.replay_substeps
+    true_denoiser = _prompt_denoiser(pipe, clip.prompt, config)
+    (noise,) = invert(true_denoiser, latent, [1.0], substeps)
+    (returned,) = descend(true_denoiser, noise, [1e-6], substeps)  # to (almost) sigma 0: the clip again
+    sigmas = guided_levels(pipe, config)[0]
+
+    def replayed(denoiser: Denoiser) -> list[torch.Tensor]:  # under the reading's own prompt
+        return descend(denoiser, noise, sigmas, max(1, substeps // config.num_inference_steps))
+
+    readings = [(clip.prompt, clip.composition)] + ([clip.counterfactuals[0]] if dual else [])
+    maps = [_entity_readings(pipe, prompt, composition, config, replayed) for prompt, composition in readings]
+    return maps, inversion_quality(noise, latent, returned)
+
+
 @dataclass
 class Readings:
     """Maps of many clips: `maps [N, readings, steps, layers, f, h, w, 2]`, true and counterfactual labels.
 
     `targets [N, 2]`: whether the clip shows its true and its counterfactual label (None: renders, which
-    show the true one and not the other); `timesteps [steps]`: where each step was read (None: unknown)."""
+    show the true one and not the other); `timesteps [steps]`: where each step was read (None: unknown);
+    `quality [N, 3]`: replay readings' inversion quality (`QUALITY`; None for other sources)."""
 
     maps: torch.Tensor
     true_labels: list[str]
@@ -93,6 +135,7 @@ class Readings:
     categories: list[str]
     targets: torch.Tensor | None = None
     timesteps: torch.Tensor | None = None
+    quality: torch.Tensor | None = None
 
     def where(self, keep: list[bool]) -> Readings:
         """The readings of the clips marked in `keep`."""
@@ -104,7 +147,20 @@ class Readings:
             counterfactual_labels=[self.counterfactual_labels[i] for i in index],
             categories=[self.categories[i] for i in index],
             targets=None if self.targets is None else self.targets[index],
+            quality=None if self.quality is None else self.quality[index],
         )
+
+    def well_inverted(self, config: ReadingConfig) -> list[bool]:
+        """Per clip: is its replay inversion within `config`'s bounds (every clip, for other sources)?"""
+        if self.quality is None:
+            return [True] * len(self.true_labels)
+        std, kurtosis, error = self.quality.unbind(1)
+        good = (
+            ((std - 1).abs() <= config.replay_max_std_error)
+            & (kurtosis.abs() <= config.replay_max_kurtosis)
+            & (error <= config.replay_max_error)
+        )
+        return good.tolist()
 
     def novel(self) -> list[bool]:
         """Per clip: does it state one of `grammar.NOVEL_COMPOSITIONS` (its counterfactual then does too)?"""
@@ -130,6 +186,7 @@ def _readings(parts: list[dict]) -> Readings:
         [x for p in parts for x in p["categories"]],
         torch.cat([p["targets"] for p in parts]) if has_targets else None,
         parts[0].get("timesteps") if parts else None,
+        torch.cat([p["quality"] for p in parts]) if parts and all("quality" in p for p in parts) else None,
     )
 
 
@@ -145,15 +202,21 @@ def read_clips(
     chunk: int = 50,
     report: Callable[[str], None] = print,
 ) -> Readings:
-    """Dual readings (true and counterfactual prompt) of `(clip, frames)` pairs, cached in chunks under `work`."""
+    """Dual readings (true and counterfactual prompt) of `(clip, frames)` pairs, by inversion or (source
+    "replay") invert-and-replay, cached in chunks under `work`."""
 
     def read(batch):
-        maps = _two_slots([torch.stack(read_clip(pipe, clip, frames, config, dual=True)) for clip, frames in batch])
-        return {
-            "maps": maps,
+        part = {
             "counterfactual": [label_of(c.counterfactuals[0][1]) for c, _ in batch],
             "categories": [c.category for c, _ in batch],
         }
+        if config.source == "replay":
+            replays = [read_replay(pipe, clip, frames, config, dual=True) for clip, frames in batch]
+            part["quality"] = torch.stack([quality for _, quality in replays])
+            per_clip = [maps for maps, _ in replays]
+        else:
+            per_clip = [read_clip(pipe, clip, frames, config, dual=True) for clip, frames in batch]
+        return {"maps": _two_slots([torch.stack(maps) for maps in per_clip]), **part}
 
     parts = cached_chunks(clips, work, chunk, lambda batch: _clips_described([c for c, _ in batch]), read, report)
     return _readings(parts)
