@@ -135,6 +135,14 @@ def test_outputs_that_would_lose_files_are_refused_before_generating(tiny_model_
     assert "--save-maps" in _refused(
         _generate(tiny_model_dir, tmp_path / "o.mp4", "--save-maps", str(tmp_path / "file" / "m.png")), capsys
     )
+    aliases = [
+        ("--save-maps", str(tmp_path / "o.mp4"), "--out and --save-maps name the same place"),
+        ("--save-maps", str(tmp_path / "frames" / "m.png"), "--out and --save-maps name the same place"),
+        ("--contact-sheet", str(tmp_path / "c.png"), "--contact-sheet draws the runs of --compare-seeds"),
+    ]
+    for flag, path, message in aliases:
+        out = tmp_path / ("frames" if "frames" in path else "o.mp4")
+        assert message in _refused(_generate(tiny_model_dir, out, flag, path), capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "mine.txt"]
     assert (tmp_path / "mine.txt").read_text() == "keep" and (tmp_path / "file").read_text() == "keep"
 

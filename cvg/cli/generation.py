@@ -175,9 +175,12 @@ def generate(args: argparse.Namespace) -> None:
 
     from cvg.guidance.judges import load_judge
     from cvg.io.files import check_writable
-    from cvg.io.video import check_output, maps_picture, save_frames, save_image
+    from cvg.io.video import check_output, check_separate, maps_picture, save_frames, save_image
 
     check_output(args.out)  # before any work: a refused output costs no generation
+    check_separate({"--out": args.out, "--save-maps": args.save_maps, "--contact-sheet": args.contact_sheet})
+    if args.contact_sheet and not args.compare_seeds:
+        raise ValueError("--contact-sheet draws the runs of --compare-seeds N; give --compare-seeds too")
     judge = load_judge(args.judge) if args.judge else None
     for flag, picture in (("--save-maps", args.save_maps), ("--contact-sheet", args.contact_sheet)):
         if picture is not None:
@@ -263,5 +266,7 @@ def make_tiny_model(args: argparse.Namespace) -> None:
     from cvg.models.tiny import tiny_wan_pipeline
 
     directory = Path(args.directory)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise ValueError(f"make-tiny-model: {directory} exists and is not an empty directory; give a new one")
     tiny_wan_pipeline(seed=args.seed).save_pretrained(str(directory))
     print(json.dumps({"model": str(directory)}))

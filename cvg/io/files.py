@@ -76,7 +76,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
     """Refuse, before any work, a `path` that cannot be written: its nearest existing folder must be a
-    writable directory and `path` itself, if it exists, a writable file."""
+    writable directory and `path` itself, if it exists, a writable file (or folder), never a link, pipe,
+    socket or device."""
     path = Path(path)
     if not str(path).strip():
         raise ValueError(f"{what} path is empty")
@@ -87,6 +88,10 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
         raise ValueError(f"{what} {path}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{what} {path}: {parent} is not writable")
+    if path.is_symlink():  # writing would replace the user's link, or reach through it
+        raise ValueError(f"{what} {path} is a symbolic link; give the path it points to, or a new one")
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        raise ValueError(f"{what} {path} exists and is not a regular file (a pipe, socket or device?)")
     if path.is_file() and not os.access(path, os.W_OK):
         raise ValueError(f"{what} {path} is not writable")
     return path

@@ -39,8 +39,9 @@ FRAME_FILE = re.compile(r"frame_\d{4}\.png")
 
 
 def check_output(path: str | os.PathLike) -> Path:
-    """Refuse, before any work, an output `save_frames` would not write safely: a video suffix other than
-    .mp4/.gif, or a frames folder that holds anything but the frames of an earlier write."""
+    """Refuse, before any work, an output `save_frames` would not write safely: what `check_writable`
+    refuses (links, pipes, ...), a folder where a video goes, a video suffix other than .mp4/.gif, or a
+    frames folder that holds anything but the regular frame files of an earlier write."""
     path = check_writable(path)
     suffix = path.suffix.lower()
     if suffix in VIDEO_SUFFIXES:
@@ -51,12 +52,26 @@ def check_output(path: str | os.PathLike) -> Path:
         raise ValueError(f"output {path} is a file; give .mp4, .gif, or a folder for PNG frames")
     if suffix and not path.exists():
         raise ValueError(f"output {path}: unknown video format {suffix!r} (use .mp4, .gif, or a folder name)")
-    if path.is_dir() and (others := [p.name for p in path.iterdir() if not FRAME_FILE.fullmatch(p.name)]):
+    if path.is_dir() and (others := [p.name for p in path.iterdir() if not _earlier_frame(p)]):
         raise ValueError(
             f"output folder {path} is not empty ({others[0]!r} and {len(others) - 1} more are not "
             f"frames of an earlier run); give a new or empty folder"
         )
     return path
+
+
+def _earlier_frame(entry: Path) -> bool:
+    """A frame file an earlier write left: named as one, a regular file, not a link."""
+    return bool(FRAME_FILE.fullmatch(entry.name)) and entry.is_file() and not entry.is_symlink()
+
+
+def check_separate(outputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse outputs (by flag) that name one place, through links too, or one inside another's folder."""
+    given = [(flag, Path(path).resolve()) for flag, path in outputs.items() if path is not None]
+    for i, (flag, place) in enumerate(given):
+        for other, there in given[i + 1 :]:
+            if place == there or place in there.parents or there in place.parents:
+                raise ValueError(f"{flag} and {other} name the same place ({there}); give each output its own path")
 
 
 def save_frames(frames: np.ndarray, path: str | os.PathLike, fps: int = 16) -> Path:

@@ -243,3 +243,17 @@ def test_compare_seeds_judges_each_run_and_draws_a_contact_sheet(tiny_model_dir,
     assert "unguided 0 of 2 seeds, guided 0 of 2" in captured.err
     picture = Image.open(sheet)
     assert picture.height == 4 * 2 * 64 and picture.width == 170 + 9 * 2 * 64  # a row per run, 9 frames across
+
+
+def test_make_tiny_model_writes_a_new_or_empty_directory_and_refuses_anything_else(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    assert main(["make-tiny-model", str(tmp_path / "model"), "--seed", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == str(tmp_path / "model")
+    weights = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "model").rglob("*")}
+    assert "model_index.json" in weights
+    (tmp_path / "notes.txt").write_text("mine")
+    for taken in (tmp_path / "model", tmp_path / "notes.txt"):  # a model already there; a file
+        assert main(["make-tiny-model", str(taken)]) == 2
+        assert "exists and is not an empty directory" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "model").rglob("*")} == weights
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from cvg.io.files import atomic_path, check_writable, record_digest, verified
-from cvg.io.video import check_output, save_frames
+from cvg.io.video import check_output, check_separate, save_frames
 
 FRAMES = np.random.default_rng(0).random((5, 16, 16, 3)).astype(np.float32)
 
@@ -144,3 +144,44 @@ def test_written_files_keep_the_usual_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert {oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {"0o644"}
+
+
+def test_a_link_to_the_users_frames_is_refused_and_their_frames_stay(tmp_path):
+    mine = tmp_path / "mine"
+    save_frames(FRAMES, mine)  # a folder of frames the user keeps
+    (tmp_path / "link").symlink_to(mine, target_is_directory=True)
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        save_frames(FRAMES, tmp_path / "link")
+    assert len(list(mine.iterdir())) == len(FRAMES) and (tmp_path / "link").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "mine"]  # nothing set aside
+
+
+@pytest.mark.parametrize("name", ["pipe", "pipe.mp4"])
+def test_a_pipe_is_never_taken_for_an_output(tmp_path, name):
+    os.mkfifo(tmp_path / name)
+    with pytest.raises(ValueError, match="is not a regular file"):
+        save_frames(FRAMES, tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_a_folder_named_like_a_frame_is_not_an_earlier_frame(tmp_path):
+    out = tmp_path / "frames"
+    (out / "frame_0000.png").mkdir(parents=True)
+    (out / "frame_0000.png" / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not empty .*'frame_0000.png'"):
+        save_frames(FRAMES, out)
+    assert (out / "frame_0000.png" / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames"]
+
+
+def test_outputs_that_name_one_place_are_refused(tmp_path):
+    (tmp_path / "real.png").write_bytes(b"")
+    (tmp_path / "alias.png").symlink_to(tmp_path / "real.png")
+    check_separate({"--out": tmp_path / "a.mp4", "--save-maps": tmp_path / "b.png", "--contact-sheet": None})
+    for out, maps in (
+        ("x.mp4", "x.mp4"),
+        ("real.png", "alias.png"),  # through a link
+        ("frames", "frames/maps.png"),  # inside the frames folder
+    ):
+        with pytest.raises(ValueError, match="--out and --save-maps name the same place"):
+            check_separate({"--out": tmp_path / out, "--save-maps": tmp_path / maps})

@@ -262,3 +262,12 @@ def test_a_recipe_file_feeds_train_generator_and_a_bad_one_is_named(tmp_path, ca
     path.write_text("[1, 2]")
     with pytest.raises(ValueError, match="expected a JSON object"):
         GeneratorRecipe.from_file(path)
+
+
+def test_training_into_a_folder_no_run_started_in_is_refused(tmp_path):
+    shipped = tmp_path / "model"
+    (shipped / "transformer").mkdir(parents=True)
+    (shipped / "model_index.json").write_text("{}")
+    with pytest.raises(ValueError, match="is not empty and no training run started there"):
+        train_generator(shipped, TOY, report=lambda _: None)
+    assert sorted(p.name for p in shipped.iterdir()) == ["model_index.json", "transformer"]

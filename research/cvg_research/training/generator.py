@@ -197,6 +197,8 @@ def train_generator(out: str | os.PathLike, recipe: GeneratorRecipe = GeneratorR
     """Train (or resume) all three stages and save the pipeline to `out`; returns the manifest."""
     out = Path(out)
     work = out / ".work"
+    if out.is_dir() and not work.is_dir() and any(out.iterdir()):  # a model, or anything else, not ours
+        raise ValueError(f"{out} is not empty and no training run started there (no .work); give a new directory")
     work.mkdir(parents=True, exist_ok=True)
     with locked(work / LOCK, wait=False):  # one trainer per output: a second is refused, naming the first
         return _train_generator(out, work, recipe, report)
