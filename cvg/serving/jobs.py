@@ -79,6 +79,21 @@ class Job:
         }
 
 
+def _check_record(job: Job) -> None:
+    """A restored job's state, as the queue and the API rely on it (ValueError naming what is wrong)."""
+    number = (int, float)
+    if job.status not in STATES:
+        raise ValueError(f"status {job.status!r} is not one of {', '.join(STATES)}")
+    if not isinstance(job.created, number) or isinstance(job.created, bool):
+        raise ValueError(f"created must be a time, got {job.created!r}")
+    if job.status in FINISHED and (not isinstance(job.finished, number) or isinstance(job.finished, bool)):
+        raise ValueError(f"a {job.status} job needs the time it finished, got {job.finished!r}")
+    if not isinstance(job.total, int) or isinstance(job.total, bool) or job.total < 0:
+        raise ValueError(f"total must be a step count, got {job.total!r}")
+    if not isinstance(job.timings, dict) or job.error is not None and not isinstance(job.error, str):
+        raise ValueError("timings must be an object and error a string or null")
+
+
 class QueueFull(RuntimeError):
     """The queue holds `max_queued` jobs already."""
 
@@ -308,9 +323,9 @@ class JobQueue:
         cannot be read is left where it is, with a warning: it is not this queue's to delete."""
         jobs = []
         for path in self.directory.iterdir():
-            if RECORD.fullmatch(path.name):
+            if name := RECORD.fullmatch(path.name):
                 try:
-                    jobs.append(self._job_from(json.loads(path.read_text())))
+                    jobs.append(self._job_from(json.loads(path.read_text()), name.group(1)))
                 except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
                     warnings.warn(
                         f"cvg serve: job record {path.name} is unreadable ({e!r}); left as it is", stacklevel=2
@@ -322,13 +337,19 @@ class JobQueue:
                 self._waiting.append(job.id)
                 self._save(job)
 
-    def _job_from(self, record: dict) -> Job:
-        if not RECORD.fullmatch(f"{record['id']}.job.json"):
-            raise ValueError(f"a job id of 32 hex digits, got {str(record['id'])[:40]!r}")
-        # Paths come from the id and known kinds, never from the record: a record cannot point elsewhere.
-        files = {k: self._output(record["id"], k) for k in record.pop("files") if k in OUTPUTS}
+    def _job_from(self, record: dict, job_id: str) -> Job:
+        """The job of a record read from `{job_id}.job.json`, checked: a record that names another id, or
+        whose state does not hold together, is refused (ValueError), so its files are never taken for
+        another job's and no later request trips on it."""
+        if not isinstance(record, dict) or record.get("id") != job_id:
+            found = record.get("id") if isinstance(record, dict) else record
+            raise ValueError(f"the record names job {str(found)[:40]!r}, its file job {job_id}")
+        # Paths come from the file's id and known kinds, never from the record: it cannot point elsewhere.
+        files = {k: self._output(job_id, k) for k in record.pop("files") if k in OUTPUTS}
         files = {k: path for k, path in files.items() if path.exists()}  # what is left of its outputs
-        return Job(**{**record, "request": VideoJobRequest(**record["request"]), "files": files})
+        job = Job(**{**record, "request": VideoJobRequest(**record["request"]), "files": files})
+        _check_record(job)
+        return job
 
     def _expire(self) -> None:
         horizon = time.time() - self.keep_seconds

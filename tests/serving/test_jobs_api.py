@@ -451,3 +451,32 @@ def test_a_record_cannot_make_the_queue_delete_a_file_it_did_not_write(engine, t
         assert not (out / f"{job_id}.mp4").exists() and not (out / f"{job_id}.job.json").exists()
     finally:
         jobs.close(timeout=60)
+
+
+def test_records_that_do_not_hold_together_are_set_aside_not_served(engine, tmp_path):
+    """A record filed under another job's id, or a finished job with no finishing time: each is warned
+    about and left as it is; the other job's files stay, and every other request is answered."""
+    out = tmp_path / "out"
+    out.mkdir()
+    base = {"status": "succeeded", "total": 4, "created": 0.0, "started": 0.0, "finished": time.time()}
+    base |= {"error": None, "timings": {}, "served_by": "", "request": {"prompt": PROMPT}, "files": ["video"]}
+    other, stray, torn = "a" * 32, "b" * 32, "c" * 32
+    (out / f"{other}.mp4").write_bytes(b"the other job's video")
+    (out / f"{stray}.job.json").write_text(json.dumps({**base, "id": other}))  # filed under another id
+    (out / f"{torn}.job.json").write_text(json.dumps({**base, "id": torn, "finished": None}))
+    with pytest.warns(UserWarning) as warned:
+        jobs, client = _server(engine, tmp_path, keep_seconds=3600.0)
+    messages = " ".join(str(w.message) for w in warned)
+    assert f"names job '{other}', its file job {stray}" in messages
+    assert "a succeeded job needs the time it finished, got None" in messages
+    try:
+        for job_id in (other, stray, torn):
+            assert client.get(f"/v1/videos/{job_id}").status_code == 404
+            assert client.delete(f"/v1/videos/{job_id}").status_code == 404
+        assert client.get("/healthz").status_code == 200
+        posted = client.post("/v1/videos", json=JOB)
+        assert posted.status_code in (200, 202) and _wait(client, posted.json()["id"])["status"] == "succeeded"
+        assert (out / f"{other}.mp4").read_bytes() == b"the other job's video"
+        assert (out / f"{stray}.job.json").exists() and (out / f"{torn}.job.json").exists()
+    finally:
+        jobs.close(timeout=60)
