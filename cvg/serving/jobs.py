@@ -11,12 +11,14 @@ batching, outputs written atomically under a directory the server owns, and rete
 A job's files are named by its id (32 hex digits the queue makes), never by anything a client sends, and
 the queue deletes only files it wrote. Each job's record (`<id>.job.json`, written atomically when it is
 queued, starts and ends) survives the process: a queue opened on the same directory takes the finished
-jobs back and runs again those that were queued or running when the last one stopped. This module knows
-nothing of HTTP (`cvg.serving.api` serves it).
+jobs back and runs again those that were queued or running when the last one stopped. One queue serves a
+directory at a time (a lock: a second, in this process or another, is refused naming the holder's pid).
+This module knows nothing of HTTP (`cvg.serving.api` serves it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -28,10 +30,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cvg.io.files import write_text_atomic
+from cvg.io.files import locked, write_text_atomic
 from cvg.io.video import maps_picture, save_frames, save_image
 from cvg.serving.runner import EngineRunner, VideoJobRequest, VideoResult
 
+LOCK = ".queue.lock"  # in the output directory: held by the one queue that serves it
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
 RECORD = re.compile(r"([0-9a-f]{32})\.job\.json")
@@ -134,6 +137,9 @@ class JobQueue:
             )
         self.runner, self.directory = runner, Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        # One queue per directory: two would both run the jobs recorded there (LockedError names the holder).
+        self._held = contextlib.ExitStack()
+        self._held.enter_context(locked(self.directory / LOCK, wait=False))
         self.max_queued, self.keep_seconds, self.fps = max_queued, keep_seconds, fps
         self.max_batch, self.batch_window = max_batch, batch_window
         self.events = events or JobEvents()
@@ -207,6 +213,8 @@ class JobQueue:
             self._lock.notify_all()
         for worker in self._workers:
             worker.join(timeout)
+        if not any(worker.is_alive() for worker in self._workers):  # a worker still writing keeps the lock
+            self._held.close()
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:

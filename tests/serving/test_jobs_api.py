@@ -19,9 +19,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from processes import free_port
 
+from cvg.io.files import LockedError
 from cvg.request import PipelineOptions
 from cvg.serving.api import create_app
-from cvg.serving.jobs import JobQueue
+from cvg.serving.jobs import LOCK, JobQueue
 from cvg.serving.runner import EngineRunner
 from cvg.serving.service import Engine
 
@@ -69,7 +70,7 @@ def served(engine, tmp_path):
 
 def _outputs(directory: Path) -> list[str]:
     """What jobs wrote there, their records aside."""
-    return sorted(p.name for p in directory.iterdir() if not p.name.endswith(".job.json"))
+    return sorted(p.name for p in directory.iterdir() if not p.name.endswith(".job.json") and p.name != LOCK)
 
 
 def _wait(client, job_id: str, headers=None) -> dict:
@@ -480,3 +481,17 @@ def test_records_that_do_not_hold_together_are_set_aside_not_served(engine, tmp_
         assert (out / f"{stray}.job.json").exists() and (out / f"{torn}.job.json").exists()
     finally:
         jobs.close(timeout=60)
+
+
+def test_one_queue_serves_a_directory_at_a_time(engine, tmp_path):
+    jobs, _ = _server(engine, tmp_path)
+    try:
+        with pytest.raises(LockedError, match=rf"is held by another process \(pid {os.getpid()}\)"):
+            _server(engine, tmp_path)
+    finally:
+        jobs.close(timeout=60)
+    again, client = _server(engine, tmp_path)  # closed: the directory is free again
+    try:
+        assert client.get("/healthz").status_code == 200
+    finally:
+        again.close(timeout=60)
