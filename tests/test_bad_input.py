@@ -78,6 +78,8 @@ NUMBERS = [
     (["--strength", "-0.1"], "argument --guidance-strength/--strength: must be at least 0"),
     (["--strength", "1e400"], "must be finite"),
     (["--iterations", "0"], "argument --iterations: must be between 1 and 100"),
+    (["--height", "1040", "--width", "16"], "height 1040 is 65 tokens along its axis; this model's rotary embedding"),
+    (["--frames", "257"], "(rope_max_seq_len): num_frames at most 125"),
     (["--target-loss", "nan"], "argument --target-loss: must be finite"),
     (["--max-sequence-length", "0"], "argument --max-sequence-length: must be between 1 and 512"),
     (["--max-sequence-length", "100000"], "must be between 1 and 512"),

@@ -26,6 +26,7 @@ def check_request(
         raise ValueError(
             f"num_frames must be {temporal}k+1 (1, {temporal + 1}, {2 * temporal + 1}, ...), got {r.num_frames}"
         )
+    _check_rotary_reach(pipe, adapter, r)
     if r.guidance_scale_2 is not None and getattr(pipe.config, "boundary_ratio", None) is None:
         raise ValueError("guidance_scale_2 is for two-expert Wan 2.2 pipelines (a boundary_ratio); this has none")
     limit = min(pipe.tokenizer.model_max_length if pipe.tokenizer is not None else MAX_TEXT_TOKENS, MAX_TEXT_TOKENS)
@@ -39,3 +40,26 @@ def check_request(
         for axis, size, factor in zip(("frames", "height", "width"), grid, pool, strict=True):
             if factor > size:
                 raise ValueError(f"pool {tuple(pool)} is wider than the token grid {grid} along {axis}")
+
+
+def _check_rotary_reach(pipe, adapter: Adapter, r: GenerationRequest) -> None:
+    """A token grid longer on some axis than the transformer's rotary table (Wan's `rope_max_seq_len`) fails
+    deep in the model with a reshape error; named here with the size that would fit."""
+    transformer = getattr(pipe, "transformer", None)
+    reach = getattr(getattr(transformer, "config", None), "rope_max_seq_len", None)
+    if reach is None:
+        return
+    grid = adapter.token_grid(pipe, r.height, r.width, r.num_frames)
+    spatial, temporal = adapter.spatial_multiple(pipe), pipe.vae_scale_factor_temporal
+    largest = {
+        "num_frames": (reach * transformer.config.patch_size[0] - 1) * temporal + 1,
+        "height": reach * spatial,
+        "width": reach * spatial,
+    }
+    asked = (("num_frames", r.num_frames), ("height", r.height), ("width", r.width))
+    for (name, value), size in zip(asked, grid, strict=True):
+        if size > reach:
+            raise ValueError(
+                f"{name} {value} is {size} tokens along its axis; this model's rotary embedding reaches "
+                f"{reach} (rope_max_seq_len): {name} at most {largest[name]}"
+            )
