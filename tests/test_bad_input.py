@@ -295,3 +295,15 @@ def test_a_traceback_never_reaches_the_user_from_a_subprocess(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"cvg: error: {tmp_path / 'm' / 'model_index.json'} must hold a JSON object, not a list"
     ]
+
+
+def test_latents_of_another_shape_are_named_before_any_work(tiny_pipe):
+    import torch
+
+    from cvg.pipeline import CVGPipeline
+
+    pipe = CVGPipeline(tiny_pipe)
+    size = {"height": 64, "width": 64, "num_frames": 9, "num_inference_steps": 2}
+    wrong = torch.zeros(1, 3, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"latents have shape \[1, 3, 3, 8, 8\]; this request's are \[2, "):
+        pipe(["a red cube", "a blue ball"], latents=wrong, **size)

@@ -32,8 +32,8 @@ def check_request(
     limit = min(pipe.tokenizer.model_max_length if pipe.tokenizer is not None else MAX_TEXT_TOKENS, MAX_TEXT_TOKENS)
     if r.max_sequence_length > limit:
         raise ValueError(f"max_sequence_length must be between 1 and {limit}, got {r.max_sequence_length}")
-    if latents is not None and not torch.isfinite(latents).all():
-        raise ValueError("latents contain non-finite values")
+    if latents is not None:
+        _check_latents(pipe, adapter, r, latents)
     adapter.check_pipeline_inputs(pipe, r.prompt, r.negative_prompt, r.height, r.width)
     if pool is not None:
         grid = adapter.token_grid(pipe, r.height, r.width, r.num_frames)
@@ -63,3 +63,19 @@ def _check_rotary_reach(pipe, adapter: Adapter, r: GenerationRequest) -> None:
                 f"{name} {value} is {size} tokens along its axis; this model's rotary embedding reaches "
                 f"{reach} (rope_max_seq_len): {name} at most {largest[name]}"
             )
+
+
+def _check_latents(pipe, adapter: Adapter, r: GenerationRequest, latents: torch.Tensor) -> None:
+    """Given latents must be finite and of the shape this request's noise would have (checked on the meta
+    device: no memory), or the transformer fails with a convolution's shape error."""
+    prompts = 1 if isinstance(r.prompt, str) else len(r.prompt)
+    batch = prompts * r.num_videos_per_prompt
+    meta = torch.device("meta")
+    expected = adapter.prepare_latents(pipe, batch, r.height, r.width, r.num_frames, meta, None, None).shape
+    if tuple(latents.shape) != tuple(expected):
+        raise ValueError(
+            f"latents have shape {list(latents.shape)}; this request's are {list(expected)} "
+            "(batch, channels, latent frames, height, width)"
+        )
+    if not torch.isfinite(latents).all():
+        raise ValueError("latents contain non-finite values")
