@@ -171,3 +171,32 @@ def test_eval_reads_no_file_outside_the_dataset(tmp_path):
     (tmp_path / "set" / INDEX).write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(ValueError, match="lies outside"):
         evaluate(tmp_path / "set", quality=False)
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ([{"id": 0, "file": "a.npz"}, {"id": 0, "file": "b.npz"}], "index.jsonl:2: id 0 is listed twice"),
+        ([{"id": 1.5}], "index.jsonl:1: id must be a JSON integer, got '1.5'"),
+        ([{"id": True}], "index.jsonl:1: id must be a JSON integer"),
+        ([{"id": 0, "scene": 7}], "index.jsonl:1: scene must be a JSON object, got '7'"),
+        ([{"id": 0, "prompt": ["a", "b"]}], "index.jsonl:1: prompt must be a JSON string"),
+    ],
+)
+def test_records_of_the_wrong_form_are_named_by_line(tmp_path, lines, message):
+    (tmp_path / INDEX).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(DatasetError, match=message):
+        read_index(tmp_path)
+
+
+def test_a_record_missing_what_its_use_needs_is_one_line(tiny_model_dir, tmp_path, capsys):
+    from cvg.cli import main
+
+    (tmp_path / INDEX).write_text(json.dumps({"id": 4, "composition": {"kind": "presence", "subject": "cube"}}) + "\n")
+    assert main(["eval", "--videos", str(tmp_path), "--no-quality"]) == 2
+    assert f"{tmp_path / INDEX}: record 4 has no file" in capsys.readouterr().err
+    with pytest.raises(DatasetError, match="record 4 has no file"):
+        read_frames(tmp_path, read_index(tmp_path)[0])
+    args = ["sample", "--model", str(tiny_model_dir), "--specs", str(tmp_path), "--out", str(tmp_path / "out")]
+    assert main([*args, "--steps", "1"]) == 2
+    assert "record 4 has no prompt" in capsys.readouterr().err

@@ -56,7 +56,7 @@ def read_index(location: str | os.PathLike) -> list[dict]:
         return []
     text = path.read_text(errors="replace")
     lines = text.split("\n")
-    records = []
+    records, seen = [], set()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -71,8 +71,32 @@ def read_index(location: str | os.PathLike) -> list[dict]:
             ) from None
         if not isinstance(record, dict):
             raise DatasetError(f"{path}:{number}: a record must be a JSON object, not {type(record).__name__}")
+        _check_fields(record, f"{path}:{number}")
+        if "id" in record and record["id"] in seen:
+            raise DatasetError(f"{path}:{number}: id {record['id']} is listed twice; each record needs its own")
+        seen.add(record.get("id"))
         records.append(record)
     return records
+
+
+# The fields records may carry, and what each must be (a bool is not an integer here).
+FIELD_TYPES = {"id": int, "prompt": str, "file": str, "category": str, "scene": dict, "composition": dict}
+
+
+def _check_fields(record: dict, where: str) -> None:
+    for key, kind in FIELD_TYPES.items():
+        value = record.get(key)
+        if key in record and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise DatasetError(f"{where}: {key} must be a JSON {_JSON_NAMES[kind]}, got {str(value)[:40]!r}")
+
+
+_JSON_NAMES = {int: "integer", str: "string", dict: "object"}
+
+
+def required(record: dict, location: str | os.PathLike, *keys: str) -> None:
+    """A record must carry `keys` for this use (a spec set's `prompt`, an evaluated set's `file`, ...)."""
+    if missing := [k for k in keys if k not in record]:
+        raise DatasetError(f"{location}: record {record.get('id', '?')} has no {', '.join(missing)}")
 
 
 def write_index(directory: str | os.PathLike, records: list[dict]) -> None:
@@ -81,6 +105,7 @@ def write_index(directory: str | os.PathLike, records: list[dict]) -> None:
 
 
 def read_frames(directory: str | os.PathLike, record: dict) -> np.ndarray:
+    required(record, directory, "file")
     path = Path(directory) / record["file"]
     if not path.is_file():
         raise DatasetError(f"{directory}: record {record.get('id', '?')} names {record['file']}, which is missing")

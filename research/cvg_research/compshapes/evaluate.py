@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cvg.guidance.composition import Composition
-from cvg_research.compshapes.dataset import INDEX, read_index
+from cvg_research.compshapes.dataset import INDEX, read_index, required
 from cvg_research.compshapes.grammar import CATEGORIES, sample_clip
 from cvg_research.compshapes.judge import DRAWING, detect, judge_detections
 from cvg_research.compshapes.stats import cluster_bootstrap_interval, wilson_interval
@@ -55,6 +55,7 @@ def evaluate(
     encoder = load_encoder() if quality else None
     verdicts, features, counts = [], [], np.zeros(4)
     for record in records:
+        required(record, index or directory / INDEX, "file", "composition")
         path = directory / record["file"]
         if not path.resolve().is_relative_to(directory.resolve()):  # an index names clips, never other files
             raise ValueError(f"clip {record['file']!r} listed in the index lies outside {directory}")

@@ -19,7 +19,7 @@ import torch
 from cvg.guidance.composition import Composition
 from cvg.io.video import to_uint8
 from cvg.pipeline import CVGPipeline
-from cvg_research.compshapes.dataset import ClipWriter, read_index
+from cvg_research.compshapes.dataset import ClipWriter, read_index, required
 
 
 def generate_set(
@@ -46,6 +46,7 @@ def generate_set(
         params["execution"] = {"batch_cfg": batch_cfg, "engine": backend}
     with ClipWriter(out, params) as writer:
         for position, record in enumerate(records):
+            required(record, specs, "prompt")
             key = int(record.get("id", position))
             if key in writer.done:
                 continue
