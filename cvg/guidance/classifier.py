@@ -236,8 +236,10 @@ class ClassifierObjective:
 
     def __call__(self, maps: torch.Tensor, bound: BoundComposition, timestep: torch.Tensor | None = None):
         entity_maps = bound.entity_maps(maps)
-        family = [label_of(c) for c in bound.composition.family()]
-        if self.classifier.config.objective == "multiclass" and len(family) > 1:
+        family = []  # a binary head scores the label alone: no family to build on every guided step
+        if self.classifier.config.objective == "multiclass":
+            family = [label_of(c) for c in bound.composition.family()]
+        if len(family) > 1:
             logits = self.classifier.scores(entity_maps, self._embeddings(family, maps.device), timestep)
             return -logits.log_softmax(-1)[:, 0]
         label = self._embeddings([label_of(bound.composition)], maps.device)

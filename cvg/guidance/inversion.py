@@ -26,42 +26,41 @@ def _euler(denoiser: Denoiser, latents: torch.Tensor, sigmas: Sequence[float], t
     return latents
 
 
+def _walk(
+    denoiser: Denoiser, latents: torch.Tensor, start: float, sigmas: Sequence[float], substeps: int, rising: bool
+) -> list[torch.Tensor]:
+    """The latents at each of `sigmas` (monotone in (0, 1], away from `start`), `substeps` Euler steps an
+    interval; a level equal to where the walk stands is the latents as they are."""
+    ordered = all((a < b) if rising else (a > b) for a, b in zip(sigmas[:-1], sigmas[1:], strict=True))
+    if not sigmas or not ordered or any(not 0 < s <= 1 for s in sigmas):
+        raise ValueError(
+            f"sigmas must be {'increasing' if rising else 'decreasing'} values in (0, 1], got {list(sigmas)}"
+        )
+    if substeps < 1:
+        raise ValueError(f"substeps must be at least 1, got {substeps}")
+    out, here = [], start
+    for target in sigmas:
+        if target != here:
+            grid = torch.linspace(here, target, substeps + 1, dtype=torch.float64).tolist()
+            latents = _euler(denoiser, latents, grid, substeps)
+        out.append(latents)
+        here = target
+    return out
+
+
 @torch.no_grad()
 def invert(denoiser: Denoiser, latents: torch.Tensor, sigmas: Sequence[float], substeps: int = 4) -> list[torch.Tensor]:
     """The latents at each of `sigmas` (increasing, in (0, 1]), integrating up from the clean `latents`
     with `substeps` Euler steps per interval. The velocity is the denoiser's (with classifier-free
     guidance when it has a negative prompt; inversion usually runs without)."""
-    rising = all(a < b for a, b in zip(sigmas[:-1], sigmas[1:], strict=True))
-    if not sigmas or not rising or any(not 0 < s <= 1 for s in sigmas):
-        raise ValueError(f"sigmas must be increasing values in (0, 1], got {list(sigmas)}")
-    if substeps < 1:
-        raise ValueError(f"substeps must be at least 1, got {substeps}")
-    out, here = [], 0.0
-    for target in sigmas:
-        grid = torch.linspace(here, target, substeps + 1, dtype=torch.float64).tolist()
-        latents = _euler(denoiser, latents, grid, substeps)
-        out.append(latents)
-        here = target
-    return out
+    return _walk(denoiser, latents, 0.0, sigmas, substeps, rising=True)
 
 
 @torch.no_grad()
 def descend(denoiser: Denoiser, noise: torch.Tensor, sigmas: Sequence[float], substeps: int = 4) -> list[torch.Tensor]:
     """The sampler's path replayed from pure noise (sigma 1): the latents at each of `sigmas` (decreasing,
     in (0, 1]), with `substeps` Euler steps per interval: the mirror of `invert` from its top."""
-    falling = all(a > b for a, b in zip(sigmas[:-1], sigmas[1:], strict=True))
-    if not sigmas or not falling or any(not 0 < s <= 1 for s in sigmas):
-        raise ValueError(f"sigmas must be decreasing values in (0, 1], got {list(sigmas)}")
-    if substeps < 1:
-        raise ValueError(f"substeps must be at least 1, got {substeps}")
-    out, here, latents = [], 1.0, noise
-    for target in sigmas:
-        if target < here:
-            grid = torch.linspace(here, target, substeps + 1, dtype=torch.float64).tolist()
-            latents = _euler(denoiser, latents, grid, substeps)
-        out.append(latents)
-        here = target
-    return out
+    return _walk(denoiser, noise, 1.0, sigmas, substeps, rising=False)
 
 
 @torch.no_grad()
