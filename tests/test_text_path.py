@@ -37,6 +37,9 @@ def test_a_word_of_several_pieces_binds_every_piece():
     bound = Composition.parse("red cube left of blue zebra").bind(tokenizer, [prompt], 512)
     # "cube" is two pieces; "zebra", in no piece of the vocabulary, a lone word mark and five letters
     assert _pieces(tokenizer, prompt, bound) == [["▁red", "▁cu", "be"], ["▁blue", "▁", "z", "e", "b", "r", "a"]]
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(prompt).input_ids)
+    nouns = [[tokens[int(bound.tokens[c])] for c in cols] for cols in bound.nouns[0]]
+    assert nouns == [["▁cu", "be"], ["▁", "z", "e", "b", "r", "a"]]  # the word mark goes with the noun
     again = "a blue zebra to the right of a red cube"
     bound = Composition.parse("blue zebra right of red cube").bind(tokenizer, [prompt, again], 512)
     assert _pieces(tokenizer, again, bound, 1) == [["▁blue", "▁", "z", "e", "b", "r", "a"], ["▁red", "▁cu", "be"]]

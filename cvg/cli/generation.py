@@ -207,7 +207,7 @@ def generate(args: argparse.Namespace) -> None:
         if not out.maps:
             raise ValueError("--save-maps needs guidance: give --composition and --guide-steps > 0")
         bound = out.composition
-        maps = bound.entity_maps(out.maps[-1].mean(dim=1))[0].numpy()  # last guided step, layers averaged
+        maps = bound.entity_maps(out.maps[-1].mean(dim=(1, 2)))[0].numpy()  # last guided step; layers, heads averaged
         picture = maps_picture(maps, out.frames[0], list(bound.composition.entities))
         report["maps"] = str(save_image(picture, args.save_maps))
     if judge is not None:

@@ -185,38 +185,50 @@ class Composition:
 
     def entity_tokens(self, tokenizer, prompt: str, max_length: int) -> list[list[int]]:
         """Token indices of each entity's words in `prompt` as the pipeline's tokenizer splits it."""
+        return [words for words, _ in self._entity_words(tokenizer, prompt, max_length)]
+
+    def _entity_words(self, tokenizer, prompt: str, max_length: int) -> list[tuple[list[int], list[int]]]:
+        """Per entity, the token indices of all its words and of its last word (its noun: "cube" of "red
+        cube"; the words before it are its attributes)."""
         encoded = tokenizer(prompt, max_length=max_length, truncation=True, return_offsets_mapping=True)
         offsets = encoded["offset_mapping"]
+
+        def within(start: int, end: int) -> list[int]:
+            # A token inside the span, or a sentencepiece word mark ("▁", its offsets the space before the
+            # word) standing alone just before it: all pieces of a word a T5 tokenizer splits.
+            return [
+                i
+                for i, (a, b) in enumerate(offsets)
+                if b > a and a < end and (b > start or (b == start and not prompt[a:b].strip()))
+            ]
+
         found = []
         for entity in self.entities:
             match = re.search(rf"(?<!\w){re.escape(entity)}(?!\w)", prompt, flags=re.IGNORECASE)
             if match is None:
                 raise CompositionError(f"composition word {_clip(entity)} is not in the prompt {_clip(prompt)}")
             start, end = match.span()
-            # A token inside the word, or a sentencepiece word mark ("▁", its offsets the space before the
-            # word) standing alone just before it: all pieces of a word a T5 tokenizer splits.
-            indices = [
-                i
-                for i, (a, b) in enumerate(offsets)
-                if b > a and a < end and (b > start or (b == start and not prompt[a:b].strip()))
-            ]
-            if not indices:
+            words = within(start, end)
+            if not words:
                 raise CompositionError(f"composition word {entity!r} lies past the first {max_length} prompt tokens")
-            found.append(indices)
+            noun = [i for i in within(start + match.group(0).rfind(" ") + 1, end) if i in words]
+            found.append((words, noun or words))
         return found
 
     def bind(self, tokenizer, prompts: list[str], max_length: int) -> BoundComposition:
-        """Tie the composition to a batch of prompts: one shared token list and per-prompt columns."""
-        per_prompt = [self.entity_tokens(tokenizer, p, max_length) for p in prompts]
+        """Tie the composition to a batch of prompts: one shared token list, per-prompt columns of each
+        entity's tokens, and of its noun's."""
+        per_prompt = [self._entity_words(tokenizer, p, max_length) for p in prompts]
         for prompt, entities in zip(prompts, per_prompt, strict=True):
-            if len(entities) == 2 and set(entities[0]) & set(entities[1]):  # their maps could not part
+            if len(entities) == 2 and set(entities[0][0]) & set(entities[1][0]):  # their maps could not part
                 raise CompositionError(
                     f"{self.subject!r} and {self.object!r} share prompt tokens in {prompt!r} (each "
                     "entity binds to its first mention); name each by words of its own"
                 )
-        tokens = sorted({i for entities in per_prompt for indices in entities for i in indices})
+        tokens = sorted({i for entities in per_prompt for words, _ in entities for i in words})
         column = {token: c for c, token in enumerate(tokens)}
-        columns = tuple(tuple([column[i] for i in indices] for indices in entities) for entities in per_prompt)
+        columns = tuple(tuple([column[i] for i in words] for words, _ in entities) for entities in per_prompt)
+        nouns = tuple(tuple([column[i] for i in noun] for _, noun in entities) for entities in per_prompt)
         from cvg.guidance.binding import BoundComposition  # torch: the parser and grammar stay without it
 
-        return BoundComposition.of(self, tokens, columns)
+        return BoundComposition.of(self, tokens, columns, nouns)

@@ -1,6 +1,6 @@
 """Objectives over pooled cross-attention maps: one interface, `objective(maps, bound, timestep) -> loss [B]`.
 
-`maps` is `[B, layers, frames, h, w, T]` (from `MapRecorder.stacked`), `bound` the composition tied to
+`maps` is `[B, layers, heads, frames, h, w, T]` (from `MapRecorder.stacked`), `bound` the composition tied to
 the prompts, `timestep` the step's timestep (a tensor; None where unknown), which a learned objective may
 be conditioned on. Lower is better; the guided sampler descends the sum over the batch.
 
@@ -28,8 +28,9 @@ class Objective(Protocol):
 
 
 def entity_maps(maps: torch.Tensor, bound: BoundComposition) -> torch.Tensor:
-    """`[B, L, F, H, W, T]` -> `[B, E, F, H, W]`: layer-averaged attention mass of each entity per tile."""
-    return bound.entity_maps(maps.mean(dim=1)).movedim(-1, 1)
+    """`[B, L, heads, F, H, W, T]` -> `[B, E, F, H, W]`: the attention mass of each entity per tile, layers and
+    heads averaged."""
+    return bound.entity_maps(maps.mean(dim=(1, 2))).movedim(-1, 1)
 
 
 def centroids(mass: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ class GuidedStep:
     step: int
     iteration: int
     loss: torch.Tensor  # [B] objective before this update
-    maps: torch.Tensor  # [B, layers, frames, h, w, T] the maps it was computed from
+    maps: torch.Tensor  # [B, layers, heads, frames, h, w, T] the maps it was computed from
     skipped: torch.Tensor  # [B] bool: non-finite gradient, update skipped
 
 
@@ -166,7 +166,7 @@ class Denoiser:
     def _recorded(
         self, latents: torch.Tensor, t: torch.Tensor, inputs: GuidedInputs, config: GuidanceConfig, gradient: bool
     ) -> Iterator[torch.Tensor]:
-        """Inside: the pooled maps `[B, layers, f, h, w, T]` of a forward at `latents`, stopped after the
+        """Inside: the pooled maps `[B, layers, heads, f, h, w, T]` of a forward at `latents`, stopped after the
         last recorded block. Backward belongs inside too: gradient checkpointing recomputes the recorded
         blocks with their recording processors."""
         model = self.transformer

@@ -61,7 +61,7 @@ class AttentionMapRecorder(Protocol):
         """The pooling for text of `keys` keys, made once per grid."""
 
     def stacked(self) -> torch.Tensor:
-        """What was recorded: `[B, layers, tiles_f, tiles_h, tiles_w, T]`, heads averaged."""
+        """What was recorded: `[B, layers, heads, tiles_f, tiles_h, tiles_w, T]`."""
 
 
 class FamilyAdapter(Protocol):

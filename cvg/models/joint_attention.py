@@ -32,7 +32,7 @@ from cvg.ops.pooling import PoolSpec, grid_groups, make_pool_spec
 
 @dataclass
 class JointMapRecorder:
-    """What to record from joint attention, and what the current forward recorded: layer -> `[B, G, T]`."""
+    """What to record from joint attention, and what the current forward recorded: layer -> `[B, H, G, T]`."""
 
     tokens: torch.Tensor  # [T] text token indices (text keys come first in the joint sequence)
     pool: tuple[int, int, int]
@@ -73,14 +73,14 @@ class JointMapRecorder:
             groups, self.tiles = grid_groups(*self.grid, self.pool)
             dropped = math.prod(self.tiles)
             joint = torch.cat([torch.full((keys,), dropped, dtype=groups.dtype), groups]).to(device)
-            self._specs[key] = make_pool_spec(joint, self.tokens.to(device), dropped + 1, self.heads, False)
+            self._specs[key] = make_pool_spec(joint, self.tokens.to(device), dropped + 1, self.heads, True)
         return self._specs[key]
 
     def stacked(self) -> torch.Tensor:
-        """Recorded maps as `[B, layers, tiles_f, tiles_h, tiles_w, T]` (heads averaged)."""
+        """Recorded maps as `[B, layers, heads, tiles_f, tiles_h, tiles_w, T]`."""
         if not self.maps:
             raise RuntimeError("JointMapRecorder: nothing recorded; were the recorded layers reached?")
-        return torch.stack([m for _, m in sorted(self.maps.items())], dim=1).unflatten(2, self.tiles)
+        return torch.stack([m for _, m in sorted(self.maps.items())], dim=1).unflatten(3, self.tiles)
 
 
 class PoolingCogVideoXAttnProcessor:
@@ -114,7 +114,7 @@ class PoolingCogVideoXAttnProcessor:
         out, pooled = attention_pool_with_spec(
             query, key, value, spec, query.shape[-1] ** -0.5, backend=recorder.backend
         )
-        recorder.maps.setdefault(self.layer, pooled[:, :-1])  # the text queries' tile is dropped
+        recorder.maps.setdefault(self.layer, pooled[:, :, :-1])  # the text queries' tile is dropped
         out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2, 3)))
         encoder_hidden_states, hidden_states = out.split([text_tokens, out.size(1) - text_tokens], dim=1)
         return hidden_states, encoder_hidden_states

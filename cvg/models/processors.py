@@ -3,8 +3,8 @@
 `record_maps(transformer, tokens, ...)` installs `PoolingWanAttnProcessor` on the cross-attention
 (`attn2`) of the chosen blocks and yields a `MapRecorder`; on exit the original processors are back.
 A forward pre-hook on the transformer reads the video-token grid (frames × height × width after
-patchify) so that pooling tiles follow the video. Each recorded call appends `[B, G, T]` maps (or
-`[B, H, G, T]` with `keep_heads`) for its layer. With no tokens the processor returns exactly what
+patchify) so that pooling tiles follow the video. Each recorded call keeps `[B, H, G, T]` maps, each
+head apart, for its layer. With no tokens the processor returns exactly what
 diffusers' `WanAttnProcessor` returns.
 
 `text_key_bias(transformer, processors)` installs `KeyBiasWanAttnProcessor`s (sharing one `TextBias`)
@@ -78,12 +78,11 @@ class MapRecorder(TextBias):
 
     tokens: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [T] text key indices
     pool: tuple[int, int, int] = (1, 2, 2)
-    keep_heads: bool = False
     backend: str = "auto"
     heads: int = 1
     grid: tuple[int, int, int] | None = None  # video-token grid of the current forward
     tiles: tuple[int, int, int] | None = None
-    maps: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, (H,) G, T]
+    maps: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, G, T]
     group: object | None = None  # context parallelism: the ranks that share the video tokens (`recording` sets it)
     _spec: PoolSpec | None = None
     _keys_checked: int = 0
@@ -94,7 +93,6 @@ class MapRecorder(TextBias):
         transformer,
         tokens: torch.Tensor | Sequence[int],
         pool: int | tuple[int, int, int] = (1, 2, 2),
-        keep_heads: bool = False,
         backend: str = "auto",
         key_bias: torch.Tensor | None = None,
     ) -> MapRecorder:
@@ -104,7 +102,6 @@ class MapRecorder(TextBias):
             key_bias=key_bias,
             tokens=torch.as_tensor(tokens, dtype=torch.long, device=device),
             pool=(pool,) * 3 if isinstance(pool, int) else tuple(pool),
-            keep_heads=keep_heads,
             backend=backend,
             heads=transformer.config.num_attention_heads,
         )
@@ -114,9 +111,7 @@ class MapRecorder(TextBias):
         if grid != self.grid or self._spec is None or self._spec.groups.device != device:
             groups, self.tiles = grid_groups(*grid, self.pool)
             self.tokens = self.tokens.to(device)
-            self._spec = make_pool_spec(
-                groups.to(device), self.tokens, math.prod(self.tiles), self.heads, self.keep_heads
-            )
+            self._spec = make_pool_spec(groups.to(device), self.tokens, math.prod(self.tiles), self.heads, True)
             if self.group is not None:  # this rank's queries only; the ranks' maps add up (`stacked`)
                 self._spec = shard_pool_spec(self._spec, self.group)
             self.grid = grid
@@ -134,13 +129,13 @@ class MapRecorder(TextBias):
         return self._spec
 
     def stacked(self) -> torch.Tensor:
-        """Recorded maps as `[B, layers, tiles_f, tiles_h, tiles_w, T]` (heads averaged)."""
+        """Recorded maps as `[B, layers, heads, tiles_f, tiles_h, tiles_w, T]`."""
         if not self.maps:
             raise RuntimeError("MapRecorder: nothing recorded; were the recorded layers reached?")
-        maps = torch.stack([m if m.dim() == 3 else m.mean(1) for _, m in sorted(self.maps.items())], dim=1)
+        maps = torch.stack([m for _, m in sorted(self.maps.items())], dim=1)
         if self.group is not None:
             maps = sum_over_ranks(maps, self.group)
-        return maps.unflatten(2, self.tiles)
+        return maps.unflatten(3, self.tiles)
 
 
 class PoolingWanAttnProcessor(KeyBiasWanAttnProcessor):
@@ -230,14 +225,13 @@ def record_maps(
     tokens: torch.Tensor | Sequence[int],
     layers: Sequence[int] | None = None,
     pool: int | tuple[int, int, int] = (1, 2, 2),
-    keep_heads: bool = False,
     backend: str = "auto",
     key_bias: torch.Tensor | None = None,
 ) -> Iterator[MapRecorder]:
     """Install recording processors on `attn2` of `layers` for the duration of the block. With
     `key_bias` (`[B, M]`, for text from `cvg.models.padding.collapse_padding`), every block's text attention
     adds it, recorded or not."""
-    recorder = MapRecorder.for_transformer(transformer, tokens, pool, keep_heads, backend, key_bias)
+    recorder = MapRecorder.for_transformer(transformer, tokens, pool, backend, key_bias)
     with recording(transformer, recorder, layers):
         yield recorder
 

@@ -41,7 +41,7 @@ from cvg.request import (
 @dataclass
 class CVGOutput:
     frames: object  # as diffusers' output_type gives it: np.ndarray [B, F, H, W, 3], list of PIL, or latents
-    maps: list[torch.Tensor] = field(default_factory=list)  # per guided update: [B, layers, f, h, w, T]
+    maps: list[torch.Tensor] = field(default_factory=list)  # per guided update: [B, layers, heads, f, h, w, T]
     objective_values: list[torch.Tensor] = field(default_factory=list)  # per guided update: [B]
     steps: list[GuidedStep] = field(default_factory=list)
     composition: BoundComposition | BoundBatch | None = None  # a BoundBatch where each prompt had its own

@@ -44,6 +44,7 @@ def graph_key(
             bound.composition,
             bound.tokens.tolist(),
             bound.columns,
+            bound.nouns,
             id(objective),
             config,
         )

@@ -77,7 +77,7 @@ def _results(out, maps: list[bool]) -> list[VideoResult]:
         item_maps, entities = None, []
         if wanted and out.maps:
             bound = out.composition.items[i] if isinstance(out.composition, BoundBatch) else out.composition
-            item_maps = bound.entity_maps(out.maps[-1][i : i + 1].mean(dim=1))[0].numpy()  # layers averaged
+            item_maps = bound.entity_maps(out.maps[-1][i : i + 1].mean(dim=(1, 2)))[0].numpy()  # layers, heads
             entities = list(bound.composition.entities)
         results.append(VideoResult(to_uint8(out.frames[i]), item_maps, entities, timings))
     return results

@@ -28,7 +28,7 @@ class _Labels:
 
 def test_save_and_load_round_trip(tmp_path):
     model = _classifier()
-    maps, label = torch.rand(3, 2, 3, 4, 4, 2), torch.randn(1, 8)
+    maps, label = torch.rand(3, 2, 1, 3, 4, 4, 2), torch.randn(1, 8)
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["generator"] == GENERATOR
     loaded = CompositionClassifier.from_pretrained(tmp_path, generator=GENERATOR)
@@ -47,14 +47,14 @@ def test_missing_files_and_wrong_maps(tmp_path):
     with pytest.raises(FileNotFoundError, match="no classifier"):
         CompositionClassifier.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="expects maps of shape"):
-        _classifier()(torch.rand(1, 2, 3, 4, 5, 2), torch.randn(1, 8))
+        _classifier()(torch.rand(1, 2, 1, 3, 4, 5, 2), torch.randn(1, 8))
     with pytest.raises(ValueError, match="expects maps of shape"):
-        _classifier()(torch.rand(1, 2, 3, 4, 4, 3), torch.randn(1, 8))  # more entities than slots
+        _classifier()(torch.rand(1, 2, 1, 3, 4, 4, 3), torch.randn(1, 8))  # more entities than slots
 
 
 def test_features_separate_where_from_how_much():
     model = _classifier()
-    maps = torch.rand(2, 2, 3, 4, 4, 1)
+    maps = torch.rand(2, 2, 1, 3, 4, 4, 1)
     features = model.features(maps)
     torch.testing.assert_close(model.features(maps * 1e-3)[:, :96], features[:, :96])  # same shape of attention
     assert (model.features(maps * 1e-3)[:, 192:198] < features[:, 192:198] - 6).all()  # less mass: log falls
@@ -63,7 +63,7 @@ def test_features_separate_where_from_how_much():
 
 def test_one_entity_compositions_fill_the_first_slot():
     model, label = _classifier(), torch.randn(1, 8)
-    single = torch.rand(2, 2, 3, 4, 4, 1)
+    single = torch.rand(2, 2, 1, 3, 4, 4, 1)
     padded = torch.cat([single, torch.zeros_like(single)], dim=-1)
     torch.testing.assert_close(model(single, label), model(padded, label))
 
@@ -71,7 +71,7 @@ def test_one_entity_compositions_fill_the_first_slot():
 def test_objective_is_differentiable_and_positive():
     comp = Composition.parse("cube left of ball")
     bound = BoundComposition(comp, torch.tensor([3, 4, 7]), (([0, 1], [2]),) * 2)
-    maps = (torch.rand(2, 2, 3, 4, 4, 3) * 1e-2).requires_grad_()
+    maps = (torch.rand(2, 2, 3, 3, 4, 4, 3) * 1e-2).requires_grad_()  # recorded: 3 heads, 3 tokens
     loss = ClassifierObjective(_classifier(), _Labels())(maps, bound)
     (grad,) = torch.autograd.grad(loss.sum(), maps)
     assert loss.shape == (2,) and (loss > 0).all() and grad.abs().sum() > 0
@@ -87,7 +87,7 @@ class _DistinctLabels:
 
 
 def test_a_label_family_is_scored_as_the_pairs_are():
-    model, maps, labels = _classifier(), torch.rand(3, 2, 3, 4, 4, 2), torch.randn(4, 8)
+    model, maps, labels = _classifier(), torch.rand(3, 2, 1, 3, 4, 4, 2), torch.randn(4, 8)
     scores = model.scores(maps, labels)
     assert scores.shape == (3, 4)
     for k in range(4):
@@ -99,12 +99,12 @@ def test_the_multiclass_objective_is_the_true_label_against_its_family():
     where the binary objective falls; only the true label rising against its rivals lowers it."""
     comp = Composition.parse("cube left of ball")
     bound = BoundComposition(comp, torch.tensor([3, 4, 7]), (([0, 1], [2]),) * 2)
-    maps = torch.rand(2, 2, 3, 4, 4, 3) * 1e-2
+    maps = torch.rand(2, 2, 3, 3, 4, 4, 3) * 1e-2
     binary, multiclass = _classifier(), _classifier()
     multiclass.config.objective = "multiclass"
     family = [label_of(c) for c in comp.family()]
     assert family == ["cube left of ball", "cube right of ball", "cube above ball", "cube below ball"]
-    logits = multiclass.scores(bound.entity_maps(maps), _DistinctLabels()(family))
+    logits = multiclass.scores(multiclass.inputs(maps, bound), _DistinctLabels()(family))
     losses = {}
     for name, model in (("binary", binary), ("multiclass", multiclass)):
         objective = ClassifierObjective(model, _DistinctLabels())
@@ -117,9 +117,54 @@ def test_the_multiclass_objective_is_the_true_label_against_its_family():
     assert (losses["binary"][1] < losses["binary"][0] / 10).all()  # softplus(-(s + 5)): near 0
 
 
+def _per_head(aggregator: str, seed: int = 0) -> CompositionClassifier:
+    torch.manual_seed(seed)
+    config = ClassifierConfig(
+        layers=2, tiles=(3, 2, 2), heads=3, channels="words", aggregator=aggregator, label_dim=8, model_dim=16
+    )
+    return CompositionClassifier(config)
+
+
+def test_the_paper_head_reads_every_head_and_word_apart(tmp_path):
+    """Per-head, per-word maps through the transformer aggregator: the head axis kept (exchanging two heads'
+    maps changes the score; a head reading their mean cannot tell), the noun and attribute channels apart,
+    a gradient back to the recorded maps, and the same scores after a save and load."""
+    comp = Composition.parse("red cube left of blue ball")
+    # tokens: red, cube, blue, ball; columns [[0, 1], [2, 3]], nouns [[1], [3]]
+    bound = BoundComposition(comp, torch.tensor([3, 4, 7, 8]), (([0, 1], [2, 3]),), (([1], [3]),))
+    maps = (torch.rand(1, 2, 3, 3, 2, 2, 4) * 1e-2).requires_grad_()
+    model, label = _per_head("transformer"), torch.randn(1, 8)
+    inputs = model.inputs(maps, bound)
+    assert inputs.shape == (1, 2, 3, 3, 2, 2, 4)
+    torch.testing.assert_close(inputs[..., 0], maps[..., 1])  # the first entity's noun: "cube"
+    torch.testing.assert_close(inputs[..., 1], maps[..., 0])  # its attributes: "red"
+    score = model(inputs, label)
+    (grad,) = torch.autograd.grad(score.sum(), maps)
+    assert grad.abs().sum() > 0
+    swapped = maps.detach()[:, :, [1, 0, 2]]
+    assert not torch.allclose(model(model.inputs(swapped, bound), label), score)
+    averaged = CompositionClassifier(ClassifierConfig(layers=2, tiles=(3, 2, 2), label_dim=8))
+    pooled = BoundComposition(comp, bound.tokens, bound.columns)
+    torch.testing.assert_close(
+        averaged(averaged.inputs(swapped, pooled), label), averaged(averaged.inputs(maps.detach(), pooled), label)
+    )
+    model.save_pretrained(tmp_path)
+    loaded = CompositionClassifier.from_pretrained(tmp_path)
+    assert loaded.config.aggregator == "transformer" and loaded.config.heads == 3
+    torch.testing.assert_close(loaded(inputs.detach(), label), score.detach())
+
+
+def test_a_head_for_words_needs_a_binding_that_knows_the_nouns():
+    bound = BoundComposition(Composition.parse("cube left of ball"), torch.tensor([3, 7]), (([0], [1]),))
+    with pytest.raises(ValueError, match="does not know which words are nouns"):
+        _per_head("mlp").inputs(torch.rand(1, 2, 3, 3, 2, 2, 2), bound)
+
+
 def test_an_unknown_objective_is_refused():
     with pytest.raises(ValueError, match="classifier objective must be one of binary, multiclass, got 'ranking'"):
         ClassifierConfig(layers=1, tiles=(1, 1, 1), objective="ranking")
+    with pytest.raises(ValueError, match="classifier aggregator must be one of mlp, transformer, got 'vlm'"):
+        ClassifierConfig(layers=1, tiles=(1, 1, 1), aggregator="vlm")
 
 
 def test_the_label_is_the_free_text_else_the_description():

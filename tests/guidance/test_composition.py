@@ -73,6 +73,11 @@ def test_bind_finds_entity_tokens(tiny_pipe):
     words = tok.convert_ids_to_tokens([ids[i] for i in bound.tokens.tolist()])
     assert words == ["red", "cube", "blue", "ball"]
     assert bound.columns == (([0, 1], [2, 3]),)
+    assert bound.nouns == (([1], [3]),)  # each entity's last word; the words before it are its attributes
+    maps = torch.tensor([[1.0, 2.0, 4.0, 8.0]])
+    assert bound.word_maps(maps).tolist() == [[2.0, 1.0, 8.0, 4.0]]  # noun, then attributes, per entity
+    alone = Composition.parse("ball moves left").bind(tok, ["a ball moves left"], 64)
+    assert alone.word_maps(torch.tensor([[5.0]])).tolist() == [[5.0, 5.0]]  # no attribute: the noun again
 
 
 def test_bind_batch_uses_a_shared_token_list(tiny_pipe):

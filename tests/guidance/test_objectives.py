@@ -32,9 +32,10 @@ def _blob(frames, height, width, xs, ys, sharp=20.0):
 
 
 def _maps(*entity_blobs):
-    """Entities' [F, H, W] maps -> [1, layers=2, F, H, W, E]."""
+    """Entities' [F, H, W] maps -> [1, layers=2, heads=2, F, H, W, E], the second head half the first."""
     maps = torch.stack(entity_blobs, dim=-1)
-    return torch.stack([maps, maps], dim=0)[None]
+    heads = torch.stack([maps, maps / 2])
+    return torch.stack([heads, heads], dim=0)[None]
 
 
 def test_centroids_of_a_point_mass():
@@ -79,7 +80,7 @@ def test_presence_prefers_peaked_maps():
 def test_objectives_are_differentiable(text):
     bound = _bound(text)
     entities = 2 if bound.composition.object else 1
-    maps = (torch.rand(2, 2, 3, 4, 5, entities) * 1e-2).requires_grad_()
+    maps = (torch.rand(2, 2, 2, 3, 4, 5, entities) * 1e-2).requires_grad_()
     loss = objective_for(bound.composition.kind)(maps, _bound_batch(bound, 2))
     (grad,) = torch.autograd.grad(loss.sum(), maps)
     assert loss.shape == (2,) and torch.isfinite(grad).all() and grad.abs().sum() > 0

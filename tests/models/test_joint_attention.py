@@ -64,15 +64,15 @@ class _Materialised:
             q = torch.cat([q[:, :, :m], apply_rotary_emb(q[:, :, m:], image_rotary_emb)], 2)
             k = torch.cat([k[:, :, :m], apply_rotary_emb(k[:, :, m:], image_rotary_emb)], 2)
         probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
-        self.kept[self.layer] = probs[:, :, m:, TOKENS].mean(1)
+        self.kept[self.layer] = probs[:, :, m:, TOKENS]
         out = attn.to_out[0]((probs @ v).transpose(1, 2).flatten(2, 3))
         return out[:, m:], out[:, :m]
 
 
 def _pooled(maps: torch.Tensor) -> torch.Tensor:
-    """`[B, N, T]` over the 3 x 4 x 4 grid -> tiles of 1 x 2 x 2 means, `[B, 3, 2, 2, T]`."""
-    grid = maps.unflatten(1, (FRAMES, 2, 2, 2, 2))  # f, tile_h, h in tile, tile_w, w in tile
-    return grid.mean(dim=(3, 5))
+    """`[B, H, N, T]` over the 3 x 4 x 4 grid -> tiles of 1 x 2 x 2 means, `[B, H, 3, 2, 2, T]`."""
+    grid = maps.unflatten(2, (FRAMES, 2, 2, 2, 2))  # f, tile_h, h in tile, tile_w, w in tile
+    return grid.mean(dim=(4, 6))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -101,7 +101,7 @@ def test_joint_maps_are_the_materialised_softmax_block_gradients_included(rotary
         results[name] = (out.detach(), maps.detach(), grad)
     tol = TOLERANCE[dtype]
     (out, maps, grad), (ref_out, ref_maps, ref_grad) = results["pooled"], results["materialised"]
-    assert maps.shape == (1, 2, FRAMES, 2, 2, len(TOKENS))
+    assert maps.shape == (1, 2, model.config.num_attention_heads, FRAMES, 2, 2, len(TOKENS))
     torch.testing.assert_close(out, expected_out, rtol=0, atol=tol)  # recording changes nothing
     torch.testing.assert_close(ref_out, expected_out, rtol=0, atol=tol)  # the reference is CogVideoX's attention
     torch.testing.assert_close(maps, ref_maps, rtol=0, atol=tol)

@@ -42,12 +42,12 @@ def test_recording_keeps_the_output_and_records_maps(tiny_pipe, backend):
     torch.testing.assert_close(out, reference, rtol=0, atol=ulps(reference))
     assert recorder.grid == (3, 4, 4) and recorder.tiles == (3, 2, 2)
     assert sorted(recorder.maps) == [0, 1]
-    assert recorder.stacked().shape == (1, 2, 3, 2, 2, 3)
+    assert recorder.stacked().shape == (1, 2, 2, 3, 2, 2, 3)  # [B, layers, heads, f, h, w, T]
 
 
 def test_maps_of_all_keys_sum_to_one(tiny_pipe):
     """Each query's attention over all text tokens sums to 1, so tile means over all tokens do too."""
-    with record_maps(tiny_pipe.transformer, list(range(20)), pool=(2, 3, 3), keep_heads=True) as recorder:
+    with record_maps(tiny_pipe.transformer, list(range(20)), pool=(2, 3, 3)) as recorder:
         _forward(tiny_pipe.transformer, frames=3, size=12)
     for maps in recorder.maps.values():
         assert maps.shape == (1, 2, 2 * 2 * 2, 20)  # [B, H, tiles (2, 2, 2), T]

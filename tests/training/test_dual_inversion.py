@@ -48,7 +48,9 @@ def test_a_clip_is_read_under_its_prompt_and_its_counterfactual(tiny_pipe):
     clip, frames = next(iter(readings.rendered(_clips(1))))
     true, counterfactual = readings.read_clip(tiny_pipe, clip, frames, CONFIG, dual=True)
     layers = len(tiny_pipe.transformer.blocks)
-    assert true.shape == counterfactual.shape == (2, layers, 3, 2, 2, 2)  # steps, layers, tiles f/h/w, entities
+    heads = tiny_pipe.transformer.config.num_attention_heads
+    # steps, layers, heads, tiles f/h/w, 2 entity slots then 4 word slots
+    assert true.shape == counterfactual.shape == (2, layers, heads, 3, 2, 2, 6)
     assert not torch.allclose(true, counterfactual)  # another prompt, another inversion and reading
     assert (true > 0).all() and torch.isfinite(true).all()
     (single,) = readings.read_clip(tiny_pipe, clip, frames, CONFIG, dual=False)
@@ -63,8 +65,8 @@ def test_a_replay_inverts_the_clip_to_noise_and_reads_the_path_back_down(tiny_pi
     for substeps in (4, 16):
         config = replace(CONFIG, source="replay", replay_substeps=substeps)
         (true, counterfactual), quality = readings.read_replay(tiny_pipe, clip, frames, config, dual=True)
-        layers = len(tiny_pipe.transformer.blocks)
-        assert true.shape == counterfactual.shape == (2, layers, 3, 2, 2, 2)
+        layers, heads = len(tiny_pipe.transformer.blocks), tiny_pipe.transformer.config.num_attention_heads
+        assert true.shape == counterfactual.shape == (2, layers, heads, 3, 2, 2, 6)
         assert not torch.allclose(true, counterfactual) and torch.isfinite(true).all()
         assert quality.shape == (3,) and torch.isfinite(quality).all()
         errors.append(quality[2].item())
@@ -73,7 +75,7 @@ def test_a_replay_inverts_the_clip_to_noise_and_reads_the_path_back_down(tiny_pi
 
 def test_only_well_inverted_clips_are_kept():
     quality = torch.tensor([[1.0, 0.0, 0.01], [1.3, 0.0, 0.01], [1.0, 2.0, 0.01], [1.05, -0.2, 0.2]])
-    kept = Readings(torch.zeros(4, 2, 1, 1, 1, 1, 1, 2), ["a"] * 4, ["b"] * 4, ["x"] * 4, quality=quality)
+    kept = Readings(torch.zeros(4, 2, 1, 1, 1, 1, 1, 1, 6), ["a"] * 4, ["b"] * 4, ["x"] * 4, quality=quality)
     config = replace(CONFIG, replay_max_std_error=0.15, replay_max_kurtosis=0.5, replay_max_error=0.05)
     assert kept.well_inverted(config) == [True, False, False, False]
     assert kept.where([True, False, True, False]).quality.tolist() == quality[[0, 2]].tolist()
@@ -85,7 +87,7 @@ def test_only_well_inverted_clips_are_kept():
 def test_readings_are_cached_and_resumed(tiny_pipe, tmp_path, monkeypatch):
     clips = _clips(3, "motion")  # one entity: the second slot stays empty
     first = readings.read_clips(tiny_pipe, readings.rendered(clips), CONFIG, tmp_path, chunk=2, report=lambda _: None)
-    assert first.maps.shape[:3] == (3, 2, 2) and first.maps[..., 1].abs().max() == 0
+    assert first.maps.shape[:3] == (3, 2, 2) and first.maps[..., [1, 4, 5]].abs().max() == 0  # no second entity
     assert first.true_labels[0] == clips[0].composition.label
     assert first.counterfactual_labels[0] == clips[0].counterfactuals[0][1].label
     monkeypatch.setattr(readings, "read_clip", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
@@ -104,7 +106,8 @@ def test_a_trajectory_is_read_where_the_sampler_passes(tiny_pipe):
     config = replace(CONFIG, guide_steps=3)
     maps, targets = readings.read_trajectory(tiny_pipe, clip, config, seed=5)
     layers = len(tiny_pipe.transformer.blocks)
-    assert maps.shape == (2, 3, layers, 3, 2, 2, 2) and targets.dtype == torch.bool and targets.shape == (2,)
+    heads = tiny_pipe.transformer.config.num_attention_heads
+    assert maps.shape == (2, 3, layers, heads, 3, 2, 2, 6) and targets.dtype == torch.bool and targets.shape == (2,)
     pipe = CVGPipeline(tiny_pipe)
     size = {"height": SIZE["height"], "width": SIZE["width"], "num_frames": SIZE["frames"]}
     visited = []
@@ -134,10 +137,9 @@ def test_a_trajectory_is_read_where_the_sampler_passes(tiny_pipe):
         torch.Generator().manual_seed(5),
     )
     for step, latents in enumerate([noise, visited[0], visited[1]]):
-        expected = bound.entity_maps(
-            denoiser.read_maps(latents, torch.tensor(timesteps[step]), bound, GuidanceConfig(pool=config.pool))
-        )[0]
-        torch.testing.assert_close(maps[0, step], expected, rtol=0, atol=0)
+        read = denoiser.read_maps(latents, torch.tensor(timesteps[step]), bound, GuidanceConfig(pool=config.pool))
+        torch.testing.assert_close(maps[0, step, ..., :2], bound.entity_maps(read)[0], rtol=0, atol=0)
+        torch.testing.assert_close(maps[0, step, ..., 2:], bound.word_maps(read)[0], rtol=0, atol=0)
 
 
 class _Labels:
@@ -152,14 +154,15 @@ def _leaky_readings(n: int, seed: int) -> Readings:
     reading prompt says (clean): the prompt leaks into the maps, as it does in a real generator."""
     g = torch.Generator().manual_seed(seed)
     clip_left = torch.rand(n, generator=g) < 0.5
-    maps = torch.full((n, 2, 1, 1, 1, 2, 2, 2), 0.1)
+    maps = torch.full((n, 2, 1, 1, 1, 1, 2, 2, 6), 0.1)
     for reading in range(2):
         prompt_left = clip_left if reading == 0 else ~clip_left
         column = torch.where(clip_left, 0, 1)
         row = torch.where(prompt_left, 0, 1)
         for i in range(n):
-            maps[i, reading, 0, 0, 0, :, column[i], 0] += 0.5 + 0.6 * torch.rand((), generator=g)  # clip: weak, noisy
-            maps[i, reading, 0, 0, 0, row[i], :, 0] += 2.0  # prompt: strong, clean
+            for slot in (0, 2):  # the first entity, and its noun
+                maps[i, reading, 0, 0, 0, 0, :, column[i], slot] += 0.5 + 0.6 * torch.rand((), generator=g)  # clip
+                maps[i, reading, 0, 0, 0, 0, row[i], :, slot] += 2.0  # prompt: strong, clean
     maps = maps + 0.3 * torch.rand(maps.shape, generator=g)
     true = ["cube moves left" if c else "cube moves right" for c in clip_left]
     cf = ["cube moves right" if c else "cube moves left" for c in clip_left]
@@ -196,7 +199,7 @@ def test_a_multiclass_head_learns_the_label_shown_among_its_family_without_the_l
     assert model.config.objective == "multiclass" and model.config.confidence == pytest.approx(0.9 + 0.1 / 4)
     result = evaluate_readings(model, held, _DirectionLabels())["overall"]
     assert result["accuracy"] > 0.95 and result["leakage"] < 0.1
-    maps = held.maps[:, 0].flatten(0, 1)
+    maps = held.inputs("entities", per_head=False)[:, 0].flatten(0, 1)
     family = _DirectionLabels()(["cube moves left", "cube moves right", "cube moves up", "cube moves down"])
     with torch.no_grad():
         chosen = model.scores(maps, family, torch.tensor(999.0)).argmax(-1)
@@ -205,22 +208,35 @@ def test_a_multiclass_head_learns_the_label_shown_among_its_family_without_the_l
 
 
 def test_family_examples_keep_the_label_shown_and_drop_what_no_family_decides():
-    maps = torch.zeros(4, 1, 1, 1, 1, 1, 1, 2)
+    maps = torch.zeros(4, 1, 1, 1, 1, 1, 1, 1, 6)
     true = ["cube moves left", "red cube left of blue ball", "cube moves up", "red cube"]
     counterfactual = ["cube moves right", "red cube above blue ball", "cube moves down", "blue cube"]
     targets = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
     readings = Readings(maps, true, counterfactual, ["motion", "spatial", "motion", "object"], targets)
-    _, families, index, _ = dual_inversion._family_examples(readings, dual=True)
+    _, families, index, _ = dual_inversion._family_examples(readings, TrainingConfig())
     # the counterfactual shown, twice; both shown (undecided) and a family of one are dropped
     assert [f[0] for f in families] == ["cube moves left", "red cube left of blue ball"]
     assert index.tolist() == [1, 2]  # "cube moves right" and "red cube above blue ball" in their families
+
+
+def test_the_paper_head_learns_from_the_same_readings_without_the_leak():
+    """Per-head word maps through the transformer aggregator, trained on the readings the MLP head reads."""
+    train, held = _leaky_readings(400, 0), _leaky_readings(200, 1)
+    config = TrainingConfig(
+        epochs=30, batch=64, lr=3e-3, hidden_dim=32, per_head=True, channels="words", aggregator="transformer"
+    )
+    model = train_classifier(train, {}, config, _Labels(), report=lambda _: None)
+    assert (model.config.aggregator, model.config.channels, model.config.heads) == ("transformer", "words", 1)
+    result = evaluate_readings(model, held, _Labels())["overall"]
+    assert result["accuracy"] > 0.9 and result["leakage"] < 0.1
 
 
 def test_label_smoothing_keeps_the_head_from_saturating():
     """Unsmoothed, a separable training set drives logits (and so -log p, the guidance objective) to
     saturation; smoothed targets eps/2, 1 - eps/2 hold them near log((1 - eps/2) / (eps/2))."""
     train = _leaky_readings(400, 0)
-    maps, labels = train.maps.flatten(0, 2), _Labels()(train.true_labels).repeat_interleave(2, 0)
+    maps = train.inputs("entities", per_head=False).flatten(0, 2)
+    labels = _Labels()(train.true_labels).repeat_interleave(2, 0)
     magnitude = {}
     for eps in (0.0, 0.2):
         config = TrainingConfig(epochs=60, batch=64, lr=3e-3, hidden_dim=32, label_smoothing=eps)

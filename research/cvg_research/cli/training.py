@@ -22,6 +22,9 @@ TRAINING_FLAGS = {
     "weight_decay": {"type": NON_NEGATIVE},
     "label_smoothing": {"type": number(float, 0, 0.99)},
     "objective": {},
+    "channels": {},
+    "per_head": {},
+    "aggregator": {},
 }
 
 

@@ -63,4 +63,17 @@ class TrainingConfig:
         "the label shown against its family (the other relations, directions, counts or binding), softmax",
         choices=("binary", "multiclass"),
     )
+    channels: str = documented(
+        "entities",
+        "what a map channel is: each entity's tokens (entities), or per entity its noun's and its attributes' "
+        "apart, the relation withheld (words: the paper's)",
+        choices=("entities", "words"),
+    )
+    per_head: bool = documented(False, "read each attention head's maps apart (the paper's), not their mean")
+    aggregator: str = documented(
+        "mlp",
+        "how the head aggregates the maps: an MLP over all at once, or a transformer over (layer, head, frame) "
+        "tokens with their embeddings (the paper's)",
+        choices=("mlp", "transformer"),
+    )
     seed: int = 0

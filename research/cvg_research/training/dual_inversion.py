@@ -49,10 +49,16 @@ LABEL_TRANSFER = "label-transfer"  # beside it too: trained without the clips of
 LOCK = ".lock"  # in the output directory: held by its one trainer
 
 
-def _examples(readings: Readings, dual: bool) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor]:
-    """(maps [M, layers, f, h, w, 2], label texts, targets, timesteps [M]): each reading, each step, both
-    labels; a label's target is whether the clip shows it."""
-    maps = readings.maps if dual else readings.maps[:, :1]
+def _inputs(readings: Readings, config: TrainingConfig) -> torch.Tensor:
+    """The maps the head reads (`Readings.inputs`), under the true prompt only unless `config.dual`."""
+    maps = readings.inputs(config.channels, config.per_head)
+    return maps if config.dual else maps[:, :1]
+
+
+def _examples(readings: Readings, config: TrainingConfig) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor]:
+    """(maps [M, layers, heads, f, h, w, slots], label texts, targets, timesteps [M]): each reading, each step,
+    both labels; a label's target is whether the clip shows it."""
+    maps = _inputs(readings, config)
     n, r, s = maps.shape[:3]
     flat = maps.flatten(0, 2)  # clip-major, then reading, then step
     clip = torch.arange(n).repeat_interleave(r * s)
@@ -64,12 +70,12 @@ def _examples(readings: Readings, dual: bool) -> tuple[torch.Tensor, list[str], 
 
 
 def _family_examples(
-    readings: Readings, dual: bool
+    readings: Readings, config: TrainingConfig
 ) -> tuple[torch.Tensor, list[list[str]], torch.Tensor, torch.Tensor]:
     """(maps [M, ...], label families, the index of the label shown in its family [M], timesteps [M]): each
     reading and step of a clip that shows exactly one of its two labels, scored against the true label's
     family (`Composition.family`); a label shown outside that family, or a family of one, is left out."""
-    maps = readings.maps if dual else readings.maps[:, :1]
+    maps = _inputs(readings, config)
     n, r, s = maps.shape[:3]
     shown = readings.label_targets()
     timesteps = readings.timesteps if readings.timesteps is not None else torch.full((s,), float("nan"))
@@ -135,14 +141,14 @@ def train_classifier(
     (`config.objective` "multiclass") cross-entropy of the label shown among its family."""
     encoder = encoder or LabelEncoder()
     if config.objective == "multiclass":
-        maps, families, targets, timesteps = _family_examples(readings, config.dual)
+        maps, families, targets, timesteps = _family_examples(readings, config)
         if not families:
             raise ValueError("no reading shows one label of a family of two or more: nothing to train multiclass on")
         texts = sorted({t for f in families for t in f})
         loss_of = _family_loss(maps, families, targets, config, encoder)
         confidence = 1 - config.label_smoothing + config.label_smoothing / max(len(f) for f in families)
     else:
-        maps, label_texts, targets, timesteps = _examples(readings, config.dual)
+        maps, label_texts, targets, timesteps = _examples(readings, config)
         texts = sorted(set(label_texts))
         loss_of = _binary_loss(maps, label_texts, targets, config, encoder)
         confidence = 1 - config.label_smoothing / 2
@@ -153,8 +159,11 @@ def train_classifier(
     model = CompositionClassifier(
         ClassifierConfig(
             layers=maps.shape[1],
-            tiles=tuple(maps.shape[2:5]),
+            tiles=tuple(maps.shape[3:6]),
             entities=2,
+            heads=maps.shape[2],
+            channels=config.channels,
+            aggregator=config.aggregator,
             label_dim=encoder.dim,
             hidden_dim=config.hidden_dim,
             generator=generator,
@@ -186,7 +195,7 @@ def train_classifier(
 def reading_logits(model: CompositionClassifier, readings: Readings, encoder: LabelEncoder) -> torch.Tensor:
     """`[N, readings, steps, 2]` logits of the true and the counterfactual label at every reading."""
     n, r, s = readings.maps.shape[:3]
-    maps = readings.maps.flatten(0, 2)
+    maps = readings.inputs(model.config.channels, model.config.heads > 1).flatten(0, 2)
     timesteps = None
     if model.config.timestep_conditioned:
         timesteps = readings.timesteps.float().repeat(n * r)
@@ -294,7 +303,10 @@ def _train_and_evaluate(
     layers = list(reading.layers) if reading.layers else None
     generator = generator_description(pipe.transformer, layers, reading.pool)
     # Readings depend on the generator and where it is read: another one must never reuse them.
-    work = out / ".work" / f"{generator['transformer']}-steps{reading.num_inference_steps}-guided{reading.guide_steps}"
+    # "-heads": readings of every head and both kinds of channel (`readings.SLOTS`), unlike earlier caches.
+    work = out / ".work" / (
+        f"{generator['transformer']}-steps{reading.num_inference_steps}-guided{reading.guide_steps}-heads"
+    )
     if reading.source != "inversion":  # each source its own readings
         work = work.with_name(f"{work.name}-{reading.source}")
 

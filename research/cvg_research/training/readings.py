@@ -1,6 +1,7 @@
-"""Classifier readings: pooled entity maps of clips under their true and counterfactual prompts, at the
-noise levels guidance acts on, from the generator's own trajectories or from inverted clips; cached in
-resumable chunks (one file per chunk, written atomically)."""
+"""Classifier readings: pooled maps of clips under their true and counterfactual prompts, at the noise
+levels guidance acts on, from the generator's own trajectories or from inverted clips; cached in resumable
+chunks (one file per chunk, written atomically). Every reading keeps each head apart and both kinds of
+channel (`SLOTS`), so heads that read them differently train on the same readings."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from diffusers import WanPipeline
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
+from cvg.guidance.binding import BoundComposition
 from cvg.guidance.classifier import label_of
 from cvg.guidance.config import GuidanceConfig
 from cvg.guidance.inversion import descend, invert
@@ -51,15 +53,27 @@ def _prompt_denoiser(pipe: WanPipeline, prompt: str, config: ReadingConfig) -> D
     return Denoiser(pipe.transformer, embeds, None, 1.0)
 
 
-def _entity_readings(
+# A reading's last axis: two entity slots (`BoundComposition.entity_maps`, an entity's tokens together), then
+# four word slots (`word_maps`: each entity's noun and attributes); slots a composition lacks are zero.
+SLOTS = {"entities": slice(0, 2), "words": slice(2, 6)}
+
+
+def _slots(bound: BoundComposition, maps: torch.Tensor) -> torch.Tensor:
+    """Recorded maps `[..., T]` -> `[..., 6]`: entity slots, then word slots (`SLOTS`)."""
+    entities, words = bound.entity_maps(maps), bound.word_maps(maps)
+    return torch.cat([F.pad(entities, (0, 2 - entities.shape[-1])), F.pad(words, (0, 4 - words.shape[-1]))], -1)
+
+
+def _map_readings(
     pipe: WanPipeline,
     prompt: str,
     composition,
     config: ReadingConfig,
     latents: Callable[[Denoiser], list[torch.Tensor]],
 ) -> torch.Tensor:
-    """Entity maps `[steps, layers, f, h, w, E]` under `prompt`, read at `latents(denoiser)`: one latent per
-    read step, each at that step's timestep (the denoiser is the prompt's, for latents that depend on it)."""
+    """Maps `[steps, layers, heads, f, h, w, 6]` (`SLOTS`) under `prompt`, read at `latents(denoiser)`: one
+    latent per read step, each at that step's timestep (the denoiser is the prompt's, for latents that depend
+    on it)."""
     bound = composition.bind(pipe.tokenizer, [prompt_clean(prompt)], config.max_sequence_length)
     denoiser = _prompt_denoiser(pipe, prompt, config)
     guidance = GuidanceConfig(pool=config.pool, layers=list(config.layers) if config.layers else None)
@@ -68,11 +82,11 @@ def _entity_readings(
         denoiser.read_maps(x, torch.tensor(t), bound, guidance)
         for x, t in zip(latents(denoiser), timesteps, strict=True)
     ]
-    return torch.cat([bound.entity_maps(m) for m in maps])
+    return torch.cat([_slots(bound, m) for m in maps])
 
 
 def read_clip(pipe: WanPipeline, clip: Clip, frames, config: ReadingConfig, dual: bool) -> list[torch.Tensor]:
-    """Entity maps `[guide_steps, layers, f, h, w, E]` of one clip per reading (true prompt, then counterfactual)."""
+    """Maps `[guide_steps, layers, heads, f, h, w, 6]` of one clip per reading (true prompt, then counterfactual)."""
     latent = encode_clip(pipe, frames)
     sigmas = guided_levels(pipe, config)[0]
 
@@ -82,7 +96,7 @@ def read_clip(pipe: WanPipeline, clip: Clip, frames, config: ReadingConfig, dual
         return [climbed[s] for s in sigmas]
 
     readings = [(clip.prompt, clip.composition)] + ([clip.counterfactuals[0]] if dual else [])
-    return [_entity_readings(pipe, prompt, composition, config, inverted) for prompt, composition in readings]
+    return [_map_readings(pipe, prompt, composition, config, inverted) for prompt, composition in readings]
 
 
 QUALITY = ("std", "kurtosis", "error")  # of a replay's inversion: see `inversion_quality`
@@ -104,8 +118,8 @@ def read_replay(
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Invert-and-replay readings of one clip: its latent inverted to pure noise under its true prompt
     (`config.replay_substeps` Euler steps), then the sampler's path replayed down from that noise under each
-    reading's prompt (true, then counterfactual) and read at the guided steps. Returns the entity maps
-    `[guide_steps, layers, f, h, w, E]` per reading and the inversion's quality (`inversion_quality`)."""
+    reading's prompt (true, then counterfactual) and read at the guided steps. Returns the maps
+    `[guide_steps, layers, heads, f, h, w, 6]` per reading and the inversion's quality (`inversion_quality`)."""
     latent = encode_clip(pipe, frames)
     substeps = config.replay_substeps
     true_denoiser = _prompt_denoiser(pipe, clip.prompt, config)
@@ -117,13 +131,14 @@ def read_replay(
         return descend(denoiser, noise, sigmas, max(1, substeps // config.num_inference_steps))
 
     readings = [(clip.prompt, clip.composition)] + ([clip.counterfactuals[0]] if dual else [])
-    maps = [_entity_readings(pipe, prompt, composition, config, replayed) for prompt, composition in readings]
+    maps = [_map_readings(pipe, prompt, composition, config, replayed) for prompt, composition in readings]
     return maps, inversion_quality(noise, latent, returned)
 
 
 @dataclass
 class Readings:
-    """Maps of many clips: `maps [N, readings, steps, layers, f, h, w, 2]`, true and counterfactual labels.
+    """Maps of many clips: `maps [N, readings, steps, layers, heads, f, h, w, 6]` (`SLOTS`), true and
+    counterfactual labels.
 
     `targets [N, 2]`: whether the clip shows its true and its counterfactual label (None: renders, which
     show the true one and not the other); `timesteps [steps]`: where each step was read (None: unknown);
@@ -136,6 +151,12 @@ class Readings:
     targets: torch.Tensor | None = None
     timesteps: torch.Tensor | None = None
     quality: torch.Tensor | None = None
+
+    def inputs(self, channels: str, per_head: bool) -> torch.Tensor:
+        """What a head reads of the maps: `[N, readings, steps, layers, heads or 1, f, h, w, slots]`, its kind
+        of channel (`SLOTS`), each head apart or their mean."""
+        maps = self.maps[..., SLOTS[channels]]
+        return maps if per_head else maps.mean(4, keepdim=True)
 
     def where(self, keep: list[bool]) -> Readings:
         """The readings of the clips marked in `keep`."""
@@ -190,10 +211,6 @@ def _readings(parts: list[dict]) -> Readings:
     )
 
 
-def _two_slots(maps: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([F.pad(m, (0, 2 - m.shape[-1])) for m in maps])
-
-
 def read_clips(
     pipe: WanPipeline,
     clips: Iterable[tuple[Clip, object]],
@@ -216,7 +233,7 @@ def read_clips(
             per_clip = [maps for maps, _ in replays]
         else:
             per_clip = [read_clip(pipe, clip, frames, config, dual=True) for clip, frames in batch]
-        return {"maps": _two_slots([torch.stack(maps) for maps in per_clip]), **part}
+        return {"maps": torch.stack([torch.stack(maps) for maps in per_clip]), **part}
 
     parts = cached_chunks(clips, work, chunk, lambda batch: _clips_described([c for c, _ in batch]), read, report)
     return _readings(parts)
@@ -229,7 +246,7 @@ def read_trajectory(
     """Readings where guidance acts: the generator samples `clip.prompt` from the noise of `seed` as the
     guided sampler does (unguided), and the latents it passes through at the first `config.guide_steps`
     steps are read under the true and the counterfactual prompt. The CompShapes judge, on the decoded
-    clip, says which of the two labels it shows. Returns (maps `[2, steps, layers, f, h, w, 2]`,
+    clip, says which of the two labels it shows. Returns (maps `[2, steps, layers, heads, f, h, w, 6]`,
     targets `[2]`: true label shown, counterfactual label shown)."""
     scene = clip.scene
     size = {"height": scene.height, "width": scene.width, "num_frames": scene.frames}
@@ -260,10 +277,10 @@ def read_trajectory(
     cf_prompt, cf_composition = clip.counterfactuals[0]
     targets = torch.tensor([judge(frames, clip.composition).ok, judge(frames, cf_composition).ok])
     readings = [
-        _entity_readings(pipe, prompt, composition, config, lambda _: visited)
+        _map_readings(pipe, prompt, composition, config, lambda _: visited)
         for prompt, composition in ((clip.prompt, clip.composition), (cf_prompt, cf_composition))
     ]
-    return _two_slots(readings), targets
+    return torch.stack(readings), targets
 
 
 def read_trajectories(
