@@ -83,15 +83,15 @@ def _job(base: str, request: dict, timeout: float = 600) -> dict:
     with httpx.Client(base_url=base, timeout=60) as client:
         while (answer := client.post("/v1/videos", json=request)).status_code == 429:
             time.sleep(float(answer.headers.get("retry-after", 1)))
-        if answer.status_code != 202:
+        if answer.status_code != 200:
             return {"accepted": False, "error": answer.text}
         job_id, deadline = answer.json()["id"], time.monotonic() + timeout
-        while (view := client.get(f"/v1/videos/{job_id}").json())["status"] in ("queued", "running"):
+        while (view := client.get(f"/v1/videos/{job_id}").json())["status"] in ("queued", "in_progress"):
             if time.monotonic() > deadline:
                 return {"accepted": True, "status": "timeout"}
             time.sleep(0.05)
         result = {"accepted": True, "status": view["status"], "batch": view["timings"].get("batch")}
-        if view["status"] == "succeeded":
+        if view["status"] == "completed":
             content = client.get(f"/v1/videos/{job_id}/content").content
             try:
                 result["decoded"] = len(imageio.mimread(io.BytesIO(content), format="mp4")) == FRAMES
@@ -114,7 +114,7 @@ def _drop_mid_download(base: str, request: dict) -> None:
     """A client whose job succeeds and who hangs up after the first bytes of its video."""
     with httpx.Client(base_url=base, timeout=60) as client:
         job_id = client.post("/v1/videos", json={**request, "seed": 999}).json()["id"]
-        while client.get(f"/v1/videos/{job_id}").json()["status"] in ("queued", "running"):
+        while client.get(f"/v1/videos/{job_id}").json()["status"] in ("queued", "in_progress"):
             time.sleep(0.1)
         with client.stream("GET", f"/v1/videos/{job_id}/content") as response:
             next(response.iter_bytes(256))
@@ -143,8 +143,8 @@ def _load(base: str, requests: list[dict], clients: int, faults: bool) -> tuple[
         "throughput": len(requests) / wall,
         "p50": statistics.median(seconds),
         "p99": seconds[min(len(seconds) - 1, round(0.99 * (len(seconds) - 1)))],
-        "lost": sum(1 for r in results if not r["accepted"] or r["status"] != "succeeded"),
-        "corrupted": sum(1 for r in results if r.get("status") == "succeeded" and not r["decoded"]),
+        "lost": sum(1 for r in results if not r["accepted"] or r["status"] != "completed"),
+        "corrupted": sum(1 for r in results if r.get("status") == "completed" and not r["decoded"]),
         "batches": max((r.get("batch") or 0) for r in results),
     }
     return summary, wall

@@ -16,6 +16,7 @@ STEP_BACKENDS = ("torch", "compiled", "onnxruntime", "tensorrt")  # cvg.runtime.
 MAX_STEPS = 1000  # the schedulers' training timesteps: a longer schedule repeats timesteps
 MAX_TEXT_TOKENS = 512  # Wan's text length (UMT5's positions)
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
+MAX_ITERATIONS = 100  # updates per guided step: no door lets a generation run for hours
 SERVED_STEPS = 20  # a served request's default denoising steps (cvg.Engine, cvg serve): the shipped model's schedule
 
 
@@ -96,7 +97,7 @@ class GenerationRequest:
         None, "RMS of each latent update (None: the guidance config's strength)", low=0
     )
     iterations: int | None = documented(
-        None, "at most this many updates per guided step (None: the guidance config's)", low=1, high=100
+        None, "at most this many updates per guided step (None: the guidance config's)", low=1, high=MAX_ITERATIONS
     )
     num_videos_per_prompt: int = documented(1, "videos per prompt", low=1)
     max_sequence_length: int | None = documented(

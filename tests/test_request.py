@@ -24,7 +24,8 @@ DECLARED = {
 GENERATE_ONLY = {"help", "model", "objective", "out", "save_maps", "fps", "quiet", "judge", "compare_seeds"}
 GENERATE_ONLY |= {"contact_sheet", "command", "run"}
 SERVE_ONLY = {"help", "model", "host", "port", "token", "queue_size", "keep_seconds", "out_dir", "max_batch"}
-SERVE_ONLY |= {"batch_window", "ray_replicas", "command", "run"}
+SERVE_ONLY |= {"batch_window", "ray_replicas", "command", "run", "token_file", "served_model_name"}
+SERVE_ONLY |= {"max_job_cost", "job_timeout", "max_connections"}
 # A door's own defaults, where it differs from the declaration's (each says why where it is set).
 SERVE_DEFAULTS = {"num_inference_steps": 20, "step_backend": "auto"}
 
@@ -52,11 +53,12 @@ def test_every_flag_is_a_declared_field_with_its_default_and_help(command, own, 
 
 
 def test_the_http_schema_is_the_declaration_with_the_servers_limits():
-    from cvg.serving.api import SERVER_LIMITS, VideoRequest
-    from cvg.serving.runner import SERVED_FIELDS
+    from cvg.serving.runner import SERVED_FIELDS, SERVER_LIMITS
+    from cvg.serving.videos import VideoRequest
 
     schema = VideoRequest.model_json_schema()["properties"]
-    assert set(schema) == {*SERVED_FIELDS, "maps"} and set(SERVED_FIELDS) <= REQUEST_FIELDS
+    openai_spellings = {"model", "size", "seconds"}  # OpenAI's names, made into declared fields (`job_request`)
+    assert set(schema) == {*SERVED_FIELDS, "maps", "fps", *openai_spellings} and set(SERVED_FIELDS) <= REQUEST_FIELDS
     assert set(SERVER_LIMITS) <= set(SERVED_FIELDS)
     for name in SERVED_FIELDS:
         assert schema[name]["description"] == DECLARED[name]["help"], name
@@ -119,7 +121,7 @@ def test_every_door_refuses_what_the_declaration_refuses(tiny_pipe):
     from pydantic import ValidationError
 
     from cvg.pipeline import CVGPipeline
-    from cvg.serving.api import VideoRequest
+    from cvg.serving.videos import VideoRequest
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(

@@ -58,7 +58,7 @@ OPTION_FLAGS = {
     "classifier": {"metavar": "DIR"},
 }
 GUIDANCE_FLAGS = {
-    "candidates": {"type": number(int, 1, 64)},
+    "candidates": {},
     "geometric": {},
     "normalize": {"choices": NORMALIZATIONS},
     "target_loss": {"type": NON_NEGATIVE},

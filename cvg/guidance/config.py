@@ -6,9 +6,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from cvg.request import documented
+from cvg.request import MAX_ITERATIONS, documented
 
 NORMALIZATIONS = ("rms", "max", "none", "polyak")
+MAX_CANDIDATES = 64  # initial noises scored per video
 
 
 @dataclass
@@ -22,7 +23,10 @@ class GuidanceConfig:
     guide_steps: int = documented(4, "guided steps at the start")
     guide_sigma: float | None = documented(None, "guide every step whose sigma is at least this (sets guide_steps)")
     candidates: int = documented(
-        1, "initial noises drawn per video; the one the objective scores best at the first step is denoised"
+        1,
+        "initial noises drawn per video; the one the objective scores best at the first step is denoised",
+        low=1,
+        high=MAX_CANDIDATES,
     )
     geometric: bool = documented(
         True,
@@ -30,7 +34,9 @@ class GuidanceConfig:
         "(centroid relation, centroid motion) to its loss",
     )
     strength: float = documented(0.1, "RMS of each latent update, the largest with normalize polyak")
-    iterations: int = documented(1, "at most this many updates per guided step (fewer once target_loss is reached)")
+    iterations: int = documented(
+        1, "at most this many updates per guided step (fewer once target_loss is reached)", low=1, high=MAX_ITERATIONS
+    )
     normalize: str = documented(
         "polyak",
         "step rule: rms / max gradient normalisation, none, or polyak (the "
@@ -61,10 +67,11 @@ class GuidanceConfig:
             raise ValueError(
                 f"guide_steps must be between 0 and num_inference_steps ({num_inference_steps}), got {self.guide_steps}"
             )
-        if self.candidates < 1:
-            raise ValueError(f"candidates must be at least 1, got {self.candidates}")
-        if self.iterations < 1:
-            raise ValueError(f"iterations must be at least 1, got {self.iterations}")
+        # Every loop count bounded, whichever door it came in by: no setting runs for hours.
+        if not 1 <= self.candidates <= MAX_CANDIDATES:
+            raise ValueError(f"candidates must be between 1 and {MAX_CANDIDATES}, got {self.candidates}")
+        if not 1 <= self.iterations <= MAX_ITERATIONS:
+            raise ValueError(f"iterations must be between 1 and {MAX_ITERATIONS}, got {self.iterations}")
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}")
         if not math.isfinite(self.strength) or self.strength < 0:

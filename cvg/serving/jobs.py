@@ -1,6 +1,7 @@
 """Video jobs: a bounded queue in front of a runner (an `Engine` in this process, `EngineRunner`, or engine
 replicas elsewhere, `cvg.serving.ray_serve`), with progress, cancellation at the next denoising step,
-batching, outputs written atomically under a directory the server owns, and retention.
+batching, bounds on what a job may cost and how long it may run, outputs written atomically under a
+directory the server owns, and retention.
 
     jobs = JobQueue(EngineRunner(engine), directory, max_queued=16, keep_seconds=3600)
     job = jobs.submit(VideoJobRequest(prompt="a red cube to the left of a blue ball",
@@ -9,9 +10,11 @@ batching, outputs written atomically under a directory the server owns, and rete
     jobs.cancel(job.id)          # a running job stops at its next step; nothing is decoded or written
 
 A job's files are named by its id (32 hex digits the queue makes), never by anything a client sends, and
-the queue deletes only files it wrote. Each job's record (`<id>.job.json`, written atomically when it is
-queued, starts and ends) survives the process: a queue opened on the same directory takes the finished
-jobs back and runs again those that were queued or running when the last one stopped. One queue serves a
+the queue deletes only files it wrote. Each job's record (`cvg.serving.records`: `<id>.job.json`, written
+atomically when it is queued, starts and ends) survives the process: a queue opened on the same directory
+takes the finished jobs back and runs again those that were queued or running when the last one stopped,
+unless a job was running when `MAX_ATTEMPTS` servers stopped (a job that ends its server is failed, not
+run a third time) or its request no longer passes what a posted one must (`admit`). One queue serves a
 directory at a time (a lock: a second, in this process or another, is refused naming the holder's pid).
 This module knows nothing of HTTP (`cvg.serving.api` serves it).
 """
@@ -20,81 +23,24 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import threading
 import time
 import uuid
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from PIL import Image
 
 from cvg.io.files import locked, write_text_atomic
 from cvg.io.video import maps_picture, save_frames, save_image
-from cvg.serving.runner import EngineRunner, VideoJobRequest, VideoResult
+from cvg.serving.records import FINISHED, RECORD, STATES, Job, job_from, output_path, record_path
+from cvg.serving.runner import Runner, VideoJobRequest, VideoResult, check_limits, job_cost
 
 LOCK = ".queue.lock"  # in the output directory: held by the one queue that serves it
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINISHED = ("succeeded", "failed", "cancelled")
-RECORD = re.compile(r"([0-9a-f]{32})\.job\.json")
-OUTPUTS = {"video": "{id}.mp4", "maps": "{id}.maps.png"}  # a job's files, by kind: named by its id alone
-
-
-@dataclass
-class Job:
-    id: str
-    request: VideoJobRequest
-    status: str = "queued"
-    step: int = 0  # denoising steps done
-    total: int = 0
-    created: float = field(default_factory=time.time)
-    started: float | None = None
-    finished: float | None = None
-    error: str | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    files: dict[str, Path] = field(default_factory=dict)  # kind ("video", "maps") -> what this job wrote
-    served_by: str = ""
-    cancel_requested: threading.Event = field(default_factory=threading.Event)
-
-    def record(self) -> dict:
-        """What survives the process (`JobQueue` reads it back)."""
-        fields = ("id", "status", "total", "created", "started", "finished", "error", "timings", "served_by")
-        return {
-            **{k: getattr(self, k) for k in fields},
-            "request": asdict(self.request),
-            "files": sorted(self.files),  # their kinds: the names follow from the id (OUTPUTS)
-        }
-
-    def view(self) -> dict:
-        """The job as a client sees it (no paths)."""
-        return {
-            "id": self.id,
-            "status": self.status,
-            "progress": {"step": self.step, "total": self.total},
-            "created": self.created,
-            "started": self.started,
-            "finished": self.finished,
-            "error": self.error,
-            "timings": self.timings,
-            "content": sorted(self.files),
-            "served_by": self.served_by,
-        }
-
-
-def _check_record(job: Job) -> None:
-    """A restored job's state, as the queue and the API rely on it (ValueError naming what is wrong)."""
-    number = (int, float)
-    if job.status not in STATES:
-        raise ValueError(f"status {job.status!r} is not one of {', '.join(STATES)}")
-    if not isinstance(job.created, number) or isinstance(job.created, bool):
-        raise ValueError(f"created must be a time, got {job.created!r}")
-    if job.status in FINISHED and (not isinstance(job.finished, number) or isinstance(job.finished, bool)):
-        raise ValueError(f"a {job.status} job needs the time it finished, got {job.finished!r}")
-    if not isinstance(job.total, int) or isinstance(job.total, bool) or job.total < 0:
-        raise ValueError(f"total must be a step count, got {job.total!r}")
-    if not isinstance(job.timings, dict) or job.error is not None and not isinstance(job.error, str):
-        raise ValueError("timings must be an object and error a string or null")
+MAX_ATTEMPTS = 2  # servers a job may have been running in when they stopped; then it is failed, not run again
 
 
 class QueueFull(RuntimeError):
@@ -103,6 +49,14 @@ class QueueFull(RuntimeError):
 
 class JobCancelled(Exception):
     """Raised at a step boundary of a job whose cancellation was asked for."""
+
+
+class JobTooCostly(ValueError):
+    """A request over the queue's `max_cost` (`job_cost`)."""
+
+
+class JobTimedOut(Exception):
+    """Raised at a step boundary of a batch that ran past the queue's `job_timeout`."""
 
 
 @dataclass
@@ -116,7 +70,7 @@ class JobEvents:
 class JobQueue:
     def __init__(
         self,
-        runner: EngineRunner,
+        runner: Runner,
         directory: str | Path,
         max_queued: int = 16,
         keep_seconds: float = 3600.0,
@@ -125,12 +79,16 @@ class JobQueue:
         max_batch: int = 1,
         batch_window: float = 0.05,
         workers: int = 1,
+        max_cost_ratio: float | None = None,
+        job_timeout: float | None = None,
     ):
         """Jobs run on `runner`, `workers` denoising runs at a time (1 for an engine in this process; one per
         replica elsewhere); at most `max_queued` wait. With `max_batch` > 1,
         up to that many queued jobs of the same settings (size, steps, scales, guidance window; guided or
         not) run as one batch, waiting up to `batch_window` seconds for company. Finished jobs, and the files
-        they wrote into `directory`, are dropped `keep_seconds` after they finish."""
+        they wrote into `directory`, are dropped `keep_seconds` after they finish. A request costing more than
+        `max_cost_ratio` times the server's default guided request (`job_cost`) is refused; a run past
+        `job_timeout` seconds fails its jobs at its next step."""
         if min(max_queued, max_batch, workers) < 1:
             raise ValueError(
                 f"max_queued, max_batch and workers must be at least 1, got {max_queued}, {max_batch}, {workers}"
@@ -142,22 +100,23 @@ class JobQueue:
         self._held.enter_context(locked(self.directory / LOCK, wait=False))
         self.max_queued, self.keep_seconds, self.fps = max_queued, keep_seconds, fps
         self.max_batch, self.batch_window = max_batch, batch_window
+        self.max_cost_ratio, self.job_timeout = max_cost_ratio, job_timeout
+        self._unit_cost: int | None = None  # the server's default guided request's (`cost_ratio`)
         self.events = events or JobEvents()
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._waiting: list[str] = []
         self._lock = threading.Condition()
         self._closed = False
-        self._restore()
+        with self._lock:
+            self._restore()
         self._workers = [threading.Thread(target=self._run, name=f"cvg-jobs-{i}", daemon=True) for i in range(workers)]
         for worker in self._workers:
             worker.start()
 
     def submit(self, request: VideoJobRequest) -> Job:
         """Queue a request the engine accepts (checked now: ValueError / CompositionError naming the
-        problem), or QueueFull."""
-        self.runner.check(request)
-        if request.maps and not request.composition:
-            raise ValueError("maps needs a composition: the maps are those guidance reads")
+        problem; JobTooCostly over `max_cost_ratio`), or QueueFull."""
+        self.admit(request)
         with self._lock:
             self._expire()
             if self._closed:
@@ -170,6 +129,27 @@ class JobQueue:
             self._save(job)
             self._lock.notify_all()
             return job
+
+    def admit(self, request: VideoJobRequest) -> None:
+        """What the queue refuses of a request (a ValueError naming the problem): the server's limits, the
+        model's checks, a cost over `max_cost_ratio`. Posted requests pass it before they queue, restored ones
+        before they run."""
+        check_limits(request)
+        self.runner.check(request)
+        if request.maps and (not request.composition or request.guide_steps == 0):
+            raise ValueError("maps needs a composition and a guided step: the maps are those guidance reads")
+        if self.max_cost_ratio is not None and (ratio := self.cost_ratio(request)) > self.max_cost_ratio:
+            raise JobTooCostly(
+                f"the job costs {ratio:.3g} times this server's default guided job (pixels x frames x (steps + "
+                f"2 per guided update)); it runs at most {self.max_cost_ratio:g} times: ask for fewer frames, "
+                "steps or pixels"
+            )
+
+    def cost_ratio(self, request: VideoJobRequest) -> float:
+        """`job_cost` of `request` over that of the server's default guided request."""
+        if self._unit_cost is None:  # asked of the runner on first use (a Ray runner asks a replica)
+            self._unit_cost = job_cost(self.runner.request(VideoJobRequest(prompt="-", composition="-")))
+        return job_cost(self.runner.request(request)) / self._unit_cost
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
@@ -191,6 +171,12 @@ class JobQueue:
             else:
                 self._forget(job)
             return job
+
+    def listed(self) -> list[Job]:
+        """The jobs held, oldest first."""
+        with self._lock:
+            self._expire()
+            return list(self._jobs.values())
 
     def counts(self) -> dict[str, int]:
         """Jobs held, by status."""
@@ -218,20 +204,34 @@ class JobQueue:
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
+            outcomes = self._refused(batch)
+            runnable = [job for job in batch if job.id not in outcomes]
             try:
-                outcomes = self._generate(batch)
+                outcomes |= self._generate(runnable) if runnable else {}
             except JobCancelled:
                 if self._closed:  # interrupted by close(), not by its clients: queued again for the next queue
-                    self._requeue(batch)
-                    continue
-                outcomes = {job.id: ("cancelled", None) for job in batch}
+                    self._requeue(runnable)
+                outcomes |= {job.id: ("cancelled", None) for job in runnable}
+            except JobTimedOut:
+                reason = f"the job ran past this server's time limit of {self.job_timeout:g} s per job"
+                outcomes |= {job.id: ("failed", reason) for job in runnable}
             except Exception as e:  # the jobs fail with a one-line reason; the queue goes on
                 error = " ".join(f"{type(e).__name__}: {e}".split())[:500]
-                outcomes = {job.id: ("failed", error) for job in batch}
+                outcomes |= {job.id: ("failed", error) for job in runnable}
             with self._lock:
                 for job in batch:
-                    if job.status == "running":  # not ended already by a cancellation mid-batch
+                    if job.status == "running":  # not ended already by a cancellation mid-batch, nor requeued
                         self._finish(job, *outcomes[job.id])
+
+    def _refused(self, batch: list[Job]) -> dict[str, tuple[str, str]]:
+        """The jobs of a batch the queue refuses now (restored from a record: `admit`), failed with the reason."""
+        refused = {}
+        for job in batch:
+            try:
+                self.admit(job.request)
+            except (ValueError, TypeError) as e:
+                refused[job.id] = ("failed", " ".join(str(e).split())[:500])
+        return refused
 
     def _batch_key(self, request: VideoJobRequest) -> tuple:
         """Jobs with equal keys may share a denoising run."""
@@ -256,18 +256,22 @@ class JobQueue:
                     break
                 self._lock.wait(left)
             for job in batch:
-                job.status, job.started = "running", time.time()
+                job.status, job.started, job.attempts = "running", time.time(), job.attempts + 1
                 self._save(job)
             return batch
 
     def _generate(self, batch: list[Job]) -> dict[str, tuple[str, str | None]]:
         """Run a batch and write each job's files; per job id, (status, error)."""
+        outcomes = {}
         last = [time.perf_counter()]
+        deadline = None if self.job_timeout is None else last[0] + self.job_timeout
 
         def step_done(i: int) -> None:
             if self._closed:
                 raise JobCancelled
             now = time.perf_counter()
+            if deadline is not None and now > deadline:
+                raise JobTimedOut
             last[0], seconds = now, now - last[0]
             with self._lock:
                 for job in batch:
@@ -281,7 +285,6 @@ class JobQueue:
         if all(job.cancel_requested.is_set() for job in batch):
             raise JobCancelled
         results = self.runner.run([job.request for job in batch], step_done)
-        outcomes = {}
         for job, result in zip(batch, results, strict=True):
             if job.cancel_requested.is_set():  # cancelled while its batch ran on: nothing of it is written
                 outcomes[job.id] = ("cancelled", None)
@@ -292,14 +295,17 @@ class JobQueue:
         return outcomes
 
     def _write(self, job: Job, result: VideoResult) -> dict[str, Path]:
-        files = {"video": save_frames(result.frames, self._output(job.id, "video"), fps=self.fps)}
+        files = {
+            "video": save_frames(result.frames, self._output(job.id, "video"), fps=job.request.fps or self.fps),
+            "thumbnail": save_image(Image.fromarray(result.frames[0]), self._output(job.id, "thumbnail")),
+        }
         if result.maps is not None:
             picture = maps_picture(result.maps, result.frames, result.entities)
             files["maps"] = save_image(picture, self._output(job.id, "maps"))
         return files
 
     def _output(self, job_id: str, kind: str) -> Path:
-        return self.directory / OUTPUTS[kind].format(id=job_id)
+        return output_path(self.directory, job_id, kind)
 
     def _finish(self, job: Job, status: str, error: str | None = None) -> None:
         job.status, job.error, job.finished = status, error, time.time()
@@ -310,18 +316,18 @@ class JobQueue:
     def _requeue(self, batch: list[Job]) -> None:
         with self._lock:
             for job in batch:
-                if job.status == "running":
-                    job.status, job.started, job.step = "queued", None, 0
+                if job.status == "running":  # a stop that was asked for: the attempt does not count
+                    job.status, job.started, job.step, job.attempts = "queued", None, 0, job.attempts - 1
                     self._save(job)
 
-    def _record_path(self, job_id: str) -> Path:
-        return self.directory / f"{job_id}.job.json"
-
     def _save(self, job: Job) -> None:
-        write_text_atomic(self._record_path(job.id), json.dumps(job.record()))
+        write_text_atomic(record_path(self.directory, job.id), json.dumps(job.record()))
 
     def _forget(self, job: Job) -> None:
-        for path in [*job.files.values(), self._record_path(job.id)]:  # only what this queue wrote, under its names
+        for path in [
+            *job.files.values(),
+            record_path(self.directory, job.id),
+        ]:  # only what this queue wrote, under its names
             path.unlink(missing_ok=True)
         del self._jobs[job.id]
 
@@ -333,31 +339,21 @@ class JobQueue:
         for path in self.directory.iterdir():
             if name := RECORD.fullmatch(path.name):
                 try:
-                    jobs.append(self._job_from(json.loads(path.read_text()), name.group(1)))
+                    jobs.append(job_from(json.loads(path.read_text()), name.group(1), self.directory))
                 except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
                     warnings.warn(
                         f"cvg serve: job record {path.name} is unreadable ({e!r}); left as it is", stacklevel=2
                     )
         for job in sorted(jobs, key=lambda j: j.created):
             self._jobs[job.id] = job
-            if job.status not in FINISHED:
-                job.status, job.started = "queued", None
-                self._waiting.append(job.id)
-                self._save(job)
-
-    def _job_from(self, record: dict, job_id: str) -> Job:
-        """The job of a record read from `{job_id}.job.json`, checked: a record that names another id, or
-        whose state does not hold together, is refused (ValueError), so its files are never taken for
-        another job's and no later request trips on it."""
-        if not isinstance(record, dict) or record.get("id") != job_id:
-            found = record.get("id") if isinstance(record, dict) else record
-            raise ValueError(f"the record names job {str(found)[:40]!r}, its file job {job_id}")
-        # Paths come from the file's id and known kinds, never from the record: it cannot point elsewhere.
-        files = {k: self._output(job_id, k) for k in record.pop("files") if k in OUTPUTS}
-        files = {k: path for k, path in files.items() if path.exists()}  # what is left of its outputs
-        job = Job(**{**record, "request": VideoJobRequest(**record["request"]), "files": files})
-        _check_record(job)
-        return job
+            if job.status in FINISHED:
+                continue
+            if job.status == "running" and job.attempts >= MAX_ATTEMPTS:
+                self._finish(job, "failed", f"the server stopped while running it, {job.attempts} times; not run again")
+                continue
+            job.status, job.started = "queued", None
+            self._waiting.append(job.id)
+            self._save(job)
 
     def _expire(self) -> None:
         horizon = time.time() - self.keep_seconds

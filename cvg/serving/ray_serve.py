@@ -136,12 +136,12 @@ class RayRunner:
 class VideoApi:
     """The HTTP API and the job table (keep one replica: the jobs live here)."""
 
-    def __init__(self, generator, directory: str, token: str | None = None, workers: int = 2, **queue_options):
+    def __init__(self, generator, directory: str, api_options: dict | None = None, workers: int = 2, **queue_options):
         self.jobs = JobQueue(RayRunner(generator), directory, workers=workers, **queue_options)
-        self.token = token
+        self.api_options = api_options or {}
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.jobs, self.token)
+        return create_app(self.jobs, **self.api_options)
 
     def __del__(self):
         self.jobs.close(timeout=10)
@@ -153,14 +153,15 @@ def build_app(
     replicas: int = 2,
     autoscaling: dict | None = None,
     engine_options: dict | None = None,
-    token: str | None = None,
+    api_options: dict | None = None,
     **queue_options,
 ):
     """The Ray Serve application: `replicas` generator replicas (or `autoscaling`, Ray Serve's
     autoscaling_config, e.g. {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 1}) behind
-    one ingress with a job worker per replica it may have."""
+    one ingress with a job worker per replica it may have; `api_options` are `create_app`'s (token, model
+    name). Ray Serve's own HTTP proxy holds the connections: `cvg.serving.http`'s guards are not on it."""
     generator = VideoGenerator.options(
         num_replicas="auto" if autoscaling else replicas, autoscaling_config=autoscaling
     ).bind(model, engine_options or {})
     workers = autoscaling["max_replicas"] if autoscaling else replicas
-    return VideoApi.bind(generator, directory, token, workers, **queue_options)
+    return VideoApi.bind(generator, directory, api_options, workers, **queue_options)
