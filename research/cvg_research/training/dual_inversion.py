@@ -304,9 +304,8 @@ def _train_and_evaluate(
     generator = generator_description(pipe.transformer, layers, reading.pool)
     # Readings depend on the generator and where it is read: another one must never reuse them.
     # "-heads": readings of every head and both kinds of channel (`readings.SLOTS`), unlike earlier caches.
-    work = out / ".work" / (
-        f"{generator['transformer']}-steps{reading.num_inference_steps}-guided{reading.guide_steps}-heads"
-    )
+    schedule = f"steps{reading.num_inference_steps}-guided{reading.guide_steps}"
+    work = out / ".work" / f"{generator['transformer']}-{schedule}-heads"
     if reading.source != "inversion":  # each source its own readings
         work = work.with_name(f"{work.name}-{reading.source}")
 
