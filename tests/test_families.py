@@ -164,6 +164,10 @@ def test_from_pretrained_and_bad_layouts(wan22, tmp_path, capsys):
         assert main([*argv, "--guidance-scale-2", "3", "--quiet"]) == 2
         assert "guidance_scale_2 is for two-expert Wan 2.2 pipelines" in capsys.readouterr().err
     index = json.loads((path / "model_index.json").read_text())
+    for entry in ([], ["diffusers"], None):  # a hand-edited index: one line naming what is missing
+        (path / "model_index.json").write_text(json.dumps({**index, "transformer": entry}))
+        with pytest.raises(ValueError, match=r"^the wan2\S* pipeline in .* lacks transformer, its transformer$"):
+            CVGPipeline.from_pretrained(path)
     (path / "model_index.json").write_text(json.dumps({**index, "_class_name": "HunyuanVideoPipeline"}))
     with pytest.raises(ValueError, match=r"holds a HunyuanVideoPipeline; cvg guides WanPipeline, CogVideoXPipeline "):
         CVGPipeline.from_pretrained(path)

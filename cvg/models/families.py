@@ -326,7 +326,7 @@ def directory_family(path: str | Path) -> str:
     experts = ("transformer", "transformer_2") if name == "wan2.2-a14b" else ("transformer",)
     for expert in experts:
         entry = index.get(expert)
-        if not isinstance(entry, list) or entry[0] is None or not (path / expert).is_dir():
+        if not isinstance(entry, list) or len(entry) != 2 or entry[0] is None or not (path / expert).is_dir():
             what = "its low-noise expert" if expert == "transformer_2" else "its transformer"
             raise ValueError(f"the {name} pipeline in {str(path)!r} lacks {expert}, {what}")
     return name
