@@ -169,6 +169,55 @@ class PipelineOptions:
             )
 
 
+@dataclass(frozen=True)
+class ServerOptions:
+    """How `cvg serve` serves: where it listens, who may ask, and what bounds a job (a job's own settings are
+    `GenerationRequest`'s). `cvg serve`'s flags are these fields."""
+
+    host: str = documented("127.0.0.1", "address to listen on")
+    port: int = documented(8000, "port (0: any free)", low=0, high=65535)
+    token_file: str | None = documented(
+        None, "a file holding the bearer token every request but /healthz must carry (else --token, $CVG_SERVE_TOKEN)"
+    )
+    token: str | None = documented(
+        None, "the bearer token itself: deprecated, any local user reads it in the process list (use --token-file)"
+    )
+    served_model_name: str | None = documented(
+        None, "the name clients give as `model` and GET /v1/models lists (None: the model directory's name)"
+    )
+    out_dir: str | None = documented(
+        None, "where the server writes job outputs (None: a new temporary directory of its own)"
+    )
+    queue_size: int = documented(16, "jobs that may wait (more: 429)", low=1)
+    keep_seconds: float = documented(3600.0, "how long a finished job and its files are kept", low=1)
+    max_batch: int = documented(
+        1,
+        "queued jobs of the same settings run as one batch, up to this many (1: each alone, exact; batched "
+        "items equal their solo runs to float rounding; a step engine is built once per batch size)",
+        low=1,
+    )
+    batch_window: float = documented(0.05, "seconds a job waits for others to batch with", low=0, high=10)
+    max_job_cost: float = documented(
+        16.0,
+        "refuse a job costing more than this many times the server's default guided job (pixels x frames x "
+        "(steps + 2 per guided update))",
+        low=1,
+    )
+    job_timeout: float = documented(1800.0, "a job still running after this many seconds fails at its next step", low=1)
+    max_connections: int | None = documented(
+        None,
+        "open connections at most; past it the one waiting longest for its request is closed (None: 1000, or "
+        "fewer to stay under the process's file limit)",
+        low=1,
+    )
+    ray_replicas: int | None = documented(
+        None,
+        "run the engines as this many Ray Serve replicas on a local Ray cluster (the optional 'serve' extra), "
+        "behind the same API",
+        low=1,
+    )
+
+
 REQUEST_FIELDS = frozenset(f.name for f in fields(GenerationRequest))
 PIPELINE_ALIASES = {"engine": "step_backend", "engine_cache": "backend_cache", "batch_cfg": "batch_cfg"}
 

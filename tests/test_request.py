@@ -12,10 +12,11 @@ import pytest
 
 from cvg.cli import build_parser
 from cvg.guidance.config import GuidanceConfig
-from cvg.request import REQUEST_FIELDS, GenerationRequest, PipelineOptions, declared
+from cvg.request import REQUEST_FIELDS, GenerationRequest, PipelineOptions, ServerOptions, declared
 
 ROOT = Path(__file__).resolve().parents[1]
 DECLARED = {
+    **declared(ServerOptions),
     **declared(GuidanceConfig),
     **declared(PipelineOptions),
     **declared(GenerationRequest),
@@ -23,9 +24,7 @@ DECLARED = {
 # What belongs to one door only: where its output goes and how it is shown, the server's own settings.
 GENERATE_ONLY = {"help", "model", "objective", "out", "save_maps", "fps", "quiet", "judge", "compare_seeds"}
 GENERATE_ONLY |= {"contact_sheet", "command", "run"}
-SERVE_ONLY = {"help", "model", "host", "port", "token", "queue_size", "keep_seconds", "out_dir", "max_batch"}
-SERVE_ONLY |= {"batch_window", "ray_replicas", "command", "run", "token_file", "served_model_name"}
-SERVE_ONLY |= {"max_job_cost", "job_timeout", "max_connections"}
+SERVE_ONLY = {"help", "model", "command", "run"}  # the rest of its flags: ServerOptions
 # A door's own defaults, where it differs from the declaration's (each says why where it is set).
 SERVE_DEFAULTS = {"num_inference_steps": 20, "step_backend": "auto"}
 

@@ -11,11 +11,18 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from cvg.cli.arguments import POSITIVE, config_flags, config_from, given_fields, number
+from cvg.cli.arguments import config_flags, config_from, given_fields
 from cvg.cli.generation import OPTION_FLAGS, SETTING_FLAGS, SIZE_FLAGS, precision
-from cvg.request import SERVED_STEPS, GenerationRequest, PipelineOptions
+from cvg.request import SERVED_STEPS, GenerationRequest, PipelineOptions, ServerOptions
 
 TOKEN_VARIABLE = "CVG_SERVE_TOKEN"
+SERVER_FLAGS = {f: {} for f in ServerOptions.__dataclass_fields__} | {
+    "token_file": {"metavar": "FILE"},
+    "out_dir": {"metavar": "DIR"},
+    "served_model_name": {"metavar": "NAME"},
+    "max_connections": {"metavar": "N"},
+    "ray_replicas": {"metavar": "N"},
+}
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -28,71 +35,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         "/v1/videos/{id}, GET /v1/models, /healthz, /metrics; the OpenAPI spec at /openapi.json.",
     )
     serve.add_argument("--model", required=True, help="local diffusers pipeline directory")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=number(int, 0, 65535), default=8000, help="port (default 8000; 0: any free)")
-    serve.add_argument(
-        "--token-file",
-        metavar="FILE",
-        help=f"a file holding the bearer token every request but /healthz must carry (default: ${TOKEN_VARIABLE}, "
-        "else none)",
-    )
-    serve.add_argument(
-        "--token",
-        help="the bearer token itself: deprecated, any local user reads it in the process list (use "
-        f"--token-file or ${TOKEN_VARIABLE})",
-    )
-    serve.add_argument(
-        "--served-model-name",
-        help="the name clients give as `model` and GET /v1/models lists (default: the model directory's name)",
-    )
-    serve.add_argument("--queue-size", type=POSITIVE, default=16, help="jobs that may wait (default 16; more: 429)")
-    serve.add_argument(
-        "--keep-seconds",
-        type=number(float, 1),
-        default=3600.0,
-        help="how long a finished job and its files are kept (default 3600)",
-    )
-    serve.add_argument(
-        "--out-dir", help="where the server writes job outputs (default: a new temporary directory of its own)"
-    )
-    serve.add_argument(
-        "--max-batch",
-        type=POSITIVE,
-        default=1,
-        help="queued jobs of the same settings run as one batch, up to this many (default 1: each alone, "
-        "exact; batched items equal their solo runs to float rounding; a step engine is built once per batch size)",
-    )
-    serve.add_argument(
-        "--batch-window",
-        type=number(float, 0, 10),
-        default=0.05,
-        help="seconds a job waits for others to batch with (default 0.05)",
-    )
-    serve.add_argument(
-        "--max-job-cost",
-        type=number(float, 1),
-        default=16.0,
-        help="refuse a job costing more than this many times the server's default guided job (pixels x frames "
-        "x (steps + 2 per guided update); default 16)",
-    )
-    serve.add_argument(
-        "--job-timeout",
-        type=number(float, 1),
-        default=1800.0,
-        help="a job still running after this many seconds fails at its next step (default 1800)",
-    )
-    serve.add_argument(
-        "--max-connections",
-        type=POSITIVE,
-        help="open connections at most; past it the one waiting longest for its request is closed (default: "
-        "1000, or fewer to stay under the process's file limit)",
-    )
-    serve.add_argument(
-        "--ray-replicas",
-        type=POSITIVE,
-        help="run the engines as this many Ray Serve replicas on a local Ray cluster (the optional 'serve' "
-        "extra), behind the same API",
-    )
+    config_flags(serve, ServerOptions, SERVER_FLAGS)
     config_flags(
         serve, PipelineOptions, OPTION_FLAGS | {"step_backend": {**OPTION_FLAGS["step_backend"], "default": "auto"}}
     )
