@@ -59,6 +59,7 @@ OPTION_FLAGS = {
 }
 GUIDANCE_FLAGS = {
     "candidates": {},
+    "recurrence": {},
     "geometric": {},
     "normalize": {"choices": NORMALIZATIONS},
     "target_loss": {"type": NON_NEGATIVE},

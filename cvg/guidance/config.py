@@ -10,6 +10,7 @@ from cvg.request import MAX_ITERATIONS, documented
 
 NORMALIZATIONS = ("rms", "max", "none", "polyak")
 MAX_CANDIDATES = 64  # initial noises scored per video
+MAX_RECURRENCE = 16  # rounds of a guided step (Universal Guidance used up to 10)
 
 
 @dataclass
@@ -36,6 +37,13 @@ class GuidanceConfig:
     strength: float = documented(0.1, "RMS of each latent update, the largest with normalize polyak")
     iterations: int = documented(
         1, "at most this many updates per guided step (fewer once target_loss is reached)", low=1, high=MAX_ITERATIONS
+    )
+    recurrence: int = documented(
+        1,
+        "self-recurrence (Universal Guidance): a guided step's updates are made this many times, the latent "
+        "taken one Euler step down and re-noised back to the step's level in between",
+        low=1,
+        high=MAX_RECURRENCE,
     )
     normalize: str = documented(
         "polyak",
@@ -72,6 +80,8 @@ class GuidanceConfig:
             raise ValueError(f"candidates must be between 1 and {MAX_CANDIDATES}, got {self.candidates}")
         if not 1 <= self.iterations <= MAX_ITERATIONS:
             raise ValueError(f"iterations must be between 1 and {MAX_ITERATIONS}, got {self.iterations}")
+        if not 1 <= self.recurrence <= MAX_RECURRENCE:
+            raise ValueError(f"recurrence must be between 1 and {MAX_RECURRENCE}, got {self.recurrence}")
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}")
         if not math.isfinite(self.strength) or self.strength < 0:

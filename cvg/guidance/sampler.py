@@ -24,7 +24,7 @@ from functools import partial
 import torch
 
 from cvg.guidance.binding import BoundComposition
-from cvg.guidance.config import GuidanceConfig
+from cvg.guidance.config import MAX_RECURRENCE, GuidanceConfig
 from cvg.guidance.objectives import Objective
 from cvg.models.context_parallel import reduce_gradient
 from cvg.models.families import transformer_adapter
@@ -355,18 +355,40 @@ def denoise(
             current = served[i]
             # A guided-step graph (cvg.runtime.guided_graph) stands for `latent_update` where the expert has one.
             update = current.graph or partial(latent_update, current, objective=objective, bound=bound, config=config)
-            for it in range(config.iterations if i < guided else 0):
-                latents, loss, maps, skipped = update(latents, t)
-                _warn_skipped(skipped)
-                history.append(GuidedStep(i, it, loss, maps, skipped))
-                if config.target_loss is not None and it + 1 < config.iterations and _all_at_target(loss, config):
-                    break
+            rounds = config.recurrence if i < guided else 1
+            for round_ in range(rounds):
+                if round_:  # self-recurrence: down one Euler step and back up to this step's noise level
+                    latents = recurred(current, latents, t, i, scheduler.sigmas, total, round_)
+                for it in range(config.iterations if i < guided else 0):
+                    latents, loss, maps, skipped = update(latents, t)
+                    _warn_skipped(skipped)
+                    history.append(GuidedStep(i, it, loss, maps, skipped))
+                    if config.target_loss is not None and it + 1 < config.iterations and _all_at_target(loss, config):
+                        break
             with torch.no_grad():
                 noise = current.predict(latents, t, i, float(scheduler.sigmas[i]), total)
                 latents = scheduler.step(noise, t, latents, return_dict=False)[0]
             if on_step is not None:
                 on_step(i, t, latents)
     return latents, history
+
+
+@torch.no_grad()
+def recurred(
+    denoiser: Denoiser, latents: torch.Tensor, t: torch.Tensor, i: int, sigmas, total: int, round_: int = 1
+) -> torch.Tensor:
+    """Universal Guidance's self-recurrence on the flow: the latent at sigma_i taken one Euler step down to
+    sigma_{i+1} along the prediction, then re-noised back to sigma_i (x = (1 - s) x0 + s e, so the scale is
+    (1 - s_i) / (1 - s_{i+1}) and the fresh noise makes up the variance). The noise depends on the step and
+    round alone, not on the batch: an item's result is the same whatever it is batched with."""
+    high, low = float(sigmas[i]), float(sigmas[i + 1])
+    down = latents + (low - high) * denoiser.predict(latents, t, i, high, total)
+    scale = (1 - high) / (1 - low)
+    spread = max(high**2 - (scale * low) ** 2, 0.0) ** 0.5
+    noise = torch.randn(
+        latents.shape[1:], generator=torch.Generator().manual_seed(i * MAX_RECURRENCE + round_), dtype=latents.dtype
+    )
+    return scale * down + spread * noise.to(latents.device)
 
 
 def _all_at_target(loss: torch.Tensor, config: GuidanceConfig) -> bool:

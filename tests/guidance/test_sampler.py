@@ -138,3 +138,62 @@ def test_rms_step_stops_at_the_target_loss():
     moved = latent_update(score, latents, torch.tensor(999.0), None, None, config)[0]
     torch.testing.assert_close(moved[0], torch.full_like(moved[0], -0.1), rtol=0, atol=1e-15)
     assert torch.equal(moved[1], latents[1])
+
+
+@dataclass
+class _KnownClip:
+    """A denoiser that knows the clean latent `x0` and the noise `e` it was drawn with: its flow prediction
+    at any latent is `e - x0`, the exact velocity."""
+
+    x0: torch.Tensor
+    e: torch.Tensor
+
+    def predict(self, latents, t, step, sigma, total):
+        return self.e - self.x0
+
+
+def test_self_recurrence_steps_down_and_renoises_to_the_same_level():
+    """recurred(x at sigma_i) = (1 - sigma_i) x0 + noise of std sigma_i: the same marginal as x itself, its
+    clean part kept, its noise partly fresh (Universal Guidance's x_t = sqrt(a_t / a_t-1) x_t-1 + ... on the
+    flow); deterministic, and the same for an item whatever it is batched with."""
+    from cvg.guidance.sampler import recurred
+
+    shape = (1, 4, 8, 32, 32)
+    x0 = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    e = torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    sigmas = torch.tensor([0.9, 0.8, 0.0], dtype=torch.float64)
+    latents = (1 - sigmas[0]) * x0 + sigmas[0] * e
+    again = recurred(_KnownClip(x0, e), latents, torch.tensor(900.0), 0, sigmas, 3)
+    noise = again - (1 - sigmas[0]) * x0
+    assert abs(noise.std().item() - 0.9) < 0.01  # its noise level: sigma_i again
+    share = ((noise * e).mean() / (e * e).mean()).item()  # what is left of the old noise: scale x sigma_i+1
+    assert abs(share - (0.1 / 0.2) * 0.8) < 0.01
+    assert torch.equal(again, recurred(_KnownClip(x0, e), latents, torch.tensor(900.0), 0, sigmas, 3))
+    pair = recurred(
+        _KnownClip(x0.repeat(2, 1, 1, 1, 1), e.repeat(2, 1, 1, 1, 1)),
+        latents.repeat(2, 1, 1, 1, 1),
+        torch.tensor(900.0),
+        0,
+        sigmas,
+        3,
+    )
+    assert torch.equal(pair[1:], again)
+
+
+def test_recurrence_repeats_each_guided_steps_updates(tiny_pipe):
+    from cvg.pipeline import CVGPipeline
+
+    size = dict(height=32, width=32, num_frames=5, num_inference_steps=4, max_sequence_length=64, output_type="latent")
+    runs = {}
+    for recurrence in (1, 3):
+        pipe = CVGPipeline(tiny_pipe, guidance=GuidanceConfig(guide_steps=2, pool=(1, 1, 1), recurrence=recurrence))
+        runs[recurrence] = pipe(
+            "a red cube to the left of a blue ball",
+            "red cube left of blue ball",
+            generator=torch.Generator().manual_seed(0),
+            **size,
+        )
+    assert len(runs[1].objective_values) == 2 and len(runs[3].objective_values) == 6  # 2 guided steps x 3 rounds
+    assert not torch.allclose(runs[1].frames, runs[3].frames)
+    with pytest.raises(ValueError, match="recurrence must be between 1 and 16"):
+        GuidanceConfig(recurrence=17).check(4)
