@@ -150,6 +150,8 @@ def test_what_cogvideox_cannot_run_is_a_one_line_error(cogvideox, tmp_path, caps
         CVGPipeline(cogvideox)("a red cube", None, **{**kw, "height": 72})
     with pytest.raises(ValueError, match=r"pool \(4, 1, 1\) is wider than the token grid \(3, 4, 4\) along frames"):
         CVGPipeline(cogvideox, guidance=GuidanceConfig(pool=(4, 1, 1)))(*PROMPTS["spatial"], **kw)
+    with pytest.raises(ValueError, match="read_sigma needs a flow-matching family"):
+        CVGPipeline(cogvideox, guidance=GuidanceConfig(read_sigma=0.5))(*PROMPTS["spatial"], **kw)
     model = tmp_path / "model"
     cogvideox.save_pretrained(str(model))
     argv = ["generate", "--model", str(model), "--prompt", "a red cube", "--out", str(tmp_path / "x.mp4")]

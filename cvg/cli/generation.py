@@ -60,6 +60,7 @@ OPTION_FLAGS = {
 GUIDANCE_FLAGS = {
     "candidates": {},
     "recurrence": {},
+    "read_sigma": {},
     "geometric": {},
     "normalize": {"choices": NORMALIZATIONS},
     "target_loss": {"type": NON_NEGATIVE},

@@ -38,6 +38,13 @@ class GuidanceConfig:
     iterations: int = documented(
         1, "at most this many updates per guided step (fewer once target_loss is reached)", low=1, high=MAX_ITERATIONS
     )
+    read_sigma: float | None = documented(
+        None,
+        "read the maps at the denoised estimate re-noised to this sigma (a full forward more per update, the "
+        "gradient through it; flow-matching families); None: at the latent itself",
+        low=0,
+        high=1,
+    )
     recurrence: int = documented(
         1,
         "self-recurrence (Universal Guidance): a guided step's updates are made this many times, the latent "
@@ -86,6 +93,8 @@ class GuidanceConfig:
             raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}")
         if not math.isfinite(self.strength) or self.strength < 0:
             raise ValueError(f"guidance strength must be finite and >= 0, got {self.strength}")
+        if self.read_sigma is not None and not 0 <= self.read_sigma <= 1:
+            raise ValueError(f"read_sigma must be in [0, 1], got {self.read_sigma}")
         if self.guide_sigma is not None and not 0 < self.guide_sigma <= 1:
             raise ValueError(f"guide_sigma must be in (0, 1], got {self.guide_sigma}")
         if self.target_loss is not None and not math.isfinite(self.target_loss):

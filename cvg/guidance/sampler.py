@@ -40,6 +40,7 @@ class GuidedInputs:
     text: torch.Tensor  # prompt embeddings, zero padding collapsed unless the config says not to
     recorder: object  # the family's map recorder: token indices, pooling (and Wan's key bias)
     layers: list[int]
+    read_noise: torch.Tensor | None = None  # `read_sigma`'s fixed noise, drawn at the first read
 
 
 @dataclass
@@ -170,12 +171,15 @@ class Denoiser:
         last recorded block. Backward belongs inside too: gradient checkpointing recomputes the recorded
         blocks with their recording processors."""
         model = self.transformer
+        through = len(transformer_blocks(model)) if config.read_sigma is not None else inputs.layers[-1] + 1
         with (
             torch.set_grad_enabled(gradient),
             transformer_adapter(model).recording(model, inputs.recorder, inputs.layers),
-            _checkpointing(model, gradient and _should_checkpoint(model, config, latents, inputs.layers)),
+            _checkpointing(model, gradient and _should_checkpoint(model, config, latents, range(through))),
             _frozen(model),
         ):
+            if config.read_sigma is not None:  # the maps of the denoised estimate, re-noised
+                latents, t = self._renoised_estimate(latents, t, inputs, config.read_sigma)
             stop = _stop_after(transformer_blocks(model)[inputs.layers[-1]])
             try:
                 model(
@@ -190,6 +194,28 @@ class Denoiser:
             finally:
                 stop.remove()
             yield inputs.recorder.stacked().float()
+
+    def _renoised_estimate(
+        self, latents: torch.Tensor, t: torch.Tensor, inputs: GuidedInputs, sigma: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flow's clean estimate at `latents`, x0 = x - s v (a full forward, differentiable), re-noised to
+        `sigma` with a noise fixed per request (the same for every item and update), and its timestep. Run
+        inside `recording`: the recorder's maps are cleared again by the forward that reads."""
+        model = self.transformer
+        if not transformer_adapter(model).flow:
+            raise ValueError("read_sigma needs a flow-matching family (Wan); this transformer predicts otherwise")
+        velocity = model(
+            hidden_states=latents.to(model.dtype),
+            timestep=self.timestep(latents, t),
+            encoder_hidden_states=inputs.text,
+            return_dict=False,
+            **self.forward_kwargs,
+        )[0]
+        clean = latents - (t.float() / 1000) * velocity.to(latents.dtype)
+        if inputs.read_noise is None or inputs.read_noise.shape != latents.shape[1:]:
+            seeded = torch.Generator().manual_seed(0)
+            inputs.read_noise = torch.randn(latents.shape[1:], generator=seeded, dtype=latents.dtype).to(latents.device)
+        return (1 - sigma) * clean + sigma * inputs.read_noise, torch.full_like(t, sigma * 1000)
 
     def read_maps(
         self, latents: torch.Tensor, t: torch.Tensor, bound: BoundComposition, config: GuidanceConfig

@@ -73,6 +73,7 @@ class FamilyAdapter(Protocol):
     transformer_class: type  # its denoiser's class
     zero_text_padding: bool  # text padding rows are zeros (cvg.models.padding collapses them exactly)
     step_engines: bool  # cvg.runtime's step backends, guided graphs and diffusers' step caches run it
+    flow: bool  # its transformer predicts the flow velocity e - x0 at x = (1 - s) x0 + s e, s = timestep / 1000
     batched_cfg: bool  # its pipeline runs both CFG forwards as one batch
     label: str  # how errors name it
     default_size: dict[str, int]  # height, width, num_frames
@@ -128,6 +129,7 @@ class WanAdapter:
     transformer_class = WanTransformer3DModel
     zero_text_padding = True  # padding rows are zeros: `cvg.models.padding` collapses them exactly
     step_engines = True  # `cvg.runtime`'s engines, guided graphs and diffusers' step caches run it
+    flow = True  # flow matching (UniPC with flow sigmas): the velocity, at sigma = timestep / 1000
     batched_cfg = False  # WanPipeline runs the conditional and unconditional forwards apart
     label = "Wan pipeline"
     default_size = {"height": 480, "width": 832, "num_frames": 81}  # Wan 2.1's
@@ -216,6 +218,7 @@ class CogVideoXAdapter:
     transformer_class = CogVideoXTransformer3DModel
     zero_text_padding = False
     step_engines = False
+    flow = False  # v-prediction on a DDPM schedule
     batched_cfg = True  # CogVideoXPipeline runs them as one batch
     label = "CogVideoX pipeline"
     default_size = {"height": 480, "width": 720, "num_frames": 49}

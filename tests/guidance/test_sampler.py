@@ -1,13 +1,15 @@
 """The guided sampler's loop: guided updates survive every solver; bounded steps stop where they should."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
 from cvg.guidance.config import GuidanceConfig
+from cvg.guidance.objectives import TokenPresence
 from cvg.guidance.sampler import denoise, guided_solver, latent_update
+from cvg.pipeline import CVGPipeline
 
 STEPS, GUIDED = 10, 3
 SHAPE = (1, 4, 3, 4, 4)
@@ -181,8 +183,6 @@ def test_self_recurrence_steps_down_and_renoises_to_the_same_level():
 
 
 def test_recurrence_repeats_each_guided_steps_updates(tiny_pipe):
-    from cvg.pipeline import CVGPipeline
-
     size = dict(height=32, width=32, num_frames=5, num_inference_steps=4, max_sequence_length=64, output_type="latent")
     runs = {}
     for recurrence in (1, 3):
@@ -197,3 +197,26 @@ def test_recurrence_repeats_each_guided_steps_updates(tiny_pipe):
     assert not torch.allclose(runs[1].frames, runs[3].frames)
     with pytest.raises(ValueError, match="recurrence must be between 1 and 16"):
         GuidanceConfig(recurrence=17).check(4)
+
+
+def test_maps_read_at_the_renoised_estimate_are_those_of_that_latent(tiny_pipe):
+    """read_sigma: the maps are the ones recorded at (1 - s) x0_hat + s e, x0_hat = x - sigma v from a full
+    forward at the latent; the gradient reaches the latent through both forwards; other families refuse it."""
+    from cvg.guidance.sampler import Denoiser
+
+    pipe = CVGPipeline(tiny_pipe)
+    prompt, composition = "a red cube to the left of a blue ball", "red cube left of blue ball"
+    bound = pipe.bind(prompt, composition, 64)
+    embeds = tiny_pipe.encode_prompt(prompt, do_classifier_free_guidance=False, max_sequence_length=64)[0]
+    denoiser = Denoiser(tiny_pipe.transformer, embeds, None, 1.0)
+    latents = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    t, config = torch.tensor(800.0), GuidanceConfig(pool=(1, 1, 1))
+    read = denoiser.read_maps(latents, t, bound, replace(config, read_sigma=0.5))
+    with torch.no_grad():
+        velocity = tiny_pipe.transformer(latents, t.expand(1), embeds, return_dict=False)[0]
+    noise = torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(0))
+    estimate = 0.5 * (latents - 0.8 * velocity) + 0.5 * noise
+    expected = denoiser.read_maps(estimate, torch.tensor(500.0), bound, config)
+    torch.testing.assert_close(read, expected, rtol=1e-5, atol=1e-7)
+    loss, _, grad = denoiser.score(latents, t, TokenPresence(), bound, replace(config, read_sigma=0.5), gradient=True)
+    assert torch.isfinite(loss).all() and grad.abs().sum() > 0
