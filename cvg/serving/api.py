@@ -106,15 +106,18 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             return await _error(413, message)(scope, receive, send)
-        received = 0
+        received, complete = 0, False
 
         async def limited():
-            nonlocal received
+            nonlocal received, complete
+            if complete:  # the body is in: later reads wait for a disconnect, as long as a response takes
+                return await receive()
             try:
                 event = await asyncio.wait_for(receive(), self.seconds)
             except TimeoutError:  # FastAPI passes its HTTPException through the body read
                 raise HTTPException(408, f"the body stopped arriving for {self.seconds:g} s") from None
             received += len(event.get("body", b""))
+            complete = event["type"] != "http.request" or not event.get("more_body", False)
             if received > self.limit:
                 raise HTTPException(413, message)
             return event

@@ -85,3 +85,25 @@ def test_the_connection_cap_leaves_room_under_the_file_limit(monkeypatch):
     assert http.connection_cap() == 1000
     with pytest.raises(ValueError, match="head_seconds must be positive"):
         guarded_protocol(head_seconds=0)
+
+
+def test_a_download_slower_than_the_body_deadline_is_not_cut(tmp_path):
+    """The body deadline covers the request's body only: a response read slowly, for longer than it (a file
+    larger than the socket buffers, so the server waits on the reader), arrives whole."""
+    jobs = JobQueue(StubRunner(), tmp_path / "out")
+    app = create_app(jobs, body_seconds=0.2)
+    try:
+        with serving(app, guarded_protocol(head_seconds=5, max_connections=50)) as base:
+            job = httpx.post(f"{base}/v1/videos", json={"prompt": "a red cube"}).json()
+            while httpx.get(f"{base}/v1/videos/{job['id']}").json()["status"] != "completed":
+                time.sleep(0.05)
+            size = 32 << 20
+            (tmp_path / "out" / f"{job['id']}.mp4").write_bytes(bytes(size))  # a long video, as far as HTTP goes
+            got, start = 0, time.monotonic()
+            with httpx.stream("GET", f"{base}/v1/videos/{job['id']}/content") as response:
+                for chunk in response.iter_bytes(1 << 20):
+                    got += len(chunk)
+                    time.sleep(0.04)  # about 1.3 s in all: six body deadlines
+            assert response.status_code == 200 and got == size and time.monotonic() - start > 1.0
+    finally:
+        jobs.close(timeout=30)
