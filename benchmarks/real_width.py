@@ -84,7 +84,7 @@ def step_call(variant: str, model, frames: int, height: int, width: int):
 
 def modelled_bytes(variant: str, config: dict, grid: tuple[int, int, int], dtype_bytes: int) -> dict[str, int]:
     """What each path must hold at its peak, by its maths (batch 1, every block recorded):
-    - a block's saved activations for the latent's gradient: `sampler.saved_activation_bytes`'s upper
+    - a block's saved activations for the latent's gradient: `activations.saved_activation_bytes`'s upper
       estimate (float32 figures); the materialised baseline adds the block's cross-attention
       probabilities [H, N, 512] (float32 from the softmax, and a copy in a half type), the score tensor
       they come from, and the keys and values of all 512 text rows;
@@ -93,7 +93,7 @@ def modelled_bytes(variant: str, config: dict, grid: tuple[int, int, int], dtype
     - the unguided step (no gradient): two activations of the widest layer at a time."""
     from types import SimpleNamespace
 
-    from cvg.guidance.sampler import ACTIVATION_BUDGET_BYTES, saved_activation_bytes
+    from cvg.guidance.activations import ACTIVATION_BUDGET_BYTES, saved_activation_bytes
 
     heads, width = config["num_attention_heads"], config["num_attention_heads"] * config["attention_head_dim"]
     blocks, tokens = config["num_layers"], math.prod(grid)

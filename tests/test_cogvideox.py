@@ -76,7 +76,8 @@ def test_guided_steps_read_the_joint_attention_and_run_as_diffusers_does(cogvide
         out = CVGPipeline(cogvideox, guidance=config)(*PROMPTS["spatial"], generator=seeded(0), **SMALL)
     finally:
         hook.remove()
-    assert len(out.maps) == 2 and out.maps[0].shape == (1, 2, 3, 2, 2, len(out.composition.tokens))
+    heads = cogvideox.transformer.config.num_attention_heads
+    assert len(out.maps) == 2 and out.maps[0].shape == (1, 2, heads, 3, 2, 2, len(out.composition.tokens))
     assert all(m.sum(-1).lt(1).all() for m in out.maps)  # shares of the joint softmax, not renormalised
     assert all(rotary for _, rotary in calls) and {s for s, _ in calls} == {(1, 3, 4, 8, 8), (2, 3, 4, 8, 8)}
     assert len(calls) == 2 + 6  # a recorded forward per guided step, then one batched CFG forward per step

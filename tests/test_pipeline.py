@@ -10,7 +10,7 @@ from guided import OBJECTIVES, PROMPTS, classifier_objective, objective_after_gu
 from guided import seeded as _seeded
 from tolerance import ulps
 
-from cvg.guidance import sampler
+from cvg.guidance import activations
 from cvg.guidance.composition import CompositionError
 from cvg.guidance.config import GuidanceConfig
 from cvg.guidance.objectives import MotionDirection, SpatialRelation
@@ -104,7 +104,8 @@ def test_guided_batch_records_every_item(tiny_pipe, guidance_scale):
     assert out.frames.shape == (4, 9, 64, 64, 3)
     assert [(s.step, s.iteration) for s in out.steps] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all(v.shape == (4,) for v in out.objective_values)
-    assert out.maps[0].shape == (4, 2, 3, 4, 4, 5)  # the prompts place "blue ball" differently: 5 tokens
+    heads = tiny_pipe.transformer.config.num_attention_heads
+    assert out.maps[0].shape == (4, 2, heads, 3, 4, 4, 5)  # the prompts place "blue ball" differently: 5 tokens
 
 
 class _PoisonFirstItem:
@@ -186,9 +187,9 @@ def test_checkpointing_by_default_only_past_the_activation_budget(tiny_pipe, mon
     """checkpointing=None: the tiny model's guided steps run without recomputation, and with it once its
     activations pass the budget."""
     if budget is not None:
-        monkeypatch.setattr(sampler, "ACTIVATION_BUDGET_BYTES", budget)
+        monkeypatch.setattr(activations, "ACTIVATION_BUDGET_BYTES", budget)
     calls = []
-    monkeypatch.setattr(sampler, "_checkpoint_block", lambda block, *args: calls.append(block) or block(*args))
+    monkeypatch.setattr(activations, "checkpoint_block", lambda block, *args: calls.append(block) or block(*args))
     config = GuidanceConfig(guide_steps=1, pool=(1, 1, 1))
     CVGPipeline(tiny_pipe, guidance=config)(*PROMPTS["spatial"], generator=_seeded(4), output_type="latent", **SMALL)
     assert bool(calls) == checkpoints
@@ -226,7 +227,7 @@ def test_saved_activation_estimate_bounds_what_blocks_save(dtype):
         return sum(storages.values()), model
 
     (one, _), (three, model) = saved(1), saved(3)
-    estimate = sampler.saved_activation_bytes(model, LATENTS, blocks=2)
+    estimate = activations.saved_activation_bytes(model, LATENTS, blocks=2)
     assert three - one <= estimate <= 3 * (three - one)
 
 
@@ -362,7 +363,7 @@ def test_candidate_noises_keep_the_best_scored_one(tiny_pipe):
         noises = torch.randn((6, 2, 16, 3, 8, 8), generator=_seeded(0)).flatten(0, 1)  # as diffusers draws them
         started = plain(prompts, "red cube left of blue ball", latents=noises[2 * best : 2 * best + 2], **kw)
         torch.testing.assert_close(out.frames[item], started.frames[item], rtol=0, atol=0)
-    with pytest.raises(ValueError, match="candidates must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="candidates must be between 1 and 64, got 0"):
         CVGPipeline(tiny_pipe, guidance=GuidanceConfig(candidates=0))(prompts, "red cube left of blue ball", **SMALL)
 
 

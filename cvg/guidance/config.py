@@ -71,7 +71,7 @@ class GuidanceConfig:
     checkpointing: bool | None = documented(
         None,
         "recompute blocks in backward (activations of one block at a time); None: only where the recorded "
-        "blocks' saved activations would pass 1 GiB (cvg.guidance.sampler.saved_activation_bytes)",
+        "blocks' saved activations would pass 1 GiB (cvg.guidance.activations.saved_activation_bytes)",
     )
     collapse_padding: bool = documented(
         True, "guided forwards skip Wan's zero text padding, exactly (cvg.models.padding)"

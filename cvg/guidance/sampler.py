@@ -23,13 +23,13 @@ from functools import partial
 
 import torch
 
+from cvg.guidance.activations import checkpointing, frozen, should_checkpoint
 from cvg.guidance.binding import BoundComposition
 from cvg.guidance.config import MAX_RECURRENCE, GuidanceConfig
 from cvg.guidance.objectives import Objective
 from cvg.models.context_parallel import reduce_gradient
 from cvg.models.families import transformer_adapter
 from cvg.models.padding import collapse_padding
-from cvg.models.patching import swapped
 from cvg.models.processors import resolve_layers, transformer_blocks
 
 
@@ -175,8 +175,8 @@ class Denoiser:
         with (
             torch.set_grad_enabled(gradient),
             transformer_adapter(model).recording(model, inputs.recorder, inputs.layers),
-            _checkpointing(model, gradient and _should_checkpoint(model, config, latents, range(through))),
-            _frozen(model),
+            checkpointing(model, gradient and should_checkpoint(model, config, latents, range(through))),
+            frozen(model),
         ):
             if config.read_sigma is not None:  # the maps of the denoised estimate, re-noised
                 latents, t = self._renoised_estimate(latents, t, inputs, config.read_sigma)
@@ -241,52 +241,6 @@ class Denoiser:
             loss = objective(maps, bound, t)
             grad = reduce_gradient(self.transformer, torch.autograd.grad(loss.sum(), latents)[0]) if gradient else None
         return loss.detach(), maps.detach(), grad
-
-
-def _frozen(model: torch.nn.Module):
-    """No parameter gradients: the forward then saves only what the latent's gradient needs."""
-    return swapped((p, "requires_grad", False) for p in model.parameters())
-
-
-# Checkpointing costs a second forward of each recorded block: the guided steps ran 19% faster without it
-# (bf16, cvg.bench's default size, 4 rounds), where the activations take tens of MB. Past this, memory wins.
-ACTIVATION_BUDGET_BYTES = 1 << 30
-
-
-def saved_activation_bytes(model: torch.nn.Module, latents: torch.Tensor, blocks: int) -> int:
-    """An upper estimate of what a forward through the first `blocks` blocks saves for the latent's
-    gradient (weights frozen): per video token and block, 16 float32 values per model width and 2 per FFN
-    width (measured on Wan blocks with saved-tensor hooks: 14 and 1.5 in float32, fewer bytes in bf16).
-    CogVideoX's FFN is 4x its width."""
-    config = model.config
-    tokens = latents.shape[0] * transformer_adapter(model).video_tokens(model, latents)
-    width = config.num_attention_heads * config.attention_head_dim
-    ffn = getattr(config, "ffn_dim", None) or 4 * width
-    return tokens * blocks * (16 * width + 2 * ffn) * 4
-
-
-def _should_checkpoint(model: torch.nn.Module, config: GuidanceConfig, latents: torch.Tensor, layers) -> bool:
-    if config.checkpointing is not None:
-        return config.checkpointing
-    return saved_activation_bytes(model, latents, max(layers) + 1) > ACTIVATION_BUDGET_BYTES
-
-
-def _checkpoint_block(block, *args):
-    # Wan's blocks draw no random numbers: no RNG state to stash, which also keeps the step capturable.
-    return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False, preserve_rng_state=False)
-
-
-def _checkpointing(model: torch.nn.Module, enable: bool):
-    """Gradient checkpointing of the transformer blocks for the duration (the switches diffusers'
-    `enable_gradient_checkpointing` sets), then the model's own setting back; a model that checkpoints
-    already keeps its own function."""
-    if not enable or model.gradient_checkpointing:
-        return swapped(())
-    modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
-    return swapped(
-        [(m, "gradient_checkpointing", True) for m in modules]
-        + [(m, "_gradient_checkpointing_func", _checkpoint_block) for m in modules]
-    )
 
 
 def _warn_skipped(skipped: torch.Tensor) -> None:

@@ -109,6 +109,6 @@ def test_guidance_settings_parse_over_the_defaults_and_refuse_bad_ones():
     config = findings.guidance_settings("strength=0.2, normalize=polyak,target_loss=None")
     assert (config.strength, config.normalize, config.target_loss) == (0.2, "polyak", None)
     assert config.iterations == GuidanceConfig().iterations
-    for text, message in (("bogus=1", "KEY=VALUE"), ("strength", "KEY=VALUE"), ("iterations=0", "at least 1")):
+    for text, message in (("bogus=1", "KEY=VALUE"), ("strength", "KEY=VALUE"), ("iterations=0", "between 1 and 100")):
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             findings.guidance_settings(text)

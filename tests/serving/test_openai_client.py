@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import httpx
@@ -23,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "compshapes-wan"
 PROMPT, COMPOSITION = "a red cube to the left of a blue ball", "red cube left of blue ball"
 TOKEN = "t0ken-from-a-file"
+# The client marks its video methods deprecated: OpenAI's own video service is closing, not the API's shape.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +62,14 @@ def client(server):
 
 
 def test_create_and_poll_download_list_and_delete(client):
-    with warnings.catch_warnings():  # the client marks its video methods deprecated for OpenAI's own service
-        warnings.simplefilter("ignore", DeprecationWarning)
-        video = client.videos.create_and_poll(
-            prompt=PROMPT,
-            model="compshapes-wan",
-            size="64x64",
-            seconds="1",
-            extra_body={"composition": COMPOSITION, "seed": 3},
-            poll_interval_ms=100,
-        )
+    video = client.videos.create_and_poll(
+        prompt=PROMPT,
+        model="compshapes-wan",
+        size="64x64",
+        seconds="1",
+        extra_body={"composition": COMPOSITION, "seed": 3},
+        poll_interval_ms=100,
+    )
     assert video.status == "completed" and video.progress == 100 and video.error is None, video
     assert (video.size, video.seconds, video.model, video.object) == ("64x64", "1", "compshapes-wan", "video")
     assert video.model_extra["composition"] == COMPOSITION and video.model_extra["seed"] == 3
