@@ -34,8 +34,10 @@ demo: $(STAMP)
 		--composition "$(DEMO_COMPOSITION)" --classifier $(DEMO_CLASSIFIER) --height 64 --width 64 --frames 17 --steps 20 \
 		--out demo/out.mp4 --save-maps demo/maps.png --judge --compare-seeds 8 --contact-sheet demo/contact.png
 
+# One test file per core at a time (pytest-xdist; loadfile keeps a file's module fixtures, a server or a
+# Ray cluster, built once): the suite's subprocesses, interpreters and servers wait more than they compute.
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

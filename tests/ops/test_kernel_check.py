@@ -8,6 +8,7 @@ import sys
 import pytest
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.minutes
 
 
 def test_default_configs_compile_without_spills(tmp_path):
