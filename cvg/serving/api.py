@@ -125,9 +125,9 @@ class BodyLimit:
         return await self.app(scope, limited, send)
 
 
-async def _request_fields(request: Request) -> dict:
-    """The posted fields: a JSON object, or a form's fields (multipart, as the openai client posts, or
-    urlencoded), an empty form value standing for a field left out."""
+async def _request_fields(request: Request) -> tuple[dict, bool]:
+    """The posted fields and whether they came as a form: a JSON object, or a form's fields (multipart, as the
+    openai client posts, or urlencoded), an empty form value standing for a field left out."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
         fields = {}
@@ -139,14 +139,14 @@ async def _request_fields(request: Request) -> dict:
                     raise StarletteHTTPException(422, f"{key[:40]} is given twice")
                 if value != "":
                     fields[key] = value
-        return fields
+        return fields, True
     try:
         fields = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise StarletteHTTPException(400, "the body is not JSON (or a form)") from None
     if not isinstance(fields, dict):
         raise StarletteHTTPException(422, "the body must be a JSON object")
-    return fields
+    return fields, False
 
 
 def create_app(
@@ -194,7 +194,9 @@ def create_app(
 
     async def submitted(request: Request) -> Job | JSONResponse:
         try:
-            body = VideoRequest.model_validate(await _request_fields(request))
+            fields, form = await _request_fields(request)
+            # JSON is typed: `true` is no step count. A form's values are all text, read as the fields' types.
+            body = VideoRequest.model_validate(fields, strict=not form)
             return await run_in_threadpool(jobs.submit, job_request(body, model_name, jobs.fps))
         except ValidationError as e:
             return _error(422, _validation_message(e))

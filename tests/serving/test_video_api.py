@@ -59,6 +59,8 @@ def test_a_form_post_in_openais_words_makes_the_video_it_names(served):
         ({"model": "sora-2"}, 404, "model 'sora-2' is not served here; this server serves 'stub-wan'"),
         ({"num_frames": 10}, 422, "num_frames must be 4k+1"),
         ({"fps": 0}, 422, "fps: Input should be greater than or equal to 1"),
+        ({"num_inference_steps": True}, 422, "num_inference_steps: Input should be a valid integer"),
+        ({"maps": "yes"}, 422, "maps: Input should be a valid boolean"),
     ],
 )
 def test_two_spellings_that_disagree_and_other_models_are_refused(served, fields, status, message):
