@@ -64,10 +64,10 @@ def _refused(argv: list[str], capsys) -> str:
 NUMBERS = [
     (["--height", "0"], "argument --height: must be at least 1, got 0"),
     (["--height", "-64"], "must be at least 1"),
-    (["--height", "50"], "height must be a positive multiple of 16, got 50"),
+    (["--height", "50"], "height must be a positive multiple of 16, got 50 (48 or 64 would do)"),
     (["--frames", "0"], "argument --num-frames/--frames: must be at least 1"),
     (["--frames", "2"], "num_frames must be 4k+1"),
-    (["--frames", "10"], "num_frames must be 4k+1"),
+    (["--frames", "10"], "num_frames must be 4k+1 (1, 5, 9, ...), got 10 (9 or 13 would do)"),
     (["--steps", "0"], "argument --num-inference-steps/--steps: must be between 1 and 1000, got 0"),
     (["--steps", "0", "--guide-steps", "0"], "argument --num-inference-steps/--steps: must be between 1 and 1000"),
     (["--steps", "1000000000"], "must be between 1 and 1000"),

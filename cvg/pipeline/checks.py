@@ -20,11 +20,14 @@ def check_request(
     spatial = adapter.spatial_multiple(pipe)
     for name, value in (("height", r.height), ("width", r.width)):
         if value < spatial or value % spatial:
-            raise ValueError(f"{name} must be a positive multiple of {spatial}, got {value}")
+            raise ValueError(
+                f"{name} must be a positive multiple of {spatial}, got {value} ({_nearest(value, spatial, 0)})"
+            )
     temporal = pipe.vae_scale_factor_temporal
     if (r.num_frames - 1) % temporal:
         raise ValueError(
-            f"num_frames must be {temporal}k+1 (1, {temporal + 1}, {2 * temporal + 1}, ...), got {r.num_frames}"
+            f"num_frames must be {temporal}k+1 (1, {temporal + 1}, {2 * temporal + 1}, ...), got {r.num_frames} "
+            f"({_nearest(r.num_frames, temporal, 1)})"
         )
     _check_rotary_reach(pipe, adapter, r)
     if r.guidance_scale_2 is not None and getattr(pipe.config, "boundary_ratio", None) is None:
@@ -40,6 +43,14 @@ def check_request(
         for axis, size, factor in zip(("frames", "height", "width"), grid, pool, strict=True):
             if factor > size:
                 raise ValueError(f"pool {tuple(pool)} is wider than the token grid {grid} along {axis}")
+
+
+def _nearest(value: int, step: int, offset: int) -> str:
+    """The allowed sizes either side of `value` (`step * k + offset`, positive; a multiple at least `step`),
+    said as what would do."""
+    below = (value - offset) // step * step + offset
+    fits = [size for size in (below, below + step) if size >= max(step if offset == 0 else 1, 1)]
+    return " or ".join(map(str, fits)) + " would do"
 
 
 def _check_rotary_reach(pipe, adapter: Adapter, r: GenerationRequest) -> None:
