@@ -36,10 +36,8 @@ demo: $(STAMP)
 
 # One test file per core at a time (pytest-xdist; loadfile keeps a file's module fixtures, a server or a
 # Ray cluster, built once): the suite's subprocesses, interpreters and servers wait more than they compute.
-# In collection order, not xdist's most-tests-first, so the files marked `minutes` (tests/conftest.py) start
-# first and no worker is left alone with one at the end.
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder --durations=25
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,5 +1,4 @@
-"""Shared test setup: Triton's interpreter, hypothesis profiles, and the order files run in (the files marked
-`minutes` first, so that `make test`'s workers end together instead of one waiting on the slowest)."""
+"""Shared test setup: Triton's interpreter and hypothesis profiles."""
 
 import os
 
@@ -24,11 +23,6 @@ settings.load_profile("default")
 
 
 import pytest  # noqa: E402
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The tests of files marked `minutes` first, each file's tests kept together and in order."""
-    items.sort(key=lambda item: item.get_closest_marker("minutes") is None)  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")

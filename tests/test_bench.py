@@ -2,11 +2,7 @@
 
 import json
 
-import pytest
-
 from cvg.bench import VARIANTS, _dtype_variants, _parser, _rows, main
-
-pytestmark = pytest.mark.minutes
 
 
 def test_bench_records_every_variant_and_phase(tmp_path, capsys):

@@ -24,8 +24,6 @@ from cvg_research.compshapes.judge import detect, entity_colour_shape, judge_det
 from cvg_research.compshapes.stats import wilson_interval
 from cvg_research.compshapes.world import COLOURS, SHAPES, WORD_TO_COLOUR, Scene, Thing, render
 
-pytestmark = pytest.mark.minutes
-
 
 def test_rendering_is_deterministic_by_seed():
     for category in ALL_CATEGORIES:

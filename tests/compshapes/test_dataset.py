@@ -11,8 +11,6 @@ from processes import kill_when
 
 from cvg_research.compshapes.dataset import INDEX, ClipWriter, DatasetError, read_frames, read_index, write_dataset
 
-pytestmark = pytest.mark.minutes
-
 
 def test_a_corrupt_line_is_named_and_no_record_after_it_is_dropped(tmp_path):
     write_dataset(tmp_path, 4, seed=1)

@@ -8,7 +8,6 @@ import sys
 import pytest
 
 pytest.importorskip("triton")
-pytestmark = pytest.mark.minutes
 
 
 def test_default_configs_compile_without_spills(tmp_path):

@@ -17,8 +17,6 @@ from cvg.runtime.backends import build_backend
 from cvg.runtime.onnx_backend import export_onnx
 from cvg.runtime.step_backend import StepShape
 
-pytestmark = pytest.mark.minutes
-
 LATENTS, TEXT = (1, 16, 3, 8, 8), (1, 80, 384)  # text longer than 64 rows: the engine drops padding
 
 

@@ -20,12 +20,9 @@ from cvg.serving.service import Engine
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "compshapes-wan"
 STEPS = 4
-pytestmark = [
-    pytest.mark.skipif(
-        shutil.which("cmake") is None or shutil.which("c++") is None, reason="cmake and a C++ compiler are needed"
-    ),
-    pytest.mark.minutes,
-]
+pytestmark = pytest.mark.skipif(
+    shutil.which("cmake") is None or shutil.which("c++") is None, reason="cmake and a C++ compiler are needed"
+)
 
 
 def _cmake(*args: str) -> None:

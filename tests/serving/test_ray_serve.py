@@ -13,7 +13,6 @@ from processes import free_port
 
 ray = pytest.importorskip("ray", reason="Ray Serve is cvg's optional 'serve' extra (pip install 'ray[serve]')")
 serve = pytest.importorskip("ray.serve")
-pytestmark = pytest.mark.minutes
 httpx = pytest.importorskip("httpx")
 
 from cvg.serving.ray_serve import build_app  # noqa: E402

@@ -29,8 +29,6 @@ from cvg_research.training.config import ReadingConfig, TrainingConfig
 from cvg_research.training.dual_inversion import evaluate_readings, train_classifier
 from cvg_research.training.readings import Readings
 
-pytestmark = pytest.mark.minutes
-
 SIZE = {"frames": 9, "height": 64, "width": 64}
 CONFIG = ReadingConfig(num_inference_steps=10, guide_steps=2, substeps=2, max_sequence_length=64)
 
