@@ -123,7 +123,7 @@ class JobQueue:
                 raise RuntimeError("the job queue is closed")
             if len(self._waiting) >= self.max_queued:
                 raise QueueFull(f"{len(self._waiting)} jobs are queued already (the limit)")
-            job = Job(uuid.uuid4().hex, request, total=self.runner.request(request).num_inference_steps)
+            job = Job(uuid.uuid4().hex, request, total=self.runner.request(request).num_inference_steps, admitted=True)
             self._jobs[job.id] = job
             self._waiting.append(job.id)
             self._save(job)
@@ -227,6 +227,8 @@ class JobQueue:
         """The jobs of a batch the queue refuses now (restored from a record: `admit`), failed with the reason."""
         refused = {}
         for job in batch:
+            if job.admitted:  # posted to this queue: admitted before it was queued
+                continue
             try:
                 self.admit(job.request)
             except (ValueError, TypeError) as e:

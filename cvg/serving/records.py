@@ -38,6 +38,7 @@ class Job:
     files: dict[str, Path] = field(default_factory=dict)  # kind (OUTPUTS) -> what this job wrote
     served_by: str = ""
     attempts: int = 0  # runs started (a run a stopped server left unfinished counts)
+    admitted: bool = False  # passed `JobQueue.admit` in this process (posted here); a restored job has not
     cancel_requested: threading.Event = field(default_factory=threading.Event)
 
     def record(self) -> dict:
@@ -67,6 +68,8 @@ def job_from(record: dict, job_id: str, directory: Path) -> Job:
     # Paths come from the file's id and known kinds, never from the record: it cannot point elsewhere.
     files = {k: output_path(directory, job_id, k) for k in record.pop("files") if k in OUTPUTS}
     files = {k: path for k, path in files.items() if path.exists()}  # what is left of its outputs
+    if unknown := set(record) - {*RECORDED, "request"}:  # what only this process knows is never read back
+        raise ValueError(f"the record holds fields a job record has not: {', '.join(sorted(unknown))[:200]}")
     job = Job(**{**record, "request": VideoJobRequest(**record["request"]), "files": files})
     _check_state(job)
     return job

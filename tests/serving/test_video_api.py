@@ -157,8 +157,10 @@ def test_a_job_that_stopped_its_server_twice_is_failed_not_run(tmp_path):
     (out / f"{poison}.job.json").write_text(_record(poison, attempts=MAX_ATTEMPTS))
     (out / f"{again}.job.json").write_text(_record(again, attempts=MAX_ATTEMPTS - 1))
     (out / f"{oversized}.job.json").write_text(_record(oversized, request={"prompt": "p", "height": 4096}))
+    (out / f"{'d' * 32}.job.json").write_text(_record("d" * 32, admitted=True))  # no record can say so
     runner = StubRunner()
-    jobs = JobQueue(runner, out)
+    with pytest.warns(UserWarning, match="fields a job record has not: admitted"):
+        jobs = JobQueue(runner, out)
     client = TestClient(create_app(jobs))
     try:
         failed = client.get(f"/v1/videos/{poison}").json()
