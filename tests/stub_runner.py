@@ -21,7 +21,6 @@ class StubRunner:
 
     def __init__(self, step_seconds: float = 0.0):
         self.step_seconds = step_seconds
-        self.runs = 0
 
     def request(self, request) -> GenerationRequest:
         defaults = {"height": 32, "width": 48, "num_frames": 9, "num_inference_steps": 4}
@@ -32,7 +31,6 @@ class StubRunner:
             raise ValueError("num_frames must be 4k+1")
 
     def run(self, requests, on_step) -> list[VideoResult]:
-        self.runs += 1
         resolved = [self.request(r) for r in requests]
         for i in range(resolved[0].num_inference_steps):
             time.sleep(self.step_seconds)

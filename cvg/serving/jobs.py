@@ -36,6 +36,7 @@ from PIL import Image
 
 from cvg.io.files import locked, write_text_atomic
 from cvg.io.video import maps_picture, save_frames, save_image
+from cvg.request import GenerationRequest
 from cvg.serving.records import FINISHED, RECORD, STATES, Job, job_from, output_path, record_path
 from cvg.serving.runner import Runner, VideoJobRequest, VideoResult, check_limits, job_cost
 
@@ -52,7 +53,7 @@ class JobCancelled(Exception):
 
 
 class JobTooCostly(ValueError):
-    """A request over the queue's `max_cost` (`job_cost`)."""
+    """A request over the queue's `max_cost_ratio` (`job_cost`)."""
 
 
 class JobTimedOut(Exception):
@@ -101,7 +102,7 @@ class JobQueue:
         self.max_queued, self.keep_seconds, self.fps = max_queued, keep_seconds, fps
         self.max_batch, self.batch_window = max_batch, batch_window
         self.max_cost_ratio, self.job_timeout = max_cost_ratio, job_timeout
-        self._unit_cost: int | None = None  # the server's default guided request's (`cost_ratio`)
+        self._unit_cost: int | None = None  # the server's default guided request's (`_cost_ratio`)
         self.events = events or JobEvents()
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._waiting: list[str] = []
@@ -116,40 +117,42 @@ class JobQueue:
     def submit(self, request: VideoJobRequest) -> Job:
         """Queue a request the engine accepts (checked now: ValueError / CompositionError naming the
         problem; JobTooCostly over `max_cost_ratio`), or QueueFull."""
-        self.admit(request)
+        resolved = self.admit(request)
         with self._lock:
             self._expire()
             if self._closed:
                 raise RuntimeError("the job queue is closed")
             if len(self._waiting) >= self.max_queued:
                 raise QueueFull(f"{len(self._waiting)} jobs are queued already (the limit)")
-            job = Job(uuid.uuid4().hex, request, total=self.runner.request(request).num_inference_steps, admitted=True)
+            job = Job(uuid.uuid4().hex, request, total=resolved.num_inference_steps, admitted=True)
             self._jobs[job.id] = job
             self._waiting.append(job.id)
             self._save(job)
             self._lock.notify_all()
             return job
 
-    def admit(self, request: VideoJobRequest) -> None:
+    def admit(self, request: VideoJobRequest) -> GenerationRequest:
         """What the queue refuses of a request (a ValueError naming the problem): the server's limits, the
         model's checks, a cost over `max_cost_ratio`. Posted requests pass it before they queue, restored ones
-        before they run."""
+        before they run. Returns what the request runs (`Runner.request`)."""
         check_limits(request)
         self.runner.check(request)
+        resolved = self.runner.request(request)
         if request.maps and (not request.composition or request.guide_steps == 0):
             raise ValueError("maps needs a composition and a guided step: the maps are those guidance reads")
-        if self.max_cost_ratio is not None and (ratio := self.cost_ratio(request)) > self.max_cost_ratio:
+        if self.max_cost_ratio is not None and (ratio := self._cost_ratio(resolved)) > self.max_cost_ratio:
             raise JobTooCostly(
                 f"the job costs {ratio:.3g} times this server's default guided job (pixels x frames x (steps + "
                 f"2 per guided update)); it runs at most {self.max_cost_ratio:g} times: ask for fewer frames, "
                 "steps or pixels"
             )
+        return resolved
 
-    def cost_ratio(self, request: VideoJobRequest) -> float:
-        """`job_cost` of `request` over that of the server's default guided request."""
+    def _cost_ratio(self, resolved: GenerationRequest) -> float:
+        """`job_cost` of a resolved request over that of the server's default guided request."""
         if self._unit_cost is None:  # asked of the runner on first use (a Ray runner asks a replica)
             self._unit_cost = job_cost(self.runner.request(VideoJobRequest(prompt="-", composition="-")))
-        return job_cost(self.runner.request(request)) / self._unit_cost
+        return job_cost(resolved) / self._unit_cost
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
