@@ -32,6 +32,12 @@ def test_rendering_is_deterministic_by_seed():
         assert not np.array_equal(a, render(sample_clip(8, category).scene))
 
 
+def test_a_window_of_frames_renders_as_those_frames_of_the_clip():
+    scene = sample_clip(3, "motion").scene
+    assert np.array_equal(render(scene, range(4, 9)), render(scene)[4:9])
+    assert render(scene, range(16, 17)).shape == (1, 64, 64, 3)
+
+
 def test_objects_stay_inside_the_frame():
     for seed in range(400):
         clip = sample_clip(seed, ALL_CATEGORIES[seed % 5])

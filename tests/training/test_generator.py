@@ -26,7 +26,8 @@ TOY = GeneratorRecipe(
     z_dim=4,
     vae_steps=3,
     vae_refine_steps=2,
-    vae_batch=1,
+    vae_batch=2,
+    vae_window=1,  # the first stage on single frames, the refinement on whole clips
     clips=6,
     heads=2,
     head_dim=8,
@@ -262,6 +263,12 @@ def test_a_recipe_file_feeds_train_generator_and_a_bad_one_is_named(tmp_path, ca
     path.write_text("[1, 2]")
     with pytest.raises(ValueError, match="expected a JSON object"):
         GeneratorRecipe.from_file(path)
+
+
+@pytest.mark.parametrize("window", [0, 2, 21])
+def test_a_vae_window_the_causal_vae_cannot_take_is_refused(window):
+    with pytest.raises(ValueError, match=f"vae_window must be 1 \\+ 4k frames, at most frames \\(17\\); got {window}"):
+        replace(TOY, vae_window=window)
 
 
 def test_training_into_a_folder_no_run_started_in_is_refused(tmp_path):

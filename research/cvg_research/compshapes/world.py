@@ -130,10 +130,12 @@ def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarr
     raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
 
 
-def render(scene: Scene) -> np.ndarray:
-    """The clip as uint8 frames `[frames, height, width, 3]`; later things are drawn over earlier ones."""
-    out = np.empty((scene.frames, scene.height, scene.width, 3), dtype=np.float32)
-    for f in range(scene.frames):
+def render(scene: Scene, frames: range | None = None) -> np.ndarray:
+    """The clip as uint8 frames `[frames, height, width, 3]` (only those in `frames` if given, e.g. a
+    training window); later things are drawn over earlier ones."""
+    frames = range(scene.frames) if frames is None else frames
+    out = np.empty((len(frames), scene.height, scene.width, 3), dtype=np.float32)
+    for i, f in enumerate(frames):
         t = f / max(scene.frames - 1, 1)
         frame = np.broadcast_to(np.asarray(scene.background, np.float32), (scene.height, scene.width, 3)).copy()
         for thing in scene.things:
@@ -141,5 +143,5 @@ def render(scene: Scene) -> np.ndarray:
                 raise ValueError(f"unknown colour {thing.colour!r}; expected one of {', '.join(COLOURS)}")
             alpha = _coverage(thing, *thing.centre(t), scene.height, scene.width)[..., None]
             frame = frame * (1 - alpha) + np.asarray(COLOURS[thing.colour], np.float32) * alpha
-        out[f] = frame
+        out[i] = frame
     return (out + 0.5).astype(np.uint8)

@@ -32,14 +32,14 @@ from cvg_research.compshapes.videoset import generate_set
 SPEC_SEED = 20_261_124  # the prompt set of a split; fixed so every row and every run judges the same clips
 
 
-def round_trip(pipe, specs: Path, out: Path) -> None:
-    """Each spec clip through the VAE (posterior mean) and back, written in the dataset format."""
+def round_trip(vae: torch.nn.Module, specs: Path, out: Path) -> None:
+    """Each spec clip through `vae` (posterior mean) and back, written in the dataset format."""
     with ClipWriter(out) as writer:
         for record in read_index(specs):
             if record["id"] not in writer.done:
                 with torch.no_grad():
                     x = to_pixels([read_frames(specs, record)])
-                    video = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
+                    video = vae.decode(vae.encode(x).latent_dist.mode()).sample
                 frames = to_uint8((video[0].permute(1, 2, 3, 0) * 0.5 + 0.5).numpy())
                 writer.add(record["id"], frames, record)
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe.pipe.set_progress_bar_config(disable=True)
     work = args.work / f"{model_key(pipe.pipe.vae)}-{model_key(pipe.pipe.transformer)}-{args.split}"
     write_dataset(specs, args.clips, SPEC_SEED, ALL_CATEGORIES, split=args.split)
-    round_trip(pipe.pipe, specs, work / "vae")
+    round_trip(pipe.pipe.vae, specs, work / "vae")
     sampled = generate_set(
         pipe,
         specs,

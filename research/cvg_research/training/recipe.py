@@ -27,7 +27,9 @@ class GeneratorRecipe:
     z_dim: int = 8
     vae_steps: int = 2400
     vae_batch: int = 2
-    vae_window: int = 17  # frames per training window: whole clips, so later chunks learn the causal cache
+    # Frames per first-stage window (1 + 4k). 17, whole clips, lets later chunks learn the causal cache; 1
+    # trains on single frames (the path frame 0 takes), many scenes a step, leaving time to the refinement.
+    vae_window: int = 17
     vae_lr: float = 2e-3
     kl_weight: float = 1e-5  # small: a sharp posterior; Wan normalises the latent scale anyway
     object_weight: float = 10.0  # object pixels count this many times a background pixel
@@ -43,6 +45,7 @@ class GeneratorRecipe:
     # rate with frame 0 weighted up (the causal VAE gives it a latent frame of its own, drawn worst).
     vae_refine_steps: int = 1500
     vae_refine_lr: float = 5e-4
+    vae_refine_batch: int = 2  # whole clips a refinement step
     first_frame_weight: float = 4.0  # frame 0's pixels count this many times another frame's (refine only)
     # transformer
     clips: int = 6000  # training clips encoded to latents
@@ -68,6 +71,10 @@ class GeneratorRecipe:
     bf16: bool = False
     checkpoint_every: int = 100
 
+    def __post_init__(self):
+        if not 1 <= self.vae_window <= self.frames or (self.vae_window - 1) % 4:
+            raise ValueError(f"vae_window must be 1 + 4k frames, at most frames ({self.frames}); got {self.vae_window}")
+
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> GeneratorRecipe:
         """A recipe saved as JSON (a run's `.work/recipe.json`, or one kept under training/)."""
@@ -88,7 +95,7 @@ _VAE_FIELDS = ("seed", "frames", "size", "vae_base_dim", "z_dim", "vae_steps", "
 _VAE_LOSS_FIELDS = ("kl_weight", "object_weight", "object_margin", "vae_extra_motion", "vae_init")
 STAGE_FIELDS = {
     "vae.pt": (*_VAE_FIELDS, *_VAE_LOSS_FIELDS),
-    "vae_refine.pt": (*_VAE_LOSS_FIELDS, "vae_refine_steps", "vae_refine_lr", "first_frame_weight"),
+    "vae_refine.pt": (*_VAE_LOSS_FIELDS, "vae_refine_steps", "vae_refine_lr", "vae_refine_batch", "first_frame_weight"),
     "latents": ("clips", "object_margin"),
 }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,10 +48,19 @@ def train_vae(recipe: GeneratorRecipe, work: Path, report: Callable[[str], None]
     vae = build_vae(recipe).train()
     if recipe.vae_init:
         vae.load_state_dict(load_vae_checkpoint(recipe.vae_init))
-    _vae_stage(recipe, vae, work, "vae", recipe.vae_steps, recipe.vae_lr, 1, 1.0, report)
+    first = Stage("vae", recipe.vae_steps, recipe.vae_lr, recipe.vae_batch, recipe.vae_window, 1, 1.0)
+    _vae_stage(recipe, vae, work, first, report)
     if recipe.vae_refine_steps:  # from the first stage's final weights, which `vae` now holds
-        first = recipe.first_frame_weight
-        _vae_stage(recipe, vae, work, "vae_refine", recipe.vae_refine_steps, recipe.vae_refine_lr, 4, first, report)
+        refine = Stage(
+            "vae_refine",
+            recipe.vae_refine_steps,
+            recipe.vae_refine_lr,
+            recipe.vae_refine_batch,
+            recipe.frames,
+            4,
+            recipe.first_frame_weight,
+        )
+        _vae_stage(recipe, vae, work, refine, report)
     return vae.eval()
 
 
@@ -73,38 +83,54 @@ def near_objects(drawn: torch.Tensor, margin: int) -> torch.Tensor:
     return grown.reshape(shape) > 0
 
 
-def _vae_stage(recipe, vae, work: Path, name: str, steps: int, lr: float, stream: int, first_frame: float, report):
-    """Train `vae` for `steps` (resumable from WORK/NAME.pt): clips of stream `stream`, weighted L1 + KL."""
-    opt = torch.optim.AdamW(vae.parameters(), lr, weight_decay=0.0)
-    ckpt, log = Checkpoint(work / f"{name}.pt", recipe.checkpoint_every), LossLog(work / "log.jsonl", name)
+@dataclass(frozen=True)
+class Stage:
+    """One VAE stage: its checkpoint's name, steps, rate, clips a step, frames a window, the seed stream
+    its clips and noise are drawn from, and how much frame 0 of a clip weighs."""
+
+    name: str
+    steps: int
+    lr: float
+    batch: int
+    window: int
+    stream: int
+    first_frame: float
+
+
+def _vae_stage(recipe: GeneratorRecipe, vae: AutoencoderKLWan, work: Path, stage: Stage, report) -> None:
+    """Train `vae` for the stage's steps (resumable from WORK/<name>.pt): weighted L1 + KL on windows of
+    training clips, each clip's window starting at a frame of its own."""
+    opt = torch.optim.AdamW(vae.parameters(), stage.lr, weight_decay=0.0)
+    ckpt, log = Checkpoint(work / f"{stage.name}.pt", recipe.checkpoint_every), LossLog(work / "log.jsonl", stage.name)
     start = ckpt.load(vae=vae, opt=opt)
     log.rewind(start)
     background = torch.tensor(BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1, 1) / 127.5 - 1
     categories = VAE_CATEGORIES if recipe.vae_extra_motion else ALL_CATEGORIES
     t0 = time.perf_counter()
-    for step in range(start, steps):
-        gen = seeded(recipe.seed, stream, step)
-        clips = training_clips(recipe, stream, step * recipe.vae_batch, recipe.vae_batch, categories)
-        offset = int(torch.randint(0, recipe.frames - recipe.vae_window + 1, (), generator=gen))
-        x = to_pixels([render(c.scene)[offset : offset + recipe.vae_window] for c in clips])
+    for step in range(start, stage.steps):
+        gen = seeded(recipe.seed, stage.stream, step)
+        clips = training_clips(recipe, stage.stream, step * stage.batch, stage.batch, categories)
+        offsets = torch.randint(0, recipe.frames - stage.window + 1, (stage.batch,), generator=gen).tolist()
+        x = to_pixels([render(c.scene, range(o, o + stage.window)) for c, o in zip(clips, offsets, strict=True)])
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
         recon = vae.decode(z).sample
         # Objects are a few percent of the pixels; weigh them up so the background does not win.
         drawn = near_objects((x - background).abs().amax(1, keepdim=True) > 0.05, recipe.object_margin)
         weight = 1 + (recipe.object_weight - 1) * drawn.float()
-        if offset == 0 and first_frame != 1.0:
-            weight[:, :, 0] *= first_frame
+        starts = torch.tensor([o == 0 for o in offsets])
+        weight[starts, :, 0] *= stage.first_frame
         rec = (weight * (recon - x).abs()).mean()
         kl = 0.5 * (posterior.mean**2 + posterior.var - 1 - posterior.logvar).mean()
         loss = rec + recipe.kl_weight * kl
         for group in opt.param_groups:
-            group["lr"] = lr * cosine_schedule(step, steps, 50)
+            group["lr"] = stage.lr * cosine_schedule(step, stage.steps, 50)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         log.write(step + 1, loss=rec.item(), kl=kl.item())
         if (step + 1) % 50 == 0:
-            report(f"{name} step {step + 1}/{steps} recon {rec.item():.4f} ({time.perf_counter() - t0:.0f} s)")
-        ckpt.save(step + 1, done=step + 1 == steps, vae=vae, opt=opt)
+            seconds = time.perf_counter() - t0
+            report(f"{stage.name} step {step + 1}/{stage.steps} recon {rec.item():.4f} ({seconds:.0f} s)")
+        ckpt.save(step + 1, done=step + 1 == stage.steps, vae=vae, opt=opt)
