@@ -265,6 +265,21 @@ def test_a_recipe_file_feeds_train_generator_and_a_bad_one_is_named(tmp_path, ca
         GeneratorRecipe.from_file(path)
 
 
+def test_a_snapshot_of_a_run_is_the_model_its_last_checkpoint_would_save(toy_model, tmp_path, capsys):
+    from cvg.cli import main
+
+    out, _ = toy_model
+    assert main(["train-generator", "--out", str(out), "--snapshot", str(tmp_path / "snap")]) == 0
+    assert json.loads(capsys.readouterr().out) == {"model": str(tmp_path / "snap"), "step": TOY.steps}
+    (finished, pipe), (snapped, snap) = _weights(out), _weights(tmp_path / "snap")
+    assert finished.keys() == snapped.keys() and all(torch.equal(v, snapped[k]) for k, v in finished.items())
+    assert snap.vae.config.latents_mean == pipe.vae.config.latents_mean
+    with pytest.raises(ValueError, match="snap exists and is not an empty directory"):
+        generator.snapshot_generator(out, tmp_path / "snap")
+    with pytest.raises(ValueError, match="no transformer checkpoint yet"):
+        generator.snapshot_generator(tmp_path / "snap", tmp_path / "other")
+
+
 @pytest.mark.parametrize("window", [0, 2, 21])
 def test_a_vae_window_the_causal_vae_cannot_take_is_refused(window):
     with pytest.raises(ValueError, match=f"vae_window must be 1 \\+ 4k frames, at most frames \\(17\\); got {window}"):

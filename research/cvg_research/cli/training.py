@@ -40,6 +40,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     train_gen.add_argument("--vae-steps", type=COUNT, help="VAE training steps (default: the shipped recipe's)")
     train_gen.add_argument("--steps", type=COUNT, help="transformer training steps (default: the shipped recipe's)")
     train_gen.add_argument("--clips", type=POSITIVE, help="clips encoded for the transformer (default: the recipe's)")
+    train_gen.add_argument(
+        "--snapshot",
+        metavar="DIR",
+        help="train nothing: save the run in --out as it stands (its transformer's last checkpoint) to DIR",
+    )
     train_gen.set_defaults(run=train_generator)
 
     train_cls = commands.add_parser(
@@ -79,8 +84,14 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
 
 def train_generator(args: argparse.Namespace) -> None:
+    from cvg_research.training.generator import snapshot_generator
     from cvg_research.training.generator import train_generator as train
     from cvg_research.training.recipe import GeneratorRecipe
+
+    if args.snapshot:
+        manifest = snapshot_generator(args.out, args.snapshot, report=lambda line: print(line, file=sys.stderr))
+        print(json.dumps({"model": args.snapshot, "step": manifest["snapshot_step"]}))
+        return
 
     given = {"seed": args.seed, "vae_steps": args.vae_steps, "steps": args.steps, "clips": args.clips}
     base = GeneratorRecipe.from_file(args.recipe) if args.recipe else GeneratorRecipe()

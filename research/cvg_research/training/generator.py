@@ -235,6 +235,27 @@ def _train_generator(out: Path, work: Path, recipe: GeneratorRecipe, report) -> 
     return json.loads((out / MANIFEST).read_text())
 
 
+def snapshot_generator(out: str | os.PathLike, dest: str | os.PathLike, report=print) -> dict:
+    """The run in OUT as it stands: its VAE and the transformer's EMA weights at the last checkpoint, saved
+    to DEST (a new directory) as the finished run would save them, to judge a run before it ends."""
+    work, dest = Path(out) / ".work", Path(dest)
+    if not (work / "transformer.pt").is_file():
+        raise ValueError(f"{out}: no transformer checkpoint yet (OUT/.work/transformer.pt); nothing to snapshot")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ValueError(f"{dest} exists and is not an empty directory; give a new one")
+    recipe = GeneratorRecipe.from_file(work / "recipe.json")
+    tokenizer, text_encoder = load_minilm()
+    vae = train_vae(recipe, work, report).requires_grad_(False)  # both stages are done: their checkpoints load
+    text = assemble(recipe, vae, build_transformer(recipe), tokenizer, text_encoder)
+    stats = latent_stats(encode_latents(recipe, vae, text, work, report))
+    saved = torch.load(work / "transformer.pt", weights_only=True)
+    transformer = build_transformer(recipe)
+    transformer.load_state_dict(saved["ema"])
+    vae.register_to_config(latents_mean=stats[0], latents_std=stats[1])
+    save_generator(assemble(recipe, vae, transformer), dest, {"recipe": asdict(recipe), "snapshot_step": saved["step"]})
+    return json.loads((dest / MANIFEST).read_text())
+
+
 def save_generator(pipe: WanPipeline, out: Path, manifest: dict) -> None:
     """Save without the text encoder and tokenizer; the manifest names the package that holds them."""
     pipe = WanPipeline(

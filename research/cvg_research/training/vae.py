@@ -1,7 +1,8 @@
 """The CompShapes generator's VAE: a small `AutoencoderKLWan` (4x spatial, 4x temporal compression), trained
-from scratch on whole clips (`vae.pt`) and then refined from its weights (`vae_refine.pt`), or refined from
-an earlier run's checkpoint (`GeneratorRecipe.vae_init`). The loss is L1 with object pixels, and those near
-them (`object_margin`), weighed up, plus a small KL term."""
+from scratch on windows of clips (`vae.pt`; `vae_window` 1: single frames, many scenes a step) and then
+refined on whole clips from its weights (`vae_refine.pt`), or refined from an earlier run's checkpoint
+(`GeneratorRecipe.vae_init`). The loss is L1 with object pixels, and those near them (`object_margin`),
+weighed up, plus a small KL term."""
 
 from __future__ import annotations
 
