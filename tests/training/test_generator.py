@@ -280,6 +280,23 @@ def test_a_snapshot_of_a_run_is_the_model_its_last_checkpoint_would_save(toy_mod
         generator.snapshot_generator(tmp_path / "snap", tmp_path / "other")
 
 
+def test_a_vae_checkpoint_is_judged_on_sealed_round_trips(toy_model, tmp_path, capsys):
+    from PIL import Image
+
+    from cvg_research.experiments import vae
+
+    out, _ = toy_model
+    checkpoint, sheet = out / ".work" / "vae_refine.pt", tmp_path / "failing.png"
+    vae.main([str(checkpoint), "--clips", "4", "--frames", "1", "--work", str(tmp_path), "--sheet", str(sheet)])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].endswith(" of 4 dev round trips judged right (spec seed 4242)")
+    assert sorted(line.split(":")[0].strip() for line in printed[1:5]) == ["attribute", "numeracy", "object", "spatial"]
+    right = int(printed[0].split(": ")[1].split(" of ")[0])
+    assert right < 4 and Image.open(sheet).size[1] == (4 - right) * 2 * 128  # each failure above its round trip
+    with pytest.raises(FileNotFoundError, match="no recipe at .*: pass --recipe"):
+        vae.main([str(tmp_path / "vae.pt")])
+
+
 @pytest.mark.parametrize("window", [0, 2, 21])
 def test_a_vae_window_the_causal_vae_cannot_take_is_refused(window):
     with pytest.raises(ValueError, match=f"vae_window must be 1 \\+ 4k frames, at most frames \\(17\\); got {window}"):

@@ -15,10 +15,9 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from cvg import threads
-from cvg.io.video import contact_sheet
+from cvg.io.video import contact_sheet, save_image
 from cvg.models.wan import model_key
 from cvg_research.compshapes.dataset import read_frames, read_index, write_dataset
 from cvg_research.compshapes.evaluate import evaluate, load_frames
@@ -41,17 +40,16 @@ def load_checkpoint_vae(checkpoint: Path, recipe: Path | None = None) -> torch.n
 
 
 def failing_sheet(specs: Path, trips: Path, failures: list[dict], out: Path, count: int = 8) -> None:
-    """Rendered clip above its round trip, every other frame, for the first `count` failures."""
+    """Rendered clip above its round trip (nine frames picked evenly) for the first `count` failures."""
     records = {r["file"]: r for r in read_index(specs)}
     rows = []
     for failure in failures[:count]:
         record = records[failure["file"]]
-        rows.append((record["prompt"], read_frames(specs, record)[::2]))
-        rows.append((failure["reason"], load_frames(trips / failure["file"])[::2]))
+        rows.append((record["prompt"], read_frames(specs, record)))
+        rows.append((failure["reason"], load_frames(trips / failure["file"])))
     if not rows:
         raise ValueError("no failing round trips to show")
-    sheet: Image.Image = contact_sheet(rows, columns=9)
-    sheet.save(out)
+    save_image(contact_sheet(rows, columns=min(9, len(rows[0][1]))), out)
 
 
 def main(argv: list[str] | None = None) -> None:
