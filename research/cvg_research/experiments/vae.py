@@ -1,6 +1,6 @@
 """A VAE stage checkpoint, judged: sealed-split clips through the VAE and back, per category, with reasons.
 
-    python -m cvg_research.experiments.vae runs/generator-v5b/.work/vae_refine.pt --clips 50 --split dev
+    python -m cvg_research.experiments.vae runs/generator-v6/.work/vae_refine.pt --clips 50 --split dev
 
 What decides whether a generator's training may go on past its VAE (docs/generator.md): the generator can
 draw no better than its VAE's round trip. The architecture is read from the run's recipe (`--recipe`, by
@@ -26,7 +26,7 @@ from cvg_research.experiments.generator import round_trip
 from cvg_research.training.recipe import GeneratorRecipe
 from cvg_research.training.vae import build_vae, load_vae_checkpoint
 
-SPEC_SEED = 4242  # the clips every VAE checkpoint of the fifth generator was judged on (docs/generator.md)
+SPEC_SEED = 4242  # the clips every VAE checkpoint since the fifth generator was judged on (docs/generator.md)
 
 
 def load_checkpoint_vae(checkpoint: Path, recipe: Path | None = None) -> torch.nn.Module:
