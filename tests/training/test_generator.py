@@ -39,6 +39,7 @@ TOY = GeneratorRecipe(
     text_tokens=16,
     checkpoint_every=1,
     bf16=False,
+    image_batch=2,  # frame-0 latents besides the clips
 )
 
 
@@ -147,6 +148,12 @@ def test_a_stage_not_yet_started_may_change_its_recipe(tmp_path):
     with pytest.raises(ValueError, match="clips"):
         check_resumable(work, replace(TOY, clips=TOY.clips + 1))
     check_resumable(work, replace(TOY, lr=TOY.lr / 2))  # the transformer has not started
+    (work / "transformer.pt").write_bytes(b"")
+    older = {k: v for k, v in asdict(TOY).items() if k not in ("image_batch", "image_weight")}
+    (work / "recipe.json").write_text(json.dumps(older))  # a run started before these fields existed
+    check_resumable(work, replace(TOY, image_batch=0))  # their defaults are what it ran with
+    with pytest.raises(ValueError, match="image_batch=0 \\(asked 2\\)"):
+        check_resumable(work, TOY)
 
 
 def test_a_second_trainer_on_one_output_is_refused(toy_model):

@@ -135,24 +135,31 @@ def train_transformer(
     embeds = F.pad(latents["embeds"], (0, 0, 0, fed - latents["embeds"].shape[1]))
     # Attention over `fed` text rows with a key bias equals attention over the full padding (cvg.models.padding).
     text_bias = TextBias()
+
+    def flow_loss(gen: torch.Generator, count: int, frames: int | None) -> torch.Tensor:
+        """Flow-matching loss on `count` training latents (their first `frames` latent frames; None: all)."""
+        idx = torch.randint(0, len(latents["prompt"]), (count,), generator=gen)
+        posterior_mean, posterior_std = (latents[k][idx, :, :frames].float() for k in ("mean", "std"))
+        z = posterior_mean + posterior_std * torch.randn(posterior_mean.shape, generator=gen)
+        z = ((posterior_mean if recipe.target == "mean" else z) - mean) / std
+        dropped = torch.rand(count, generator=gen) < recipe.text_dropout
+        prompt = latents["prompt"][idx].masked_fill(dropped, 0)
+        text, text_bias.key_bias = collapse_padding(embeds[prompt], fed, total=recipe.text_tokens)
+        sigma = flow_sigmas(torch.rand(count, generator=gen), recipe.shift).view(-1, 1, 1, 1, 1)
+        noise = torch.randn(z.shape, generator=gen)
+        noisy = (1 - sigma) * z + sigma * noise
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+            pred = model(noisy, sigma.flatten() * 1000, text, return_dict=False)[0]
+        weight = 1 + (recipe.latent_object_weight - 1) * latents["objects"][idx, :, :frames].float()
+        return (weight * (pred.float() - (noise - z)) ** 2).mean() / weight.mean()
+
     t0 = time.perf_counter()
     with text_key_bias(model, [KeyBiasWanAttnProcessor(text_bias) for _ in model.blocks]):
         for step in range(start, recipe.steps):
             gen = seeded(recipe.seed, 3, step)
-            idx = torch.randint(0, len(latents["prompt"]), (recipe.batch,), generator=gen)
-            posterior_mean, posterior_std = latents["mean"][idx].float(), latents["std"][idx].float()
-            z = posterior_mean + posterior_std * torch.randn(posterior_mean.shape, generator=gen)
-            z = ((posterior_mean if recipe.target == "mean" else z) - mean) / std
-            dropped = torch.rand(recipe.batch, generator=gen) < recipe.text_dropout
-            prompt = latents["prompt"][idx].masked_fill(dropped, 0)
-            text, text_bias.key_bias = collapse_padding(embeds[prompt], fed, total=recipe.text_tokens)
-            sigma = flow_sigmas(torch.rand(recipe.batch, generator=gen), recipe.shift).view(-1, 1, 1, 1, 1)
-            noise = torch.randn(z.shape, generator=gen)
-            noisy = (1 - sigma) * z + sigma * noise
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
-                pred = model(noisy, sigma.flatten() * 1000, text, return_dict=False)[0]
-            weight = 1 + (recipe.latent_object_weight - 1) * latents["objects"][idx].float()
-            loss = (weight * (pred.float() - (noise - z)) ** 2).mean() / weight.mean()
+            loss = flow_loss(gen, recipe.batch, None)
+            if recipe.image_batch:  # frame 0's latent alone is the image the causal VAE encodes it as
+                loss = (loss + recipe.image_weight * flow_loss(gen, recipe.image_batch, 1)) / (1 + recipe.image_weight)
             for group in opt.param_groups:
                 group["lr"] = recipe.lr * cosine_schedule(step, recipe.steps, recipe.warmup)
             opt.zero_grad(set_to_none=True)

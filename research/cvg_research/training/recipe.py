@@ -66,6 +66,11 @@ class GeneratorRecipe:
     # Objects fill a few percent of the latent; their cells (any object pixel in the cell's frames) count
     # this many times a background cell in the flow loss, so capacity goes to drawing them.
     latent_object_weight: float = 5.0
+    # Single latent frames a step besides the clips: frame 0's latent, the image the causal VAE encodes it as,
+    # from other training clips. A fifth of a clip's tokens each, so many more scenes a step for the drawing
+    # of colours and shapes, which every category needs (as video models train on images and clips together).
+    image_batch: int = 0
+    image_weight: float = 1.0  # the image loss's weight against the clips' (the two are averaged with it)
     # Transformer forward under bfloat16 autocast (weights, loss and optimiser stay float32): only where the
     # CPU has bf16 instructions (without avx512_bf16 or AMX a bf16 matmul runs ~100x slower than float32).
     bf16: bool = False
@@ -120,7 +125,7 @@ def check_resumable(work: Path, recipe: GeneratorRecipe) -> None:
     path = work / "recipe.json"
     if not path.is_file():
         return
-    stored, asked = json.loads(path.read_text()), asdict(recipe)
+    stored, asked = asdict(GeneratorRecipe.from_file(path)), asdict(recipe)  # fields added since: their defaults
     changed = {k for k in {*stored, *asked} if stored.get(k) != asked.get(k)}
     started = [stage for stage in (*STAGE_FIELDS, "transformer.pt") if (work / stage).exists()]
     fixed = set().union(*(STAGE_FIELDS.get(s, asked) for s in started)) if started else set()
