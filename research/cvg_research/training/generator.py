@@ -227,12 +227,13 @@ def _train_generator(out: Path, work: Path, recipe: GeneratorRecipe, report) -> 
     t = time.perf_counter()
     transformer = train_transformer(recipe, latents, stats, work, report)
     timings["transformer_s"] = time.perf_counter() - t
-    vae.register_to_config(latents_mean=stats[0], latents_std=stats[1])
     save_generator(
-        assemble(recipe, vae, transformer),
+        recipe,
+        vae,
+        transformer,
+        stats,
         out,
         {
-            "recipe": asdict(recipe),
             "timings": timings,
             "training_prompts": len(latents["embeds"]) - 1,
             **({"vae_init_sha256": file_digest(recipe.vae_init)} if recipe.vae_init else {}),
@@ -258,15 +259,21 @@ def snapshot_generator(out: str | os.PathLike, dest: str | os.PathLike, report=p
     saved = torch.load(work / "transformer.pt", weights_only=True)
     transformer = build_transformer(recipe)
     transformer.load_state_dict(saved["ema"])
-    vae.register_to_config(latents_mean=stats[0], latents_std=stats[1])
-    save_generator(assemble(recipe, vae, transformer), dest, {"recipe": asdict(recipe), "snapshot_step": saved["step"]})
+    save_generator(recipe, vae, transformer, stats, dest, {"snapshot_step": saved["step"]})
     return json.loads((dest / MANIFEST).read_text())
 
 
-def save_generator(pipe: WanPipeline, out: Path, manifest: dict) -> None:
-    """Save without the text encoder and tokenizer; the manifest names the package that holds them."""
-    pipe = WanPipeline(
-        tokenizer=None, text_encoder=None, vae=pipe.vae, transformer=pipe.transformer, scheduler=pipe.scheduler
-    )
-    pipe.save_pretrained(str(out))
-    write_text_atomic(out / MANIFEST, json.dumps({"text_encoder": PACKAGE, **manifest}, indent=1))
+def save_generator(
+    recipe: GeneratorRecipe,
+    vae: AutoencoderKLWan,
+    transformer: WanTransformer3DModel,
+    stats: tuple[list[float], list[float]],
+    out: Path,
+    manifest: dict,
+) -> None:
+    """Save the pipeline, its VAE normalising by the training latents' `stats`, without the text encoder and
+    tokenizer; the manifest (the recipe and `manifest`) names the package that holds them."""
+    vae.register_to_config(latents_mean=stats[0], latents_std=stats[1])
+    assemble(recipe, vae, transformer).save_pretrained(str(out))
+    manifest = {"text_encoder": PACKAGE, "recipe": asdict(recipe), **manifest}
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1))
